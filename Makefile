@@ -1,0 +1,30 @@
+# Quick start: `make run` trains the default recipe, `make test` runs the tests.
+# Both set up .venv idempotently; torch is installed only when none is importable.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.rnnkit-installed
+
+.PHONY: run test test-all lint bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup_venv.sh
+	@PY=$(PY) bash scripts/setup_venv.sh $(VENV)
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/rnnkit train $(ARGS)
+
+test: $(STAMP)
+	$(VPY) -m ruff check src tests benchmarks examples
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(VPY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VPY) benchmarks/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

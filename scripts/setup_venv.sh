@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment. Idempotent; installs torch==2.13.0
+# only when no torch is importable (a GPU machine keeps its own CUDA build).
+set -euo pipefail
+venv=${1:-.venv}
+py=${PY:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+  if "$py" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: torch found in $("$py" -c 'import torch; print(torch.__version__)'); reusing it" >&2
+    "$py" -m venv --system-site-packages "$venv"
+  else
+    "$py" -m venv "$venv"
+  fi
+fi
+vpy="$venv/bin/python"
+if ! "$vpy" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing torch==2.13.0 (CPU build)" >&2
+  "$vpy" -m pip install -q "torch==2.13.0"
+fi
+"$vpy" -m pip install -q -e ".[dev]"

@@ -1,0 +1,35 @@
+"""rnnkit: recurrent neural networks on PyTorch.
+
+Drop-in ``LSTM``/``GRU``/``RNN`` layers that also return every step's states, cells you write
+in a few lines, one unroll engine with fast backends, and an end-to-end trainer and CLI.
+"""
+
+from rnnkit.cells import Cell, GRUCell, LayerNormLSTMCell, LSTMCell, LSTMState, RNNCell
+from rnnkit.engine import UnrollResult, unroll
+from rnnkit.errors import CheckpointError, ConfigError, DataError, RnnkitError, RnnkitWarning, ShapeError
+from rnnkit.fpmode import set_flush_denormals
+from rnnkit.layers import GRU, LSTM, RNN, LayerResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cell",
+    "LSTMCell",
+    "GRUCell",
+    "RNNCell",
+    "LayerNormLSTMCell",
+    "LSTMState",
+    "LSTM",
+    "GRU",
+    "RNN",
+    "LayerResult",
+    "unroll",
+    "UnrollResult",
+    "set_flush_denormals",
+    "RnnkitError",
+    "ShapeError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "RnnkitWarning",
+]

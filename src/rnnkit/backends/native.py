@@ -1,0 +1,96 @@
+"""The native backend: PyTorch's fused LSTM/GRU/RNN kernels (cuDNN on a GPU) for built-in cells.
+
+Every-step states: the kernels return every step's h but only the last c. For an LSTM with
+``return_states=True`` the cell states are recovered from the kernel's outputs rather than by
+falling back to the slow loop: the gates of all steps come from one batched matmul over
+``x_t`` and ``h_{t-1}``, leaving only the cheap elementwise recurrence ``c_t = f_t c_{t-1} + i_t g_t``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
+
+
+def unsupported(cell: nn.Module, x: Tensor) -> str | None:
+    """Why the fused kernels cannot run this cell, or None when they can."""
+    kind = type(cell)
+    if kind is LSTMCell:
+        if cell.peepholes or cell.cell_clip is not None:
+            return "torch's LSTM kernel has no peepholes or cell clipping"
+        return None
+    if kind is GRUCell:
+        return None if cell.reset_after else "torch's GRU kernel only has reset_after=True"
+    if kind is RNNCell:
+        return None
+    return f"{kind.__name__} is not a built-in LSTMCell, GRUCell or RNNCell"
+
+
+def flat_weights(cell: nn.Module) -> tuple[list[Tensor], bool]:
+    """The cell's weights in the order torch's kernels take them, and whether biases are included."""
+    weights = [cell.weight_ih, cell.weight_hh]
+    if isinstance(cell, LSTMCell):
+        b = cell.fused_bias()  # forget_bias folds into the input bias: the kernel sums both anyway
+        if b is not None:
+            weights += [b, torch.zeros_like(b)]
+        if cell.proj_size:
+            weights.append(cell.weight_hr)
+        return weights, b is not None
+    if cell.bias:
+        weights += [cell.bias_ih, cell.bias_hh]
+    return weights, cell.bias
+
+
+def _kernel(cell: nn.Module) -> Any:
+    if isinstance(cell, LSTMCell):
+        return torch._VF.lstm
+    if isinstance(cell, GRUCell):
+        return torch._VF.gru
+    return torch._VF.rnn_tanh if cell.nonlinearity == "tanh" else torch._VF.rnn_relu
+
+
+def run(
+    cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
+) -> tuple[Tensor, Any, Any]:
+    """Run one layer, one direction through torch's kernel; recover every-step c for an LSTM."""
+    weights, has_bias = flat_weights(cell)
+    is_lstm = isinstance(cell, LSTMCell)
+    hx = (state.h.unsqueeze(0), state.c.unsqueeze(0)) if is_lstm else state.unsqueeze(0)
+    kernel = _kernel(cell)
+    if lengths is None:
+        out, *final = kernel(x, hx, weights, has_bias, 1, 0.0, cell.training, False, False)
+    else:
+        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        order, back = packed.sorted_indices, packed.unsorted_indices
+        hx = tuple(h[:, order] for h in hx) if is_lstm else hx[:, order]
+        out, *final = kernel(packed.data, packed.batch_sizes, hx, weights, has_bias, 1, 0.0, cell.training, False)
+        out = pad_packed_sequence(PackedSequence(out, packed.batch_sizes, order, back), total_length=x.shape[0])[0]
+        final = [f[:, back] for f in final]
+    final = [f.squeeze(0) for f in final]
+    final_state = LSTMState(*final) if is_lstm else final[0]
+    states = None
+    if return_states:
+        hs = out if masks is None else torch.where(masks, out, final[0].unsqueeze(0))
+        states = LSTMState(hs, recover_cell_states(cell, x, state, out, masks)) if is_lstm else hs
+    return out, final_state, states
+
+
+def recover_cell_states(cell: LSTMCell, x: Tensor, state: LSTMState, hs: Tensor, masks: Tensor | None) -> Tensor:
+    """Every step's c (T, N, H) from the inputs and every step's h, without re-running the kernel."""
+    h_prev = torch.cat([state.h.unsqueeze(0), hs[:-1]])
+    # Past a sequence's end h_prev is the kernel's zero padding: finite, and those steps are frozen below.
+    gates = cell.project_input(x) + h_prev @ cell.weight_hh.t()
+    i, f, g, _ = gates.chunk(4, dim=-1)
+    f, ig = torch.sigmoid(f), torch.sigmoid(i) * torch.tanh(g)
+    c, cs = state.c, []
+    for t in range(x.shape[0]):
+        new = torch.addcmul(ig[t], f[t], c)
+        c = new if masks is None else torch.where(masks[t], new, c)
+        cs.append(c)
+    return torch.stack(cs)
+

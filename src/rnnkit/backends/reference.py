@@ -1,0 +1,45 @@
+"""The reference backend: a plain Python loop over the cell. Runs any cell; the oracle for the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rnnkit.cells import cell_output
+
+
+def unsupported(cell: nn.Module, x: Tensor) -> str | None:
+    """The reference loop runs every cell."""
+    return None
+
+
+def _freeze(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def run(
+    cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
+) -> tuple[Tensor, Any, Any]:
+    """Step the cell over x (T, N, I); steps past a sequence's end keep its state frozen."""
+    from rnnkit.engine import tree_map  # the engine owns the state utilities
+
+    T = x.shape[0]
+    if hasattr(cell, "project_input") and hasattr(cell, "step"):
+        xs, step = cell.project_input(x).unbind(0), cell.step  # one GEMM for all steps
+    else:
+        xs, step = x.unbind(0), cell
+    full = T if lengths is None else int(lengths.min())  # steps where no sequence has ended yet
+    outputs, kept = [], []
+    for t in range(T):
+        new = step(xs[t], state)
+        if t >= full:
+            m = masks[t]
+            new = tree_map(lambda n, o, m=m: _freeze(m, n, o), new, state)
+        state = new
+        outputs.append(cell_output(cell, state))
+        if return_states:
+            kept.append(state)
+    states = tree_map(lambda *s: torch.stack(s), *kept) if return_states else None
+    return torch.stack(outputs), state, states

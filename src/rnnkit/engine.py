@@ -1,0 +1,265 @@
+"""The unroll engine: runs any cell over time and returns every step's state on request.
+
+``unroll(cell, x)`` is the one time loop of rnnkit: layers, models and decoders all go through
+it. It validates its inputs once, turns variable lengths into masks, reverses sequences within
+their own lengths, and hands the loop to a backend:
+
+===========  ==========================================================================
+backend      what runs
+===========  ==========================================================================
+reference    a plain Python loop over ``cell.step`` (or ``cell(x_t, state)``): any cell
+native       PyTorch's fused LSTM/GRU/RNN kernels (cuDNN on a GPU), built-in cells only
+fused        rnnkit's own CPU LSTM/GRU/RNN: hoisted GEMMs and a hand-written backward
+===========  ==========================================================================
+
+``backend="auto"`` picks the fastest one that supports the cell and device; every backend
+agrees with the reference loop to float tolerance, gradients included (the tests check this).
+
+Shapes (batch_first=True; time-first swaps the first two axes)::
+
+    x        (N, T, I)     lengths  (N,) ints in [1, T]
+    outputs  (N, T, H)     zero past each sequence's end
+    states   the state's own type, each field with a time axis: (N, T, ...)
+             past a sequence's end a state repeats that sequence's final state
+
+Reference loop (what every backend computes)::
+
+    for t in range(T):                      # t runs backwards within each length if reverse
+        state = cell(x[:, t], state)        # frozen once t >= lengths[n]
+        outputs[:, t] = cell.output(state)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from rnnkit import fpmode
+from rnnkit.backends import fused, native, reference
+from rnnkit.errors import ShapeError
+
+__all__ = ["unroll", "UnrollResult", "BACKENDS", "tree_map", "tree_flatten", "tree_unflatten"]
+
+Backend = Literal["auto", "reference", "native", "fused"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "native", "fused")
+
+
+class UnrollResult(NamedTuple):
+    """What :func:`unroll` returns: always these three fields (``states`` is None unless asked)."""
+
+    outputs: Tensor
+    final_state: Any
+    states: Any
+
+
+def tree_map(fn: Callable[..., Tensor], *trees: Any) -> Any:
+    """Apply ``fn`` field by field to states (a tensor, or a (named) tuple of tensors)."""
+    first = trees[0]
+    if isinstance(first, Tensor):
+        return fn(*trees)
+    fields = [tree_map(fn, *parts) for parts in zip(*trees)]
+    return type(first)(*fields) if hasattr(first, "_fields") else type(first)(fields)
+
+
+def tree_flatten(tree: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
+    """The tensors of a state, and a function that rebuilds a state of the same type from tensors."""
+    if isinstance(tree, Tensor):
+        return [tree], lambda leaves: leaves[0]
+    leaves: list[Tensor] = []
+    builders = []
+    for part in tree:
+        sub, build = tree_flatten(part)
+        builders.append((len(sub), build))
+        leaves.extend(sub)
+
+    def unflatten(flat: list[Tensor]) -> Any:
+        out, i = [], 0
+        for n, build in builders:
+            out.append(build(flat[i : i + n]))
+            i += n
+        return type(tree)(*out) if hasattr(tree, "_fields") else type(tree)(out)
+
+    return leaves, unflatten
+
+
+def tree_unflatten(like: Any, leaves: list[Tensor]) -> Any:
+    """Rebuild a state shaped like ``like`` from its flat list of tensors."""
+    return tree_flatten(like)[1](leaves)
+
+
+def unroll(
+    cell: nn.Module,
+    x: Tensor,
+    state: Any = None,
+    *,
+    lengths: Tensor | list[int] | None = None,
+    reverse: bool = False,
+    return_states: bool = False,
+    batch_first: bool = True,
+    backend: Backend = "auto",
+) -> UnrollResult:
+    """Run ``cell`` over the time axis of ``x``; see the module docstring for shapes and semantics."""
+    x, state, lengths, T, N = _validate(cell, x, state, lengths, batch_first)
+    if backend not in BACKENDS:
+        raise ShapeError(f"unroll: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = _pick_backend(cell, x)
+    elif backend in ("native", "fused"):
+        module = native if backend == "native" else fused
+        reason = module.unsupported(cell, x)
+        if reason:
+            raise ShapeError(f"unroll: backend={backend!r} cannot run this cell: {reason}; use 'auto'")
+
+    x_tm = x.transpose(0, 1) if batch_first else x  # (T, N, I)
+    if lengths is not None and bool((lengths == T).all()):
+        lengths = None  # every sequence is full: skip masking entirely
+    rev_index = None
+    if reverse:
+        if lengths is None:
+            x_tm = x_tm.flip(0)
+        else:
+            rev_index = _reverse_index(lengths, T)
+            x_tm = _gather_time(x_tm, rev_index)
+    masks = None if lengths is None else _masks(lengths, T, x.device)
+
+    runner = {"reference": reference.run, "native": native.run, "fused": fused.run}[backend]
+    leaves, unflatten = tree_flatten(state)
+
+    def run(x_in: Tensor, *state_leaves: Tensor) -> tuple[Tensor, ...]:
+        outputs, final, states = runner(cell, x_in, unflatten(list(state_leaves)), masks, lengths, return_states)
+        final_leaves = tree_flatten(final)[0]
+        state_leaves_t = tree_flatten(states)[0] if states is not None else []
+        return (outputs, *final_leaves, *state_leaves_t)
+
+    if backend == "fused":
+        flat = run(x_tm, *leaves)  # scopes the denormal mode inside its own autograd Function
+    else:
+        flat = fpmode.flushed_region(run, (x_tm, *leaves))
+    outputs, final_state = flat[0], unflatten(list(flat[1 : 1 + len(leaves)]))
+    states = unflatten(list(flat[1 + len(leaves) :])) if return_states else None
+
+    if masks is not None:
+        outputs = outputs * masks
+    if reverse:
+        if rev_index is None:
+            outputs = outputs.flip(0)
+            states = None if states is None else tree_map(lambda s: s.flip(0), states)
+        else:
+            outputs = _gather_time(outputs, rev_index)
+            states = None if states is None else tree_map(lambda s: _gather_time(s, rev_index), states)
+    if batch_first:
+        outputs = outputs.transpose(0, 1)
+        states = None if states is None else tree_map(lambda s: s.transpose(0, 1), states)
+    return UnrollResult(outputs, final_state, states)
+
+
+def _pick_backend(cell: nn.Module, x: Tensor) -> str:
+    if x.device.type == "cpu" and not fused.unsupported(cell, x):
+        return "fused"
+    if x.device.type != "cpu" and not native.unsupported(cell, x):
+        return "native"
+    return "reference"
+
+
+def _validate(
+    cell: nn.Module, x: Any, state: Any, lengths: Any, batch_first: bool
+) -> tuple[Tensor, Any, Tensor | None, int, int]:
+    """Check everything before any computation; return x, a full state, lengths as a tensor, T, N."""
+    if not isinstance(x, Tensor):
+        raise ShapeError(f"unroll: expected x to be a Tensor, got {type(x).__name__}")
+    layout = "(N, T, I)" if batch_first else "(T, N, I)"
+    if x.dim() != 3:
+        raise ShapeError(
+            f"unroll: expected x of shape {layout} (batch_first={batch_first}), got {tuple(x.shape)}; "
+            f"add a batch axis with x.unsqueeze({0 if batch_first else 1}) for a single sequence"
+        )
+    N, T = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
+    if T == 0 or N == 0:
+        raise ShapeError(f"unroll: x has an empty batch or time axis: shape {tuple(x.shape)} {layout}")
+    if not x.is_floating_point():
+        raise ShapeError(f"unroll: x must be floating point, got {x.dtype}; convert it with x.float()")
+    want_i = getattr(cell, "input_size", None)
+    if isinstance(want_i, int) and x.shape[-1] != want_i:
+        raise ShapeError(
+            f"unroll: x has {x.shape[-1]} features but the cell expects input_size={want_i} "
+            f"(x shape {tuple(x.shape)}, layout {layout})"
+        )
+    weight = next(iter(cell.parameters()), None)
+    if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
+        raise ShapeError(
+            f"unroll: x is {x.dtype} on {x.device} but the cell's parameters are {weight.dtype} on "
+            f"{weight.device}; move one of them (x.to(param) or cell.to(x.device, x.dtype))"
+        )
+    init = getattr(cell, "init_state", None)
+    if init is None:
+        raise ShapeError(f"unroll: the cell {type(cell).__name__} has no init_state(batch_size, device, dtype)")
+    expected = init(N, device=x.device, dtype=x.dtype)
+    if state is None:
+        state = expected
+    else:
+        got_leaves, want_leaves = _leaves_or_none(state), tree_flatten(expected)[0]
+        if got_leaves is None or len(got_leaves) != len(want_leaves):
+            raise ShapeError(
+                f"unroll: expected a state like {_describe(expected)}, got {_describe(state)}"
+            )
+        for got, want in zip(got_leaves, want_leaves):
+            if got.shape != want.shape:
+                raise ShapeError(f"unroll: expected a state like {_describe(expected)}, got {_describe(state)}")
+            if got.dtype != want.dtype or got.device != want.device:
+                raise ShapeError(
+                    f"unroll: the state is {got.dtype} on {got.device}, expected {want.dtype} on {want.device}"
+                )
+        if not isinstance(state, type(expected)) and hasattr(expected, "_fields"):
+            state = type(expected)(*state)
+    if lengths is not None:
+        lengths = _check_lengths(lengths, N, T, x.device)
+    return x, state, lengths, T, N
+
+
+def _check_lengths(lengths: Any, N: int, T: int, device: torch.device) -> Tensor:
+    t = torch.as_tensor(lengths)
+    if t.dim() != 1 or t.shape[0] != N:
+        raise ShapeError(f"unroll: lengths must have shape ({N},), one per sequence, got {tuple(t.shape)}")
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ShapeError(f"unroll: lengths must be integers, got {t.dtype}")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 1 or hi > T:
+        raise ShapeError(f"unroll: lengths must be in [1, T={T}], got values from {lo} to {hi}")
+    return t.to(device=device, dtype=torch.long)
+
+
+def _leaves_or_none(state: Any) -> list[Tensor] | None:
+    try:
+        leaves = tree_flatten(state)[0]
+    except TypeError:
+        return None
+    return leaves if all(isinstance(s, Tensor) for s in leaves) else None
+
+
+def _describe(state: Any) -> str:
+    if isinstance(state, Tensor):
+        return f"Tensor{tuple(state.shape)}"
+    if isinstance(state, (tuple, list)):
+        inner = ", ".join(_describe(s) for s in state)
+        return f"{type(state).__name__}({inner})"
+    return type(state).__name__
+
+
+def _masks(lengths: Tensor, T: int, device: torch.device) -> Tensor:
+    """(T, N, 1) bool: True where step t is inside sequence n."""
+    return (torch.arange(T, device=device).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(-1)
+
+
+def _reverse_index(lengths: Tensor, T: int) -> Tensor:
+    """(T, N): the time index that reverses each sequence within its length (padding stays put)."""
+    t = torch.arange(T, device=lengths.device).unsqueeze(1)
+    return torch.where(t < lengths, lengths - 1 - t, t)
+
+
+def _gather_time(x: Tensor, index: Tensor) -> Tensor:
+    """x (T, N, ...) reordered along time per sequence by index (T, N); an involution for reversal."""
+    idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(0, idx)

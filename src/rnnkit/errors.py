@@ -1,0 +1,32 @@
+"""Error and warning types raised at rnnkit's boundaries.
+
+Every error names what was expected, what came, and how to fix it. Shape and type errors
+subclass both ``ValueError`` and ``RuntimeError`` so code written for ``torch.nn`` (which
+raises either, depending on the mistake) still catches them.
+"""
+
+from __future__ import annotations
+
+
+class RnnkitError(Exception):
+    """Base class of rnnkit's own errors."""
+
+
+class ShapeError(RnnkitError, ValueError, RuntimeError):
+    """A tensor has the wrong rank, size, dtype or device for the call it was passed to."""
+
+
+class ConfigError(RnnkitError, ValueError):
+    """A configuration value, option or recipe name is invalid."""
+
+
+class DataError(RnnkitError, ValueError):
+    """A data file is missing, truncated, corrupt or not what it claims to be."""
+
+
+class CheckpointError(RnnkitError, ValueError):
+    """A checkpoint is foreign, corrupt, unsafe (pickle) or does not match the model."""
+
+
+class RnnkitWarning(UserWarning):
+    """Warnings emitted by rnnkit itself (turned into errors in its own test suite)."""

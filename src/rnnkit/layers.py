@@ -1,0 +1,445 @@
+"""Drop-in replacements for ``torch.nn.LSTM``, ``GRU`` and ``RNN`` that can also return every state.
+
+Same constructor arguments, parameter names (``weight_ih_l0``, ``weight_hh_l1_reverse`` ...),
+default initialisation (bit for bit, given the same seed), return convention, ``PackedSequence``
+and unbatched input. A ``state_dict`` moves between ``torch.nn.LSTM`` and ``rnnkit.LSTM`` both ways.
+
+Symbols: N batch, T time, I input_size, H hidden_size, P proj_size, L num_layers,
+D = 2 if bidirectional else 1, H_out = P if P > 0 else H.
+
+=============  ===========================================  ====================================
+tensor         shape (batch_first=False; True swaps N, T)   notes
+=============  ===========================================  ====================================
+input          (T, N, I), (T, I) unbatched, PackedSequence
+h_0, h_n       (D*L, N, H_out)                              index ``l*D + d``; d=1 is reverse
+c_0, c_n       (D*L, N, H)                                  LSTM only
+output         (T, N, D*H_out)                              last layer; concat of both directions
+states.h       (D*L, T, N, H_out) or (D*L, N, T, H_out)     ``forward(..., return_states=True)``
+states.c       (D*L, T, N, H)                               LSTM only
+=============  ===========================================  ====================================
+
+Trap (as in torch): for a bidirectional layer ``h_n[-1]`` is the reverse direction's state after
+reading the *first* step, so it is not ``output[-1, :, H:]``; the forward half of ``output[-1]`` is
+``h_n[-2]``.
+
+Extras torch lacks, all keyword-only:
+
+* ``forward(x, hx, lengths=..., return_states=True)``: lengths as a plain tensor; every step's
+  states of every layer and direction (returns ``LayerResult(output, hidden, states)``).
+* ``cell=``: any cell class or factory ``f(input_size, hidden_size) -> cell`` (a user's too); its
+  parameters are named ``{name}_l{k}[_reverse]`` like torch's.
+* ``merge_mode``: how the two directions combine, ``"concat"`` (torch's), ``"sum"`` or ``"mean"``;
+  each layer of a bidirectional stack sees both directions of the layer below.
+* ``recurrent_dropout`` (variational: one mask per sequence on the recurrent input h) and
+  ``zoneout`` (each unit keeps its previous value with this probability while training).
+* ``forget_bias``, ``peepholes``, ``cell_clip`` (LSTM), ``reset_after`` (GRU), ``backend``.
+
+How parameters get torch's names: the layer owns every parameter under torch's name and keeps
+its cells unregistered; before each use the cells are re-bound to the layer's current parameter
+objects, so ``.to()``, ``load_state_dict(assign=True)`` and friends can never leave a stale copy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from rnnkit.cells import GRUCell, LSTMCell, RNNCell, cell_output
+from rnnkit.engine import BACKENDS, tree_flatten, tree_map, unroll
+from rnnkit.errors import RnnkitWarning, ShapeError
+
+__all__ = ["LSTM", "GRU", "RNN", "LayerResult", "param_name"]
+
+MergeMode = Literal["concat", "sum", "mean"]
+
+
+class LayerResult(NamedTuple):
+    """``forward(..., return_states=True)``: torch's (output, hidden) plus every step's states."""
+
+    output: Tensor | PackedSequence
+    hidden: Any
+    states: Any
+
+
+def param_name(name: str, layer: int, reverse: bool) -> str:
+    """torch.nn's name for a cell parameter in a stack: ``weight_ih`` -> ``weight_ih_l1_reverse``."""
+    return f"{name.replace('.', '_')}_l{layer}{'_reverse' if reverse else ''}"
+
+
+class _RNNBase(nn.Module):
+    """The shared stack: layers x directions of cells, each run by :func:`rnnkit.unroll`."""
+
+    _default_cell: type[nn.Module]
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        cell: type[nn.Module] | Callable[[int, int], nn.Module] | None = None,
+        cell_options: dict[str, Any] | None = None,
+        merge_mode: MergeMode = "concat",
+        recurrent_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        for label, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ShapeError(f"{name}: {label} must be a positive int, got {value!r}")
+        for label, p in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout), ("zoneout", zoneout)):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ShapeError(f"{name}: {label} must be a probability in [0, 1], got {p!r}")
+        if merge_mode not in ("concat", "sum", "mean"):
+            raise ShapeError(f"{name}: merge_mode must be 'concat', 'sum' or 'mean', got {merge_mode!r}")
+        if backend not in BACKENDS:
+            raise ShapeError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
+        if proj_size and cell is not None:
+            raise ShapeError(f"{name}: proj_size applies to the built-in LSTM cell; pass it to your cell instead")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"{name}: dropout={dropout} has no effect with num_layers=1: it applies between layers",
+                RnnkitWarning,
+                stacklevel=2,
+            )
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size = bidirectional, proj_size
+        self.merge_mode, self.recurrent_dropout, self.zoneout = merge_mode, float(recurrent_dropout), float(zoneout)
+        self.backend = backend
+        directions = 2 if bidirectional else 1
+        out_size = proj_size or hidden_size
+        factory = cell if cell is not None else self._builtin_factory(bias, proj_size, device, dtype, cell_options or {})
+        cells: list[nn.Module] = []
+        for layer in range(num_layers):
+            in_size = input_size if layer == 0 else out_size * (directions if merge_mode == "concat" else 1)
+            for d in range(directions):
+                c = factory(in_size, hidden_size)
+                if not isinstance(c, nn.Module) or not hasattr(c, "init_state"):
+                    raise ShapeError(f"{name}: cell= must build nn.Modules with init_state(), got {type(c).__name__}")
+                if cell is not None and (device is not None or dtype is not None):
+                    c = c.to(device=device, dtype=dtype)
+                for pname, p in c.named_parameters():
+                    self.register_parameter(param_name(pname, layer, d == 1), p)
+                for bname, b in c.named_buffers():
+                    self.register_buffer(param_name(bname, layer, d == 1), b)
+                cells.append(c)
+        object.__setattr__(self, "_cells", cells)  # unregistered: the layer owns the parameters
+
+    def _builtin_factory(
+        self, bias: bool, proj_size: int, device: Any, dtype: Any, options: dict[str, Any]
+    ) -> Callable[[int, int], nn.Module]:
+        cls = self._default_cell
+        if proj_size:
+            if cls is not LSTMCell:
+                raise ShapeError(f"{type(self).__name__}: proj_size is only supported by LSTM, got {proj_size}")
+            options = {**options, "proj_size": proj_size}
+        return lambda i, h: cls(i, h, bias, device=device, dtype=dtype, **options)
+
+    # -- cells bound to this layer's parameters ---------------------------------------------------
+    def cells(self) -> list[nn.Module]:
+        """The cells in torch's order (layer 0 forward, layer 0 reverse, layer 1 ...), bound to this layer."""
+        directions = 2 if self.bidirectional else 1
+        for k, c in enumerate(self._cells):
+            layer, reverse = divmod(k, directions)
+            for pname, _ in list(c.named_parameters()):
+                owner, leaf = _owner(c, pname)
+                owner._parameters[leaf] = self._parameters[param_name(pname, layer, reverse == 1)]
+            for bname, _ in list(c.named_buffers()):
+                owner, leaf = _owner(c, bname)
+                owner._buffers[leaf] = self._buffers[param_name(bname, layer, reverse == 1)]
+            if c.training != self.training:
+                c.train(self.training)
+        return self._cells
+
+    def cell(self, layer: int = 0, reverse: bool = False) -> nn.Module:
+        """The cell of one layer and direction, bound to this layer's parameters (to step by hand)."""
+        return self.cells()[layer * (2 if self.bidirectional else 1) + int(reverse)]
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: Any = None,
+        *,
+        lengths: Tensor | list[int] | None = None,
+        return_states: bool = False,
+    ) -> Any:
+        """Run the stack; returns ``(output, hidden)`` like torch, or a LayerResult with ``return_states``."""
+        name = type(self).__name__
+        cells = self.cells()
+        directions = 2 if self.bidirectional else 1
+        packed = isinstance(input, PackedSequence)
+        batch_first = self.batch_first and not packed
+        if packed:
+            if lengths is not None:
+                raise ShapeError(f"{name}: pass lengths or a PackedSequence, not both")
+            x, lengths = pad_packed_sequence(input)
+            unbatched = False
+        else:
+            x = input
+            if not isinstance(x, Tensor):
+                raise ShapeError(f"{name}: expected a Tensor or PackedSequence, got {type(x).__name__}")
+            if x.dim() not in (2, 3):
+                raise ShapeError(
+                    f"{name}: Expected input to be 2D or 3D, got {x.dim()}D tensor of shape {tuple(x.shape)}"
+                )
+            unbatched = x.dim() == 2
+            if unbatched:
+                x = x.unsqueeze(0 if batch_first else 1)
+        if x.shape[-1] != self.input_size:
+            raise ShapeError(
+                f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
+            )
+        N = x.shape[0] if batch_first else x.shape[1]
+        states0 = self._split_hx(hx, cells, N, x, unbatched, directions)
+
+        layer_input, finals, every = x, [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(directions):
+                k = layer * directions + d
+                c = self._training_wrapper(cells[k], N, x)
+                r = unroll(
+                    c, layer_input, states0[k], lengths=lengths, reverse=d == 1,
+                    return_states=return_states, batch_first=batch_first, backend=self.backend,
+                )
+                outs.append(r.outputs)
+                finals.append(r.final_state)
+                every.append(r.states)
+            layer_input = self._merge(outs)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, True)
+
+        hidden = tree_map(lambda *f: torch.stack(f), *finals)
+        output = layer_input
+        states = tree_map(lambda *s: torch.stack(s), *every) if return_states else None
+        if packed:
+            order = input.sorted_indices
+            out_tm = output if order is None else output[:, order]
+            lens = lengths if order is None else lengths[order]
+            data = pack_padded_sequence(out_tm, lens, enforce_sorted=True).data
+            output = PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        elif unbatched:
+            output = output.squeeze(0 if batch_first else 1)
+            hidden = tree_map(lambda h: h.squeeze(1), hidden)
+            if states is not None:
+                states = tree_map(lambda s: s.squeeze(1 if batch_first else 2), states)
+        if return_states:
+            return LayerResult(output, hidden, states)
+        return output, hidden
+
+    def _split_hx(
+        self, hx: Any, cells: list[nn.Module], N: int, x: Tensor, unbatched: bool, directions: int
+    ) -> list[Any]:
+        """One initial state per (layer, direction) from torch's stacked (D*L, N, ...) layout."""
+        name = type(self).__name__
+        if hx is None:
+            return [None] * len(cells)
+        template = cells[0].init_state(N, device=x.device, dtype=x.dtype)
+        want = [(len(cells), *t.shape) for t in tree_flatten(template)[0]]
+        try:
+            leaves = tree_flatten(hx if not isinstance(hx, Tensor) or isinstance(template, Tensor) else (hx,))[0]
+        except TypeError:
+            leaves = []
+        if unbatched:
+            if any(not isinstance(h, Tensor) or h.dim() != 2 for h in leaves):
+                raise ShapeError(f"{name}: for unbatched 2-D input, hx should also be 2-D (D*L, H)")
+            leaves = [h.unsqueeze(1) for h in leaves]
+        got = [tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__ for h in leaves]
+        if len(leaves) != len(want) or any(g != w for g, w in zip(got, want)):
+            raise ShapeError(f"{name}: Expected hidden size {want if len(want) > 1 else want[0]}, got {got}")
+        for h in leaves:
+            if h.dtype != x.dtype or h.device != x.device:
+                raise ShapeError(
+                    f"{name}: hx is {h.dtype} on {h.device} but input is {x.dtype} on {x.device}; convert hx"
+                )
+        _, unflatten = tree_flatten(template)
+        return [unflatten([h[k] for h in leaves]) for k in range(len(cells))]
+
+    def _merge(self, outs: list[Tensor]) -> Tensor:
+        if len(outs) == 1:
+            return outs[0]
+        if self.merge_mode == "concat":
+            return torch.cat(outs, dim=-1)
+        total = outs[0] + outs[1]
+        return total if self.merge_mode == "sum" else total * 0.5
+
+    def _training_wrapper(self, c: nn.Module, N: int, x: Tensor) -> nn.Module:
+        """Wrap a cell for this call with recurrent dropout and/or zoneout (per-call masks)."""
+        if self.recurrent_dropout and self.training:
+            c = _RecurrentDropout(c, self.recurrent_dropout)
+        if self.zoneout:
+            c = _Zoneout(c, self.zoneout, self.training)
+        return c
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        for key, default in (
+            ("proj_size", 0), ("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
+            ("bidirectional", False), ("merge_mode", "concat"), ("recurrent_dropout", 0.0), ("zoneout", 0.0),
+        ):
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)!r}"
+        return s
+
+
+def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    prefix, _, leaf = dotted.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), leaf
+
+
+class _RecurrentDropout(nn.Module):
+    """Variational dropout: one mask per sequence on the recurrent input of every step (Gal, 2016)."""
+
+    def __init__(self, cell: nn.Module, p: float) -> None:
+        super().__init__()
+        self.cell, self.p, self.mask = cell, p, None
+        if hasattr(cell, "project_input") and hasattr(cell, "step"):
+            self.project_input = cell.project_input
+            self.step = self._step
+
+    def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> Any:
+        return self.cell.init_state(batch_size, device=device, dtype=dtype)
+
+    def output(self, state: Any) -> Tensor:
+        return cell_output(self.cell, state)
+
+    def _dropped(self, state: Any) -> Any:
+        leaves, rebuild = tree_flatten(state)
+        if self.mask is None:  # drawn at the first step, then reused for the whole sequence
+            self.mask = F.dropout(torch.ones_like(leaves[0]), self.p, True)
+        return rebuild([leaves[0] * self.mask, *leaves[1:]])  # only h feeds the recurrent matmul
+
+    def _step(self, xp: Tensor, state: Any) -> Any:
+        return self.cell.step(xp, self._dropped(state))
+
+    def forward(self, x: Tensor, state: Any = None) -> Any:
+        return self.cell(x, self._dropped(state))
+
+
+class _Zoneout(nn.Module):
+    """Zoneout (Krueger et al., 2017): units keep their previous value with probability p."""
+
+    def __init__(self, cell: nn.Module, p: float, training: bool) -> None:
+        super().__init__()
+        self.cell, self.p = cell, p
+        self.train(training)
+        if hasattr(cell, "project_input") and hasattr(cell, "step"):
+            self.project_input = cell.project_input
+            self.step = lambda xp, state: self._mix(state, cell.step(xp, state))
+
+    def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> Any:
+        return self.cell.init_state(batch_size, device=device, dtype=dtype)
+
+    def output(self, state: Any) -> Tensor:
+        return cell_output(self.cell, state)
+
+    def _mix(self, old: Any, new: Any) -> Any:
+        if self.training:
+            return tree_map(lambda o, n: torch.where(torch.rand_like(n) < self.p, o, n), old, new)
+        return tree_map(lambda o, n: torch.lerp(n, o, self.p), old, new)  # the expectation at test time
+
+    def forward(self, x: Tensor, state: Any = None) -> Any:
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+        return self._mix(state, self.cell(x, state))
+
+
+class LSTM(_RNNBase):
+    """Drop-in ``torch.nn.LSTM`` (see the module docstring for shapes, names and extras)."""
+
+    _default_cell = LSTMCell
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        forget_bias: float = 0.0,
+        peepholes: bool = False,
+        cell_clip: float | None = None,
+        **extras: Any,
+    ) -> None:
+        options = {"forget_bias": forget_bias, "peepholes": peepholes, "cell_clip": cell_clip}
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+            device, dtype, cell_options=options, **extras,
+        )
+
+
+class GRU(_RNNBase):
+    """Drop-in ``torch.nn.GRU``; ``reset_after=False`` gives the TensorFlow/Keras v1 variant."""
+
+    _default_cell = GRUCell
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        reset_after: bool = True,
+        **extras: Any,
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+            device, dtype, cell_options={"reset_after": reset_after}, **extras,
+        )
+
+
+class RNN(_RNNBase):
+    """Drop-in ``torch.nn.RNN`` (``nonlinearity`` 'tanh' or 'relu')."""
+
+    _default_cell = RNNCell
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        **extras: Any,
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ShapeError(f"RNN: Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+            device, dtype, cell_options={"nonlinearity": nonlinearity}, **extras,
+        )
+        self.nonlinearity = nonlinearity
