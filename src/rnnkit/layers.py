@@ -124,7 +124,8 @@ class _RNNBase(nn.Module):
         self.backend = backend
         directions = 2 if bidirectional else 1
         out_size = proj_size or hidden_size
-        factory = cell if cell is not None else self._builtin_factory(bias, proj_size, device, dtype, cell_options or {})
+        options = cell_options or {}
+        factory = cell if cell is not None else self._builtin_factory(bias, proj_size, device, dtype, options)
         cells: list[nn.Module] = []
         for layer in range(num_layers):
             in_size = input_size if layer == 0 else out_size * (directions if merge_mode == "concat" else 1)
