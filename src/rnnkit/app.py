@@ -1,0 +1,318 @@
+"""The main job, as functions: train a recipe into a run directory, evaluate or predict from one.
+
+A run directory holds everything needed to reproduce and use the run, and nothing else::
+
+    runs/NAME-YYYYmmdd-HHMMSS/
+        config.toml          the resolved RunConfig (rnnkit train --config it to reproduce the run)
+        metrics.jsonl        train records every log_every steps, eval records each evaluation
+        tensorboard/         event files (tensorboard --logdir runs)
+        checkpoints/         ckpt-STEP.safetensors: full training state, for --resume
+        model.safetensors    final weights (the averaged ones when EMA is on) + JSON metadata
+        curves.png           loss and accuracy against steps, train and test
+        predictions.png      a grid of test digits with predicted and true labels, wrong ones marked
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rnnkit.config import dump_toml, from_dict, load_toml
+from rnnkit.errors import CheckpointError, ConfigError
+from rnnkit.recipes import RunConfig
+from rnnkit.train.batching import Batches
+from rnnkit.train.callbacks import Checkpointer, MetricsLogger, ProgressBar, TensorBoardLogger, TimeToTarget
+from rnnkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rnnkit.train.optim import make_optimizer, make_schedule
+from rnnkit.train.trainer import Trainer
+
+__all__ = ["RunSummary", "train", "evaluate_run", "predict_run", "load_run", "build_model", "load_data"]
+
+Log = Callable[[str], Any]
+
+
+@dataclass
+class Dataset:
+    """Tensors ready for training: sequences (N, T, F) and labels, plus the raw test images."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    test_images: np.ndarray
+    num_classes: int
+    source: str
+
+
+@dataclass
+class RunSummary:
+    """What a training run produced."""
+
+    run_dir: Path
+    test_accuracy: float
+    test_loss: float
+    train_seconds: float
+    steps: int
+    seconds_to_target: float | None
+    interrupted: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; anything else must be usable here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device {name!r} is not a device name (use auto, cpu, cuda, cuda:1)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally insist on deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def load_data(cfg: RunConfig, log: Log = print) -> Dataset:
+    """Load the configured MNIST-layout data and turn it into sequences of the configured view."""
+    from rnnkit.data.mnist import load_embedded_mnist, load_mnist, to_sequences
+
+    d = cfg.data
+    if d.dataset == "embedded":
+        data = load_embedded_mnist()
+    else:
+        data = load_mnist(d.data_dir, dataset=d.dataset, download=d.download, log=log)
+    train_images, train_labels = data.train_images, data.train_labels
+    test_images, test_labels = data.test_images, data.test_labels
+    if d.train_limit:
+        train_images, train_labels = train_images[: d.train_limit], train_labels[: d.train_limit]
+    if d.test_limit:
+        test_images, test_labels = test_images[: d.test_limit], test_labels[: d.test_limit]
+
+    def seq(images: np.ndarray) -> Tensor:
+        return to_sequences(images, d.view, normalize=d.normalize, permutation_seed=d.permutation_seed)
+
+    source = data.source
+    if d.train_limit or d.test_limit:
+        source += f"; using {len(train_labels):,} train / {len(test_labels):,} test images"
+    return Dataset(
+        seq(train_images), torch.as_tensor(train_labels), seq(test_images), torch.as_tensor(test_labels),
+        test_images, data.num_classes, source,
+    )
+
+
+def _cell_factory(name: str) -> Any:
+    """lstm/gru/rnn, or a user's cell class named by a dotted path (imported, never eval'd)."""
+    if name in ("lstm", "gru", "rnn"):
+        return name
+    module_name, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(
+            f"--cell {name!r}: cannot import {attr!r} from {module_name!r} ({e}); give lstm, gru, rnn or "
+            f"a dotted path to a cell class importable from the current directory or PYTHONPATH"
+        ) from e
+
+
+def build_model(cfg: RunConfig, input_size: int, num_classes: int) -> nn.Module:
+    """The sequence classifier that ``cfg.model`` describes."""
+    from rnnkit.models import SequenceClassifier
+
+    m = cfg.model
+    return SequenceClassifier(
+        input_size, num_classes, hidden_size=m.hidden, num_layers=m.layers, cell=_cell_factory(m.cell),
+        bidirectional=m.bidirectional, readout=m.readout, k=m.k, input_projection=m.input_projection,
+        dropout=m.dropout, forget_bias=m.forget_bias, init=m.init,
+    )
+
+
+def build_trainer(cfg: RunConfig, model: nn.Module, device: torch.device, callbacks: list) -> Trainer:
+    """Optimiser, schedule and trainer from ``cfg.optim``."""
+    o = cfg.optim
+    optimizer = make_optimizer(o.name, model.parameters(), o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    schedule = None
+    if o.schedule != "constant" or o.warmup_steps:
+        kwargs: dict[str, Any] = {"lr": o.lr}
+        if o.schedule == "exponential":
+            kwargs.update(decay_rate=o.decay_rate, decay_steps=o.decay_steps, staircase=o.staircase)
+        elif o.schedule == "step":
+            kwargs.update(step_size=o.step_size, gamma=o.gamma)
+        elif o.schedule in ("cosine", "one_cycle"):
+            kwargs["total_steps"] = _total_steps(cfg)
+            if o.schedule == "cosine":
+                kwargs["min_lr"] = o.min_lr
+        schedule = make_schedule(o.schedule, warmup_steps=o.warmup_steps, **kwargs)
+    return Trainer(
+        model, optimizer, schedule=schedule, clip_norm=o.clip_norm, clip_value=o.clip_value, l1=o.l1, l2=o.l2,
+        ema_decay=o.ema, accumulate=o.accumulate, bf16=cfg.train.bf16, callbacks=callbacks, device=device,
+    )
+
+
+def _total_steps(cfg: RunConfig, train_size: int = 60_000) -> int:
+    t = cfg.train
+    return t.steps if t.steps is not None else t.epochs * -(-train_size // t.batch_size)
+
+
+def _new_run_dir(cfg: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.train.out) / f"{cfg.train.name or cfg.recipe}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def train(
+    cfg: RunConfig, *, resume_dir: str | Path | None = None, log: Log = print, start_time: float | None = None
+) -> RunSummary:
+    """Train ``cfg`` into a new run directory (or continue ``resume_dir``); returns a summary."""
+    start = start_time if start_time is not None else time.perf_counter()
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    seed_everything(t.seed, t.deterministic)
+    data = load_data(cfg, log)
+    log(f"data: {data.source}")
+    model = build_model(cfg, data.x_train.shape[-1], data.num_classes).to(device)
+    run_dir = Path(resume_dir) if resume_dir else _new_run_dir(cfg)
+    config_text = dump_toml(cfg)
+    (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
+    log(f"run directory: {run_dir}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {cfg.model.cell.upper()} {cfg.model.hidden}x{cfg.model.layers}, {n_params:,} parameters on {device}")
+
+    if device.type == "cuda":  # the whole set fits: skip the host-to-device copy per batch
+        data.x_train, data.y_train = data.x_train.to(device), data.y_train.to(device)
+    batches = Batches(data.x_train, data.y_train, t.batch_size, seed=t.seed)
+    total = t.steps if t.steps is not None else t.epochs * len(batches)
+    target = TimeToTarget(t.target_accuracy, start) if t.target_accuracy else None
+    tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text)
+    ckpt = Checkpointer(run_dir / "checkpoints", every=t.checkpoint_every, keep_last=t.keep_last,
+                        meta={"config": config_text})
+    metrics = MetricsLogger(run_dir / "metrics.jsonl", t.log_every)
+    callbacks = [ProgressBar(total, enabled=t.progress), metrics, tb, ckpt]
+    if target:
+        callbacks.append(target)
+    trainer = build_trainer(cfg, model, device, callbacks)
+    if resume_dir:
+        path = latest_checkpoint(run_dir / "checkpoints")
+        if path is None:
+            raise CheckpointError(f"--resume {run_dir}: no checkpoints in {run_dir / 'checkpoints'}")
+        trainer.restore(path, batches)
+        log(f"resumed from {path} at step {trainer.step}")
+
+    t0 = time.perf_counter()
+    history = trainer.fit(batches, (data.x_test, data.y_test), steps=total, eval_every=t.eval_every,
+                          eval_batch_size=t.eval_batch_size)
+    seconds = time.perf_counter() - t0
+    interrupted = bool(trainer.stop_requested and trainer.stop_requested.startswith("signal"))
+    final = history[-1] if history else trainer.evaluate(data.x_test, data.y_test)
+    _save_model(run_dir, trainer, cfg, data, final, config_text)
+    _write_plots(run_dir, trainer, data, tb, log)
+    tb.close()
+    if interrupted:
+        log(f"interrupted ({trainer.stop_requested}) at step {trainer.step}; checkpoint saved. "
+            f"Continue with: rnnkit train --resume {run_dir}")
+    _print_predictions(trainer, data, log)
+    if target is not None:
+        if target.seconds is not None:
+            log(f"reached {100 * target.target:.1f}% test accuracy after {target.seconds:.1f} s at step {target.step}")
+        else:
+            log(f"did not reach {100 * target.target:.1f}% test accuracy")
+    return RunSummary(run_dir, final.get("accuracy", float("nan")), final["loss"], seconds, trainer.step,
+                      target.seconds if target else None, interrupted)
+
+
+def _save_model(run_dir: Path, trainer: Trainer, cfg: RunConfig, data: Dataset, final: dict, config_text: str) -> None:
+    with trainer._averaged():
+        tensors = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+    meta = {"kind": "rnnkit-model", "config": config_text, "input_size": int(data.x_train.shape[-1]),
+            "num_classes": data.num_classes, "step": trainer.step,
+            "test": {k: v for k, v in final.items() if not k.startswith("accuracy_class_")}}
+    save_checkpoint(run_dir / "model.safetensors", tensors, meta)
+
+
+def _write_plots(run_dir: Path, trainer: Trainer, data: Dataset, tb: TensorBoardLogger, log: Log) -> None:
+    import json
+
+    from rnnkit import plots
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    plots.plot_curves(records, run_dir / "curves.png")
+    n = min(20, len(data.y_test))
+    pred = trainer.predict(data.x_test[:n]).argmax(-1).tolist()
+    path = plots.plot_predictions(data.test_images[:n], pred, data.y_test[:n].tolist(), run_dir / "predictions.png")
+    tb.add_image("test/predictions", path, trainer.step)
+
+
+def _print_predictions(trainer: Trainer, data: Dataset, log: Log, n: int = 10) -> None:
+    pred = trainer.predict(data.x_test[:n]).argmax(-1).tolist()
+    true = data.y_test[:n].tolist()
+    log("predicted: " + " ".join(str(p) for p in pred))
+    log("true:      " + " ".join(str(t) for t in true))
+
+
+# -- using a finished run -------------------------------------------------------------------------
+def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]:
+    """The config and the trained model of a run directory (no code from the files is run)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a directory; give a run directory written by `rnnkit train`")
+    model_path = run_dir / "model.safetensors"
+    if not model_path.exists():
+        raise CheckpointError(
+            f"{run_dir} has no model.safetensors (was the run interrupted before its end? "
+            f"continue it with `rnnkit train --resume {run_dir}`)"
+        )
+    tensors, meta = load_checkpoint(model_path)
+    if meta.get("kind") != "rnnkit-model":
+        raise CheckpointError(f"{model_path} is not an rnnkit model file (no rnnkit-model metadata)")
+    cfg = from_dict(RunConfig, load_toml(run_dir / "config.toml"))
+    model = build_model(cfg, int(meta["input_size"]), int(meta["num_classes"]))
+    from rnnkit.train.checkpoint import load_into
+
+    load_into(model, tensors, strict=True, name=str(model_path))
+    return cfg, model, meta
+
+
+def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, log: Log = print) -> dict[str, float]:
+    """Evaluate a run's final model on its test set; returns loss, accuracy and per-class accuracy."""
+    cfg, model, _ = load_run(run_dir)
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir, dataset="mnist"))
+    data = load_data(cfg, log)
+    log(f"data: {data.source}")
+    device = resolve_device(cfg.train.device)
+    trainer = Trainer(model.to(device), torch.optim.SGD(model.parameters(), lr=0.0), device=device)
+    return trainer.evaluate(data.x_test, data.y_test, batch_size=cfg.train.eval_batch_size)
+
+
+def predict_run(run_dir: str | Path, n: int = 10, *, log: Log = print) -> tuple[list[int], list[int], Tensor]:
+    """Predicted and true labels (and class probabilities) for the first ``n`` test images."""
+    cfg, model, _ = load_run(run_dir)
+    data = load_data(cfg, log)
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(data.x_test[:n]), dim=-1)
+    return probs.argmax(-1).tolist(), data.y_test[:n].tolist(), probs

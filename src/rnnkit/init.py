@@ -1,0 +1,108 @@
+"""Weight initialisation schemes for recurrent modules, applied in place to any module tree.
+
+``keras_init_(model)`` gives every recurrent cell it finds the TensorFlow/Keras defaults:
+
+==============  ===========================================================================
+parameter       Keras default
+==============  ===========================================================================
+weight_ih       Glorot (Xavier) uniform over the whole (gates*H, I) matrix
+weight_hh       orthogonal, one (H, H) block per gate, so each gate's recurrence is orthogonal
+biases          zeros; for an LSTM the forget-gate slice ``[H:2H]`` of ``bias_ih`` is 1
+                (Keras' ``unit_forget_bias``; ``bias_hh`` stays 0 so the sum is 1)
+weight_hr       Glorot uniform (the LSTM projection)
+==============  ===========================================================================
+
+It finds rnnkit layers (through ``layer.cells()``, which binds the cells to the layer's own
+parameters, so initialising a cell initialises the layer), rnnkit's built-in cells anywhere in the
+tree, and ``torch.nn.LSTM``/``GRU``/``RNN`` and their cells. Other modules are left alone unless
+``linear=True``, which also gives every ``nn.Linear`` Glorot weights and zero biases (Keras ``Dense``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rnnkit.cells import GRUCell, LayerNormLSTMCell, LSTMCell, RNNCell
+from rnnkit.errors import ConfigError
+
+__all__ = ["keras_init_", "orthogonal_blocks_"]
+
+_BUILTIN = (LSTMCell, GRUCell, RNNCell, LayerNormLSTMCell)
+_TORCH_LSTM = (nn.LSTM, nn.LSTMCell)
+_TORCH_GATES = {nn.LSTM: 4, nn.LSTMCell: 4, nn.GRU: 3, nn.GRUCell: 3, nn.RNN: 1, nn.RNNCell: 1}
+
+
+@torch.no_grad()
+def orthogonal_blocks_(weight: Tensor, blocks: int) -> Tensor:
+    """Fill ``weight`` (blocks*H, K) in place with an (semi-)orthogonal matrix per (H, K) row block."""
+    if weight.shape[0] % blocks:
+        raise ConfigError(
+            f"orthogonal_blocks_: expected the first axis of weight {tuple(weight.shape)} to be a multiple of "
+            f"blocks={blocks}; pass the number of gates stacked in it (4 LSTM, 3 GRU, 1 RNN)"
+        )
+    for block in weight.chunk(blocks, dim=0):
+        nn.init.orthogonal_(block)
+    return weight
+
+
+@torch.no_grad()
+def keras_init_(module: nn.Module, *, forget_bias: float = 1.0, linear: bool = False) -> nn.Module:
+    """Initialise every recurrent cell in ``module`` as Keras does (see the module docstring); returns it."""
+    _visit(module, float(forget_bias), linear)
+    return module
+
+
+def _visit(m: nn.Module, forget_bias: float, linear: bool) -> None:
+    if isinstance(m, _BUILTIN):
+        _init_builtin(m, forget_bias)
+        return  # a LayerNormLSTMCell's LayerNorms keep their gain 1 / offset 0
+    if type(m) in _TORCH_GATES:
+        _init_torch(m, forget_bias)
+        return
+    cells = getattr(m, "cells", None)
+    if callable(cells) and isinstance(m, nn.Module) and hasattr(m, "num_layers"):
+        # an rnnkit layer: its cells are unregistered and bound to the layer's parameters on request
+        for c in cells():
+            _visit(c, forget_bias, linear)
+        return
+    if linear and isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+        return
+    for child in m.children():
+        _visit(child, forget_bias, linear)
+
+
+def _init_builtin(cell: nn.Module, forget_bias: float) -> None:
+    gates = cell.gates
+    nn.init.xavier_uniform_(cell.weight_ih)
+    orthogonal_blocks_(cell.weight_hh, gates)
+    if getattr(cell, "weight_hr", None) is not None:
+        nn.init.xavier_uniform_(cell.weight_hr)
+    is_lstm = isinstance(cell, (LSTMCell, LayerNormLSTMCell))
+    # LayerNormLSTMCell has a single `bias`; the others torch's pair bias_ih/bias_hh
+    for name in ("bias_ih", "bias_hh", "bias"):
+        b = getattr(cell, name, None)
+        if isinstance(b, Tensor):
+            nn.init.zeros_(b)
+            if is_lstm and name in ("bias_ih", "bias"):
+                H = cell.hidden_size
+                b[H : 2 * H] = forget_bias
+
+
+def _init_torch(m: nn.Module, forget_bias: float) -> None:
+    gates = _TORCH_GATES[type(m)]
+    H = m.hidden_size
+    for name, p in m.named_parameters():
+        if name.startswith("weight_ih"):
+            nn.init.xavier_uniform_(p)
+        elif name.startswith("weight_hh"):
+            orthogonal_blocks_(p, gates)
+        elif name.startswith("weight_hr"):
+            nn.init.xavier_uniform_(p)
+        elif name.startswith("bias"):
+            nn.init.zeros_(p)
+            if isinstance(m, _TORCH_LSTM) and name.startswith("bias_ih"):
+                p[H : 2 * H] = forget_bias

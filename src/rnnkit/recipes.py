@@ -1,0 +1,266 @@
+"""Named, typed run configurations: the default MNIST-rows LSTM and the seeds' experiments.
+
+A run is described by one :class:`RunConfig` (data, model, optimiser, training). A recipe is a
+name plus overrides of the defaults, the figure its source reported, and the figure we last
+measured (with where and when). ``rnnkit recipes`` prints them; ``rnnkit train RECIPE`` runs one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rnnkit.config import from_dict, to_dict
+from rnnkit.errors import ConfigError
+
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "RunConfig", "Recipe", "RECIPES", "recipe_config"]
+
+
+@dataclass
+class DataConfig:
+    """Where the data come from and how images become sequences."""
+
+    dataset: Literal["mnist", "idx", "embedded"] = "mnist"
+    data_dir: str | None = None
+    view: Literal["rows", "pixels", "permuted"] = "rows"
+    normalize: bool = True
+    permutation_seed: int = 0
+    download: bool = True
+    train_limit: int | None = None  # use only the first N training images (seed 000's 1,800)
+    test_limit: int | None = None
+
+    def validate(self) -> None:
+        for name in ("train_limit", "test_limit"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"data.{name} must be positive or unset, got {v}")
+
+
+@dataclass
+class ModelConfig:
+    """The sequence classifier: cell, size, readout and initialisation."""
+
+    cell: str = "lstm"  # lstm, gru, rnn, or a dotted path to a cell class (module.Class)
+    hidden: int = 128
+    layers: int = 1
+    bidirectional: bool = False
+    readout: Literal["last", "last_k", "mean", "attention"] = "last"
+    k: int = 3
+    input_projection: int | None = None
+    dropout: float = 0.0
+    forget_bias: float = 0.0
+    init: Literal["torch", "keras"] = "keras"
+
+    def validate(self) -> None:
+        for name in ("hidden", "layers", "k"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.input_projection is not None and self.input_projection <= 0:
+            raise ConfigError(f"model.input_projection must be positive or unset, got {self.input_projection}")
+        if self.cell not in ("lstm", "gru", "rnn") and "." not in self.cell:
+            raise ConfigError(
+                f"model.cell must be lstm, gru, rnn or a dotted path to a cell class (pkg.module.Class), "
+                f"got {self.cell!r}"
+            )
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, learning-rate schedule, clipping, penalties and weight averaging."""
+
+    name: Literal["adam", "adamw", "sgd", "adagrad", "rmsprop"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: Literal["constant", "exponential", "step", "cosine", "one_cycle"] = "constant"
+    decay_rate: float = 0.96
+    decay_steps: int = 1000
+    staircase: bool = False
+    step_size: int = 1000
+    gamma: float = 0.1
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    clip_norm: float | None = None
+    clip_value: float | None = None
+    l1: float = 0.0
+    l2: float = 0.0
+    ema: float = 0.0  # decay of the weights' moving average used for evaluation; 0 = off
+    accumulate: int = 1
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"optim.ema must be in [0, 1), got {self.ema}")
+        if self.accumulate < 1:
+            raise ConfigError(f"optim.accumulate must be >= 1, got {self.accumulate}")
+
+
+@dataclass
+class TrainConfig:
+    """Length of training, evaluation, logging, checkpoints and the machine."""
+
+    batch_size: int = 128
+    epochs: int | None = 3
+    steps: int | None = None  # when set, overrides epochs
+    eval_every: int | None = None  # steps between test evaluations; unset = once per epoch
+    eval_batch_size: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto picks CUDA when present
+    threads: int | None = None
+    deterministic: bool = False
+    bf16: bool = False
+    out: str = "runs"
+    name: str = ""
+    log_every: int = 50
+    checkpoint_every: int | None = None  # steps; checkpoints are always written each epoch and at the end
+    keep_last: int = 3
+    progress: bool = True
+    target_accuracy: float | None = None  # report the wall time when test accuracy first reaches this
+
+    def validate(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"train.batch_size must be positive, got {self.batch_size}")
+        if self.steps is None and (self.epochs is None or self.epochs <= 0):
+            raise ConfigError("train.epochs must be positive (or set train.steps)")
+        if self.steps is not None and self.steps <= 0:
+            raise ConfigError(f"train.steps must be positive, got {self.steps}")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; saved as config.toml in its directory."""
+
+    recipe: str = "mnist-rows"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named configuration, its source, the figure the source reported and ours."""
+
+    name: str
+    source: str
+    description: str
+    overrides: dict[str, Any]
+    reported: str = "-"
+    measured: str = "not yet measured"
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe(
+            "mnist-rows",
+            "rnnkit default",
+            "LSTM 128 over the 28 rows of each digit, last output -> Linear, Adam with decay",
+            {
+                "optim": {"lr": 3e-3, "schedule": "exponential", "decay_rate": 0.5, "decay_steps": 938},
+                "train": {"epochs": 6, "batch_size": 128, "target_accuracy": 0.98},
+            },
+            reported="target: 98.5% (98% in < 60 s on 2 CPU cores)",
+        ),
+        Recipe(
+            "seed000",
+            "seed 000 (custom LSTM cell, mini-MNIST)",
+            "1,800 train / 200 test images of mini-MNIST, 128 units, last 3 outputs concatenated, Adam 0.01",
+            {
+                "data": {"dataset": "embedded", "train_limit": 1800, "test_limit": 200},
+                "model": {"readout": "last_k", "k": 3, "init": "keras"},
+                "optim": {"lr": 0.01},
+                "train": {"epochs": 10, "batch_size": 64},
+            },
+            reported="~90% (200 test images)",
+        ),
+        Recipe(
+            "seed002",
+            "seed 002 (BasicLSTMCell, forget_bias 1)",
+            "LSTM 128, forget bias 1, batch 128, Adam 0.001, 800 steps",
+            {
+                "model": {"forget_bias": 1.0, "init": "keras"},
+                "optim": {"lr": 1e-3},
+                "train": {"steps": 800, "epochs": None, "batch_size": 128, "eval_every": 200},
+            },
+            reported="99.21% (first 128 test images only)",
+        ),
+        Recipe(
+            "seed003",
+            "seed 003 (LSTMCell 64, Morvan)",
+            "LSTM 64, batch 64, Adam 0.01, 1,200 steps, test accuracy every 50 steps",
+            {
+                "model": {"hidden": 64, "init": "keras"},
+                "optim": {"lr": 0.01},
+                "train": {"steps": 1200, "epochs": None, "batch_size": 64, "eval_every": 50, "log_every": 50},
+            },
+            reported="not stated (screenshots); TF 2.21 compat.v1 measured 96.6-97.4% here",
+        ),
+        Recipe(
+            "mnist-rows-projected",
+            "seed 001 (RNN case 1: input projection)",
+            "Linear input projection to 128, LSTM 128, Adam 0.001",
+            {
+                "model": {"input_projection": 128, "init": "keras"},
+                "optim": {"lr": 1e-3},
+                "train": {"epochs": 3},
+            },
+            reported="not stated",
+        ),
+        Recipe(
+            "pixel-mnist",
+            "sequential MNIST (Le et al. 2015)",
+            "784 steps of one pixel, LSTM 128, Adam 1e-3 with clipping",
+            {
+                "data": {"view": "pixels"},
+                "model": {"init": "keras"},
+                "optim": {"lr": 1e-3, "clip_norm": 1.0},
+                "train": {"epochs": 20},
+            },
+            reported="LSTM 98.8-98.9% (published)",
+        ),
+        Recipe(
+            "permuted-mnist",
+            "permuted sequential MNIST (Le et al. 2015)",
+            "784 steps of one pixel in a fixed random order, LSTM 128, Adam 1e-3 with clipping",
+            {
+                "data": {"view": "permuted"},
+                "model": {"init": "keras"},
+                "optim": {"lr": 1e-3, "clip_norm": 1.0},
+                "train": {"epochs": 20},
+            },
+            reported="LSTM 88-95% (published)",
+        ),
+    ]
+}
+
+
+def recipe_config(name: str) -> RunConfig:
+    """The RunConfig of recipe ``name`` (defaults with the recipe's overrides applied)."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)} (see `rnnkit recipes`)")
+    data = _merge(to_dict(RunConfig()), RECIPES[name].overrides)
+    data["recipe"] = name
+    return from_dict(RunConfig, data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def config_fields(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a config class (for help texts and error messages)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            keys += config_fields(f.type, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
