@@ -200,7 +200,8 @@ def _validate(
     if state is None:
         state = expected
     else:
-        got_leaves, want_leaves = _leaves_or_none(state), tree_flatten(expected)[0]
+        want_leaves = tree_flatten(expected)[0]
+        got_leaves = _leaves_or_none(state) if _same_structure(state, expected) else None
         if got_leaves is None or len(got_leaves) != len(want_leaves):
             raise ShapeError(
                 f"unroll: expected a state like {_describe(expected)}, got {_describe(state)}"
@@ -237,6 +238,15 @@ def _leaves_or_none(state: Any) -> list[Tensor] | None:
     except TypeError:
         return None
     return leaves if all(isinstance(s, Tensor) for s in leaves) else None
+
+
+def _same_structure(got: Any, want: Any) -> bool:
+    """Whether ``got`` nests tensors and (named) tuples/lists exactly as ``want`` does."""
+    if isinstance(want, Tensor):
+        return isinstance(got, Tensor)
+    if not isinstance(got, (tuple, list)) or len(got) != len(want):
+        return False
+    return all(_same_structure(g, w) for g, w in zip(got, want))
 
 
 def _describe(state: Any) -> str:

@@ -172,6 +172,9 @@ class _RNNBase(nn.Module):
         """The cell of one layer and direction, bound to this layer's parameters (to step by hand)."""
         return self.cells()[layer * (2 if self.bidirectional else 1) + int(reverse)]
 
+    def flatten_parameters(self) -> None:
+        """No-op kept for drop-in compatibility: rnnkit's parameters need no flat cuDNN buffer."""
+
     # -- forward ------------------------------------------------------------------------------------
     def forward(
         self,
@@ -233,7 +236,7 @@ class _RNNBase(nn.Module):
         if packed:
             order = input.sorted_indices
             out_tm = output if order is None else output[:, order]
-            lens = lengths if order is None else lengths[order]
+            lens = lengths if order is None else lengths[order.cpu()]  # lengths live on the CPU, order on x's device
             data = pack_padded_sequence(out_tm, lens, enforce_sorted=True).data
             output = PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
         elif unbatched:
@@ -260,7 +263,11 @@ class _RNNBase(nn.Module):
             leaves = []
         if unbatched:
             if any(not isinstance(h, Tensor) or h.dim() != 2 for h in leaves):
-                raise ShapeError(f"{name}: for unbatched 2-D input, hx should also be 2-D (D*L, H)")
+                got = [tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__ for h in leaves]
+                raise ShapeError(
+                    f"{name}: for unbatched 2-D input, hx should also be 2-D (D*L, H): "
+                    f"expected {[(w[0], *w[2:]) for w in want]}, got {got}"
+                )
             leaves = [h.unsqueeze(1) for h in leaves]
         got = [tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__ for h in leaves]
         if len(leaves) != len(want) or any(g != w for g, w in zip(got, want)):

@@ -76,7 +76,13 @@ def run(
     states = None
     if return_states:
         hs = out if masks is None else torch.where(masks, out, final[0].unsqueeze(0))
-        states = LSTMState(hs, recover_cell_states(cell, x, state, out, masks)) if is_lstm else hs
+        if is_lstm:
+            cs = recover_cell_states(cell, x, state, out, masks)
+            # past each end repeat the kernel's final c exactly, as hs does with its final h
+            cs = cs if masks is None else torch.where(masks, cs, final[1].unsqueeze(0))
+            states = LSTMState(hs, cs)
+        else:
+            states = hs
     return out, final_state, states
 
 

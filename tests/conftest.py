@@ -1,0 +1,52 @@
+"""Shared fixtures and helpers of rnnkit's tests (cells, engine, fpmode)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import rnnkit.fpmode as fpmode
+from rnnkit.backends import fused, native, reference
+
+# tests/harness.py is importable as `harness` from every test module.
+sys.path.insert(0, os.path.dirname(__file__))
+
+#: the concrete backends every engine test runs on ("auto" picks one of these)
+BACKENDS = ["reference", "native", "fused"]
+BACKEND_MODULES = {"reference": reference, "native": native, "fused": fused}
+
+
+def require_backend(backend: str, cell: nn.Module, x: torch.Tensor) -> None:
+    """Skip the test only when the backend itself says it cannot run ``cell`` on ``x``."""
+    reason = BACKEND_MODULES[backend].unsupported(cell, x)
+    if reason:
+        pytest.skip(f"backend {backend!r} does not support {type(cell).__name__}: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same random state, so failures reproduce."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tests on one intra-op thread: the tensors are tiny, and on a small, busy machine
+    OpenMP's thread hand-off costs milliseconds per op (LayerNorm ran 500x slower with 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_fpmode():
+    """Restore the thread's denormal mode and rnnkit's flushing switch after the test."""
+    was_flushed, was_enabled = fpmode.denormals_are_flushed(), fpmode.flush_denormals_enabled()
+    yield
+    torch.set_flush_denormal(was_flushed)
+    fpmode.set_flush_denormals(was_enabled)

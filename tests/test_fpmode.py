@@ -1,0 +1,209 @@
+"""Scoped flush-to-zero of denormals: on inside rnnkit's forward and backward, the caller's mode after."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BACKENDS, require_backend
+from torch import nn
+
+import rnnkit
+from rnnkit import GRUCell, LSTMCell, unroll
+from rnnkit.fpmode import denormals_are_flushed, denormals_flushed, flush_denormals_enabled
+
+
+def _cpu_can_flush() -> bool:
+    was = denormals_are_flushed()
+    ok = bool(torch.set_flush_denormal(True))
+    torch.set_flush_denormal(was)
+    return ok
+
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread", "restore_fpmode"),
+    pytest.mark.skipif(not _cpu_can_flush(), reason="this CPU cannot flush denormals (no FTZ/DAZ)"),
+]
+
+I, H, N, T = 3, 4, 2, 5
+TINY = 1e-20  # TINY * TINY = 1e-40: a float32 denormal unless flushed
+
+
+class RecordingCell(nn.Module):
+    """A user's cell (reference loop only) that records the denormal mode in its forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(I + H, H)
+        self.forward_modes: list[bool] = []
+        self.backward_modes: list[bool] = []
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        return torch.zeros(batch_size, H, device=device, dtype=dtype)
+
+    def forward(self, x, h):
+        self.forward_modes.append(denormals_are_flushed())
+        h = torch.tanh(self.lin(torch.cat([x, h], 1)))
+        if h.requires_grad:
+            h.register_hook(self._record_backward)
+        return h
+
+    def _record_backward(self, grad):
+        self.backward_modes.append(denormals_are_flushed())
+
+
+class DenormalCell(nn.Module):
+    """h' = h * x: with x = h0 = 1e-20 the first product is 1e-40, a float32 denormal."""
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        return torch.full((batch_size, 1), TINY, device=device, dtype=dtype)
+
+    def forward(self, x, h):
+        return h * x
+
+
+@pytest.fixture(params=[False, True], ids=["caller_off", "caller_on"])
+def caller_mode(request) -> bool:
+    torch.set_flush_denormal(request.param)
+    assert denormals_are_flushed() is request.param
+    return request.param
+
+
+def test_probe_reads_the_mode() -> None:
+    torch.set_flush_denormal(True)
+    assert denormals_are_flushed()
+    torch.set_flush_denormal(False)
+    assert not denormals_are_flushed()
+    assert flush_denormals_enabled()  # on by default
+
+
+@pytest.mark.parametrize("needs_grad", ["x", "params_only"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mode_restored_after_forward_and_backward(backend, kind, needs_grad, caller_mode) -> None:
+    cell = LSTMCell(I, H) if kind == "lstm" else GRUCell(I, H)
+    x = torch.randn(N, T, I, requires_grad=needs_grad == "x")
+    require_backend(backend, cell, x)
+    res = unroll(cell, x, lengths=[T, 2], reverse=True, return_states=True, backend=backend)
+    assert denormals_are_flushed() is caller_mode, "the forward changed the caller's mode"
+    (res.outputs.sum() + res.states[0].sum()).backward()
+    assert denormals_are_flushed() is caller_mode, "the backward changed the caller's mode"
+    assert all(p.grad is not None for p in cell.parameters())
+    with torch.no_grad():
+        unroll(cell, x, backend=backend)
+    assert denormals_are_flushed() is caller_mode, "a no-grad forward changed the caller's mode"
+
+
+def test_reference_cell_runs_flushed_forward_and_backward(caller_mode) -> None:
+    cell = RecordingCell()
+    x = torch.randn(N, T, I, requires_grad=True)
+    res = unroll(cell, x, lengths=[T, 3])
+    assert cell.forward_modes == [True] * T
+    res.outputs.sum().backward()
+    assert cell.backward_modes == [True] * T, "some step's backward ran without flushing"
+    assert denormals_are_flushed() is caller_mode
+
+
+def test_callers_own_ops_backward_in_callers_mode() -> None:
+    """Only the region flushes: the caller's ops after and before unroll run their backward unflushed."""
+    torch.set_flush_denormal(False)
+    cell, modes = RecordingCell(), {}
+
+    def record(where):
+        def hook(grad):
+            modes[where] = denormals_are_flushed()
+
+        return hook
+
+    x0 = torch.randn(N, T, I, requires_grad=True)
+    x = x0 * 2.0  # the caller's op before the region
+    x.register_hook(record("before"))
+    out = unroll(cell, x).outputs
+    y = out * 3.0  # the caller's op after the region
+    y.register_hook(record("after"))
+    y.sum().backward()
+    assert cell.backward_modes == [True] * T
+    assert modes == {"before": False, "after": False}
+    assert not denormals_are_flushed()
+
+
+def test_reference_cell_backward_flushed_when_only_params_need_grad() -> None:
+    torch.set_flush_denormal(False)
+    cell = RecordingCell()
+    unroll(cell, torch.randn(N, T, I)).final_state.sum().backward()
+    assert cell.backward_modes == [True] * T
+    assert not denormals_are_flushed()
+
+
+def test_stacked_unrolls_and_repeated_backward() -> None:
+    torch.set_flush_denormal(False)
+    first, second = RecordingCell(), RecordingCell()
+    second.lin = nn.Linear(H + H, H)
+    x = torch.randn(N, T, I, requires_grad=True)
+    out = unroll(second, unroll(first, x).outputs).outputs
+    out.sum().backward(retain_graph=True)
+    assert first.backward_modes == second.backward_modes == [True] * T
+    assert not denormals_are_flushed()
+    out.pow(2).sum().backward()  # a second backward through the same graph flushes and restores again
+    assert first.backward_modes == second.backward_modes == [True] * (2 * T)
+    assert not denormals_are_flushed()
+
+
+def test_set_flush_denormals_false_disables(caller_mode) -> None:
+    rnnkit.set_flush_denormals(False)
+    assert not flush_denormals_enabled()
+    cell = RecordingCell()
+    x = torch.randn(N, T, I, requires_grad=True)
+    unroll(cell, x).outputs.sum().backward()
+    # rnnkit leaves the mode alone: whatever the caller chose is what the cell sees
+    assert cell.forward_modes == [caller_mode] * T
+    assert cell.backward_modes == [caller_mode] * T
+    assert denormals_are_flushed() is caller_mode
+
+
+def test_flushing_really_zeroes_denormals() -> None:
+    torch.set_flush_denormal(False)
+    x = torch.full((1, 2, 1), TINY)
+    on = unroll(DenormalCell(), x).outputs
+    rnnkit.set_flush_denormals(False)
+    off = unroll(DenormalCell(), x).outputs
+    assert on[0, 0, 0] == 0.0, "1e-40 survived inside rnnkit's flushed region"
+    assert 0.0 < off[0, 0, 0] < 1.2e-38, "with flushing off the denormal must be kept"
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_and_grads_equal_with_and_without_flushing(backend: str, kind: str) -> None:
+    torch.set_flush_denormal(False)
+    cell = LSTMCell(I, H) if kind == "lstm" else GRUCell(I, H)
+    x = torch.randn(N, T, I)
+    require_backend(backend, cell, x)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        res = unroll(cell, xg, lengths=[T, 3], reverse=True, return_states=True, backend=backend)
+        parts = [res.outputs, *res.states] if kind == "lstm" else [res.outputs, res.states]
+        loss = sum((p * torch.linspace(-1, 1, p.numel()).view_as(p)).sum() for p in parts)
+        return [p.detach() for p in parts], torch.autograd.grad(loss, [xg, *cell.parameters()])
+
+    vals_on, grads_on = run()
+    rnnkit.set_flush_denormals(False)
+    vals_off, grads_off = run()
+    for a, b in zip([*vals_on, *grads_on], [*vals_off, *grads_off], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_context_manager_restores_on_exit_and_error() -> None:
+    torch.set_flush_denormal(False)
+    with denormals_flushed():
+        assert denormals_are_flushed()
+    assert not denormals_are_flushed()
+    with pytest.raises(KeyError), denormals_flushed():
+        raise KeyError("boom")
+    assert not denormals_are_flushed()
+    torch.set_flush_denormal(True)
+    with denormals_flushed():
+        assert denormals_are_flushed()
+    assert denormals_are_flushed()  # a caller's own flushing is left on
+    torch.set_flush_denormal(False)
+    with denormals_flushed("meta"):  # not a CPU: nothing to do
+        assert not denormals_are_flushed()
