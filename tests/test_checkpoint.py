@@ -415,3 +415,15 @@ def test_manager_keeps_last_k_and_best(tmp_path):
         CheckpointManager(tmp_path, keep_last=0)
     with pytest.raises(ConfigError, match="mode must be 'max' or 'min'"):
         CheckpointManager(tmp_path, mode="best")
+
+
+def test_header_lengths_that_look_like_pickle_or_zip_still_load(tmp_path):
+    # The 8-byte header length can start with 0x80 (pickle's opcode) or "PK" (zip): still a valid file.
+    path = tmp_path / "c.safetensors"
+    firsts = set()
+    for pad in range(80):
+        save_checkpoint(path, {"x": torch.zeros(1)}, {"pad": "a" * pad})
+        firsts.add(path.read_bytes()[:1])
+        tensors, meta = load_checkpoint(path)
+        assert meta["pad"] == "a" * pad and torch.equal(tensors["x"], torch.zeros(1))
+    assert b"\x80" in firsts

@@ -145,8 +145,10 @@ def build_model(cfg: RunConfig, input_size: int, num_classes: int) -> nn.Module:
     )
 
 
-def build_trainer(cfg: RunConfig, model: nn.Module, device: torch.device, callbacks: list) -> Trainer:
-    """Optimiser, schedule and trainer from ``cfg.optim``."""
+def build_trainer(
+    cfg: RunConfig, model: nn.Module, device: torch.device, callbacks: list, train_size: int = 60_000
+) -> Trainer:
+    """Optimiser, schedule and trainer from ``cfg.optim`` (``train_size`` sets the length of cosine/1cycle)."""
     o = cfg.optim
     optimizer = make_optimizer(o.name, model.parameters(), o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
     schedule = None
@@ -157,7 +159,7 @@ def build_trainer(cfg: RunConfig, model: nn.Module, device: torch.device, callba
         elif o.schedule == "step":
             kwargs.update(step_size=o.step_size, gamma=o.gamma)
         elif o.schedule in ("cosine", "one_cycle"):
-            kwargs["total_steps"] = _total_steps(cfg)
+            kwargs["total_steps"] = _total_steps(cfg, train_size)
             if o.schedule == "cosine":
                 kwargs["min_lr"] = o.min_lr
         schedule = make_schedule(o.schedule, warmup_steps=o.warmup_steps, **kwargs)
@@ -191,6 +193,11 @@ def train(
     if t.threads:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
+    resume_from = None
+    if resume_dir:  # before anything is loaded or written: a failed --resume leaves the directory as it was
+        resume_from = latest_checkpoint(Path(resume_dir) / "checkpoints")
+        if resume_from is None:
+            raise CheckpointError(f"--resume {resume_dir}: no checkpoints in {Path(resume_dir) / 'checkpoints'}")
     seed_everything(t.seed, t.deterministic)
     data = load_data(cfg, log)
     log(f"data: {data.source}")
@@ -214,13 +221,10 @@ def train(
     callbacks = [ProgressBar(total, enabled=t.progress), metrics, tb, ckpt]
     if target:
         callbacks.append(target)
-    trainer = build_trainer(cfg, model, device, callbacks)
-    if resume_dir:
-        path = latest_checkpoint(run_dir / "checkpoints")
-        if path is None:
-            raise CheckpointError(f"--resume {run_dir}: no checkpoints in {run_dir / 'checkpoints'}")
-        trainer.restore(path, batches)
-        log(f"resumed from {path} at step {trainer.step}")
+    trainer = build_trainer(cfg, model, device, callbacks, train_size=len(data.y_train))
+    if resume_from is not None:
+        trainer.restore(resume_from, batches)
+        log(f"resumed from {resume_from} at step {trainer.step}")
 
     t0 = time.perf_counter()
     history = trainer.fit(batches, (data.x_test, data.y_test), steps=total, eval_every=t.eval_every,

@@ -165,6 +165,10 @@ class Checkpointer(Callback):
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.last_metric = metrics.get(self.metric, metrics.get("loss"))
+        if self.last_saved == trainer.step:
+            # this step's checkpoint was written before its evaluation (step-end callbacks come first)
+            # and carries the previous metric: rewrite it with its own, or "best" keeps the wrong file
+            self.save(trainer)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         self.save(trainer)

@@ -173,7 +173,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _parse_header(head: bytes, size: int, path: Path) -> dict[str, Any]:
     """Check that ``head`` (the file's first bytes) opens a complete safetensors file of ``size`` bytes."""
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    # A safetensors file starts with an 8-byte length whose low byte can be 0x80 or spell "PK";
+    # its JSON header then starts with "{", which neither pickle nor a torch.save zip does.
+    if (head[:1] == b"\x80" or head[:2] == b"PK") and head[8:9] != b"{":
         raise CheckpointError(
             f"{path} is a pickle-based file (torch.save or pickle); rnnkit refuses to load it because "
             "unpickling can run arbitrary code. If you trust where it came from, convert it once:\n"

@@ -125,7 +125,8 @@ class Trainer:
                     self.train_step(x, y)
                     if val is not None and eval_every and self.step % eval_every == 0:
                         self._evaluate_val(val, eval_batch_size)
-                    if self.step >= total or self.stop_requested is not None:
+                    # at the epoch's last batch let the loop run out, so the epoch's end is handled too
+                    if self.stop_requested is not None or (self.step >= total and train.position.batch < len(train)):
                         break
                 else:
                     self.epoch = train.position.epoch

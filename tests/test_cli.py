@@ -1,0 +1,261 @@
+"""The ``rnnkit`` command, run in-process through ``rnnkit.cli.main``: train writes a complete run
+directory that reproduces, evaluates and predicts on its own; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import re
+import shutil
+import struct
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from rnnkit import cli
+from rnnkit.config import dump_toml
+from rnnkit.recipes import RECIPES
+from rnnkit.train.checkpoint import load_checkpoint
+
+# tiny settings on the embedded mini-MNIST: 8 steps per epoch
+TINY = [
+    "--set", "data.dataset=embedded", "--set", "data.train_limit=256", "--set", "data.test_limit=64",
+    "--hidden", "8", "--batch-size", "32", "--no-progress", "--set", "train.threads=1",
+]
+FINAL = re.compile(r"^final test accuracy: ([\d.]+)% \(loss ([\d.]+)\) after ([\d,]+) steps, .* run: (.+)$")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """Nothing lands in the working directory, no data directory leaks in, one thread is restored."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RNNKIT_DATA_DIR", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """``rnnkit ARGV`` in-process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def final_line(out: str) -> re.Match:
+    last = out.strip().splitlines()[-1]
+    m = FINAL.match(last)
+    assert m, f"the last line does not state the final accuracy: {last!r}"
+    return m
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run, shared by the tests that use its directory."""
+    out_dir = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    try:
+        code, out, err = run(["train", *TINY, "--epochs", "2", "--seed", "3", "--name", "tiny",
+                              "--out", str(out_dir)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    m = final_line(out)
+    return {"out": out, "err": err, "dir": m.group(4), "accuracy": m.group(1), "loss": m.group(2)}
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def test_train_writes_a_complete_run_directory(trained):
+    from pathlib import Path
+
+    run_dir = Path(trained["dir"])
+    assert run_dir.is_dir() and run_dir.name.startswith("tiny-")
+    for name in ("config.toml", "metrics.jsonl", "curves.png", "predictions.png", "model.safetensors"):
+        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = sorted((run_dir / "checkpoints").glob("ckpt-*.safetensors"))
+    assert ckpts and ckpts[-1].name == "ckpt-000016.safetensors"
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [8, 16] and [r["epoch"] for r in evals] == [1, 2]
+    assert f"{100 * evals[-1]['accuracy']:.2f}" == trained["accuracy"]
+    _, meta = load_checkpoint(run_dir / "model.safetensors")
+    assert meta["kind"] == "rnnkit-model" and meta["step"] == 16
+    config = (run_dir / "config.toml").read_text()
+    assert "hidden = 8" in config and 'dataset = "embedded"' in config
+    out = trained["out"]
+    assert "run directory: " in out and "after 16 steps" in out.strip().splitlines()[-1]
+
+
+def test_config_of_a_run_reproduces_it(trained, tmp_path):
+    config = f"{trained['dir']}/config.toml"
+    code, out, err = run(["train", "--config", config, "--out", str(tmp_path / "again")])
+    assert code == 0, err
+    m = final_line(out)
+    assert (m.group(1), m.group(2)) == (trained["accuracy"], trained["loss"])
+    first, _ = load_checkpoint(f"{trained['dir']}/model.safetensors")
+    second, _ = load_checkpoint(f"{m.group(4)}/model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_eval_and_predict_work_from_the_run_directory_alone(trained, tmp_path):
+    # a copy elsewhere, looked at from another working directory
+    copy = tmp_path / "copied-run"
+    shutil.copytree(trained["dir"], copy)
+    code, out, err = run(["eval", str(copy)])
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith(f"test accuracy: {trained['accuracy']}% (loss {trained['loss']})")
+    assert any(line.startswith("weakest classes: ") for line in lines)
+
+    code, out, err = run(["predict", str(copy), "--n", "5"])
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("#")]
+    assert len(rows) == 5
+    parsed = [re.match(r"#(\d+) +predicted (\d) \(([\d.]+)%\)  true (\d)", r) for r in rows]
+    assert all(parsed), rows
+    assert [int(p.group(1)) for p in parsed] == list(range(5))
+    correct = sum(p.group(2) == p.group(4) for p in parsed)
+    assert out.strip().splitlines()[-1] == f"{correct}/5 correct"
+
+
+def test_recipes_lists_every_recipe():
+    code, out, _ = run(["recipes"])
+    assert code == 0
+    names = [line.split()[0] for line in out.strip().splitlines()[2:]]
+    assert names == list(RECIPES)
+
+
+def test_cosine_schedule_spans_the_actual_run(tmp_path):
+    """The cosine schedule's length comes from the data actually used, not from full MNIST's 60,000."""
+    code, out, err = run(["train", *TINY, "--epochs", "2", "--lr", "0.01", "--set", "optim.schedule=cosine",
+                          "--set", "train.log_every=1", "--out", str(tmp_path)])
+    assert code == 0, err
+    records = [json.loads(line) for line in open(f"{final_line(out).group(4)}/metrics.jsonl")]
+    lrs = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+    assert sorted(lrs) == list(range(1, 17))
+    for step, lr in lrs.items():  # the step logged as n used schedule(n - 1); 16 steps in all
+        assert lr == pytest.approx(0.005 * (1 + math.cos(math.pi * (step - 1) / 16)), rel=1e-9)
+
+
+_USER_CELL = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class TinyTanhCell(nn.Module):
+        def __init__(self, input_size, hidden_size):
+            super().__init__()
+            self.hidden_size = hidden_size
+            self.mix = nn.Linear(input_size + hidden_size, hidden_size)
+
+        def init_state(self, batch_size, device=None, dtype=None):
+            return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+        def forward(self, x, state=None):
+            if state is None:
+                state = self.init_state(x.shape[0], x.device, x.dtype)
+            return torch.tanh(self.mix(torch.cat([x, state], dim=-1)))
+    """
+)
+
+
+def test_user_cell_by_dotted_path_trains(tmp_path, monkeypatch):
+    (tmp_path / "user_cells_for_cli_test.py").write_text(_USER_CELL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_cells_for_cli_test", raising=False)
+    code, out, err = run(["train", *TINY, "--steps", "4", "--cell", "user_cells_for_cli_test.TinyTanhCell",
+                          "--out", str(tmp_path / "runs")])
+    assert code == 0, err
+    m = final_line(out)
+    assert "after 4 steps" in m.group(0)
+    tensors, _ = load_checkpoint(f"{m.group(4)}/model.safetensors")
+    assert any("mix" in k for k in tensors), sorted(tensors)
+    code, out, err = run(["eval", m.group(4)])  # the run directory names the cell; it imports again
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith(f"test accuracy: {m.group(1)}%")
+    monkeypatch.delitem(sys.modules, "user_cells_for_cli_test", raising=False)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _data_dir_with_corrupt_images(path):
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 28, 28))
+    labels = rng.integers(0, 10, 6)
+    (path / "train-images-idx3-ubyte").write_bytes(_idx(images)[:-100])  # cut short
+    (path / "train-labels-idx1-ubyte").write_bytes(_idx(labels))
+    (path / "t10k-images-idx3-ubyte").write_bytes(_idx(images))
+    (path / "t10k-labels-idx1-ubyte").write_bytes(_idx(labels))
+    return path
+
+
+def _dir_with_config_only(path):
+    from rnnkit.recipes import recipe_config
+
+    path.mkdir()
+    (path / "config.toml").write_text(dump_toml(recipe_config("seed000")))
+    return path
+
+
+ERRORS = {
+    "unknown recipe": (lambda p: ["train", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    "unknown --set key": (lambda p: ["train", *TINY, "--set", "model.hiden=3"], "unknown key 'hiden'"),
+    "malformed --set": (lambda p: ["train", *TINY, "--set", "model.hidden"], "malformed override"),
+    "bad value type": (lambda p: ["train", *TINY, "--hidden", "abc"], "model.hidden: expected int, got 'abc'"),
+    "negative size": (lambda p: ["train", *TINY, "--hidden", "-3"], "model.hidden must be positive, got -3"),
+    "zero batch size": (lambda p: ["train", *TINY, "--batch-size", "0"], "train.batch_size must be positive"),
+    "unknown cell": (lambda p: ["train", *TINY, "--cell", "lstmm"], "model.cell must be lstm, gru, rnn"),
+    "unimportable cell": (lambda p: ["train", *TINY, "--cell", "no_such_module_zz.Cell"],
+                          "--cell 'no_such_module_zz.Cell': cannot import"),
+    "empty data dir": (lambda p: ["train", "--data-dir", str(p / "empty"), "--no-progress"], "has no IDX files"),
+    "corrupt IDX file": (lambda p: ["train", "--data-dir", str(_data_dir_with_corrupt_images(p / "data")),
+                                    "--no-progress"], "train-images-idx3-ubyte: the file is truncated"),
+    "missing config file": (lambda p: ["train", "--config", str(p / "nope.toml")], "does not exist"),
+    "eval on a non-run dir": (lambda p: ["eval", str(p / "empty")], "has no model.safetensors"),
+    "eval on a missing dir": (lambda p: ["eval", str(p / "missing")], "is not a directory"),
+    "predict on a non-run dir": (lambda p: ["predict", str(p / "empty")], "has no model.safetensors"),
+    "resume without config": (lambda p: ["train", "--resume", str(p / "empty")], "no config.toml there"),
+    "resume without checkpoints": (lambda p: ["train", "--resume", str(_dir_with_config_only(p / "run"))],
+                                   "no checkpoints in"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_input_exits_2_with_one_line(case, tmp_path):
+    (tmp_path / "empty").mkdir()
+    build, expected = ERRORS[case]
+    argv = build(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, out, err = run([*argv, "--out", str(tmp_path / "runs")] if argv[0] == "train" else argv)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rnnkit: error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in out + err
+    # a failed command leaves no run directory or other files behind
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
