@@ -1,5 +1,8 @@
 """The main job, as functions: train a recipe into a run directory, evaluate or predict from one.
 
+MNIST runs are handled here; runs of the other tasks (``cfg.task``: sin-cos, echo, sort-letters)
+are handed to :mod:`rnnkit.tasks`, which writes the same layout with its own figure.
+
 A run directory holds everything needed to reproduce and use the run, and nothing else::
 
     runs/NAME-YYYYmmdd-HHMMSS/
@@ -35,7 +38,7 @@ from rnnkit.train.batching import Batches
 from rnnkit.train.callbacks import Checkpointer, MetricsLogger, ProgressBar, TensorBoardLogger, TimeToTarget
 from rnnkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rnnkit.train.optim import make_optimizer, make_schedule
-from rnnkit.train.trainer import Trainer
+from rnnkit.train.trainer import Trainer, classification_metrics
 
 __all__ = ["RunSummary", "train", "evaluate_run", "predict_run", "load_run", "build_model", "load_data"]
 
@@ -66,6 +69,7 @@ class RunSummary:
     steps: int
     seconds_to_target: float | None
     interrupted: bool
+    headline: str = ""  # the final line to print, when the task's figure is not an accuracy
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,7 +150,13 @@ def build_model(cfg: RunConfig, input_size: int, num_classes: int) -> nn.Module:
 
 
 def build_trainer(
-    cfg: RunConfig, model: nn.Module, device: torch.device, callbacks: list, train_size: int = 60_000
+    cfg: RunConfig,
+    model: nn.Module,
+    device: torch.device,
+    callbacks: list,
+    train_size: int = 60_000,
+    *,
+    metrics: Callable[[Any, Tensor], dict[str, float]] | None = classification_metrics,
 ) -> Trainer:
     """Optimiser, schedule and trainer from ``cfg.optim`` (``train_size`` sets the length of cosine/1cycle)."""
     o = cfg.optim
@@ -166,6 +176,7 @@ def build_trainer(
     return Trainer(
         model, optimizer, schedule=schedule, clip_norm=o.clip_norm, clip_value=o.clip_value, l1=o.l1, l2=o.l2,
         ema_decay=o.ema, accumulate=o.accumulate, bf16=cfg.train.bf16, callbacks=callbacks, device=device,
+        metrics=metrics,
     )
 
 
@@ -188,6 +199,10 @@ def train(
     cfg: RunConfig, *, resume_dir: str | Path | None = None, log: Log = print, start_time: float | None = None
 ) -> RunSummary:
     """Train ``cfg`` into a new run directory (or continue ``resume_dir``); returns a summary."""
+    if cfg.task != "mnist":
+        from rnnkit import tasks
+
+        return tasks.train(cfg, resume_dir=resume_dir, log=log, start_time=start_time)
     start = start_time if start_time is not None else time.perf_counter()
     t = cfg.train
     if t.threads:
@@ -293,16 +308,27 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]
     if meta.get("kind") != "rnnkit-model":
         raise CheckpointError(f"{model_path} is not an rnnkit model file (no rnnkit-model metadata)")
     cfg = from_dict(RunConfig, load_toml(run_dir / "config.toml"))
-    model = build_model(cfg, int(meta["input_size"]), int(meta["num_classes"]))
+    if cfg.task != "mnist":
+        from rnnkit import tasks
+
+        model = tasks.build_model(cfg)
+    else:
+        model = build_model(cfg, int(meta["input_size"]), int(meta["num_classes"]))
     from rnnkit.train.checkpoint import load_into
 
     load_into(model, tensors, strict=True, name=str(model_path))
     return cfg, model, meta
 
 
-def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, log: Log = print) -> dict[str, float]:
-    """Evaluate a run's final model on its test set; returns loss, accuracy and per-class accuracy."""
+def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, log: Log = print) -> dict[str, Any]:
+    """Evaluate a run's final model on its test set: loss, accuracy, per class (MNIST) or the task's figures."""
     cfg, model, _ = load_run(run_dir)
+    if cfg.task != "mnist":
+        from rnnkit import tasks
+
+        if data_dir is not None:
+            raise ConfigError(f"--data-dir applies to MNIST runs; task {cfg.task} makes its own test data")
+        return tasks.evaluate_run(run_dir, log=log)
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir, dataset="mnist"))
     data = load_data(cfg, log)
@@ -312,9 +338,21 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, log: Log =
     return trainer.evaluate(data.x_test, data.y_test, batch_size=cfg.train.eval_batch_size)
 
 
-def predict_run(run_dir: str | Path, n: int = 10, *, log: Log = print) -> tuple[list[int], list[int], Tensor]:
-    """Predicted and true labels (and class probabilities) for the first ``n`` test images."""
+def predict_run(
+    run_dir: str | Path, n: int = 10, *, words: list[str] | None = None, beam: int = 1, log: Log = print
+) -> Any:
+    """MNIST: predicted and true labels (and class probabilities) of the first ``n`` test images.
+
+    Other tasks: printable lines (:func:`rnnkit.tasks.predict_run`): ``words`` sorted (sort-letters,
+    greedy or ``beam`` > 1), or the first ``n`` steps of a test stream.
+    """
     cfg, model, _ = load_run(run_dir)
+    if cfg.task != "mnist":
+        from rnnkit import tasks
+
+        return tasks.predict_run(run_dir, words, n=n, beam=beam, log=log)
+    if words:
+        raise ConfigError("rnnkit predict: an MNIST run takes no words; use --n N for the first N test images")
     data = load_data(cfg, log)
     model.eval()
     with torch.no_grad():

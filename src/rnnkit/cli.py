@@ -1,8 +1,10 @@
-"""The ``rnnkit`` command: train, eval, predict, recipes.
+"""The ``rnnkit`` command: train, eval, predict, inspect, recipes.
 
     rnnkit train [RECIPE] [--config FILE] [--set key=value ...] [--hidden 256 --lr 3e-3 ...]
     rnnkit eval RUN_DIR
-    rnnkit predict RUN_DIR --n 10
+    rnnkit predict RUN_DIR --n 10                       (MNIST, sin-cos, echo)
+    rnnkit predict RUN_DIR hello machine common [--beam 4]   (sort-letters)
+    rnnkit inspect RUN_DIR --index 7                    (state and gate heatmaps of one test input)
     rnnkit recipes
 
 Bad input (unknown recipe or option, bad value, missing or corrupt data) prints one line that
@@ -34,6 +36,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--device": ("train.device", "auto (CUDA when present), cpu, cuda, cuda:N"),
     "--out": ("train.out", "where run directories go"),
     "--name": ("train.name", "run name (default: the recipe's)"),
+    "--attention": ("synthetic.attention", "sort-letters: none, bahdanau or luong"),
 }
 
 
@@ -57,9 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--data-dir", help="evaluate on data from this directory instead")
 
-    pr = sub.add_parser("predict", help="predict the first N test images with a run's model")
+    pr = sub.add_parser("predict", help="predict with a run's model: the first N test inputs, or sort WORDS")
     pr.add_argument("run_dir")
-    pr.add_argument("--n", type=int, default=10, help="how many test images (default 10)")
+    pr.add_argument("words", nargs="*", help="sort-letters runs: the words to sort")
+    pr.add_argument("--n", type=int, default=10, help="how many test images or stream steps (default 10)")
+    pr.add_argument("--beam", type=int, default=1, help="sort-letters: beam width (default 1: greedy)")
+
+    ins = sub.add_parser("inspect", help="heatmaps of the states (and LSTM gates) over time for one test input")
+    ins.add_argument("run_dir")
+    ins.add_argument("--index", type=int, default=0, help="which test input (default 0)")
 
     sub.add_parser("recipes", help="list the recipes with their reported and measured figures")
     return p
@@ -101,6 +110,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = recipe_config(args.recipe or "mnist-rows")
     cfg = apply_overrides(cfg, _overrides(args))
     summary = app.train(cfg, resume_dir=args.resume, start_time=_START)
+    if summary.headline:
+        print(summary.headline, flush=True)
+        return 130 if summary.interrupted else 0
     acc = summary.test_accuracy
     print(f"final test accuracy: {100 * acc:.2f}% (loss {summary.test_loss:.4f}) after {summary.steps:,} steps, "
           f"{summary.train_seconds:.1f} s of training; run: {summary.run_dir}", flush=True)
@@ -111,6 +123,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rnnkit import app
 
     m = app.evaluate_run(args.run_dir, data_dir=args.data_dir)
+    if "task" in m:
+        from rnnkit.tasks import describe
+
+        for line in describe(m["task"], m):
+            print(line)
+        return 0
     worst = sorted((v, k) for k, v in m.items() if k.startswith("accuracy_class_"))[:3]
     if worst:
         print("weakest classes: " + ", ".join(f"{k.rsplit('_', 1)[1]}: {100 * v:.1f}%" for v, k in worst))
@@ -121,11 +139,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from rnnkit import app
 
-    pred, true, probs = app.predict_run(args.run_dir, args.n)
+    result = app.predict_run(args.run_dir, args.n, words=args.words, beam=args.beam)
+    if isinstance(result, list):  # the synthetic tasks print their own lines
+        print("\n".join(result))
+        return 0
+    pred, true, probs = result
     for i, (p, t) in enumerate(zip(pred, true)):
         mark = "" if p == t else "   <- wrong"
         print(f"#{i:<4} predicted {p} ({100 * probs[i, p].item():.1f}%)  true {t}{mark}")
     print(f"{sum(p == t for p, t in zip(pred, true))}/{len(true)} correct")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from rnnkit.tasks import inspect_run
+
+    for path in inspect_run(args.run_dir, args.index):
+        print(f"wrote {path}")
     return 0
 
 
@@ -145,7 +175,8 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rnnkit`` console script."""
     args = _parser().parse_args(argv)
-    command = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "recipes": _cmd_recipes}
+    command = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "inspect": _cmd_inspect,
+               "recipes": _cmd_recipes}
     try:
         return command[args.command](args)
     except KeyboardInterrupt:

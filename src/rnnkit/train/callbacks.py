@@ -44,11 +44,14 @@ class ProgressBar(Callback):
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         line = f"step {trainer.step:>6}  epoch {trainer.epoch:>3}  test loss {metrics['loss']:.4f}"
-        if "accuracy" in metrics:
-            line += f"  test accuracy {100 * metrics['accuracy']:.2f}%"
+        for key in ("accuracy", "exact_match"):
+            if key in metrics:
+                line += f"  test {key.replace('_', ' ')} {100 * metrics[key]:.2f}%"
+        if "mse" in metrics:
+            line += f"  test mse {metrics['mse']:.4f}"
         if self.bar is not None:
             self.bar.write(line, file=self.out)
-        elif self.enabled:
+        else:  # without a bar, evaluations are still worth a line each
             print(line, file=self.out, flush=True)
 
     def on_fit_end(self, trainer: Trainer, interrupted: bool) -> None:

@@ -277,7 +277,7 @@ class Trainer:
                     per_class_hits = hits if per_class_hits is None else per_class_hits + hits
                     per_class_count = count if per_class_count is None else per_class_count + count
         metrics = {"loss": total / n, **{k: v / n for k, v in sums.items()}}
-        if "accuracy" not in metrics:
+        if "accuracy" not in metrics and "mse" not in metrics:  # token-level cross-entropy tasks
             metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         if per_class_hits is not None:
             for c, (h, k) in enumerate(zip(per_class_hits.tolist(), per_class_count.tolist())):

@@ -1,0 +1,273 @@
+"""The synthetic-task recipes end to end through ``rnnkit.cli.main`` (train, eval, predict, inspect), and the
+pieces they rest on: word packing, exact match, gates recomputed from the states."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnkit import cli, tasks
+from rnnkit.config import apply_overrides
+from rnnkit.data.text import PAD, Vocab, make_seq2seq_batch
+from rnnkit.layers import LSTM
+from rnnkit.models.seq2seq import Seq2Seq
+from rnnkit.recipes import RECIPES, recipe_config
+from rnnkit.train.checkpoint import load_checkpoint
+
+PNG = b"\x89PNG\r\n\x1a\n"
+COMMON = ["--steps", "5", "--no-progress", "--set", "train.threads=1", "--set", "train.log_every=1"]
+# small test sets keep each smoke run around a second
+SMALL = {
+    "sin-cos": ["--set", "synthetic.test_streams=8", "--set", "synthetic.test_length=60"],
+    "echo": ["--set", "synthetic.test_streams=8", "--set", "synthetic.test_length=40"],
+    "sort-letters": ["--set", "synthetic.train_words=600", "--set", "synthetic.test_words=64"],
+}
+FIGURE = {"sin-cos": "series.png", "echo": "echo.png", "sort-letters": "attention.png"}
+HEADLINE = re.compile(r"^final (test mse|test accuracy|exact match): .* after 5 steps, .* run: (.+)$")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """Nothing lands in the working directory; one thread, restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """``rnnkit ARGV`` in-process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 5-step run of each synthetic recipe (sort-letters with Luong attention, so it draws attention.png)."""
+    out_dir = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    made = {}
+    try:
+        for recipe in FIGURE:
+            extra = ["--attention", "luong"] if recipe == "sort-letters" else []
+            code, out, err = run(["train", recipe, *COMMON, *SMALL[recipe], *extra, "--out", str(out_dir)])
+            assert code == 0, err
+            m = HEADLINE.match(out.strip().splitlines()[-1])
+            assert m, out
+            made[recipe] = {"dir": Path(m.group(2)), "out": out}
+    finally:
+        torch.set_num_threads(threads)
+    return made
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+@pytest.mark.parametrize("recipe", list(FIGURE))
+def test_recipe_smoke_run_writes_a_complete_run_directory(runs, recipe):
+    run_dir = runs[recipe]["dir"]
+    assert run_dir.name.startswith(recipe + "-")
+    for name in ("config.toml", "metrics.jsonl", "curves.png", "model.safetensors", "results.json", FIGURE[recipe]):
+        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
+    for name in ("curves.png", FIGURE[recipe]):
+        assert (run_dir / name).read_bytes()[:8] == PNG
+    assert f'task = "{recipe}"' in (run_dir / "config.toml").read_text()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    assert records[-1]["kind"] == "eval" and records[-1]["step"] == 5
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["task"] == recipe and results["step"] == 5
+    _, meta = load_checkpoint(run_dir / "model.safetensors")
+    assert meta["kind"] == "rnnkit-model" and meta["task"] == recipe and meta["step"] == 5
+    assert list((run_dir / "checkpoints").glob("ckpt-*.safetensors"))
+
+
+def test_smoke_runs_report_the_task_figures(runs):
+    sin = json.loads((runs["sin-cos"]["dir"] / "results.json").read_text())
+    assert sin["mse"] > 0 and "mse" in runs["sin-cos"]["out"].splitlines()[-1]
+    echo = json.loads((runs["echo"]["dir"] / "results.json").read_text())
+    assert len(echo["per_step_accuracy"]) == 40 and 0 <= echo["accuracy_after_echo"] <= 1
+    assert "per-step accuracy (%)" in runs["echo"]["out"]
+    sort = json.loads((runs["sort-letters"]["dir"] / "results.json").read_text())
+    assert sort["test_words"] == 64
+    assert sum(n for _, n in sort["exact_match_by_length"].values()) == 64
+    assert "exact match by word length" in runs["sort-letters"]["out"]
+
+
+def test_config_of_a_task_run_reproduces_it(runs, tmp_path):
+    first = runs["echo"]["dir"]
+    code, out, err = run(["train", "--config", str(first / "config.toml"), "--out", str(tmp_path)])
+    assert code == 0, err
+    again = Path(HEADLINE.match(out.strip().splitlines()[-1]).group(2))
+    a, _ = load_checkpoint(first / "model.safetensors")
+    b, _ = load_checkpoint(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_new_recipes_follow_the_seeds():
+    sin, echo, sort = (recipe_config(n) for n in ("sin-cos", "echo", "sort-letters"))
+    assert (sin.task, sin.model.hidden, sin.train.batch_size, sin.synthetic.window, sin.optim.lr) == (
+        "sin-cos", 10, 50, 20, 0.006)
+    assert (echo.model.cell, echo.model.hidden, echo.train.batch_size, echo.synthetic.window) == ("rnn", 4, 5, 15)
+    assert (echo.optim.name, echo.optim.lr, echo.synthetic.echo_step) == ("adagrad", 0.3, 3)
+    assert (sort.model.hidden, sort.model.layers, sort.synthetic.embed, sort.train.batch_size) == (50, 2, 15, 128)
+    assert (sort.optim.lr, sort.optim.clip_norm, sort.train.epochs) == (1e-3, 5.0, 60)
+    assert {"sin-cos", "echo", "sort-letters"} <= set(RECIPES)
+    assert recipe_config("mnist-rows").task == "mnist"
+
+
+# ------------------------------------------------------------------------------- eval and predict
+
+
+def test_eval_reports_the_task_figures(runs):
+    code, out, err = run(["eval", str(runs["sin-cos"]["dir"])])
+    assert code == 0, err
+    results = json.loads((runs["sin-cos"]["dir"] / "results.json").read_text())
+    assert f"test mse: {results['mse']:.5f}" in out
+    code, out, err = run(["eval", str(runs["sort-letters"]["dir"])])
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith("exact match: ")
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_predict_sorts_the_given_words(runs, beam):
+    code, out, err = run(["predict", str(runs["sort-letters"]["dir"]), "hello", "machine", "common",
+                          "--beam", str(beam)])
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert [line.split()[0] for line in lines[:3]] == ["hello", "machine", "common"]
+    assert all(" -> " in line for line in lines[:3])
+    assert re.match(r"^\d/3 sorted correctly \((greedy|beam search, beam 4)\)$", lines[3])
+
+
+def test_predict_prints_stream_steps(runs):
+    code, out, err = run(["predict", str(runs["sin-cos"]["dir"]), "--n", "6"])
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 1 + 6 + 1
+    code, out, err = run(["predict", str(runs["echo"]["dir"]), "--n", "6"])
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].endswith("/6 steps right")
+
+
+BAD = {
+    "sort without words": (lambda r: ["predict", str(r["sort-letters"]["dir"])], "give words to sort"),
+    "words for a stream": (lambda r: ["predict", str(r["echo"]["dir"]), "hello"], "takes no words"),
+    "index out of range": (lambda r: ["inspect", str(r["sin-cos"]["dir"]), "--index", "99"], "out of range"),
+    "bidirectional stream": (lambda r: ["train", "echo", *COMMON, "--bidirectional"], "cannot carry its state"),
+    "bad attention": (lambda r: ["train", "sort-letters", *COMMON, "--attention", "dot"], "synthetic.attention"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_task_input_exits_2_with_one_line(runs, case, tmp_path):
+    build, expected = BAD[case]
+    argv = build(runs)
+    code, out, err = run([*argv, "--out", str(tmp_path / "runs")] if argv[0] == "train" else argv)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+
+
+# ---------------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_writes_state_heatmaps_for_an_mnist_run(tmp_path):
+    tiny = ["--set", "data.dataset=embedded", "--set", "data.train_limit=64", "--set", "data.test_limit=16",
+            "--hidden", "8", "--batch-size", "32", "--steps", "2", "--no-progress", "--set", "train.threads=1"]
+    code, out, err = run(["train", *tiny, "--out", str(tmp_path)])
+    assert code == 0, err
+    run_dir = out.strip().splitlines()[-1].split("run: ")[1]
+    code, out, err = run(["inspect", run_dir, "--index", "7"])
+    assert code == 0, err
+    path = Path(run_dir) / "states-7.png"
+    assert out.strip() == f"wrote {path}" and path.read_bytes()[:8] == PNG
+
+
+def test_inspect_works_for_stream_and_seq2seq_runs(runs):
+    code, out, err = run(["inspect", str(runs["sin-cos"]["dir"]), "--index", "2"])
+    assert code == 0, err
+    assert (runs["sin-cos"]["dir"] / "states-2.png").is_file()
+    code, out, err = run(["inspect", str(runs["sort-letters"]["dir"])])  # 2 layers: one figure each
+    assert code == 0, err
+    assert {p.name for p in runs["sort-letters"]["dir"].glob("states-0-layer*.png")} == {
+        "states-0-layer0.png", "states-0-layer1.png"}
+
+
+@pytest.mark.parametrize("options", [{}, {"forget_bias": 1.0, "peepholes": True}, {"proj_size": 3}])
+def test_recomputed_gates_reproduce_the_recorded_states(options):
+    torch.manual_seed(0)
+    rnn = LSTM(3, 5, num_layers=2, batch_first=True, **options)
+    x = torch.randn(1, 9, 3)
+    traces = tasks.state_traces(rnn, x)
+    assert len(traces) == 2
+    for layer, trace in enumerate(traces):
+        c, h = trace["c (cell)"], trace["h (hidden)"]
+        i, f, g, o = (trace[k] for k in ("input gate i", "forget gate f", "candidate g", "output gate o"))
+        c_prev = torch.cat([torch.zeros_like(c[:1]), c[:-1]])
+        torch.testing.assert_close(f * c_prev + i * g, c)
+        h_full = o * torch.tanh(c)
+        if options.get("proj_size"):
+            h_full = h_full @ rnn.cell(layer).weight_hr.t()
+        torch.testing.assert_close(h_full, h)
+        assert all(0 <= float(v.min()) and float(v.max()) <= 1 for v in (i, f, o))
+    # the last layer's h is the layer's output
+    torch.testing.assert_close(traces[-1]["h (hidden)"], rnn(x)[0][0])
+
+
+# -------------------------------------------------------------------------------------- seq2seq bits
+
+
+def test_word_sorter_packs_words_and_scores_exact_matches():
+    vocab = Vocab.characters()
+    b = make_seq2seq_batch([("hello", "ehllo"), ("ab", "ab")], vocab)
+    x = tasks.pack_words(b.src, b.tgt_in, 8, 9)
+    assert x.shape == (2, 17) and int((x[1, :8] != PAD).sum()) == 2
+    sorter = tasks.WordSorter(Seq2Seq(vocab, vocab, hidden_size=8, num_layers=1), 8)
+    sorter.eval()
+    y = torch.nn.functional.pad(b.tgt_out, (0, 9 - b.tgt_out.shape[1]), value=PAD)
+    out = sorter(x)
+    assert isinstance(out, tasks.SortOutput) and out.logits.shape == (2, 6, len(vocab))
+    perfect = tasks.SortOutput(torch.nn.functional.one_hot(b.tgt_out, len(vocab)).float(), b.tgt_out)
+    assert tasks.sort_metrics(perfect, y) == {"token_accuracy": 1.0, "exact_match": 1.0}
+    wrong = b.tgt_out.clone()
+    wrong[0, 1] = vocab.stoi["z"]
+    m = tasks.sort_metrics(tasks.SortOutput(perfect.logits, wrong), y)
+    assert m["exact_match"] == 0.5
+    assert torch.isfinite(sorter.loss(out, y))
+
+
+def test_held_out_words_never_occur_in_training():
+    cfg = apply_overrides(recipe_config("sort-letters"), ["synthetic.train_words=3000", "synthetic.test_words=300"])
+    train, test = tasks.word_pairs(cfg)
+    assert len(train) == 3000 and len(test) == 300
+    assert not {w for w, _ in test} & {w for w, _ in train}
+    assert all(t == "".join(sorted(w)) for w, t in test)
+
+
+# ----------------------------------------------------------------------------------- do they learn?
+
+
+def test_echo_and_sin_cos_learn_in_a_few_hundred_steps(tmp_path):
+    code, out, err = run(["train", "echo", "--steps", "700", "--no-progress", "--set", "train.threads=1",
+                          *SMALL["echo"], "--set", "train.log_every=100", "--out", str(tmp_path)])
+    assert code == 0, err
+    echo = json.loads((Path(out.strip().split("run: ")[-1]) / "results.json").read_text())
+    assert echo["accuracy_after_echo"] > 0.95, echo
+    code, out, err = run(["train", "sin-cos", "--no-progress", "--set", "train.threads=1",
+                          "--set", "synthetic.test_streams=8", "--out", str(tmp_path)])
+    assert code == 0, err
+    sin = json.loads((Path(out.strip().split("run: ")[-1]) / "results.json").read_text())
+    assert sin["mse_after_first_window"] < 0.05, sin
