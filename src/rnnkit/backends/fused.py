@@ -1,0 +1,719 @@
+"""The fused CPU backend: LSTM, GRU and Elman RNN as autograd Functions with hand-written backwards.
+
+Where the time goes and what this backend does about it:
+
+* GEMMs. The input projection of many steps is one GEMM, and so are the weight gradients
+  (``[x_t, 1, h_{t-1}]^T dG`` over many steps' rows, the 1 carrying the bias); per step there is
+  only the recurrent GEMM, ``h W_hh^T`` forward and ``dG_t W_hh`` backward, written in place.
+* Elementwise work. Each step writes into slices of buffers allocated once per call, with
+  in-place activations, so the time loop allocates nothing and records no autograd graph. The
+  backward loop does only the chain that depends on the recurrence: every local derivative and
+  product that does not (``sigmoid'``, ``tanh'``, ``o (1 - tanh(c)^2)``, ...) is computed
+  before it with a few batched ops. torch's tanh is ~3x slower than its sigmoid on the CPU, so
+  tanh runs as ``2 sigmoid(2a) - 1`` with the weights that feed it doubled once per call.
+* Memory. The LSTM works through time in chunks of a few MB of gates: the input projection of
+  a chunk is computed just before the chunk runs, and the backward's scratch buffers are one
+  chunk long (reused), so long sequences stay in cache and need no sequence-sized scratch.
+
+Variable lengths: past a sequence's end its state is frozen (``h_t = h_{t-1}``); the backward then
+passes that row's gradient straight to step t-1 and gives its gates none. Masking work is only
+done on steps where some sequence has ended (t >= lengths.min()).
+
+The Functions return every step's h (and c) as (T, N, H) tensors; the final state is their last
+step (frozen past each end), so returning the states costs nothing extra. Forward and backward
+run with denormals flushed (see :mod:`rnnkit.fpmode`), restoring the caller's mode after.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
+from rnnkit.fpmode import denormals_flushed
+
+__all__ = ["unsupported", "run"]
+
+_DTYPES = (torch.float32, torch.float64)
+# GRU and RNN: steps per chunk of the backward's batched precomputation, about this many bytes
+# of factors, so a chunk's operands stay in cache between the precomputation and the loop.
+_CHUNK_BYTES = 4 << 20
+# Bytes of gates per chunk of the LSTM's time loops. The input projection and the weight
+# gradients run as one GEMM per chunk, which is as efficient as one GEMM over all steps from
+# about a thousand rows (steps * batch), while the chunk's buffers stay in cache and long
+# sequences need no sequence-sized scratch memory in the backward.
+_CHUNK_GATE_BYTES = 2 << 20
+# Up to this many bytes per (T, N, H) buffer the LSTM's forward keeps every step's tanh(c) for
+# the backward; longer sequences recompute it there chunk by chunk instead of storing more.
+_KEEP_TANH_C_BYTES = 8 << 20
+
+
+def unsupported(cell: nn.Module, x: Tensor) -> str | None:
+    """Why the fused CPU path cannot run this cell, or None."""
+    if x.device.type != "cpu":
+        return f"the fused backend runs on the CPU only, the input is on {x.device}"
+    if x.dtype not in _DTYPES:
+        return f"the fused backend supports float32 and float64, got {x.dtype}"
+    kind = type(cell)
+    if kind is LSTMCell:
+        if cell.peepholes:
+            return "the fused LSTM has no peepholes"
+        if cell.cell_clip is not None:
+            return "the fused LSTM has no cell clipping"
+        if cell.proj_size:
+            return "the fused LSTM has no projection (proj_size)"
+        return None
+    if kind is GRUCell or kind is RNNCell:
+        return None
+    return f"{kind.__name__} is not a built-in LSTMCell, GRUCell or RNNCell"
+
+
+def run(
+    cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
+) -> tuple[Tensor, Any, Any]:
+    """Run the cell over time-major ``x`` (T, N, I); return (outputs, final state, states or None)."""
+    T = x.shape[0]
+    full = T if lengths is None else int(lengths.min())
+    if type(cell) is LSTMCell:
+        hs, cs = _LSTMFunction.apply(
+            x, state.h, state.c, cell.weight_ih, cell.weight_hh, cell.fused_bias(), masks, full
+        )
+        return hs, LSTMState(hs[-1], cs[-1]), (LSTMState(hs, cs) if return_states else None)
+    H = cell.hidden_size
+    if type(cell) is GRUCell:
+        if not cell.bias:
+            b_x = b_hn = None
+        elif cell.reset_after:  # b_hn sits inside r * (W_hn h + b_hn): only it stays out of the projection
+            b_x = torch.cat((cell.bias_ih[: 2 * H] + cell.bias_hh[: 2 * H], cell.bias_ih[2 * H :]))
+            b_hn = cell.bias_hh[2 * H :]
+        else:
+            b_x, b_hn = cell.bias_ih + cell.bias_hh, None
+        fn = _GRUFunction if cell.reset_after else _GRUResetBeforeFunction
+        hs = fn.apply(x, state, cell.weight_ih, cell.weight_hh, b_x, b_hn, masks, full)
+    else:
+        b = cell.bias_ih + cell.bias_hh if cell.bias else None
+        hs = _RNNFunction.apply(x, state, cell.weight_ih, cell.weight_hh, b, masks, full, cell.nonlinearity)
+    return hs, hs[-1], (hs if return_states else None)
+
+
+def _chunk_steps(N: int, width: int, elem: int) -> int:
+    """Steps per chunk of the GRU's precomputation (see _CHUNK_BYTES)."""
+    return max(1, _CHUNK_BYTES // max(1, N * width * elem))
+
+
+def _lstm_chunk(N: int, H: int, elem: int) -> int:
+    """Steps per chunk of the LSTM's loops (see _CHUNK_GATE_BYTES)."""
+    return max(1, _CHUNK_GATE_BYTES // (N * 4 * H * elem))
+
+
+def _rotate(w: Tensor, H: int) -> Tensor:
+    """Gate blocks (i, f, g, o) -> (o, i, f, g), along the first axis."""
+    return torch.cat((w[3 * H :], w[: 3 * H]))
+
+
+def _unrotate(w: Tensor, H: int) -> Tensor:
+    """Gate blocks (o, i, f, g) -> (i, f, g, o), along the first axis."""
+    return torch.cat((w[H:], w[:H]))
+
+
+def _rotate_scale_g(w: Tensor, H: int) -> Tensor:
+    """Gate blocks (i, f, g, o) -> (o, i, f, 2g): the forward's weights (see _LSTMFunction)."""
+    out = _rotate(w, H)
+    out[3 * H :].mul_(2.0)
+    return out
+
+
+class _LSTMFunction(torch.autograd.Function):
+    """Every step's (h, c) of an LSTM; gates are kept in the order (o, i, f, g) internally.
+
+    torch's tanh is ~3x slower than its sigmoid on the CPU, so the forward uses
+    ``tanh(a) = 2 sigmoid(2a) - 1``: the g rows of the weights are doubled once per call, one
+    in-place sigmoid then covers a step's whole (contiguous) gate row, and tanh(c) is three cheap
+    ops. The order (o, i, f, g) also makes the gates fed by dc (i, f, g) one block in the backward.
+
+    Saved for the backward: the activated gates G (T, N, 4H), the outputs and, unless the
+    sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c).
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, bias, masks, full):  # type: ignore[override]
+        with denormals_flushed(x.device):
+            T, N, I = x.shape
+            H = h0.shape[1]
+            H2, H3, H4 = 2 * H, 3 * H, 4 * H
+            if bias is None:
+                x2 = x.reshape(T * N, I)
+                w_in = _rotate_scale_g(w_ih, H)
+            else:  # a column of ones carries the bias: no bias copy here, no separate sum for db
+                x2 = x.new_empty(T, N, I + 1)
+                x2[:, :, :I].copy_(x)
+                x2[:, :, I].fill_(1.0)
+                x2 = x2.view(T * N, I + 1)
+                w_in = torch.cat((_rotate_scale_g(w_ih, H), _rotate_scale_g(bias, H).unsqueeze(1)), 1)
+            G = x.new_empty(T, N, H4)
+            G2 = G.view(T * N, H4)
+            wih_t = w_in.t()
+            hs, cs = x.new_empty(T, N, H), x.new_empty(T, N, H)
+            keep_tc = T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
+            TCs = x.new_empty(T, N, H) if keep_tc else None
+            tc_s = TCs.unbind(0) if keep_tc else (x.new_empty(N, H),) * T
+            whh_t = _rotate_scale_g(w_hh, H).t()
+            gates = G.unbind(0)
+            o_s, i_s, f_s, g_s = (
+                G[:, :, :H].unbind(0),
+                G[:, :, H:H2].unbind(0),
+                G[:, :, H2:H3].unbind(0),
+                G[:, :, H3:].unbind(0),
+            )
+            h_s, c_s = hs.unbind(0), cs.unbind(0)
+            # 0-dim tensors: ops with a Python scalar take a slower path on small tensors.
+            m1 = x.new_full((), -1.0)
+            mul, add, sigmoid = torch.mul, torch.add, torch.sigmoid
+            chunk = _lstm_chunk(N, H, x.element_size())
+            h0_zero = not bool(h0.any())  # the usual zero state: step 0 needs no recurrent GEMM
+            h, c = h0, c0
+            for t in range(T):
+                if t % chunk == 0:  # the input projection of the next chunk, just before it is used
+                    rows = slice(t * N, min(T, t + chunk) * N)
+                    torch.mm(x2[rows], wih_t, out=G2[rows])
+                if t or not h0_zero:
+                    gates[t].addmm_(h, whh_t)
+                gates[t].sigmoid_()
+                g = add(m1, g_s[t], alpha=2, out=g_s[t])
+                tc = tc_s[t]
+                if t < full:
+                    c = mul(f_s[t], c, out=c_s[t]).addcmul_(i_s[t], g)
+                    add(m1, sigmoid(add(c, c, out=tc), out=tc), alpha=2, out=tc)
+                    h = mul(o_s[t], tc, out=h_s[t])
+                else:  # the unfrozen step into c_s/h_s, then the frozen rows restored
+                    cn = mul(f_s[t], c, out=c_s[t]).addcmul_(i_s[t], g)
+                    add(m1, sigmoid(add(cn, cn, out=tc), out=tc), alpha=2, out=tc)
+                    hn = mul(o_s[t], tc, out=h_s[t])
+                    m = masks[t]
+                    c = torch.where(m, cn, c, out=cn)
+                    h = torch.where(m, hn, h, out=hn)
+        ctx.full, ctx.has_bias = full, bias is not None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks)
+        return hs, cs
+
+    @staticmethod
+    def backward(ctx, gh, gc):  # type: ignore[override]
+        x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks = ctx.saved_tensors
+        H = h0.shape[1]
+        with denormals_flushed(x2.device):
+            return _lstm_backward(
+                ctx, gh, gc, x2, h0, c0, _rotate(w_ih, H), _rotate(w_hh, H), G, hs, cs, TCs, masks
+            )
+
+
+def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, masks):  # noqa: ANN001
+    """Chunks of steps from the last: factors, the recurrent loop, then the chunk's weight GEMMs."""
+    T, N, H4 = G.shape
+    H = H4 // 4
+    H2, H3 = 2 * H, 3 * H
+    full = ctx.full
+    need_x, need_h0, need_c0, need_wih, need_whh, need_b = ctx.needs_input_grad[:6]
+    need_b = need_b and ctx.has_bias
+    C = min(T, _lstm_chunk(N, H, G.element_size()))
+    # Per chunk, P holds the local derivatives of each gate's pre-activation, in place of which
+    # the loop writes dG; K is d c_t / d h_t through h = o tanh(c), i.e. o (1 - tanh(c)^2);
+    # DH is dh, starting as the outputs' gradient, to which each step's GEMM adds in place.
+    P, K, DH = G.new_empty(C, N, H4), G.new_empty(C, N, H), G.new_empty(C, N, H)
+    TC = G.new_empty(C, N, H) if TCs is None else None
+    P_s, K_s, DH_s = P.unbind(0), K.unbind(0), DH.unbind(0)
+    P3_s, Po_s = P[:, :, H:].unflatten(2, (3, H)).unbind(0), P[:, :, :H].unbind(0)
+    F = None  # past a sequence's end the forget gate is replaced by 1 so dc passes through unchanged
+    mf = notm = frozen = None
+    if full < T:
+        mf, notm = _masked_parts(masks, full, G.dtype)
+        frozen = ~masks[full:]
+        F = G.new_empty(C, N, H)
+    m1 = G.new_full((), -1.0)
+    add, addcmul, mul = torch.add, torch.addcmul, torch.mul
+    gc_s = gc.unbind(0) if gc is not None else None
+    dc, dcn, carry = G.new_empty(N, H), G.new_empty(N, H), G.new_empty(N, H)
+    dcn_3 = dcn.unsqueeze(1)  # broadcast over the (i, f, g) blocks
+    if gc_s is not None:
+        dc.copy_(gc_s[T - 1])
+    else:
+        dc.zero_()
+    I = w_ih_r.shape[1]
+    Ix = x2.shape[1]  # I, or I + 1 with the column of ones that carries the bias
+    dx = G.new_empty(T, N, I) if need_x else None
+    # The weight gradients of a chunk are one GEMM: [x_t, 1, h_{t-1}]^T dG over its rows.
+    need_w = need_wih or need_whh or need_b
+    XH = G.new_empty(C * N, Ix + H) if need_w else None
+    dW = G.new_zeros(Ix + H, H4) if need_w else None
+    f_all = G[:, :, H2:H3]
+    for hi in range(T, 0, -C):
+        lo = max(0, hi - C)
+        n = hi - lo
+        g_, p_, k = G[lo:hi], P[:n], K[:n]
+        # Factors of the whole chunk, batched: nothing here depends on the recurrence.
+        if TCs is None:
+            tc, c_ = TC[:n], cs[lo:hi]
+            add(m1, add(c_, c_, out=tc).sigmoid_(), alpha=2, out=tc)  # tanh(c)
+        else:
+            tc = TCs[lo:hi]
+        s, ps = g_[:, :, :H3], p_[:, :, :H3]
+        addcmul(s, s, s, value=-1.0, out=ps)  # s (1 - s) for o, i, f
+        p_[:, :, :H].mul_(tc)
+        gg = g_[:, :, H3:]
+        p_[:, :, H:H2].mul_(gg)
+        pf = p_[:, :, H2:H3]
+        for rows, prev in _with_prev(cs, c0, lo, hi):
+            pf[rows].mul_(prev)
+        pg = p_[:, :, H3:]
+        mul(gg, gg, out=pg)
+        addcmul(g_[:, :, H:H2], g_[:, :, H:H2], pg, value=-1.0, out=pg)  # i (1 - g^2)
+        mul(tc, tc, out=k)
+        ot = g_[:, :, :H]
+        addcmul(ot, ot, k, value=-1.0, out=k)
+        f_s = f_all[lo:hi].unbind(0)
+        if hi > full:  # frozen rows: no gradient into the gates, dc passes through
+            a = max(lo, full)
+            m = mf[a - full : hi - full]
+            P[a - lo : n].mul_(m)
+            K[a - lo : n].mul_(m)
+            fe = F[:n]
+            fe.copy_(f_all[lo:hi])
+            fe[a - lo :].masked_fill_(frozen[a - full : hi - full], 1.0)
+            f_s = fe.unbind(0)
+        dhb = DH[:n]
+        if gh is None:
+            dhb.zero_()
+        else:
+            dhb.copy_(gh[lo:hi])
+        if hi < T:
+            dhb[n - 1].add_(carry)
+        for j in range(n - 1, -1, -1):
+            t = lo + j
+            dh = DH_s[j]
+            addcmul(dc, dh, K_s[j], out=dcn)
+            P3_s[j].mul_(dcn_3)
+            Po_s[j].mul_(dh)
+            if t == 0:
+                break
+            if j:
+                target = DH_s[j - 1].addmm_(P_s[j], w_hh_r)
+            else:  # the step below starts the next chunk
+                target = torch.mm(P_s[j], w_hh_r, out=carry)
+            if t >= full:
+                target.addcmul_(notm[t - full], dh)
+            if gc_s is not None:
+                addcmul(gc_s[t - 1], dcn, f_s[j], out=dc)
+            else:
+                mul(dcn, f_s[j], out=dc)
+        dG = p_.view(n * N, H4)
+        if need_x:
+            torch.mm(dG, w_ih_r, out=dx[lo:hi].view(n * N, -1))
+        if need_w:
+            xh = XH[: n * N]
+            xh[:, :Ix].copy_(x2[lo * N : hi * N])
+            for rows, prev in _with_prev(hs, h0, lo, hi):
+                xh.view(n, N, -1)[rows, :, Ix:].copy_(prev)
+            dW.addmm_(xh.t(), dG)  # MKL is faster this way round than dG^T xh
+    dh0 = torch.mm(P_s[0], w_hh_r) if need_h0 else None
+    dc0 = mul(dcn, f_s[0]) if need_c0 else None
+    return (
+        dx,
+        dh0,
+        dc0,
+        _unrotate(dW[:I].t(), H) if need_wih else None,
+        _unrotate(dW[Ix:].t(), H) if need_whh else None,
+        _unrotate(dW[I], H) if need_b else None,
+        None,
+        None,
+    )
+
+
+def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``x`` (T, N, I) as (T*N, I), and ``x W_ih^T + bias`` as a fresh (T, N, G) buffer."""
+    T, N, I = x.shape
+    x2 = x.reshape(T * N, I)
+    G = x.new_empty(T, N, w_ih.shape[0])
+    if bias is None:
+        torch.mm(x2, w_ih.t(), out=G.view(T * N, -1))
+    else:
+        torch.addmm(bias, x2, w_ih.t(), out=G.view(T * N, -1))
+    return x2, G
+
+
+def _grad_buffer(grad: Tensor | None, like: Tensor) -> Tensor:
+    """A fresh (T, N, H) buffer holding the outputs' gradient (zeros if none).
+
+    The backward loops add each step's recurrent gradient into it in place (one GEMM with beta=1
+    per step), so a strided incoming gradient is copied once rather than step by step.
+    """
+    if grad is None:
+        return torch.zeros_like(like)
+    return torch.empty_like(like).copy_(grad)
+
+
+def _double_rows(w: Tensor, lo: int, hi: int) -> Tensor:
+    """A copy of ``w`` with rows lo..hi-1 doubled: pre-activations fed to ``tanh(a) = 2 sigmoid(2a) - 1``."""
+    out = w.clone()
+    out[lo:hi].mul_(2.0)
+    return out
+
+
+def _masked_parts(masks: Tensor, full: int, dtype: torch.dtype) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Masks of the steps past ``full`` as floats, and per step 1 - mask (the frozen rows)."""
+    mf = masks[full:].to(dtype)
+    return mf, (1.0 - mf).unbind(0)
+
+
+def _with_prev(states: Tensor, first: Tensor, lo: int, hi: int) -> list[tuple[slice, Tensor]]:
+    """For steps lo..hi-1: (rows of the chunk, the states before them), the one before step 0 apart."""
+    if lo > 0:
+        return [(slice(None), states[lo - 1 : hi - 1])]
+    pairs = [(slice(0, 1), first)]
+    if hi > 1:
+        pairs.append((slice(1, None), states[: hi - 1]))
+    return pairs
+
+
+class _RNNFunction(torch.autograd.Function):
+    """Every step's h of an Elman RNN (tanh or relu); the activated pre-activations are the states.
+
+    tanh runs as ``2 sigmoid(2a) - 1`` (torch's tanh is ~3x slower than its sigmoid on the CPU):
+    the weights are doubled once per call.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, bias, masks, full, nonlinearity):  # type: ignore[override]
+        with denormals_flushed(x.device):
+            T = x.shape[0]
+            is_tanh = nonlinearity == "tanh"
+            if is_tanh:
+                x2, hs = _input_projection(x, w_ih * 2.0, None if bias is None else bias * 2.0)
+                whh_t = (w_hh * 2.0).t()
+            else:
+                x2, hs = _input_projection(x, w_ih, bias)
+                whh_t = w_hh.t()
+            m1 = x.new_full((), -1.0)
+            add = torch.add
+            steps = hs.unbind(0)
+            h0_zero = not bool(h0.any())
+            h = h0
+            for t in range(T):
+                pre = steps[t]
+                if t or not h0_zero:
+                    pre.addmm_(h, whh_t)
+                new = add(m1, pre.sigmoid_(), alpha=2, out=pre) if is_tanh else pre.relu_()
+                h = new if t < full else torch.where(masks[t], new, h, out=pre)
+        ctx.full, ctx.tanh, ctx.has_bias, ctx.h0_zero = full, is_tanh, bias is not None, h0_zero
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x2, h0, w_ih, w_hh, hs, masks)
+        return hs
+
+    @staticmethod
+    def backward(ctx, gh):  # type: ignore[override]
+        x2, h0, w_ih, w_hh, hs, masks = ctx.saved_tensors
+        with denormals_flushed(x2.device):
+            return _rnn_backward(ctx, gh, x2, h0, w_ih, w_hh, hs, masks)
+
+
+def _rnn_backward(ctx, gh, x2, h0, w_ih, w_hh, hs, masks):  # noqa: ANN001
+    T, N, H = hs.shape
+    full = ctx.full
+    need_x, need_h0, need_wih, need_whh, need_b = ctx.needs_input_grad[:5]
+    # D: the activation's derivative per step, overwritten by the loop with dG.
+    # Frozen rows hold the old state, not the activation: they are masked to zero anyway.
+    if ctx.tanh:
+        D = torch.addcmul(hs.new_ones(()), hs, hs, value=-1.0)
+    else:
+        D = (hs > 0).to(hs.dtype)
+    notm = None
+    if full < T:
+        mf, notm = _masked_parts(masks, full, hs.dtype)
+        D[full:].mul_(mf)
+    D_s = D.unbind(0)
+    DH = _grad_buffer(gh, hs)
+    dh_s = DH.unbind(0)
+    for t in range(T - 1, 0, -1):
+        D_s[t].mul_(dh_s[t])
+        dh_s[t - 1].addmm_(D_s[t], w_hh)
+        if t >= full:
+            dh_s[t - 1].addcmul_(notm[t - full], dh_s[t])
+    D_s[0].mul_(dh_s[0])
+    dG = D.view(T * N, H)
+    mm = torch.mm
+    dx = dh0 = dwih = dwhh = db = None
+    if need_h0:
+        dh0 = mm(D_s[0], w_hh)
+    if need_x:
+        dx = mm(dG, w_ih).view(T, N, -1)
+    if need_wih:
+        dwih = mm(dG.t(), x2)
+    if need_whh:
+        if T > 1:
+            dwhh = mm(D[1:].view(-1, H).t(), hs[:-1].reshape(-1, H))
+            if not ctx.h0_zero:
+                dwhh.addmm_(D_s[0].t(), h0)
+        else:
+            dwhh = mm(D_s[0].t(), h0)
+    if need_b and ctx.has_bias:
+        db = dG.sum(0)
+    return dx, dh0, dwih, dwhh, db, None, None, None
+
+
+class _GRUFunction(torch.autograd.Function):
+    """Every step's h of a GRU with torch's maths (reset gate after the recurrent matmul).
+
+    Gates are kept as (r, z, n) after activation; ``Hh`` keeps ``h W_hh^T + (0, 0, b_hn)`` per
+    step, whose n block ``S`` the reset gate multiplies. n's tanh runs as ``2 sigmoid(2a) - 1``
+    with the n rows of the weights doubled, so ``Hh`` holds 2S. Every gradient of a step is
+    ``dh`` times a factor that does not depend on the recurrence, so the backward loop is one
+    broadcast multiply, one GEMM and one multiply-add per step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_x, b_hn, masks, full):  # type: ignore[override]
+        with denormals_flushed(x.device):
+            T, N, _ = x.shape
+            H = h0.shape[1]
+            H2, H3 = 2 * H, 3 * H
+            x2, G = _input_projection(
+                x, _double_rows(w_ih, H2, H3), None if b_x is None else _double_rows(b_x, H2, H3)
+            )
+            b_h = x.new_zeros(H3)
+            if b_hn is not None:
+                torch.mul(b_hn, 2.0, out=b_h[H2:])
+            Hh = x.new_empty(T, N, H3)
+            hs = x.new_empty(T, N, H)
+            whh_t = _double_rows(w_hh, H2, H3).t()
+            rz_s, r_s, z_s, n_s = (
+                G[:, :, :H2].unbind(0),
+                G[:, :, :H].unbind(0),
+                G[:, :, H:H2].unbind(0),
+                G[:, :, H2:].unbind(0),
+            )
+            hh_s, hrz_s, s_s = Hh.unbind(0), Hh[:, :, :H2].unbind(0), Hh[:, :, H2:].unbind(0)
+            h_s = hs.unbind(0)
+            m1 = x.new_full((), -1.0)
+            addmm, lerp, add = torch.addmm, torch.lerp, torch.add
+            h0_zero = not bool(h0.any())
+            h = h0
+            for t in range(T):
+                if t or not h0_zero:
+                    addmm(b_h, h, whh_t, out=hh_s[t])
+                else:
+                    hh_s[t].copy_(b_h)
+                rz_s[t].add_(hrz_s[t]).sigmoid_()
+                n = add(m1, n_s[t].addcmul_(r_s[t], s_s[t]).sigmoid_(), alpha=2, out=n_s[t])
+                if t < full:
+                    h = lerp(n, h, z_s[t], out=h_s[t])
+                else:
+                    h = torch.where(masks[t], lerp(n, h, z_s[t]), h, out=h_s[t])
+        ctx.full, ctx.has_bx, ctx.has_bhn = full, b_x is not None, b_hn is not None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x2, h0, w_ih, w_hh, G, Hh, hs, masks)
+        return hs
+
+    @staticmethod
+    def backward(ctx, gh):  # type: ignore[override]
+        x2, h0, w_ih, w_hh, G, Hh, hs, masks = ctx.saved_tensors
+        with denormals_flushed(x2.device):
+            return _gru_backward(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks)
+
+
+def _gru_backward(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks):  # noqa: ANN001
+    T, N, H = hs.shape
+    H2, H3, H4 = 2 * H, 3 * H, 4 * H
+    full = ctx.full
+    need_x, need_h0, need_wih, need_whh, need_bx, need_bhn = ctx.needs_input_grad[:6]
+    # Q: per step the factors (n, r, z, s) with dh, overwritten by the loop with
+    # (da_n, da_r, da_z, dS): the first three blocks are dG of the input projection in the
+    # order (n, r, z), the last three the gradient of h W_hh^T + b in the order (r, z, n).
+    Q = G.new_empty(T, N, H4)
+    addcmul, mul, mm = torch.addcmul, torch.mul, torch.mm
+    z_all = G[:, :, H:H2]
+    z_eff = z_all  # past a sequence's end z is replaced by 1 so dh passes through unchanged
+    mf = None
+    if full < T:
+        mf = masks[full:].to(G.dtype)
+        z_eff = torch.cat((z_all[:full], torch.where(masks[full:], z_all[full:], 1.0)))
+    chunk = _chunk_steps(N, H4, G.element_size())
+    one = G.new_ones(())
+
+    def precompute(lo: int, hi: int) -> None:
+        g_, q = G[lo:hi], Q[lo:hi]
+        r, z, n = g_[:, :, :H], g_[:, :, H:H2], g_[:, :, H2:]
+        qn, qr, qz, qs = q[:, :, :H], q[:, :, H:H2], q[:, :, H2:H3], q[:, :, H3:]
+        torch.sub(one, z, out=qs)  # 1 - z, parked in the s block
+        mul(n, n, out=qn)
+        addcmul(qs, qs, qn, value=-1.0, out=qn)  # (1 - z)(1 - n^2)
+        addcmul(z, z, z, value=-1.0, out=qz)  # z (1 - z)
+        for rows, prev in _with_prev(hs, h0, lo, hi):
+            torch.sub(prev, n[rows], out=qr[rows])  # h_prev - n, parked in the r block
+        qz.mul_(qr)
+        addcmul(r, r, r, value=-1.0, out=qr)
+        qr.mul_(Hh[lo:hi, :, H2:]).mul_(qn).mul_(0.5)  # Hh holds 2S
+        mul(qn, r, out=qs)
+        if hi > full:
+            a = max(lo, full)
+            Q[a:hi].mul_(mf[a - full : hi - full])
+
+    Q4_s = Q.unflatten(2, (4, H)).unbind(0)
+    dhh_s = Q[:, :, H:].unbind(0)
+    z_s = z_eff.unbind(0)
+    DH = _grad_buffer(gh, hs)
+    dh_s = DH.unbind(0)
+    lo = T
+    for t in range(T - 1, -1, -1):
+        if t < lo:
+            lo = max(0, t + 1 - chunk)
+            precompute(lo, t + 1)
+        Q4_s[t].mul_(dh_s[t].unsqueeze(1))
+        if t == 0:
+            break
+        dh_s[t - 1].addmm_(dhh_s[t], w_hh).addcmul_(dh_s[t], z_s[t])
+    dx = dh0 = dwih = dwhh = dbx = dbhn = None
+    if need_h0:
+        dh0 = mm(dhh_s[0], w_hh).addcmul_(dh_s[0], z_s[0])
+    dG = Q[:, :, :H3].reshape(T * N, H3)  # (n, r, z)
+    if need_x:
+        dx = mm(dG, torch.cat((w_ih[H2:], w_ih[:H2]))).view(T, N, -1)
+    if need_wih:
+        dw = mm(dG.t(), x2)
+        dwih = torch.cat((dw[H:], dw[:H]))
+    if need_whh:
+        dhh = Q[:, :, H:]
+        dwhh = mm(dhh[0].t(), h0)
+        if T > 1:
+            dwhh.addmm_(dhh[1:].reshape(-1, H3).t(), hs[:-1].reshape(-1, H))
+    if need_bx and ctx.has_bx:
+        db = dG.sum(0)
+        dbx = torch.cat((db[H:], db[:H]))
+    if need_bhn and ctx.has_bhn:
+        dbhn = Q[:, :, H3:].sum((0, 1))
+    return dx, dh0, dwih, dwhh, dbx, dbhn, None, None
+
+
+class _GRUResetBeforeFunction(torch.autograd.Function):
+    """Every step's h of a GRU with the reset gate before the matmul (Keras v1, ``reset_after=False``).
+
+    All biases fold into the input projection. Per step two GEMMs: (r, z) from h, then n from
+    ``r * h``, which is kept (``RH``) for the gradient of ``W_hn``. n's tanh runs as
+    ``2 sigmoid(2a) - 1`` with the n rows of the weights doubled.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_x, b_hn, masks, full):  # type: ignore[override]
+        with denormals_flushed(x.device):
+            T, N, _ = x.shape
+            H = h0.shape[1]
+            H2, H3 = 2 * H, 3 * H
+            x2, G = _input_projection(
+                x, _double_rows(w_ih, H2, H3), None if b_x is None else _double_rows(b_x, H2, H3)
+            )
+            RH, hs = x.new_empty(T, N, H), x.new_empty(T, N, H)
+            wrz_t, wn_t = w_hh[:H2].t(), (w_hh[H2:] * 2.0).t()
+            rz_s, r_s, z_s, n_s = (
+                G[:, :, :H2].unbind(0),
+                G[:, :, :H].unbind(0),
+                G[:, :, H:H2].unbind(0),
+                G[:, :, H2:].unbind(0),
+            )
+            rh_s, h_s = RH.unbind(0), hs.unbind(0)
+            m1 = x.new_full((), -1.0)
+            mul, lerp, add = torch.mul, torch.lerp, torch.add
+            h0_zero = not bool(h0.any())
+            h = h0
+            for t in range(T):
+                if t or not h0_zero:
+                    rz_s[t].addmm_(h, wrz_t)
+                rz_s[t].sigmoid_()
+                rh = mul(r_s[t], h, out=rh_s[t])
+                if t or not h0_zero:
+                    n_s[t].addmm_(rh, wn_t)
+                n = add(m1, n_s[t].sigmoid_(), alpha=2, out=n_s[t])
+                if t < full:
+                    h = lerp(n, h, z_s[t], out=h_s[t])
+                else:
+                    h = torch.where(masks[t], lerp(n, h, z_s[t]), h, out=h_s[t])
+        ctx.full, ctx.has_bx = full, b_x is not None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x2, h0, w_ih, w_hh, G, RH, hs, masks)
+        return hs
+
+    @staticmethod
+    def backward(ctx, gh):  # type: ignore[override]
+        x2, h0, w_ih, w_hh, G, RH, hs, masks = ctx.saved_tensors
+        with denormals_flushed(x2.device):
+            return _gru_reset_before_backward(ctx, gh, x2, h0, w_ih, w_hh, G, RH, hs, masks)
+
+
+def _gru_reset_before_backward(ctx, gh, x2, h0, w_ih, w_hh, G, RH, hs, masks):  # noqa: ANN001
+    T, N, H = hs.shape
+    H2, H3 = 2 * H, 3 * H
+    full = ctx.full
+    need_x, need_h0, need_wih, need_whh, need_bx = ctx.needs_input_grad[:5]
+    # Q: per step the factors (h_prev r(1-r), (h_prev - n) z(1-z), (1-z)(1-n^2)), overwritten by
+    # the loop with dG (da_r, da_z, da_n).
+    Q = torch.empty_like(G)
+    addcmul, mul, mm = torch.addcmul, torch.mul, torch.mm
+    r_all, z_all = G[:, :, :H], G[:, :, H:H2]
+    z_eff = z_all  # past a sequence's end z is replaced by 1 so dh passes through unchanged
+    mf = None
+    if full < T:
+        mf = masks[full:].to(G.dtype)
+        z_eff = torch.cat((z_all[:full], torch.where(masks[full:], z_all[full:], 1.0)))
+    chunk = _chunk_steps(N, H3, G.element_size())
+    one = G.new_ones(())
+
+    def precompute(lo: int, hi: int) -> None:
+        g_, q = G[lo:hi], Q[lo:hi]
+        r, z, n = g_[:, :, :H], g_[:, :, H:H2], g_[:, :, H2:]
+        qr, qz, qn = q[:, :, :H], q[:, :, H:H2], q[:, :, H2:]
+        torch.sub(one, z, out=qr)  # 1 - z, parked in the r block
+        mul(n, n, out=qn)
+        addcmul(qr, qr, qn, value=-1.0, out=qn)  # (1 - z)(1 - n^2)
+        addcmul(z, z, z, value=-1.0, out=qz)  # z (1 - z)
+        addcmul(r, r, r, value=-1.0, out=qr)  # r (1 - r)
+        for rows, prev in _with_prev(hs, h0, lo, hi):
+            qr[rows].mul_(prev)
+            qz[rows].mul_(torch.sub(prev, n[rows]))
+        if hi > full:
+            a = max(lo, full)
+            Q[a:hi].mul_(mf[a - full : hi - full])
+
+    Qzn_s = Q[:, :, H:].unflatten(2, (2, H)).unbind(0)
+    qr_s, qn_s, qrz_s = Q[:, :, :H].unbind(0), Q[:, :, H2:].unbind(0), Q[:, :, :H2].unbind(0)
+    z_s, r_s = z_eff.unbind(0), r_all.unbind(0)
+    w_rz, w_n = w_hh[:H2], w_hh[H2:]
+    DH = _grad_buffer(gh, hs)
+    dh_s = DH.unbind(0)
+    drh = torch.empty_like(dh_s[0])
+    lo = T
+    for t in range(T - 1, -1, -1):
+        if t < lo:
+            lo = max(0, t + 1 - chunk)
+            precompute(lo, t + 1)
+        dh = dh_s[t]
+        Qzn_s[t].mul_(dh.unsqueeze(1))
+        mm(qn_s[t], w_n, out=drh)  # gradient of r * h_prev
+        qr_s[t].mul_(drh)
+        if t == 0:
+            break
+        dh_s[t - 1].addmm_(qrz_s[t], w_rz).addcmul_(dh, z_s[t]).addcmul_(drh, r_s[t])
+    dx = dh0 = dwih = dwhh = dbx = None
+    if need_h0:
+        dh0 = mm(qrz_s[0], w_rz).addcmul_(dh_s[0], z_s[0]).addcmul_(drh, r_s[0])
+    dG = Q.view(T * N, H3)
+    if need_x:
+        dx = mm(dG, w_ih).view(T, N, -1)
+    if need_wih:
+        dwih = mm(dG.t(), x2)
+    if need_whh:
+        drz = mm(qrz_s[0].t(), h0)
+        if T > 1:
+            drz.addmm_(Q[1:, :, :H2].reshape(-1, H2).t(), hs[:-1].reshape(-1, H))
+        dwhh = torch.cat((drz, mm(Q[:, :, H2:].reshape(-1, H).t(), RH.view(-1, H))))
+    if need_bx and ctx.has_bx:
+        dbx = dG.sum(0)
+    return dx, dh0, dwih, dwhh, dbx, None, None, None

@@ -1,0 +1,294 @@
+"""The fused CPU backend agrees with the reference loop: outputs, states and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit import GRUCell, LayerNormLSTMCell, LSTMCell, LSTMState, RNNCell
+from rnnkit.backends import fused
+from rnnkit.engine import _pick_backend, tree_flatten
+from rnnkit.fpmode import denormals_are_flushed
+
+CELLS = {
+    "lstm": lambda I, H, bias: LSTMCell(I, H, bias=bias),
+    "lstm_forget_bias": lambda I, H, bias: LSTMCell(I, H, bias=bias, forget_bias=1.0),
+    "gru": lambda I, H, bias: GRUCell(I, H, bias=bias),
+    "gru_reset_before": lambda I, H, bias: GRUCell(I, H, bias=bias, reset_after=False),
+    "rnn_tanh": lambda I, H, bias: RNNCell(I, H, bias=bias),
+    "rnn_relu": lambda I, H, bias: RNNCell(I, H, bias=bias, nonlinearity="relu"),
+}
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def make_cell(
+    name: str, I: int, H: int, dtype: torch.dtype, bias: bool = True, seed: int = 0
+) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cell = CELLS[name](I, H, bias).to(dtype)
+    if name == "rnn_relu":  # smaller recurrent weights keep a relu RNN from blowing up over time
+        with torch.no_grad():
+            cell.weight_hh.mul_(0.5)
+    return cell
+
+
+def random_state(cell: torch.nn.Module, N: int, dtype: torch.dtype) -> object:
+    leaves, unflatten = tree_flatten(cell.init_state(N, dtype=dtype))
+    return unflatten([torch.randn_like(s) * 0.5 for s in leaves])
+
+
+def run_with_grads(cell, x, state, backend, loss_fn, **kw):
+    """Outputs, final state and states of one unroll, and the gradients of loss_fn's loss."""
+    x = x.detach().clone().requires_grad_()
+    leaves, unflatten = tree_flatten(state)
+    leaves = [s.detach().clone().requires_grad_() for s in leaves]
+    res = rnnkit.unroll(cell, x, unflatten(leaves), return_states=True, backend=backend, **kw)
+    inputs = [x, *leaves, *cell.parameters()]
+    grads = torch.autograd.grad(loss_fn(res), inputs, allow_unused=True)
+    values = [res.outputs, *tree_flatten(res.final_state)[0], *tree_flatten(res.states)[0]]
+    return values, [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
+
+
+def everything(res) -> torch.Tensor:
+    """A loss that reaches every output of the unroll with distinct weights."""
+    loss = (res.outputs * torch.linspace(-1, 1, res.outputs.shape[-1], dtype=res.outputs.dtype)).sum()
+    loss = loss + (res.outputs**2).sum()
+    for i, leaf in enumerate(tree_flatten(res.final_state)[0]):
+        loss = loss + (i + 1.5) * (leaf**2).sum()
+    for i, leaf in enumerate(tree_flatten(res.states)[0]):
+        loss = loss + (0.3 + i) * leaf.sin().sum()
+    return loss
+
+
+def assert_agree(cell, x, state, loss_fn=everything, **kw):
+    tol = TOL[x.dtype]
+    ref_vals, ref_grads = run_with_grads(cell, x, state, "reference", loss_fn, **kw)
+    got_vals, got_grads = run_with_grads(cell, x, state, "fused", loss_fn, **kw)
+    for i, (a, b) in enumerate(zip(ref_vals, got_vals)):
+        torch.testing.assert_close(b, a, **tol, msg=lambda m, i=i: f"value {i}: {m}")
+    names = ["x", *[f"state{i}" for i in range(len(tree_flatten(state)[0]))], *dict(cell.named_parameters())]
+    for name, a, b in zip(names, ref_grads, got_grads):
+        torch.testing.assert_close(b, a, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize(
+    "lengths, reverse",
+    [(None, False), ([3, 9, 1, 6, 9], False), ([3, 9, 1, 6, 9], True)],
+    ids=["full", "lengths", "reverse"],
+)
+def test_matches_reference(name, dtype, lengths, reverse):
+    N, T, I, H = 5, 9, 6, 7
+    cell = make_cell(name, I, H, dtype)
+    torch.manual_seed(1)
+    x = torch.randn(N, T, I, dtype=dtype)
+    assert_agree(cell, x, random_state(cell, N, dtype), lengths=lengths, reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(CELLS))
+def test_no_bias(name, dtype):
+    N, T, I, H = 4, 7, 3, 5
+    cell = make_cell(name, I, H, dtype, bias=False)
+    x = torch.randn(N, T, I, dtype=dtype)
+    state = random_state(cell, N, dtype)
+    assert_agree(cell, x, state)
+    assert_agree(cell, x, state, lengths=[7, 2, 1, 5], reverse=True)
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_time_major_and_full_lengths(name):
+    dtype = torch.float64
+    cell = make_cell(name, 3, 4, dtype)
+    x = torch.randn(6, 2, 3, dtype=dtype)  # (T, N, I)
+    assert_agree(cell, x, random_state(cell, 2, dtype), batch_first=False, lengths=[6, 6])
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_chunked_time_loops(name, monkeypatch):
+    # Tiny chunks: the LSTM's input projection, backward loop and weight gradients, and the
+    # GRU's precomputed factors, all run a few steps at a time.
+    N, H = 4, 8
+    monkeypatch.setattr(fused, "_CHUNK_GATE_BYTES", 3 * N * 4 * H * 8)
+    monkeypatch.setattr(fused, "_CHUNK_BYTES", 3 * N * 4 * H * 8)
+    monkeypatch.setattr(fused, "_KEEP_TANH_C_BYTES", 0)  # the LSTM's backward recomputes tanh(c)
+    dtype = torch.float64
+    cell = make_cell(name, 3, H, dtype)
+    x = torch.randn(N, 11, 3, dtype=dtype)
+    state = random_state(cell, N, dtype)
+    assert_agree(cell, x, state)
+    assert_agree(cell, x, state, lengths=[11, 2, 7, 5], reverse=True)
+    assert_agree(cell, x, state, lengths=[11, 9, 10, 4])  # lengths.min() inside a later chunk
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_initial_state(name, dtype):
+    # The zero state skips step 0's recurrent GEMM; gradients w.r.t. it must still be right.
+    cell = make_cell(name, 3, 5, dtype)
+    x = torch.randn(4, 6, 3, dtype=dtype)
+    assert_agree(cell, x, cell.init_state(4, dtype=dtype), lengths=[6, 3, 1, 5])
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "gru_reset_before", "rnn_tanh"])
+def test_backward_twice_with_retain_graph(name):
+    cell = make_cell(name, 3, 4, torch.float64)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    loss = rnnkit.unroll(cell, x, lengths=[5, 2], backend="fused").outputs.pow(2).sum()
+    first = torch.autograd.grad(loss, [x, *cell.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *cell.parameters()])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def final_only(res):
+    return sum((leaf * leaf.cos()).sum() for leaf in tree_flatten(res.final_state)[0])
+
+
+def outputs_only(res):
+    return (res.outputs**3).sum()
+
+
+def cell_states_only(res):
+    return (res.states.c**2).sum()
+
+
+def final_c_only(res):
+    return res.final_state.c.sum()
+
+
+@pytest.mark.parametrize("loss_fn", [final_only, outputs_only, cell_states_only, final_c_only])
+@pytest.mark.parametrize("lengths", [None, [4, 1, 7]])
+def test_lstm_partial_losses(loss_fn, lengths):
+    dtype = torch.float64
+    cell = make_cell("lstm", 4, 5, dtype)
+    x = torch.randn(3, 7, 4, dtype=dtype)
+    assert_agree(cell, x, random_state(cell, 3, dtype), loss_fn=loss_fn, lengths=lengths)
+
+
+@pytest.mark.parametrize("name", ["gru", "gru_reset_before", "rnn_tanh"])
+@pytest.mark.parametrize("loss_fn", [final_only, outputs_only])
+def test_partial_losses(name, loss_fn):
+    dtype = torch.float64
+    cell = make_cell(name, 4, 5, dtype)
+    x = torch.randn(3, 7, 4, dtype=dtype)
+    assert_agree(cell, x, random_state(cell, 3, dtype), loss_fn=loss_fn, lengths=[4, 1, 7])
+
+
+class _Unrolled(torch.nn.Module):
+    """The fused unroll as a module, so gradcheck can swap the cell's parameters functionally."""
+
+    def __init__(self, cell: torch.nn.Module, lengths: torch.Tensor) -> None:
+        super().__init__()
+        self.cell, self.lengths = cell, lengths
+
+    def forward(self, x, *state_leaves):
+        unflatten = tree_flatten(self.cell.init_state(x.shape[0], dtype=x.dtype))[1]
+        res = rnnkit.unroll(
+            self.cell,
+            x,
+            unflatten(list(state_leaves)),
+            lengths=self.lengths,
+            return_states=True,
+            backend="fused",
+        )
+        return (res.outputs, *tree_flatten(res.final_state)[0], *tree_flatten(res.states)[0])
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_gradcheck(name):
+    N, T, I, H = 3, 5, 2, 4
+    dtype = torch.float64
+    module = _Unrolled(make_cell(name, I, H, dtype), torch.tensor([5, 2, 4]))
+    names = [f"cell.{n}" for n, _ in module.cell.named_parameters()]
+    state = [s.requires_grad_() for s in tree_flatten(random_state(module.cell, N, dtype))[0]]
+    params = [p.detach().clone().requires_grad_() for p in module.cell.parameters()]
+    x = torch.randn(N, T, I, dtype=dtype, requires_grad=True)
+    n_state = len(state)
+
+    def fn(x, *args):
+        return torch.func.functional_call(module, dict(zip(names, args[n_state:])), (x, *args[:n_state]))
+
+    assert torch.autograd.gradcheck(fn, (x, *state, *params))
+
+
+def test_forget_bias_and_bias_grads_reach_both_biases():
+    dtype = torch.float64
+    cell = LSTMCell(3, 4, forget_bias=1.0).to(dtype)
+    x = torch.randn(2, 5, 3, dtype=dtype)
+    rnnkit.unroll(cell, x, backend="fused").outputs.sum().backward()
+    torch.testing.assert_close(cell.bias_ih.grad, cell.bias_hh.grad)
+    assert cell.bias_ih.grad.abs().sum() > 0
+
+
+def test_no_grad_and_params_only():
+    cell = make_cell("lstm", 3, 4, torch.float32)
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        a = rnnkit.unroll(cell, x, backend="fused").outputs
+    b = rnnkit.unroll(cell, x, backend="reference").outputs
+    torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+    rnnkit.unroll(cell, x, backend="fused").outputs.sum().backward()
+    assert all(p.grad is not None for p in cell.parameters())
+
+
+@pytest.mark.parametrize("caller_flushes", [False, True])
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
+def test_caller_denormal_mode_is_kept(name, caller_flushes):
+    was = denormals_are_flushed()
+    try:
+        torch.set_flush_denormal(caller_flushes)
+        before = denormals_are_flushed()
+        cell = make_cell(name, 3, 4, torch.float32)
+        x = torch.randn(2, 6, 3, requires_grad=True)
+        res = rnnkit.unroll(cell, x, lengths=[6, 3], backend="fused")
+        assert denormals_are_flushed() == before
+        res.outputs.sum().backward()
+        assert denormals_are_flushed() == before
+    finally:
+        torch.set_flush_denormal(was)
+
+
+def test_auto_picks_fused_on_cpu():
+    x = torch.randn(2, 3, 4)
+    for name in CELLS:
+        assert _pick_backend(make_cell(name, 4, 5, torch.float32), x) == "fused"
+
+
+@pytest.mark.parametrize(
+    "cell, dtype, device, needle",
+    [
+        (LSTMCell(4, 5, peepholes=True), torch.float32, "cpu", "peephole"),
+        (LSTMCell(4, 5, cell_clip=3.0), torch.float32, "cpu", "clip"),
+        (LSTMCell(4, 5, proj_size=2), torch.float32, "cpu", "proj"),
+        (LayerNormLSTMCell(4, 5), torch.float32, "cpu", "LayerNormLSTMCell"),
+        (LSTMCell(4, 5), torch.bfloat16, "cpu", "float"),
+        (LSTMCell(4, 5), torch.float32, "meta", "CPU"),
+    ],
+)
+def test_unsupported_reasons(cell, dtype, device, needle):
+    x = torch.empty(2, 3, 4, dtype=dtype, device=device)
+    reason = fused.unsupported(cell, x)
+    assert reason and needle in reason
+
+
+def test_unsupported_cells_fall_back_to_reference():
+    cell = LSTMCell(4, 5, peepholes=True)
+    x = torch.randn(2, 3, 4)
+    assert _pick_backend(cell, x) == "reference"
+    with pytest.raises(rnnkit.ShapeError, match="peephole"):
+        rnnkit.unroll(cell, x, backend="fused")
+
+
+def test_lstm_final_state_is_frozen_state():
+    cell = make_cell("lstm", 3, 4, torch.float64)
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+    lengths = torch.tensor([2, 6, 4])
+    res = rnnkit.unroll(cell, x, lengths=lengths, return_states=True, backend="fused")
+    assert isinstance(res.final_state, LSTMState)
+    for n, L in enumerate(lengths.tolist()):
+        torch.testing.assert_close(res.final_state.h[n], res.states.h[n, L - 1])
+        torch.testing.assert_close(res.final_state.c[n], res.states.c[n, -1])
+        assert (res.outputs[n, L:] == 0).all()
