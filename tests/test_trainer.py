@@ -799,3 +799,17 @@ def test_batches_reject_bad_arguments():
         Batches(x, y[:22], 4)
     with pytest.raises(ConfigError, match="batch_size"):
         Batches(x, y, 0)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "exponential", "step", "cosine", "one_cycle"])
+def test_every_configured_schedule_builds_and_gives_a_positive_rate(schedule):
+    from rnnkit import app
+    from rnnkit.config import apply_overrides
+    from rnnkit.recipes import recipe_config
+
+    cfg = apply_overrides(recipe_config("mnist-rows"), [f"optim.schedule={schedule}", "optim.warmup_steps=3"])
+    model = torch.nn.Linear(4, 2)
+    trainer = app.build_trainer(cfg, model, torch.device("cpu"), [], train_size=1000)
+    rates = [trainer.schedule(s) for s in (0, 5, 20)]
+    assert all(r > 0 and math.isfinite(r) for r in rates), rates
+    assert max(rates) <= cfg.optim.lr * (1 + 1e-9)

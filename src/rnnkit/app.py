@@ -168,10 +168,10 @@ def build_trainer(
             kwargs.update(decay_rate=o.decay_rate, decay_steps=o.decay_steps, staircase=o.staircase)
         elif o.schedule == "step":
             kwargs.update(step_size=o.step_size, gamma=o.gamma)
-        elif o.schedule in ("cosine", "one_cycle"):
-            kwargs["total_steps"] = _total_steps(cfg, train_size)
-            if o.schedule == "cosine":
-                kwargs["min_lr"] = o.min_lr
+        elif o.schedule == "cosine":
+            kwargs.update(total_steps=_total_steps(cfg, train_size), min_lr=o.min_lr)
+        elif o.schedule == "one_cycle":  # optim.lr is the peak rate
+            kwargs = {"max_lr": o.lr, "total_steps": _total_steps(cfg, train_size)}
         schedule = make_schedule(o.schedule, warmup_steps=o.warmup_steps, **kwargs)
     return Trainer(
         model, optimizer, schedule=schedule, clip_norm=o.clip_norm, clip_value=o.clip_value, l1=o.l1, l2=o.l2,
@@ -181,8 +181,11 @@ def build_trainer(
 
 
 def _total_steps(cfg: RunConfig, train_size: int = 60_000) -> int:
+    """Optimiser steps of the run: train.steps, else epochs over the data, at least train.min_steps."""
     t = cfg.train
-    return t.steps if t.steps is not None else t.epochs * -(-train_size // t.batch_size)
+    if t.steps is not None:
+        return t.steps
+    return max(t.epochs * -(-train_size // t.batch_size), t.min_steps or 0)
 
 
 def _new_run_dir(cfg: RunConfig) -> Path:
@@ -227,7 +230,7 @@ def train(
     if device.type == "cuda":  # the whole set fits: skip the host-to-device copy per batch
         data.x_train, data.y_train = data.x_train.to(device), data.y_train.to(device)
     batches = Batches(data.x_train, data.y_train, t.batch_size, seed=t.seed)
-    total = t.steps if t.steps is not None else t.epochs * len(batches)
+    total = _total_steps(cfg, len(data.y_train))
     target = TimeToTarget(t.target_accuracy, start) if t.target_accuracy else None
     tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text)
     ckpt = Checkpointer(run_dir / "checkpoints", every=t.checkpoint_every, keep_last=t.keep_last,

@@ -312,7 +312,7 @@ def train(
     log(f"model: {_model_line(cfg)}, {n_params:,} parameters on {device}")
 
     batches = data.train
-    total = t.steps if t.steps is not None else t.epochs * len(batches)
+    total = t.steps if t.steps is not None else max(t.epochs * len(batches), t.min_steps or 0)
     metric, mode = {"sin-cos": ("mse", "min"), "echo": ("accuracy", "max"),
                     "sort-letters": ("exact_match", "max")}[cfg.task]
     tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text)
