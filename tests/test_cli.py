@@ -3,8 +3,6 @@ directory that reproduces, evaluates and predicts on its own; bad input exits 2 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import re
@@ -16,8 +14,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from cli_runner import run
 
-from rnnkit import cli
 from rnnkit.config import dump_toml
 from rnnkit.recipes import RECIPES
 from rnnkit.train.checkpoint import load_checkpoint
@@ -39,17 +37,6 @@ def _isolated(monkeypatch, tmp_path):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run(argv: list[str]) -> tuple[int, str, str]:
-    """``rnnkit ARGV`` in-process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(argv)
-        except SystemExit as e:  # argparse
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def final_line(out: str) -> re.Match:

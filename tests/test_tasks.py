@@ -3,16 +3,15 @@ pieces they rest on: word packing, exact match, gates recomputed from the states
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run
 
-from rnnkit import cli, tasks
+from rnnkit import tasks
 from rnnkit.config import apply_overrides
 from rnnkit.data.text import PAD, Vocab, make_seq2seq_batch
 from rnnkit.layers import LSTM
@@ -40,17 +39,6 @@ def _isolated(monkeypatch, tmp_path):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run(argv: list[str]) -> tuple[int, str, str]:
-    """``rnnkit ARGV`` in-process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(argv)
-        except SystemExit as e:  # argparse
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
