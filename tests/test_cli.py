@@ -23,6 +23,7 @@ from rnnkit.train.checkpoint import load_checkpoint
 # tiny settings on the embedded mini-MNIST: 8 steps per epoch
 TINY = [
     "--set", "data.dataset=embedded", "--set", "data.train_limit=256", "--set", "data.test_limit=64",
+    "--set", "train.min_steps=none", "--set", "train.eval_every=none",
     "--hidden", "8", "--batch-size", "32", "--no-progress", "--set", "train.threads=1",
 ]
 FINAL = re.compile(r"^final test accuracy: ([\d.]+)% \(loss ([\d.]+)\) after ([\d,]+) steps, .* run: (.+)$")

@@ -253,6 +253,7 @@ def _child_env() -> dict[str, str]:
 
 TINY = [
     "--set", "data.dataset=embedded", "--set", "data.train_limit=256", "--set", "data.test_limit=64",
+    "--set", "train.min_steps=none", "--set", "train.eval_every=none",
     "--hidden", "8", "--batch-size", "32", "--set", "train.threads=1",
 ]
 
