@@ -247,3 +247,28 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path):
     # a failed command leaves no run directory or other files behind
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
+
+
+def test_lr_find_plots_and_suggests_a_rate_it_tried(tmp_path):
+    code, out, err = run(["lr-find", *TINY[:6], "--set", "train.threads=1", "--set", "model.hidden=8",
+                          "--steps", "40", "--start", "1e-5", "--factor", "1.3", "--out", str(tmp_path)])
+    assert code == 0, err
+    png = tmp_path / "lr_find-mnist-rows.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tried = re.search(r"tried (\d+) rates from ([\d.e+-]+) to ([\d.e+-]+)", out)
+    suggested = float(re.search(r"suggested learning rate \(steepest descent\): ([\d.e+-]+)", out).group(1))
+    assert tried and float(tried.group(2)) <= suggested <= float(tried.group(3))
+
+
+def test_lr_find_rejects_a_bad_range():
+    code, _, err = run(["lr-find", *TINY[:6], "--factor", "0.9"])
+    assert code == 2 and "factor > 1" in err and "Traceback" not in err
+
+
+def test_steepest_descent_is_where_the_loss_falls_fastest():
+    from rnnkit.app import _steepest
+
+    lrs = [10 ** (-6 + 0.1 * i) for i in range(50)]
+    # a logistic drop centred at 1e-3.5, then divergence: the steepest point is the centre
+    losses = [2.0 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 3.5))) for lr in lrs[:40]] + [5.0] * 10
+    assert abs(math.log10(_steepest(lrs, losses)) + 3.5) < 0.15

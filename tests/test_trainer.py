@@ -634,7 +634,7 @@ def test_tensorboard_events_read_back(tmp_path):
     trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.01), callbacks=[rec, tb])
     trainer.fit(Batches(x, y, 8), (xv, yv), steps=4, eval_every=2)
     tb.close()
-    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0})  # 0: keep every event
     acc.Reload()
     tags = acc.Tags()
     assert {"train/loss", "train/accuracy", "train/lr", "train/grad_norm", "test/loss", "test/accuracy"} <= set(
@@ -648,6 +648,9 @@ def test_tensorboard_events_read_back(tmp_path):
     assert [e.value for e in test_acc] == pytest.approx([h["accuracy"] for h in trainer.history], rel=1e-6)
     assert not any(t.startswith("test/accuracy_class_") for t in tags["scalars"])
     assert any(t.startswith("weights/") for t in tags["histograms"])
+    grads = [t for t in tags["histograms"] if t.startswith("gradients/")]
+    assert {t.removeprefix("gradients/") for t in grads} == {n for n, _ in model.named_parameters()}
+    assert [e.step for e in acc.Histograms(grads[0])] == [2, 4]  # logged before zero_grad, under their step
     assert tags["tensors"] or tags.get("text")  # the config text
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import random
 import time
@@ -361,3 +362,75 @@ def predict_run(
     with torch.no_grad():
         probs = torch.softmax(model(data.x_test[:n]), dim=-1)
     return probs.argmax(-1).tolist(), data.y_test[:n].tolist(), probs
+
+
+@dataclass
+class LRFindResult:
+    """A learning-rate range test: rates tried, smoothed losses, the suggestion and the plot."""
+
+    lrs: list[float]
+    losses: list[float]
+    suggestion: float
+    plot: Path
+
+
+def lr_find(
+    cfg: RunConfig, *, start: float = 1e-7, factor: float = 1.05, max_steps: int = 400, out: str | Path | None = None,
+    log: Log = print,
+) -> LRFindResult:
+    """Seed 003's range test: raise the rate by ``factor`` each step from ``start``; suggest the steepest descent.
+
+    Training stops early once the smoothed loss exceeds four times its best (the rate is too high).
+    The suggestion is the rate where the smoothed loss falls fastest against log(rate).
+    """
+    if not (start > 0 and factor > 1 and max_steps >= 10):
+        raise ConfigError(
+            f"lr-find needs start > 0, factor > 1 and at least 10 steps; got {start}, {factor}, {max_steps}"
+        )
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    seed_everything(t.seed, t.deterministic)
+    data = load_data(cfg, log)
+    log(f"data: {data.source}")
+    model = build_model(cfg, data.x_train.shape[-1], data.num_classes).to(device)
+    trainer = build_trainer(cfg, model, device, [], train_size=len(data.y_train))
+    step = {"i": 0}
+    trainer.schedule = lambda _: start * factor ** step["i"]  # the range test owns the rate
+    batches = Batches(data.x_train, data.y_train, t.batch_size, seed=t.seed)
+    lrs, losses, smooth, best, done = [], [], 0.0, float("inf"), False
+    while not done:
+        for x, y in batches.epoch_batches():
+            loss = trainer.train_step(x, y)["loss"]
+            lrs.append(trainer.schedule(step["i"]))
+            # Debiased exponential average, as fast.ai's range test does: single batches are too noisy.
+            smooth = 0.9 * smooth + 0.1 * loss
+            value = smooth / (1 - 0.9 ** (step["i"] + 1))
+            losses.append(value)
+            best = min(best, value)
+            step["i"] += 1
+            done = step["i"] >= max_steps or not math.isfinite(value) or value > 4 * best
+            if done:
+                break
+    suggestion = _steepest(lrs, losses)
+    from rnnkit import plots
+
+    where = Path(out or t.out)
+    where.mkdir(parents=True, exist_ok=True)
+    path = plots.plot_lr_find(lrs, losses, where / f"lr_find-{cfg.recipe}.png", suggestion=suggestion)
+    return LRFindResult(lrs, losses, suggestion, path)
+
+
+def _steepest(lrs: list[float], losses: list[float]) -> float:
+    """The rate at which the loss falls fastest per unit of log(rate), ignoring the diverged tail."""
+    finite = [(lr, loss) for lr, loss in zip(lrs, losses) if math.isfinite(loss)]
+    if len(finite) < 3:
+        raise ConfigError("lr-find: the loss diverged at once; lower the start rate (--start)")
+    best_i = min(range(len(finite)), key=lambda i: finite[i][1])
+    usable = finite[: max(best_i + 1, 3)]
+    slopes = [
+        (usable[i + 1][1] - usable[i - 1][1]) / (math.log(usable[i + 1][0]) - math.log(usable[i - 1][0]))
+        for i in range(1, len(usable) - 1)
+    ]
+    return usable[1 + min(range(len(slopes)), key=slopes.__getitem__)][0]

@@ -71,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--index", type=int, default=0, help="which test input (default 0)")
 
     sub.add_parser("recipes", help="list the recipes with their reported and measured figures")
+
+    lf = sub.add_parser("lr-find", help="learning-rate range test: loss against an exponentially rising rate")
+    lf.add_argument("recipe", nargs="?", default="mnist-rows", help="recipe whose model and data to use")
+    lf.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides")
+    lf.add_argument("--data-dir", help="directory with the IDX files")
+    lf.add_argument("--start", type=float, default=1e-7, help="first rate (default 1e-7)")
+    lf.add_argument("--factor", type=float, default=1.05, help="rate multiplier per step (default 1.05)")
+    lf.add_argument("--steps", type=int, default=400, help="at most this many steps (default 400)")
+    lf.add_argument("--out", default=".", help="where lr_find-RECIPE.png goes (default: here)")
     return p
 
 
@@ -159,6 +168,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from rnnkit import app
+    from rnnkit.config import apply_overrides
+    from rnnkit.recipes import recipe_config
+
+    sets = list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    cfg = apply_overrides(recipe_config(args.recipe), sets)
+    r = app.lr_find(cfg, start=args.start, factor=args.factor, max_steps=args.steps, out=args.out)
+    print(f"tried {len(r.lrs)} rates from {r.lrs[0]:.2e} to {r.lrs[-1]:.2e}; plot: {r.plot}")
+    print(f"suggested learning rate (steepest descent): {r.suggestion:.2e}")
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from rnnkit.recipes import RECIPES
 
@@ -176,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rnnkit`` console script."""
     args = _parser().parse_args(argv)
     command = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "inspect": _cmd_inspect,
-               "recipes": _cmd_recipes}
+               "recipes": _cmd_recipes, "lr-find": _cmd_lr_find}
     try:
         return command[args.command](args)
     except KeyboardInterrupt:

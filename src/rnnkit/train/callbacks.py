@@ -113,13 +113,20 @@ class TensorBoardLogger(Callback):
             for key in ("loss", "accuracy", "lr", "grad_norm", "examples_per_s"):
                 if key in logs and math.isfinite(logs[key]):
                     self.writer.add_scalar(f"train/{key}", logs[key], step)
-        if self.histograms_every and step % self.histograms_every == 0:
-            self.histograms(trainer)
 
-    def histograms(self, trainer: Trainer) -> None:
-        """Histograms of every parameter (and its gradient when one is held)."""
+    def histograms(self, trainer: Trainer, step: int | None = None) -> None:
+        """Histograms of every parameter, and of its gradient when one is held."""
+        step = trainer.step if step is None else step
         for name, p in trainer.model.named_parameters():
-            self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), trainer.step)
+            self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+            if p.grad is not None:
+                self.writer.add_histogram(f"gradients/{name}", p.grad.detach().float().cpu(), step)
+
+    def on_before_optimizer_step(self, trainer: Trainer) -> None:
+        # Gradients exist only between backward and zero_grad: log them here, under the step they make.
+        step = trainer.step + 1
+        if self.histograms_every and step % self.histograms_every == 0:
+            self.histograms(trainer, step)
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():

@@ -39,6 +39,9 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first step."""
 
+    def on_before_optimizer_step(self, trainer: Trainer) -> None:
+        """After backward and clipping, before the update: the gradients are still there."""
+
     def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         """After each optimiser step, with the step's loss, accuracy, lr, grad_norm, speed."""
 
@@ -170,6 +173,8 @@ class Trainer:
             return {"loss": total_loss, "skipped": 1.0}
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = clip_gradients(params, max_norm=self.clip_norm, max_value=self.clip_value)
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self)
         lr = self.set_lr()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
