@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from rnnkit.config import dump_toml, from_dict, load_toml
 from rnnkit.errors import CheckpointError, ConfigError
 from rnnkit.recipes import RunConfig
+from rnnkit.train import distributed
 from rnnkit.train.batching import Batches
 from rnnkit.train.callbacks import Checkpointer, MetricsLogger, ProgressBar, TensorBoardLogger, TimeToTarget
 from rnnkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -211,7 +212,21 @@ def train(
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = resolve_device(t.device)
+    dist, device = distributed.setup(resolve_device(t.device))
+    try:
+        return _train_mnist(cfg, dist, device, resume_dir, log, start)
+    finally:
+        distributed.cleanup(dist)
+
+
+def _train_mnist(
+    cfg: RunConfig, dist: distributed.Dist | None, device: torch.device, resume_dir: str | Path | None, log: Log,
+    start: float,
+) -> RunSummary:
+    t = cfg.train
+    main = dist is None or dist.is_main
+    if not main:
+        log = _quiet  # only rank 0 speaks and writes
     resume_from = None
     if resume_dir:  # before anything is loaded or written: a failed --resume leaves the directory as it was
         resume_from = latest_checkpoint(Path(resume_dir) / "checkpoints")
@@ -221,8 +236,10 @@ def train(
     data = load_data(cfg, log)
     log(f"data: {data.source}")
     model = build_model(cfg, data.x_train.shape[-1], data.num_classes).to(device)
-    run_dir = Path(resume_dir) if resume_dir else _new_run_dir(cfg)
     config_text = dump_toml(cfg)
+    if not main:
+        return _train_worker(cfg, dist, device, model, data, resume_from)
+    run_dir = Path(resume_dir) if resume_dir else _new_run_dir(cfg)
     (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
     log(f"run directory: {run_dir}")
     n_params = sum(p.numel() for p in model.parameters())
@@ -230,7 +247,7 @@ def train(
 
     if device.type == "cuda":  # the whole set fits: skip the host-to-device copy per batch
         data.x_train, data.y_train = data.x_train.to(device), data.y_train.to(device)
-    batches = Batches(data.x_train, data.y_train, t.batch_size, seed=t.seed)
+    batches = _batches(cfg, dist, data)
     total = _total_steps(cfg, len(data.y_train))
     target = TimeToTarget(t.target_accuracy, start) if t.target_accuracy else None
     tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text)
@@ -240,10 +257,13 @@ def train(
     callbacks = [ProgressBar(total, enabled=t.progress), metrics, tb, ckpt]
     if target:
         callbacks.append(target)
-    trainer = build_trainer(cfg, model, device, callbacks, train_size=len(data.y_train))
+    trainer = build_trainer(cfg, distributed.wrap(model, dist, device), device, callbacks,
+                            train_size=len(data.y_train))
     if resume_from is not None:
         trainer.restore(resume_from, batches)
         log(f"resumed from {resume_from} at step {trainer.step}")
+    if dist is not None:
+        log(f"distributed: {dist.world_size} processes, {batches.batch_size} examples each per step")
 
     t0 = time.perf_counter()
     history = trainer.fit(batches, (data.x_test, data.y_test), steps=total, eval_every=t.eval_every,
@@ -267,9 +287,38 @@ def train(
                       target.seconds if target else None, interrupted)
 
 
+def _quiet(message: str) -> None:
+    """Logging of the processes other than rank 0."""
+
+
+def _batches(cfg: RunConfig, dist: distributed.Dist | None, data: Dataset) -> Batches:
+    """This process's batches: its share of every global batch of the epoch's order."""
+    t = cfg.train
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    return Batches(data.x_train, data.y_train, distributed.split_batch(t.batch_size, dist), seed=t.seed,
+                   rank=rank, world_size=world)
+
+
+def _train_worker(
+    cfg: RunConfig, dist: distributed.Dist, device: torch.device, model: nn.Module, data: Dataset,
+    resume_from: Path | None,
+) -> RunSummary:
+    """A process other than rank 0: the same steps (DDP averages the gradients), no files, no output."""
+    t = cfg.train
+    trainer = build_trainer(cfg, distributed.wrap(model, dist, device), device, [], train_size=len(data.y_train))
+    batches = _batches(cfg, dist, data)
+    if resume_from is not None:
+        trainer.restore(resume_from, batches)
+    history = trainer.fit(batches, (data.x_test, data.y_test),
+                          steps=_total_steps(cfg, len(data.y_train)), eval_every=t.eval_every,
+                          eval_batch_size=t.eval_batch_size)
+    final = history[-1]
+    return RunSummary(Path(), final.get("accuracy", float("nan")), final["loss"], 0.0, trainer.step, None, False)
+
+
 def _save_model(run_dir: Path, trainer: Trainer, cfg: RunConfig, data: Dataset, final: dict, config_text: str) -> None:
     with trainer._averaged():
-        tensors = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+        tensors = {k: v.detach().cpu() for k, v in trainer.module.state_dict().items()}
     meta = {"kind": "rnnkit-model", "config": config_text, "input_size": int(data.x_train.shape[-1]),
             "num_classes": data.num_classes, "step": trainer.step,
             "test": {k: v for k, v in final.items() if not k.startswith("accuracy_class_")}}

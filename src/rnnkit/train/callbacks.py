@@ -117,7 +117,7 @@ class TensorBoardLogger(Callback):
     def histograms(self, trainer: Trainer, step: int | None = None) -> None:
         """Histograms of every parameter, and of its gradient when one is held."""
         step = trainer.step if step is None else step
-        for name, p in trainer.model.named_parameters():
+        for name, p in trainer.module.named_parameters():
             self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
             if p.grad is not None:
                 self.writer.add_histogram(f"gradients/{name}", p.grad.detach().float().cpu(), step)

@@ -87,11 +87,13 @@ class Trainer:
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.model, self.optimizer = model, optimizer
-        self.loss_fn = loss or getattr(model, "loss", None) or F.cross_entropy
+        # Under DistributedDataParallel, ``model`` runs the steps and ``module`` holds the state.
+        self.module: nn.Module = getattr(model, "module", model)
+        self.loss_fn = loss or getattr(self.module, "loss", None) or F.cross_entropy
         self.metrics_fn = metrics
         self.schedule, self.clip_norm, self.clip_value = schedule, clip_norm, clip_value
         self.l1, self.l2, self.accumulate = l1, l2, max(1, int(accumulate))
-        self.ema = EMA(model, ema_decay) if ema_decay else None
+        self.ema = EMA(self.module, ema_decay) if ema_decay else None
         self.device = torch.device(device)
         self.bf16 = bf16 and self.device.type == "cuda"
         self.nonfinite = nonfinite
@@ -156,7 +158,7 @@ class Trainer:
                 out = model(xs)
                 loss = self.loss_fn(out, ys)
                 if self.l1 or self.l2:
-                    loss = loss + l1_l2_penalty(model, l1=self.l1, l2=self.l2)
+                    loss = loss + l1_l2_penalty(self.module, l1=self.l1, l2=self.l2)
             (loss * (xs.shape[0] / n)).backward()
             total_loss += loss.item() * xs.shape[0] / n
             if self.metrics_fn is not None:
@@ -201,7 +203,7 @@ class Trainer:
         """The first thing that is not finite: the loss, or a parameter's gradient (by name)."""
         if not math.isfinite(loss):
             return "the loss"
-        for name, p in self.model.named_parameters():
+        for name, p in self.module.named_parameters():
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 return f"the gradient of {name!r}"
         return None
@@ -245,11 +247,11 @@ class Trainer:
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
         position = self.train_data.state_dict() if self.train_data is not None else None
         info = {"step": self.step, "epoch": self.epoch, "data_position": position, **(meta or {})}
-        return pack_training_state(self.model, self.optimizer, extra=extra, meta=info)
+        return pack_training_state(self.module, self.optimizer, extra=extra, meta=info)
 
     def restore(self, path: Any, train: Batches | None = None) -> dict[str, Any]:
         """Resume from a checkpoint written by :meth:`checkpoint_state`; returns its meta."""
-        meta, extra = restore_training_state(path, self.model, self.optimizer)
+        meta, extra = restore_training_state(path, self.module, self.optimizer)
         if self.ema is not None and "ema" in extra:
             self.ema.load_state_dict(extra["ema"])
         self.step, self.epoch = int(meta.get("step", 0)), int(meta.get("epoch", 0))
