@@ -61,11 +61,13 @@ def masked_cross_entropy(
     lengths: Tensor | list[int] | None = None,
     *,
     ignore_index: int | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Mean cross-entropy of ``logits`` (N, T, C) against ``targets`` (N, T) over valid tokens only.
 
     A token is valid when it lies within its sequence's length (if ``lengths`` is given) and is not
-    ``ignore_index`` (if given, e.g. the PAD id).
+    ``ignore_index`` (if given, e.g. the PAD id). ``weights`` (N, T) weigh the valid tokens: the
+    loss is then ``sum(w * ce) / sum(w)`` over valid tokens (TensorFlow's ``sequence_loss``).
     """
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ShapeError(
@@ -81,7 +83,15 @@ def masked_cross_entropy(
     # -100 is cross_entropy's own "skip this token"; it also keeps padded garbage ids out of range checks
     safe = torch.where(valid, targets, torch.full_like(targets, -100))
     # (N, T, C) -> (N*T, C) and (N, T) -> (N*T,): one token per row
-    return F.cross_entropy(logits.reshape(N * T, C), safe.reshape(N * T), ignore_index=-100)
+    if weights is None:
+        return F.cross_entropy(logits.reshape(N * T, C), safe.reshape(N * T), ignore_index=-100)
+    if weights.shape != targets.shape:
+        raise ShapeError(
+            f"masked_cross_entropy: weights must be (N, T) = {tuple(targets.shape)}, got {tuple(weights.shape)}"
+        )
+    ce = F.cross_entropy(logits.reshape(N * T, C), safe.reshape(N * T), ignore_index=-100, reduction="none")
+    w = weights.reshape(N * T).to(ce.dtype) * valid.reshape(N * T)
+    return (ce * w).sum() / w.sum().clamp_min(torch.finfo(ce.dtype).tiny)
 
 
 class SequenceRegressor(nn.Module):
