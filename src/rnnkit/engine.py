@@ -200,13 +200,9 @@ def _validate(
     if state is None:
         state = expected
     else:
-        want_leaves = tree_flatten(expected)[0]
-        got_leaves = _leaves_or_none(state) if _same_structure(state, expected) else None
-        if got_leaves is None or len(got_leaves) != len(want_leaves):
-            raise ShapeError(
-                f"unroll: expected a state like {_describe(expected)}, got {_describe(state)}"
-            )
-        for got, want in zip(got_leaves, want_leaves):
+        if not _same_structure(state, expected):  # then both flatten to equally many tensors
+            raise ShapeError(f"unroll: expected a state like {_describe(expected)}, got {_describe(state)}")
+        for got, want in zip(tree_flatten(state)[0], tree_flatten(expected)[0]):
             if got.shape != want.shape:
                 raise ShapeError(f"unroll: expected a state like {_describe(expected)}, got {_describe(state)}")
             if got.dtype != want.dtype or got.device != want.device:
@@ -230,14 +226,6 @@ def _check_lengths(lengths: Any, N: int, T: int, device: torch.device) -> Tensor
     if lo < 1 or hi > T:
         raise ShapeError(f"unroll: lengths must be in [1, T={T}], got values from {lo} to {hi}")
     return t.to(device=device, dtype=torch.long)
-
-
-def _leaves_or_none(state: Any) -> list[Tensor] | None:
-    try:
-        leaves = tree_flatten(state)[0]
-    except TypeError:
-        return None
-    return leaves if all(isinstance(s, Tensor) for s in leaves) else None
 
 
 def _same_structure(got: Any, want: Any) -> bool:
