@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rnnkit
-from rnnkit import GRUCell, LayerNormLSTMCell, LSTMCell, LSTMState, RNNCell
+from rnnkit import GRUCell, LayerNormLSTMCell, LSTMCell, LSTMState, RNNCell, engine
 from rnnkit.backends import fused
 from rnnkit.engine import _pick_backend, tree_flatten
 from rnnkit.fpmode import denormals_are_flushed
@@ -251,10 +251,23 @@ def test_caller_denormal_mode_is_kept(name, caller_flushes):
         torch.set_flush_denormal(was)
 
 
-def test_auto_picks_fused_on_cpu():
-    x = torch.randn(2, 3, 4)
+def test_auto_on_cpu_picks_by_workload():
+    """Small float32 training and all inference go to torch's kernel; long training to the fused one."""
     for name in CELLS:
-        assert _pick_backend(make_cell(name, 4, 5, torch.float32), x) == "fused"
+        cell = make_cell(name, 4, 5, torch.float32)
+        native_ok = name != "gru_reset_before"  # torch's GRU has only reset_after=True
+        small, T, N = torch.randn(3, 2, 4), 3, 2
+        assert _pick_backend(cell, small, T, N) == ("native" if native_ok else "fused")
+        with torch.no_grad():
+            assert _pick_backend(cell, small, T, N) == ("native" if native_ok else "fused")
+        # the gates of a long sequence spill out of cache: the fused backend's chunked loop wins
+        T_long = (engine._NATIVE_TRAIN_GATE_BYTES // (N * 4 * engine._gate_width(cell))) + 1
+        long = torch.empty(T_long, N, 4)
+        assert _pick_backend(cell, long, T_long, N) == "fused"
+        with torch.no_grad():
+            assert _pick_backend(cell, long, T_long, N) == ("native" if native_ok else "fused")
+        # float64 has no oneDNN kernel: the fused backend
+        assert _pick_backend(cell.double(), small.double(), T, N) == "fused"
 
 
 @pytest.mark.parametrize(
@@ -277,7 +290,7 @@ def test_unsupported_reasons(cell, dtype, device, needle):
 def test_unsupported_cells_fall_back_to_reference():
     cell = LSTMCell(4, 5, peepholes=True)
     x = torch.randn(2, 3, 4)
-    assert _pick_backend(cell, x) == "reference"
+    assert _pick_backend(cell, x, 3, 2) == "reference"
     with pytest.raises(rnnkit.ShapeError, match="peephole"):
         rnnkit.unroll(cell, x, backend="fused")
 

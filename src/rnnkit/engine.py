@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from rnnkit import fpmode
 from rnnkit.backends import fused, native, reference
+from rnnkit.cells import GRUCell, LSTMCell
 from rnnkit.errors import ShapeError
 
 __all__ = ["unroll", "UnrollResult", "BACKENDS", "tree_map", "tree_flatten", "tree_unflatten"]
@@ -106,7 +107,7 @@ def unroll(
     if backend not in BACKENDS:
         raise ShapeError(f"unroll: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = _pick_backend(cell, x)
+        backend = _pick_backend(cell, x, T, N)
     elif backend in ("native", "fused"):
         module = native if backend == "native" else fused
         reason = module.unsupported(cell, x)
@@ -156,12 +157,31 @@ def unroll(
     return UnrollResult(outputs, final_state, states)
 
 
-def _pick_backend(cell: nn.Module, x: Tensor) -> str:
-    if x.device.type == "cpu" and not fused.unsupported(cell, x):
-        return "fused"
-    if x.device.type != "cpu" and not native.unsupported(cell, x):
-        return "native"
-    return "reference"
+# Training on the CPU in float32, torch's own kernel (oneDNN's RNN) beats the fused backend while
+# a layer's gates for the whole sequence fit in cache, and falls behind once they spill: measured
+# on an AMD EPYC (Zen 5, 2 cores; LSTM, B128 H128) the fused backend took 1.65x native's time at
+# T28 (7 MB of gates) but 0.92x at T100 (25 MB) and 0.85-0.9x at T784; see BENCHMARKS.md.
+_NATIVE_TRAIN_GATE_BYTES = 16 << 20
+
+
+def _gate_width(cell: nn.Module) -> int:
+    """Pre-activations per unit: 4 for an LSTM, 3 for a GRU, 1 for an Elman RNN."""
+    return {LSTMCell: 4, GRUCell: 3}.get(type(cell), 1) * cell.hidden_size
+
+
+def _pick_backend(cell: nn.Module, x: Tensor, T: int, N: int) -> str:
+    native_ok = not native.unsupported(cell, x)
+    if x.device.type != "cpu":
+        return "native" if native_ok else "reference"
+    fused_ok = not fused.unsupported(cell, x)
+    if native_ok and (x.dtype == torch.float32 or not fused_ok):
+        training = torch.is_grad_enabled() and (
+            x.requires_grad or cell.weight_ih.requires_grad or cell.weight_hh.requires_grad
+        )
+        # Inference: oneDNN keeps no per-step workspace and is 2-2.5x faster at every length measured.
+        if not training or not fused_ok or T * N * _gate_width(cell) * x.element_size() <= _NATIVE_TRAIN_GATE_BYTES:
+            return "native"
+    return "fused" if fused_ok else "reference"
 
 
 def _validate(

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rnnkit.backends.gemm import addmm_, linear, linear_add_, mm
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.fpmode import denormals_flushed
 
@@ -154,12 +155,11 @@ class _LSTMFunction(torch.autograd.Function):
                 w_in = torch.cat((_rotate_scale_g(w_ih, H), _rotate_scale_g(bias, H).unsqueeze(1)), 1)
             G = x.new_empty(T, N, H4)
             G2 = G.view(T * N, H4)
-            wih_t = w_in.t()
             hs, cs = x.new_empty(T, N, H), x.new_empty(T, N, H)
             keep_tc = T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
             TCs = x.new_empty(T, N, H) if keep_tc else None
             tc_s = TCs.unbind(0) if keep_tc else (x.new_empty(N, H),) * T
-            whh_t = _rotate_scale_g(w_hh, H).t()
+            whh = _rotate_scale_g(w_hh, H)
             gates = G.unbind(0)
             o_s, i_s, f_s, g_s = (
                 G[:, :, :H].unbind(0),
@@ -177,9 +177,9 @@ class _LSTMFunction(torch.autograd.Function):
             for t in range(T):
                 if t % chunk == 0:  # the input projection of the next chunk, just before it is used
                     rows = slice(t * N, min(T, t + chunk) * N)
-                    torch.mm(x2[rows], wih_t, out=G2[rows])
+                    linear(x2[rows], w_in, out=G2[rows])
                 if t or not h0_zero:
-                    gates[t].addmm_(h, whh_t)
+                    linear_add_(gates[t], h, whh)
                 gates[t].sigmoid_()
                 g = add(m1, g_s[t], alpha=2, out=g_s[t])
                 tc = tc_s[t]
@@ -241,6 +241,9 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
     else:
         dc.zero_()
     I = w_ih_r.shape[1]
+    # (in, out) weights of the backward's products, laid out once for the GEMM routine
+    whh_rt = w_hh_r.t().contiguous()
+    wih_rt = w_ih_r.t().contiguous() if need_x else None
     Ix = x2.shape[1]  # I, or I + 1 with the column of ones that carries the bias
     dx = G.new_empty(T, N, I) if need_x else None
     # The weight gradients of a chunk are one GEMM: [x_t, 1, h_{t-1}]^T dG over its rows.
@@ -298,9 +301,9 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
             if t == 0:
                 break
             if j:
-                target = DH_s[j - 1].addmm_(P_s[j], w_hh_r)
+                target = linear_add_(DH_s[j - 1], P_s[j], whh_rt)
             else:  # the step below starts the next chunk
-                target = torch.mm(P_s[j], w_hh_r, out=carry)
+                target = linear(P_s[j], whh_rt, out=carry)
             if t >= full:
                 target.addcmul_(notm[t - full], dh)
             if gc_s is not None:
@@ -309,14 +312,14 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
                 mul(dcn, f_s[j], out=dc)
         dG = p_.view(n * N, H4)
         if need_x:
-            torch.mm(dG, w_ih_r, out=dx[lo:hi].view(n * N, -1))
+            linear(dG, wih_rt, out=dx[lo:hi].view(n * N, -1))
         if need_w:
             xh = XH[: n * N]
             xh[:, :Ix].copy_(x2[lo * N : hi * N])
             for rows, prev in _with_prev(hs, h0, lo, hi):
                 xh.view(n, N, -1)[rows, :, Ix:].copy_(prev)
-            dW.addmm_(xh.t(), dG)  # MKL is faster this way round than dG^T xh
-    dh0 = torch.mm(P_s[0], w_hh_r) if need_h0 else None
+            linear_add_(dW, xh.t(), dG.t())  # faster this way round than dG^T xh
+    dh0 = linear(P_s[0], whh_rt) if need_h0 else None
     dc0 = mul(dcn, f_s[0]) if need_c0 else None
     return (
         dx,
@@ -335,10 +338,7 @@ def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> tuple[Ten
     T, N, I = x.shape
     x2 = x.reshape(T * N, I)
     G = x.new_empty(T, N, w_ih.shape[0])
-    if bias is None:
-        torch.mm(x2, w_ih.t(), out=G.view(T * N, -1))
-    else:
-        torch.addmm(bias, x2, w_ih.t(), out=G.view(T * N, -1))
+    linear(x2, w_ih, out=G.view(T * N, -1), bias=bias)
     return x2, G
 
 
@@ -402,7 +402,7 @@ class _RNNFunction(torch.autograd.Function):
             for t in range(T):
                 pre = steps[t]
                 if t or not h0_zero:
-                    pre.addmm_(h, whh_t)
+                    addmm_(pre, h, whh_t)
                 new = add(m1, pre.sigmoid_(), alpha=2, out=pre) if is_tanh else pre.relu_()
                 h = new if t < full else torch.where(masks[t], new, h, out=pre)
         ctx.full, ctx.tanh, ctx.has_bias, ctx.h0_zero = full, is_tanh, bias is not None, h0_zero
@@ -436,12 +436,11 @@ def _rnn_backward(ctx, gh, x2, h0, w_ih, w_hh, hs, masks):  # noqa: ANN001
     dh_s = DH.unbind(0)
     for t in range(T - 1, 0, -1):
         D_s[t].mul_(dh_s[t])
-        dh_s[t - 1].addmm_(D_s[t], w_hh)
+        addmm_(dh_s[t - 1], D_s[t], w_hh)
         if t >= full:
             dh_s[t - 1].addcmul_(notm[t - full], dh_s[t])
     D_s[0].mul_(dh_s[0])
     dG = D.view(T * N, H)
-    mm = torch.mm
     dx = dh0 = dwih = dwhh = db = None
     if need_h0:
         dh0 = mm(D_s[0], w_hh)
@@ -453,7 +452,7 @@ def _rnn_backward(ctx, gh, x2, h0, w_ih, w_hh, hs, masks):  # noqa: ANN001
         if T > 1:
             dwhh = mm(D[1:].view(-1, H).t(), hs[:-1].reshape(-1, H))
             if not ctx.h0_zero:
-                dwhh.addmm_(D_s[0].t(), h0)
+                addmm_(dwhh, D_s[0].t(), h0)
         else:
             dwhh = mm(D_s[0].t(), h0)
     if need_b and ctx.has_bias:
@@ -485,7 +484,7 @@ class _GRUFunction(torch.autograd.Function):
                 torch.mul(b_hn, 2.0, out=b_h[H2:])
             Hh = x.new_empty(T, N, H3)
             hs = x.new_empty(T, N, H)
-            whh_t = _double_rows(w_hh, H2, H3).t()
+            whh = _double_rows(w_hh, H2, H3)
             rz_s, r_s, z_s, n_s = (
                 G[:, :, :H2].unbind(0),
                 G[:, :, :H].unbind(0),
@@ -495,12 +494,12 @@ class _GRUFunction(torch.autograd.Function):
             hh_s, hrz_s, s_s = Hh.unbind(0), Hh[:, :, :H2].unbind(0), Hh[:, :, H2:].unbind(0)
             h_s = hs.unbind(0)
             m1 = x.new_full((), -1.0)
-            addmm, lerp, add = torch.addmm, torch.lerp, torch.add
+            lerp, add = torch.lerp, torch.add
             h0_zero = not bool(h0.any())
             h = h0
             for t in range(T):
                 if t or not h0_zero:
-                    addmm(b_h, h, whh_t, out=hh_s[t])
+                    linear(h, whh, out=hh_s[t], bias=b_h)
                 else:
                     hh_s[t].copy_(b_h)
                 rz_s[t].add_(hrz_s[t]).sigmoid_()
@@ -530,7 +529,7 @@ def _gru_backward(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks):  # noqa: ANN00
     # (da_n, da_r, da_z, dS): the first three blocks are dG of the input projection in the
     # order (n, r, z), the last three the gradient of h W_hh^T + b in the order (r, z, n).
     Q = G.new_empty(T, N, H4)
-    addcmul, mul, mm = torch.addcmul, torch.mul, torch.mm
+    addcmul, mul = torch.addcmul, torch.mul
     z_all = G[:, :, H:H2]
     z_eff = z_all  # past a sequence's end z is replaced by 1 so dh passes through unchanged
     mf = None
@@ -571,7 +570,7 @@ def _gru_backward(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks):  # noqa: ANN00
         Q4_s[t].mul_(dh_s[t].unsqueeze(1))
         if t == 0:
             break
-        dh_s[t - 1].addmm_(dhh_s[t], w_hh).addcmul_(dh_s[t], z_s[t])
+        addmm_(dh_s[t - 1], dhh_s[t], w_hh).addcmul_(dh_s[t], z_s[t])
     dx = dh0 = dwih = dwhh = dbx = dbhn = None
     if need_h0:
         dh0 = mm(dhh_s[0], w_hh).addcmul_(dh_s[0], z_s[0])
@@ -585,7 +584,7 @@ def _gru_backward(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks):  # noqa: ANN00
         dhh = Q[:, :, H:]
         dwhh = mm(dhh[0].t(), h0)
         if T > 1:
-            dwhh.addmm_(dhh[1:].reshape(-1, H3).t(), hs[:-1].reshape(-1, H))
+            addmm_(dwhh, dhh[1:].reshape(-1, H3).t(), hs[:-1].reshape(-1, H))
     if need_bx and ctx.has_bx:
         db = dG.sum(0)
         dbx = torch.cat((db[H:], db[:H]))
@@ -626,11 +625,11 @@ class _GRUResetBeforeFunction(torch.autograd.Function):
             h = h0
             for t in range(T):
                 if t or not h0_zero:
-                    rz_s[t].addmm_(h, wrz_t)
+                    addmm_(rz_s[t], h, wrz_t)
                 rz_s[t].sigmoid_()
                 rh = mul(r_s[t], h, out=rh_s[t])
                 if t or not h0_zero:
-                    n_s[t].addmm_(rh, wn_t)
+                    addmm_(n_s[t], rh, wn_t)
                 n = add(m1, n_s[t].sigmoid_(), alpha=2, out=n_s[t])
                 if t < full:
                     h = lerp(n, h, z_s[t], out=h_s[t])
@@ -656,7 +655,7 @@ def _gru_reset_before_backward(ctx, gh, x2, h0, w_ih, w_hh, G, RH, hs, masks):  
     # Q: per step the factors (h_prev r(1-r), (h_prev - n) z(1-z), (1-z)(1-n^2)), overwritten by
     # the loop with dG (da_r, da_z, da_n).
     Q = torch.empty_like(G)
-    addcmul, mul, mm = torch.addcmul, torch.mul, torch.mm
+    addcmul, mul = torch.addcmul, torch.mul
     r_all, z_all = G[:, :, :H], G[:, :, H:H2]
     z_eff = z_all  # past a sequence's end z is replaced by 1 so dh passes through unchanged
     mf = None
@@ -700,7 +699,7 @@ def _gru_reset_before_backward(ctx, gh, x2, h0, w_ih, w_hh, G, RH, hs, masks):  
         qr_s[t].mul_(drh)
         if t == 0:
             break
-        dh_s[t - 1].addmm_(qrz_s[t], w_rz).addcmul_(dh, z_s[t]).addcmul_(drh, r_s[t])
+        addmm_(dh_s[t - 1], qrz_s[t], w_rz).addcmul_(dh, z_s[t]).addcmul_(drh, r_s[t])
     dx = dh0 = dwih = dwhh = dbx = None
     if need_h0:
         dh0 = mm(qrz_s[0], w_rz).addcmul_(dh_s[0], z_s[0]).addcmul_(drh, r_s[0])
@@ -712,7 +711,7 @@ def _gru_reset_before_backward(ctx, gh, x2, h0, w_ih, w_hh, G, RH, hs, masks):  
     if need_whh:
         drz = mm(qrz_s[0].t(), h0)
         if T > 1:
-            drz.addmm_(Q[1:, :, :H2].reshape(-1, H2).t(), hs[:-1].reshape(-1, H))
+            addmm_(drz, Q[1:, :, :H2].reshape(-1, H2).t(), hs[:-1].reshape(-1, H))
         dwhh = torch.cat((drz, mm(Q[:, :, H2:].reshape(-1, H).t(), RH.view(-1, H))))
     if need_bx and ctx.has_bx:
         dbx = dG.sum(0)
