@@ -74,3 +74,42 @@ def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
 def addmm_(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``c += a @ b`` in place like ``Tensor.addmm_``; returns ``c``."""
     return linear_add_(c, a, b.t())
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` for 2-D float32 CPU input with oneDNN products forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.has_b = b is not None
+        return linear(x, w, bias=b)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: stay differentiable for a second derivative
+            return (g @ w if need_x else None, g.t() @ x if need_w else None,
+                    g.sum(0) if need_b and ctx.has_b else None)
+        return (mm(g, w) if need_x else None, mm(g.t(), x) if need_w else None,
+                g.sum(0) if need_b and ctx.has_b else None)
+
+
+class OneDNNLinearMode(torch.overrides.TorchFunctionMode):
+    """Within this mode, ``F.linear`` (so ``nn.Linear``) on 2-D float32 CPU input runs on oneDNN.
+
+    The unroll engine's reference loop enters it around a user's cell: its per-step products are
+    the loop's largest cost, and oneDNN computes them 1.8-2x faster than torch's BLAS path on AMD
+    processors (see the module docstring). Everything else passes through unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (x.dim() == 2 and w.dim() == 2 and _use_onednn(x) and w.dtype == torch.float32
+                    and (b is None or b.dtype == torch.float32) and w.device.type == "cpu"):
+                return _Linear.apply(x, w, b)
+        return func(*args, **kwargs)

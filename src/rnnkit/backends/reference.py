@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rnnkit.backends.gemm import OneDNNLinearMode, onednn_available
 from rnnkit.cells import cell_output
 
 
@@ -23,6 +24,15 @@ def run(
     cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
 ) -> tuple[Tensor, Any, Any]:
     """Step the cell over x (T, N, I); steps past a sequence's end keep its state frozen."""
+    if onednn_available() and x.device.type == "cpu" and x.dtype == torch.float32:
+        with OneDNNLinearMode():  # the cell's nn.Linear products on oneDNN: see rnnkit.backends.gemm
+            return _run(cell, x, state, masks, lengths, return_states)
+    return _run(cell, x, state, masks, lengths, return_states)
+
+
+def _run(
+    cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
+) -> tuple[Tensor, Any, Any]:
     from rnnkit.engine import tree_map  # the engine owns the state utilities
 
     T = x.shape[0]

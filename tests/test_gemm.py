@@ -1,0 +1,77 @@
+"""The fused backend's GEMM routines and the oneDNN linear mode agree with torch's products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnkit.backends import gemm
+
+
+@pytest.fixture(params=[True, False], ids=["onednn", "blas"])
+def route(request, monkeypatch):
+    """Run a test through oneDNN (where torch has it) and through torch's BLAS path."""
+    if request.param and not gemm._probe():
+        pytest.skip("this torch build has no oneDNN inner product")  # pragma: no cover
+    monkeypatch.setattr(gemm, "_ONEDNN", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_match_torch(route, dtype):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 5, generator=g, dtype=dtype)
+    w = torch.randn(7, 5, generator=g, dtype=dtype)
+    b = torch.randn(7, generator=g, dtype=dtype)
+    c = torch.randn(6, 7, generator=g, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gemm.linear(a, w), a @ w.t(), **tol)
+    torch.testing.assert_close(gemm.linear(a, w, bias=b), a @ w.t() + b, **tol)
+    out = torch.empty(6, 7, dtype=dtype)
+    assert gemm.linear(a, w, out=out) is out
+    torch.testing.assert_close(out, a @ w.t(), **tol)
+    want = c + a @ w.t()
+    assert gemm.linear_add_(c, a, w) is c
+    torch.testing.assert_close(c, want, **tol)
+    # transposed (strided) operands, as the weight-gradient products pass them
+    torch.testing.assert_close(gemm.mm(w.t()[:, :3].t(), a.t()[:, :4]), w[:3] @ a[:4].t(), **tol)
+    d = torch.zeros(5, 5, dtype=dtype)
+    torch.testing.assert_close(gemm.addmm_(d, a.t(), a), a.t() @ a, **tol)
+
+
+def test_env_switch_turns_onednn_off(monkeypatch):
+    monkeypatch.setenv("RNNKIT_GEMM", "blas")
+    assert gemm._probe() is False
+
+
+def test_linear_mode_values_and_gradients(route):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 7)
+    x = torch.randn(4, 5, requires_grad=True)
+    want = lin(x)
+    gx, gw, gb = torch.autograd.grad(want.square().sum(), [x, lin.weight, lin.bias])
+    with gemm.OneDNNLinearMode():
+        got = lin(x)
+        x3 = lin(x.detach().unsqueeze(0))  # not 2-D: passes through to torch
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(x3[0], want.detach())
+    hx, hw, hb = torch.autograd.grad(got.square().sum(), [x, lin.weight, lin.bias])
+    torch.testing.assert_close(hx, gx)
+    torch.testing.assert_close(hw, gw)
+    torch.testing.assert_close(hb, gb)
+
+
+def test_linear_mode_second_derivative():
+    """create_graph=True keeps the backward differentiable (a gradient penalty works)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3, requires_grad=True)
+
+    def penalty() -> torch.Tensor:
+        (gx,) = torch.autograd.grad(torch.tanh(lin(x)).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), lin.weight)[0]
+
+    want = penalty()
+    with gemm.OneDNNLinearMode():
+        got = penalty()
+    torch.testing.assert_close(got, want)
