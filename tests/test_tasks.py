@@ -172,16 +172,19 @@ def test_bad_task_input_exits_2_with_one_line(runs, case, tmp_path):
 # ---------------------------------------------------------------------------------------- inspect
 
 
-def test_inspect_writes_state_heatmaps_for_an_mnist_run(tmp_path):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_inspect_writes_state_heatmaps_for_an_mnist_run(tmp_path, bidirectional):
     tiny = ["--set", "data.dataset=embedded", "--set", "data.train_limit=64", "--set", "data.test_limit=16",
             "--hidden", "8", "--batch-size", "32", "--steps", "2", "--no-progress", "--set", "train.threads=1"]
-    code, out, err = run(["train", *tiny, "--out", str(tmp_path)])
+    code, out, err = run(["train", *tiny, *(["--bidirectional"] if bidirectional else []), "--out", str(tmp_path)])
     assert code == 0, err
     run_dir = out.strip().splitlines()[-1].split("run: ")[1]
     code, out, err = run(["inspect", run_dir, "--index", "7"])
     assert code == 0, err
-    path = Path(run_dir) / "states-7.png"
-    assert out.strip() == f"wrote {path}" and path.read_bytes()[:8] == PNG
+    names = ["states-7-layer0.png", "states-7-layer0-reverse.png"] if bidirectional else ["states-7.png"]
+    paths = [Path(run_dir) / n for n in names]
+    assert out.strip().splitlines() == [f"wrote {p}" for p in paths]
+    assert all(p.read_bytes()[:8] == PNG for p in paths)
 
 
 def test_inspect_works_for_stream_and_seq2seq_runs(runs):
@@ -259,3 +262,24 @@ def test_echo_and_sin_cos_learn_in_a_few_hundred_steps(tmp_path):
     assert code == 0, err
     sin = json.loads((Path(out.strip().split("run: ")[-1]) / "results.json").read_text())
     assert sin["mse_after_first_window"] < 0.05, sin
+
+
+@pytest.mark.parametrize("merge_mode", ["concat", "sum"])
+def test_bidirectional_traces_run_each_direction_its_own_way(merge_mode):
+    """The reverse direction's previous step is the next one in time; layer 1 reads both directions."""
+    torch.manual_seed(0)
+    rnn = LSTM(3, 4, num_layers=2, batch_first=True, bidirectional=True, merge_mode=merge_mode)
+    x = torch.randn(1, 7, 3)
+    traces = tasks.state_traces(rnn, x)
+    assert len(traces) == 4  # (layer 0, layer 1) x (forward, reverse)
+    for k, trace in enumerate(traces):
+        tag = " (reverse)" if k % 2 else ""
+        c, h = trace["c (cell)" + tag], trace["h (hidden)" + tag]
+        i, f, g, o = (trace[n + tag] for n in ("input gate i", "forget gate f", "candidate g", "output gate o"))
+        zero = torch.zeros_like(c[:1])
+        c_prev = torch.cat([c[1:], zero]) if k % 2 else torch.cat([zero, c[:-1]])
+        torch.testing.assert_close(f * c_prev + i * g, c)
+        torch.testing.assert_close(o * torch.tanh(c), h)
+    out = rnn(x)[0][0]
+    fwd, rev = traces[2]["h (hidden)"], traces[3]["h (hidden) (reverse)"]
+    torch.testing.assert_close(torch.cat([fwd, rev], -1) if merge_mode == "concat" else fwd + rev, out)

@@ -573,16 +573,14 @@ def predict_run(run_dir: str | Path, words: list[str] | None = None, *, n: int =
 
 @torch.no_grad()
 def state_traces(rnn: nn.Module, x: Tensor) -> list[dict[str, Tensor]]:
-    """Per layer, every step's states of one sequence ``x`` (1, T, I) as (T, H) traces, LSTM gates included.
+    """Per layer and direction, every step's states of one sequence ``x`` (1, T, I) as (T, H) traces.
 
     The layer returns h (and c) for every step (``return_states=True``); an LSTM's gates are not
     states, so they are recomputed from the layer's input and the previous step's h (and c, for
     peepholes) with the cell's own weights: i, f, o are sigmoids in [0, 1] and g the tanh candidate.
+    A bidirectional layer gives two entries, forward then reverse; the reverse direction's
+    "previous" step is the next one in time, since it reads the sequence from the end.
     """
-    from rnnkit.cells import LSTMCell, LSTMState
-
-    if getattr(rnn, "bidirectional", False):
-        raise ConfigError("inspect: bidirectional layers are not supported (the reverse direction reads the future)")
     if x.dim() != 3 or x.shape[0] != 1:
         raise ConfigError(f"inspect: expected one sequence (1, T, I), got {tuple(x.shape)}")
     batch_first = getattr(rnn, "batch_first", True)
@@ -592,35 +590,62 @@ def state_traces(rnn: nn.Module, x: Tensor) -> list[dict[str, Tensor]]:
         result = rnn(x if batch_first else x.transpose(0, 1), return_states=True)
     finally:
         rnn.train(was)
-
-    def one(s: Tensor, layer: int) -> Tensor:  # (L, N, T, H) batch first, else (L, T, N, H) -> (T, H)
-        return s[layer, 0] if batch_first else s[layer, :, 0]
-
-    states = result.states
+    directions = 2 if getattr(rnn, "bidirectional", False) else 1
     traces, layer_input = [], x[0]
     for layer in range(rnn.num_layers):
-        if isinstance(states, LSTMState):
-            h, c = one(states.h, layer), one(states.c, layer)
-            trace = {"h (hidden)": h, "c (cell)": c}
-            cell = rnn.cell(layer)
-            if isinstance(cell, LSTMCell):
-                trace.update(_lstm_gates(cell, layer_input, h, c))
-        elif isinstance(states, Tensor):
-            h = one(states, layer)
-            trace = {"h (hidden)": h}
-        else:  # a user cell's own state: one trace per tensor, named by its fields where it has them
-            names = getattr(states, "_fields", None) or [f"state {i}" for i in range(len(states))]
-            trace = {str(n): one(v, layer) for n, v in zip(names, states) if isinstance(v, Tensor)}
-            h = next(iter(trace.values()))
-        traces.append(trace)
-        layer_input = h
+        hs = []
+        for d in range(directions):
+            trace, h = _direction_trace(rnn, result.states, layer * directions + d, layer_input, batch_first, d == 1)
+            traces.append(trace)
+            hs.append(h)
+        layer_input = hs[0] if directions == 1 else _merge(rnn, hs)
     return traces
 
 
-def _lstm_gates(cell: Any, inputs: Tensor, h: Tensor, c: Tensor) -> dict[str, Tensor]:
+def _merge(rnn: nn.Module, hs: list[Tensor]) -> Tensor:
+    """The next layer's input from both directions' h, as the layer merges them."""
+    mode = getattr(rnn, "merge_mode", "concat")
+    if mode == "concat":
+        return torch.cat(hs, dim=-1)
+    return hs[0] + hs[1] if mode == "sum" else (hs[0] + hs[1]) * 0.5
+
+
+def _direction_trace(
+    rnn: nn.Module, states: Any, k: int, inputs: Tensor, batch_first: bool, reverse: bool
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The traces of stacked entry ``k`` (layer * D + direction) and its h (T, H)."""
+    from rnnkit.cells import LSTMCell, LSTMState
+
+    def one(s: Tensor) -> Tensor:  # (D*L, N, T, H) batch first, else (D*L, T, N, H) -> (T, H)
+        return s[k, 0] if batch_first else s[k, :, 0]
+
+    tag = " (reverse)" if reverse else ""
+    if isinstance(states, LSTMState):
+        h, c = one(states.h), one(states.c)
+        trace = {"h (hidden)" + tag: h, "c (cell)" + tag: c}
+        directions = 2 if getattr(rnn, "bidirectional", False) else 1
+        cell = rnn.cell(k // directions, reverse)
+        if isinstance(cell, LSTMCell):
+            gates = _lstm_gates(cell, inputs, h, c, reverse)
+            trace.update({name + tag: v for name, v in gates.items()})
+        return trace, h
+    if isinstance(states, Tensor):
+        h = one(states)
+        return {"h (hidden)" + tag: h}, h
+    # a user cell's own state: one trace per tensor, named by its fields where it has them
+    names = getattr(states, "_fields", None) or [f"state {i}" for i in range(len(states))]
+    trace = {str(n) + tag: one(v) for n, v in zip(names, states) if isinstance(v, Tensor)}
+    return trace, next(iter(trace.values()))
+
+
+def _lstm_gates(cell: Any, inputs: Tensor, h: Tensor, c: Tensor, reverse: bool = False) -> dict[str, Tensor]:
     """Gates (T, H) of an LSTMCell that read ``inputs`` (T, I) and produced ``h``, ``c`` (T, H)."""
-    h_prev = torch.cat([torch.zeros_like(h[:1]), h[:-1]])
-    c_prev = torch.cat([torch.zeros_like(c[:1]), c[:-1]])
+    if reverse:  # the step before t is t + 1; the zero state precedes the last step
+        h_prev = torch.cat([h[1:], torch.zeros_like(h[:1])])
+        c_prev = torch.cat([c[1:], torch.zeros_like(c[:1])])
+    else:
+        h_prev = torch.cat([torch.zeros_like(h[:1]), h[:-1]])
+        c_prev = torch.cat([torch.zeros_like(c[:1]), c[:-1]])
     gates = cell.project_input(inputs) + h_prev @ cell.weight_hh.t()
     i, f, g, o = gates.chunk(4, dim=1)  # torch's gate order
     if cell.peepholes:
@@ -671,9 +696,13 @@ def inspect_run(run_dir: str | Path, index: int = 0, *, log: Log = print) -> lis
         x, rnn = seq2seq.src_embed(src), seq2seq.encoder
     traces = state_traces(rnn, x)
     paths = []
-    for layer, trace in enumerate(traces):
-        name = f"states-{index}.png" if len(traces) == 1 else f"states-{index}-layer{layer}.png"
+    directions = 2 if getattr(rnn, "bidirectional", False) else 1
+    for k, trace in enumerate(traces):
+        layer, reverse = divmod(k, directions)
+        part = "" if len(traces) == 1 else f"-layer{layer}" + ("-reverse" if reverse else "")
+        name = f"states-{index}{part}.png"
         title = f"{cfg.recipe}: {what}" + (f", layer {layer}" if len(traces) > 1 else "")
+        title += ", reverse direction" if reverse else ""
         paths.append(plots.plot_state_heatmaps(trace, run_dir / name, image=image, title=title))
     return paths
 
