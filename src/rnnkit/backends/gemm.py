@@ -45,8 +45,15 @@ def onednn_available() -> bool:
     return _ONEDNN
 
 
+# oneDNN's inner product copies a strided (e.g. transposed) left operand into a contiguous one
+# first. For the weight gradients of a whole sequence (a = dG^T over T*N rows) that copy is a
+# cache-unfriendly transpose of tens of MB, slower than BLAS, which reads transposes in place.
+_STRIDED_COPY_LIMIT = 1 << 20  # elements
+
+
 def _use_onednn(a: Tensor) -> bool:
-    return _ONEDNN and a.dtype == torch.float32 and a.device.type == "cpu"
+    return (_ONEDNN and a.dtype == torch.float32 and a.device.type == "cpu"
+            and (a.numel() <= _STRIDED_COPY_LIMIT or a.is_contiguous()))
 
 
 def linear(a: Tensor, w: Tensor, out: Tensor | None = None, bias: Tensor | None = None) -> Tensor:

@@ -79,15 +79,31 @@ def make_optimizer(
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     if nesterov:
         raise ConfigError(f"nesterov applies only to sgd, not {key}; use 'sgd' or nesterov=False")
-    if key == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, **opt_eps)
-    if key == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, **opt_eps)
+    if key in ("adam", "adamw"):
+        params, fused = _fused_option(params)
+        cls = torch.optim.Adam if key == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, **opt_eps, **fused)
     if key == "adagrad":
         return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay, **opt_eps)
     return torch.optim.RMSprop(
         params, lr=lr, alpha=alpha, momentum=momentum or 0.0, weight_decay=weight_decay, **opt_eps
     )
+
+
+def _fused_option(params: Any) -> tuple[Any, dict[str, bool]]:
+    """``fused=True`` where torch has a one-kernel-per-tensor Adam for every parameter, else nothing.
+
+    On the CPU torch otherwise runs Adam tensor by tensor in a Python loop: about 0.6 ms of a 7.7 ms
+    MNIST-rows train step measured here (AMD EPYC, 2 cores). Plain tensors only; parameter groups
+    (dicts) keep torch's default.
+    """
+    params = list(params)
+    if not params or not all(isinstance(p, Tensor) for p in params):
+        return params, {}
+    kinds = {p.device.type for p in params}
+    if len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
+        return params, {"fused": True}
+    return params, {}
 
 
 # --------------------------------------------------------------------------------------------------
