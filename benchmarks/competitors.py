@@ -428,3 +428,45 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) ->
                                                                                 y.split(batch_size)))
     model.train()
     return correct / len(y)
+
+
+@dataclass
+class RecipeRun:
+    """Seconds spent training (evaluations excluded) and the final full-test-set accuracy."""
+
+    train_seconds: float
+    accuracy: float
+
+
+def plain_torch_recipe(
+    data_dir: str, seed: int, *, hidden: int, batch_size: int, lr: float, steps: int, device: torch.device,
+) -> RecipeRun:
+    """The seed recipes as a PyTorch user writes them: nn.LSTM(28, hidden) + Linear, Adam, default init.
+
+    Batches are drawn epoch by epoch from a seeded permutation; the test set is evaluated once, after
+    training, outside the timed part (the data are loaded before the clock starts too).
+    """
+    from rnnkit.data.mnist import load_mnist, to_sequences
+
+    data = load_mnist(data_dir, download=False, log=None)
+    x_train = to_sequences(data.train_images, "rows").to(device)
+    y_train = torch.as_tensor(data.train_labels).to(device)
+    x_test = to_sequences(data.test_images, "rows").to(device)
+    y_test = torch.as_tensor(data.test_labels).to(device)
+    torch.manual_seed(seed)
+    model = Classifier(LastOutput(nn.LSTM(28, hidden, batch_first=True)), hidden).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    step = 0
+    while step < steps:
+        for idx in torch.randperm(len(y_train), generator=order).split(batch_size):
+            if step == steps:
+                break
+            idx = idx.to(device)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
+            opt.step()
+            step += 1
+    seconds = time.perf_counter() - start
+    return RecipeRun(seconds, _accuracy(model, x_test, y_test))

@@ -26,7 +26,8 @@ TINY = [
     "--set", "train.min_steps=none", "--set", "train.eval_every=none",
     "--hidden", "8", "--batch-size", "32", "--no-progress", "--set", "train.threads=1",
 ]
-FINAL = re.compile(r"^final test accuracy: ([\d.]+)% \(loss ([\d.]+)\) after ([\d,]+) steps, .* run: (.+)$")
+FINAL = re.compile(r"^final test accuracy: ([\d.]+)% \(loss ([\d.]+)\) after ([\d,]+) steps, "
+                   r"([\d.]+) s of training \(([\d.]+) s of it evaluating\); run: (.+)$")
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +45,7 @@ def final_line(out: str) -> re.Match:
     last = out.strip().splitlines()[-1]
     m = FINAL.match(last)
     assert m, f"the last line does not state the final accuracy: {last!r}"
+    assert float(m.group(5)) <= float(m.group(4))  # evaluating is part of the training time
     return m
 
 
@@ -59,7 +61,7 @@ def trained(tmp_path_factory):
         torch.set_num_threads(threads)
     assert code == 0, err
     m = final_line(out)
-    return {"out": out, "err": err, "dir": m.group(4), "accuracy": m.group(1), "loss": m.group(2)}
+    return {"out": out, "err": err, "dir": m.group(6), "accuracy": m.group(1), "loss": m.group(2)}
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -96,7 +98,7 @@ def test_config_of_a_run_reproduces_it(trained, tmp_path):
     m = final_line(out)
     assert (m.group(1), m.group(2)) == (trained["accuracy"], trained["loss"])
     first, _ = load_checkpoint(f"{trained['dir']}/model.safetensors")
-    second, _ = load_checkpoint(f"{m.group(4)}/model.safetensors")
+    second, _ = load_checkpoint(f"{m.group(6)}/model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -134,7 +136,7 @@ def test_cosine_schedule_spans_the_actual_run(tmp_path):
     code, out, err = run(["train", *TINY, "--epochs", "2", "--lr", "0.01", "--set", "optim.schedule=cosine",
                           "--set", "train.log_every=1", "--out", str(tmp_path)])
     assert code == 0, err
-    records = [json.loads(line) for line in open(f"{final_line(out).group(4)}/metrics.jsonl")]
+    records = [json.loads(line) for line in open(f"{final_line(out).group(6)}/metrics.jsonl")]
     lrs = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
     assert sorted(lrs) == list(range(1, 17))
     for step, lr in lrs.items():  # the step logged as n used schedule(n - 1); 16 steps in all
@@ -173,9 +175,9 @@ def test_user_cell_by_dotted_path_trains(tmp_path, monkeypatch):
     assert code == 0, err
     m = final_line(out)
     assert "after 4 steps" in m.group(0)
-    tensors, _ = load_checkpoint(f"{m.group(4)}/model.safetensors")
+    tensors, _ = load_checkpoint(f"{m.group(6)}/model.safetensors")
     assert any("mix" in k for k in tensors), sorted(tensors)
-    code, out, err = run(["eval", m.group(4)])  # the run directory names the cell; it imports again
+    code, out, err = run(["eval", m.group(6)])  # the run directory names the cell; it imports again
     assert code == 0, err
     assert out.strip().splitlines()[-1].startswith(f"test accuracy: {m.group(1)}%")
     monkeypatch.delitem(sys.modules, "user_cells_for_cli_test", raising=False)

@@ -463,3 +463,22 @@ def test_seq2seq_learns_letter_sorting() -> None:
     assert exact_match(beam, test.tgt_out).float().mean() > 0.8
     assert torch.equal(model.beam_search(test.src, test.src_lengths, beam_size=1, max_len=6), greedy)
     assert v.decode(model.greedy_decode(*v.pad(["fadb"]), max_len=6)[0]) == "abdf"
+
+
+def test_keras_init_does_not_stack_on_a_cells_own_forget_bias():
+    """TensorFlow's BasicLSTMCell(forget_bias=1) starts from a zero learned bias: the total is 1, not 2."""
+    plain = keras_init_(rnnkit.LSTMCell(3, 4))
+    basic = keras_init_(rnnkit.LSTMCell(3, 4, forget_bias=1.0))
+    assert torch.equal(plain.fused_bias()[4:8], torch.ones(4))
+    assert torch.equal(basic.fused_bias()[4:8], torch.ones(4))
+    assert torch.equal(basic.bias_ih, torch.zeros(16))
+
+
+def test_head_init_normal_gives_the_tutorials_readout():
+    torch.manual_seed(0)
+    default = SequenceClassifier(28, 10, hidden_size=128, init="keras")
+    normal = SequenceClassifier(28, 10, hidden_size=128, init="keras", head_init="normal")
+    assert float(default.head.weight.std()) < 0.2  # Glorot over (128, 10)
+    assert 0.9 < float(normal.head.weight.std()) < 1.1 and float(normal.head.bias.abs().sum()) > 0
+    with pytest.raises(ConfigError, match="head_init"):
+        SequenceClassifier(28, 10, head_init="xavier")

@@ -14,6 +14,7 @@ from rnnkit.train.optim import (
     constant,
     cosine,
     exponential,
+    global_grad_norm,
     l1_l2_penalty,
     make_optimizer,
     make_schedule,
@@ -291,3 +292,14 @@ def test_ema_state_dict_round_trip_and_mismatch():
     assert all(torch.equal(other.shadow[k], v) for k, v in ema.shadow.items())
     with pytest.raises(CheckpointError, match="missing \\['bias'\\].*wrong shape \\['weight'\\]"):
         EMA(nn.Linear(3, 2)).load_state_dict({**ema.state_dict(), "shadow": {"weight": ema.shadow["weight"]}})
+
+
+def test_global_grad_norm_matches_torch_and_flags_non_finite():
+    torch.manual_seed(0)
+    grads = [torch.randn(3, 4), torch.randn(5)]
+    want = torch.nn.utils.get_total_norm(grads)
+    torch.testing.assert_close(global_grad_norm(grads), want)
+    mixed = [grads[0], grads[1].double()]  # mixed dtypes take the per-tensor path, in float64
+    torch.testing.assert_close(global_grad_norm(mixed).float(), want)
+    assert not torch.isfinite(global_grad_norm([grads[0], torch.tensor([float("inf")])]))
+    assert float(global_grad_norm([])) == 0.0

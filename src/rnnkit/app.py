@@ -72,6 +72,7 @@ class RunSummary:
     seconds_to_target: float | None
     interrupted: bool
     headline: str = ""  # the final line to print, when the task's figure is not an accuracy
+    eval_seconds: float = 0.0  # the part of train_seconds spent evaluating during training
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,7 +148,7 @@ def build_model(cfg: RunConfig, input_size: int, num_classes: int) -> nn.Module:
     return SequenceClassifier(
         input_size, num_classes, hidden_size=m.hidden, num_layers=m.layers, cell=_cell_factory(m.cell),
         bidirectional=m.bidirectional, readout=m.readout, k=m.k, input_projection=m.input_projection,
-        dropout=m.dropout, forget_bias=m.forget_bias, init=m.init,
+        dropout=m.dropout, forget_bias=m.forget_bias, init=m.init, head_init=m.head_init,
     )
 
 
@@ -284,7 +285,7 @@ def _train_mnist(
         else:
             log(f"did not reach {100 * target.target:.1f}% test accuracy")
     return RunSummary(run_dir, final.get("accuracy", float("nan")), final["loss"], seconds, trainer.step,
-                      target.seconds if target else None, interrupted)
+                      target.seconds if target else None, interrupted, eval_seconds=trainer.eval_seconds)
 
 
 def _quiet(message: str) -> None:

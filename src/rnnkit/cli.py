@@ -124,7 +124,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130 if summary.interrupted else 0
     acc = summary.test_accuracy
     print(f"final test accuracy: {100 * acc:.2f}% (loss {summary.test_loss:.4f}) after {summary.steps:,} steps, "
-          f"{summary.train_seconds:.1f} s of training; run: {summary.run_dir}", flush=True)
+          f"{summary.train_seconds:.1f} s of training ({summary.eval_seconds:.1f} s of it evaluating); "
+          f"run: {summary.run_dir}", flush=True)
     return 130 if summary.interrupted else 0
 
 

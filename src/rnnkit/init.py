@@ -8,7 +8,8 @@ parameter       Keras default
 weight_ih       Glorot (Xavier) uniform over the whole (gates*H, I) matrix
 weight_hh       orthogonal, one (H, H) block per gate, so each gate's recurrence is orthogonal
 biases          zeros; for an LSTM the forget-gate slice ``[H:2H]`` of ``bias_ih`` is 1
-                (Keras' ``unit_forget_bias``; ``bias_hh`` stays 0 so the sum is 1)
+                (Keras' ``unit_forget_bias``; ``bias_hh`` stays 0 so the sum is 1), unless the
+                cell adds a constant ``forget_bias`` itself: then 0, so the two never stack
 weight_hr       Glorot uniform (the LSTM projection)
 ==============  ===========================================================================
 
@@ -87,7 +88,9 @@ def _init_builtin(cell: nn.Module, forget_bias: float) -> None:
         b = getattr(cell, name, None)
         if isinstance(b, Tensor):
             nn.init.zeros_(b)
-            if is_lstm and name in ("bias_ih", "bias"):
+            # a cell with its own constant forget_bias (TensorFlow's BasicLSTMCell) already adds it:
+            # the learned bias starts at 0, as in TensorFlow, so the two do not stack
+            if is_lstm and name in ("bias_ih", "bias") and not getattr(cell, "forget_bias", 0.0):
                 H = cell.hidden_size
                 b[H : 2 * H] = forget_bias
 

@@ -235,10 +235,28 @@ def apply_lr(optimizer: torch.optim.Optimizer, schedule: Schedule, step: int) ->
 # gradients and penalties
 
 
+def global_grad_norm(grads: list[Tensor]) -> Tensor:
+    """The L2 norm of all ``grads`` together (0-dim, float32 at least); not finite if any gradient is not."""
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device
+    # accumulate in at least float32 so half-precision gradients do not overflow the norm
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    if all(g.device == device and g.dtype == dtype for g in grads):
+        norms = torch._foreach_norm([g.detach() for g in grads], 2.0)  # one call for all tensors
+    else:
+        norms = [torch.linalg.vector_norm(g.detach(), 2.0, dtype=dtype).to(device) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+
 def clip_gradients(
-    params: Iterable[Tensor] | nn.Module, max_norm: float | None = None, max_value: float | None = None
+    params: Iterable[Tensor] | nn.Module, max_norm: float | None = None, max_value: float | None = None,
+    *, total: Tensor | None = None,
 ) -> float:
-    """Clip gradients by global L2 norm and/or element value; return the global norm before clipping."""
+    """Clip gradients by global L2 norm and/or element value; return the global norm before clipping.
+
+    ``total``: that norm when the caller has computed it already (:func:`global_grad_norm`).
+    """
     if isinstance(params, nn.Module):
         params = params.parameters()
     grads = [p.grad for p in params if p.grad is not None]
@@ -246,11 +264,8 @@ def clip_gradients(
     _need(max_value is None or max_value > 0, f"max_value must be > 0, got {max_value!r}")
     if not grads:
         return 0.0
-    device = grads[0].device
-    # accumulate in at least float32 so half-precision gradients do not overflow the norm
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    norms = [torch.linalg.vector_norm(g.detach(), 2.0, dtype=dtype).to(device) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    if total is None:
+        total = global_grad_norm(grads)
     if max_norm is not None:
         # a scale of exactly 1 when within bounds leaves gradients bit-identical
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -326,8 +341,8 @@ class EMA:
     def update(self) -> None:
         """Move the shadow weights towards the model's current weights."""
         d = self.current_decay()
-        for name, t in self._tracked():
-            self.shadow[name].lerp_(t.detach(), 1 - d)
+        tracked = list(self._tracked())
+        torch._foreach_lerp_([self.shadow[name] for name, _ in tracked], [t.detach() for _, t in tracked], 1 - d)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from rnnkit.errors import RnnkitError
 from rnnkit.train.batching import Batches, eval_batches
 from rnnkit.train.checkpoint import pack_training_state, restore_training_state
-from rnnkit.train.optim import EMA, clip_gradients, l1_l2_penalty
+from rnnkit.train.optim import EMA, clip_gradients, global_grad_norm, l1_l2_penalty
 
 __all__ = ["Trainer", "Callback", "NonFiniteError", "classification_metrics"]
 
@@ -103,6 +103,7 @@ class Trainer:
         self.train_data: Batches | None = None
         self.stop_requested: str | None = None
         self.history: list[dict[str, float]] = []
+        self.eval_seconds = 0.0  # wall time spent in fit's evaluations (and their callbacks)
 
     # -- training ---------------------------------------------------------------------------------
     def fit(
@@ -164,7 +165,9 @@ class Trainer:
             if self.metrics_fn is not None:
                 for k, v in self.metrics_fn(out.detach() if isinstance(out, Tensor) else out, ys).items():
                     metric_sum[k] = metric_sum.get(k, 0.0) + v * xs.shape[0] / n
-        bad = self._nonfinite(total_loss)
+        params = [p for p in model.parameters() if p.grad is not None]
+        total_norm = global_grad_norm([p.grad for p in params])
+        bad = self._nonfinite(total_loss, float(total_norm))
         if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
             if self.nonfinite == "stop":
@@ -173,8 +176,7 @@ class Trainer:
                     f"(--set optim.clip_norm=1.0) or check the inputs for NaN (nonfinite='skip' skips such batches)"
                 )
             return {"loss": total_loss, "skipped": 1.0}
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = clip_gradients(params, max_norm=self.clip_norm, max_value=self.clip_value)
+        grad_norm = clip_gradients(params, max_norm=self.clip_norm, max_value=self.clip_value, total=total_norm)
         for cb in self.callbacks:
             cb.on_before_optimizer_step(self)
         lr = self.set_lr()
@@ -199,10 +201,12 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _nonfinite(self, loss: float) -> str | None:
+    def _nonfinite(self, loss: float, grad_norm: float) -> str | None:
         """The first thing that is not finite: the loss, or a parameter's gradient (by name)."""
         if not math.isfinite(loss):
             return "the loss"
+        if math.isfinite(grad_norm):  # the global norm is finite only if every gradient is
+            return None
         for name, p in self.module.named_parameters():
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 return f"the gradient of {name!r}"
@@ -214,10 +218,12 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _evaluate_val(self, val: tuple[Tensor, Tensor], batch_size: int) -> dict[str, float]:
+        start = time.perf_counter()
         metrics = {"step": self.step, "epoch": self.epoch, **self.evaluate(*val, batch_size=batch_size)}
         self.history.append(metrics)
         for cb in self.callbacks:
             cb.on_eval_end(self, metrics)
+        self.eval_seconds += time.perf_counter() - start
         return metrics
 
     @contextlib.contextmanager
