@@ -75,3 +75,16 @@ def test_linear_mode_second_derivative():
     with gemm.OneDNNLinearMode():
         got = penalty()
     torch.testing.assert_close(got, want)
+
+
+def test_only_dense_operands_go_to_onednn(monkeypatch):
+    """A column slice of a wider tensor (a batch-first sequence's step, say) stays on BLAS."""
+    monkeypatch.setattr(gemm, "_ONEDNN", True)
+    seq = torch.randn(4, 9, 15)  # (N, T, I) batch first: seq[:, t] has row stride 135
+    w = torch.randn(7, 15)
+    assert gemm._use_onednn(seq[:, 0].contiguous(), w) and gemm._use_onednn(w.t().contiguous().t(), w)
+    assert not gemm._use_onednn(torch.randn(6, 4), seq[:, 0].t())
+    assert not gemm._use_onednn(seq[:, 0], w)
+    torch.testing.assert_close(gemm.linear(seq[:, 0], w), seq[:, 0] @ w.t())
+    big = torch.randn(1 << 11, 1 << 10)  # a transposed operand this large is not copied for oneDNN
+    assert not gemm._use_onednn(big.t(), torch.randn(3, 1 << 11))
