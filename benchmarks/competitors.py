@@ -383,6 +383,7 @@ class TimeToAccuracy:
     seconds: float | None
     step: int | None
     accuracy: float  # the best test accuracy seen (the final one for a run that kept going)
+    elapsed: float | None = None  # seconds the whole run took (for one that never reached the target)
 
 
 def plain_torch_time_to_accuracy(
@@ -418,7 +419,7 @@ def plain_torch_time_to_accuracy(
                 best = max(best, _accuracy(model, x_test, y_test))
                 if best >= target:
                     return TimeToAccuracy(time.perf_counter() - start, step, best)
-    return TimeToAccuracy(None, None, best)
+    return TimeToAccuracy(None, None, best, time.perf_counter() - start)
 
 
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:

@@ -35,9 +35,13 @@ def flat_weights(cell: nn.Module) -> tuple[list[Tensor], bool]:
     """The cell's weights in the order torch's kernels take them, and whether biases are included."""
     weights = [cell.weight_ih, cell.weight_hh]
     if isinstance(cell, LSTMCell):
-        b = cell.fused_bias()  # forget_bias folds into the input bias: the kernel sums both anyway
-        if b is not None:
-            weights += [b, torch.zeros_like(b)]
+        if cell.bias and not cell.forget_bias:  # the kernel sums the two biases itself
+            weights += [cell.bias_ih, cell.bias_hh]
+            b = cell.bias_ih
+        else:
+            b = cell.fused_bias()  # forget_bias folds into the input bias
+            if b is not None:
+                weights += [b, torch.zeros_like(b)]
         if cell.proj_size:
             weights.append(cell.weight_hr)
         return weights, b is not None
