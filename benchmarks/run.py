@@ -434,6 +434,10 @@ def targets(by_shape: dict[Shape, list[Result]], device: torch.device) -> list[T
                               1.0 if cpu else None))
             out.append(Target(f"{RK_SEED000} vs {RK_LSTM}", shape, _speedup(ms.get(RK_SEED000), ms.get(RK_LSTM)),
                               0.8 if cpu else None))
+            for peer in (JAX, KERAS):  # only when importable in the benchmark's environment
+                if ms.get(peer) is not None:
+                    out.append(Target(f"{RK_LSTM} vs {peer}", shape, _speedup(ms.get(RK_LSTM), ms.get(peer)),
+                                      1.2 if cpu else None))
         if shape.role == "headline":
             out.append(Target(f"{RK_SEED000} vs {NN_LSTM}", shape, _speedup(ms.get(RK_SEED000), ms.get(NN_LSTM)),
                               1.0 if cpu else None))
