@@ -207,3 +207,42 @@ def test_context_manager_restores_on_exit_and_error() -> None:
     torch.set_flush_denormal(False)
     with denormals_flushed("meta"):  # not a CPU: nothing to do
         assert not denormals_are_flushed()
+
+
+def test_outer_scope_covers_inner_layers_without_markers(caller_mode) -> None:
+    """Inside one denormals_flushed() block (the trainer's step) layers add no autograd markers, and
+    forward and backward still run flushed; the caller's mode comes back when the block ends."""
+    cell = RecordingCell()
+    x = torch.randn(N, T, I, requires_grad=True)
+    with denormals_flushed():
+        res = unroll(cell, x)
+        names = []
+        fn = res.outputs.grad_fn
+        while fn is not None:  # walk the first-input chain down to x
+            names.append(type(fn).__name__)
+            fn = next((f for f, _ in fn.next_functions if f is not None), None)
+        res.outputs.sum().backward()
+        assert denormals_are_flushed()
+    assert not any("Flush" in n for n in names), names
+    assert cell.forward_modes == [True] * T and cell.backward_modes == [True] * T
+    assert denormals_are_flushed() is caller_mode
+
+
+def test_trainer_step_runs_flushed_and_restores(caller_mode) -> None:
+    from rnnkit.train.trainer import Trainer
+
+    cell = RecordingCell()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell, self.head = cell, nn.Linear(H, 2)
+
+        def forward(self, x):
+            return self.head(unroll(self.cell, x).outputs[:, -1])
+
+    model = Model()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.train_step(torch.randn(N, T, I), torch.tensor([0, 1]))
+    assert cell.forward_modes == [True] * T and cell.backward_modes == [True] * T
+    assert denormals_are_flushed() is caller_mode

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.errors import RnnkitError
+from rnnkit.fpmode import denormals_flushed
 from rnnkit.train.batching import Batches, eval_batches
 from rnnkit.train.checkpoint import pack_training_state, restore_training_state
 from rnnkit.train.optim import EMA, clip_gradients, global_grad_norm, l1_l2_penalty
@@ -148,7 +149,16 @@ class Trainer:
         return self.history
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """One optimiser step on one batch (split into ``accumulate`` micro-batches)."""
+        """One optimiser step on one batch (split into ``accumulate`` micro-batches).
+
+        The whole step (forward, backward, optimiser) runs in one scope of flushed denormals on the
+        CPU (see :mod:`rnnkit.fpmode`; ``rnnkit.set_flush_denormals(False)`` turns it off), so the
+        layers inside need no per-call scopes; the caller's mode is restored when the step ends.
+        """
+        with denormals_flushed(self.device):
+            return self._train_step(x, y)
+
+    def _train_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         start = time.perf_counter()
         model = self.model
         model.train()
