@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rnnkit.backends import gemm
+from rnnkit.backends import fastcpu, gemm
 
 
 @pytest.fixture(params=[True, False], ids=["onednn", "blas"])
@@ -50,7 +50,7 @@ def test_linear_mode_values_and_gradients(route):
     x = torch.randn(4, 5, requires_grad=True)
     want = lin(x)
     gx, gw, gb = torch.autograd.grad(want.square().sum(), [x, lin.weight, lin.bias])
-    with gemm.OneDNNLinearMode():
+    with fastcpu.FastCPUMode():
         got = lin(x)
         x3 = lin(x.detach().unsqueeze(0))  # not 2-D: passes through to torch
     torch.testing.assert_close(got, want)
@@ -72,7 +72,7 @@ def test_linear_mode_second_derivative():
         return torch.autograd.grad(gx.square().sum(), lin.weight)[0]
 
     want = penalty()
-    with gemm.OneDNNLinearMode():
+    with fastcpu.FastCPUMode():
         got = penalty()
     torch.testing.assert_close(got, want)
 
@@ -88,3 +88,60 @@ def test_only_dense_operands_go_to_onednn(monkeypatch):
     torch.testing.assert_close(gemm.linear(seq[:, 0], w), seq[:, 0] @ w.t())
     big = torch.randn(1 << 11, 1 << 10)  # a transposed operand this large is not copied for oneDNN
     assert not gemm._use_onednn(big.t(), torch.randn(3, 1 << 11))
+
+
+def test_fast_tanh_matches_torch_values_and_gradients():
+    x = torch.cat([torch.linspace(-12, 12, 2001), torch.tensor([0.0, 1e-6, -1e-4, 30.0, -30.0])])
+    x = x.view(-1, 1).repeat(1, 3).requires_grad_()
+    want = torch.tanh(x)
+    (gw,) = torch.autograd.grad(want.square().sum(), x)
+    with fastcpu.FastCPUMode():
+        got = [torch.tanh(x), x.tanh(), torch.nn.functional.tanh(x), torch.nn.Tanh()(x)]
+    for y in got:
+        assert y.grad_fn is not None and "Tanh" in type(y.grad_fn).__name__ and "Backward" in type(y.grad_fn).__name__
+        torch.testing.assert_close(y, want, rtol=0, atol=2.5e-7)
+        (gg,) = torch.autograd.grad(y.square().sum(), x)
+        torch.testing.assert_close(gg, gw, rtol=1e-5, atol=1e-6)
+    assert got[0].grad_fn.__class__.__name__ == "_TanhBackward"  # the rerouted kernel, not torch's
+    with fastcpu.FastCPUMode():  # float64 passes through to torch's own tanh
+        d = torch.tanh(x.detach().double())
+    assert torch.equal(d, torch.tanh(x.detach().double()))
+
+
+def test_fast_tanh_second_derivative():
+    x = torch.randn(5, requires_grad=True)
+
+    def curvature() -> torch.Tensor:
+        (g,) = torch.autograd.grad(torch.tanh(x).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.sum(), x)[0]
+
+    want = curvature()
+    with fastcpu.FastCPUMode():
+        got = curvature()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_reference_loop_enters_the_mode_unless_switched_off(monkeypatch, enabled):
+    import rnnkit
+
+    class TanhCell(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3 + 4, 4)
+
+        def init_state(self, batch_size, device=None, dtype=None):
+            return torch.zeros(batch_size, 4, device=device, dtype=dtype)
+
+        def forward(self, x, h):
+            return torch.tanh(self.lin(torch.cat([x, h], 1)))
+
+    monkeypatch.setattr(fastcpu, "_ENABLED", enabled)
+    out = rnnkit.unroll(TanhCell(), torch.randn(2, 5, 3), backend="reference").final_state
+    seen, todo = set(), [out.grad_fn]
+    while todo:  # every node of the graph
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    assert ("_TanhBackward" in {type(f).__name__ for f in seen}) is enabled

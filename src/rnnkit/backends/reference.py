@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.backends.gemm import OneDNNLinearMode, onednn_available
+from rnnkit.backends.fastcpu import FastCPUMode, fast_cpu_enabled
 from rnnkit.cells import cell_output
 
 
@@ -24,8 +24,8 @@ def run(
     cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
 ) -> tuple[Tensor, Any, Any]:
     """Step the cell over x (T, N, I); steps past a sequence's end keep its state frozen."""
-    if onednn_available() and x.device.type == "cpu" and x.dtype == torch.float32:
-        with OneDNNLinearMode():  # the cell's nn.Linear products on oneDNN: see rnnkit.backends.gemm
+    if fast_cpu_enabled() and x.device.type == "cpu" and x.dtype == torch.float32:
+        with FastCPUMode():  # faster products and tanh for the cell: see rnnkit.backends.fastcpu
             return _run(cell, x, state, masks, lengths, return_states)
     return _run(cell, x, state, masks, lengths, return_states)
 

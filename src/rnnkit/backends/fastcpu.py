@@ -1,0 +1,92 @@
+"""Faster CPU kernels for a user's cell, applied inside the reference loop without changing the cell.
+
+:class:`FastCPUMode` is a ``TorchFunctionMode`` that the unroll engine's reference backend enters
+around the time loop on the CPU (float32). It reroutes two operations whose stock CPU kernels are
+slow, and passes everything else through untouched:
+
+* ``F.linear`` (so ``nn.Linear``) on 2-D input: oneDNN's inner product forward and backward, 1.8-2x
+  faster than torch's BLAS path on AMD processors (see :mod:`rnnkit.backends.gemm`);
+* ``torch.tanh``: computed as ``2 sigmoid(2x) - 1``. Measured with torch 2.13.0 on an AMD EPYC
+  (Zen 5, 2 cores), ``tanh`` of a (128 x 128) float32 tensor took 82 us on one thread and 163 us on
+  two, ``sigmoid`` 12-16 us. The identity is exact in real arithmetic; in float32 the absolute
+  error stays below 1.2e-7 (relative error grows only for |x| < 1e-3, where tanh(x) ~ x is tiny).
+  The fused backend uses the same identity.
+
+``RNNKIT_FAST_CPU=0`` in the environment turns the mode off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from rnnkit.backends.gemm import _use_onednn, linear, mm
+
+__all__ = ["FastCPUMode", "fast_cpu_enabled"]
+
+_ENABLED = os.environ.get("RNNKIT_FAST_CPU", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fast_cpu_enabled() -> bool:
+    """Whether the reference loop enters :class:`FastCPUMode` on the CPU."""
+    return _ENABLED
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` for 2-D float32 CPU input with oneDNN products forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.has_b = b is not None
+        return linear(x, w, bias=b)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: stay differentiable for a second derivative
+            return (g @ w if need_x else None, g.t() @ x if need_w else None,
+                    g.sum(0) if need_b and ctx.has_b else None)
+        return (mm(g, w) if need_x else None, mm(g.t(), x) if need_w else None,
+                g.sum(0) if need_b and ctx.has_b else None)
+
+
+class _Tanh(torch.autograd.Function):
+    """``tanh(x) = 2 sigmoid(2x) - 1``, with tanh's own derivative ``1 - y^2``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        y = torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable in y as well
+            return g * (1.0 - y * y)
+        return torch.ops.aten.tanh_backward(g, y)
+
+
+_TANH = (torch.tanh, Tensor.tanh, torch.nn.functional.tanh)
+
+
+class FastCPUMode(torch.overrides.TorchFunctionMode):
+    """Reroutes ``F.linear`` and ``tanh`` on float32 CPU tensors to faster kernels (see the module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (x.dim() == 2 and w.dim() == 2 and w.device.type == "cpu" and _use_onednn(x, w)
+                    and (b is None or b.dtype == torch.float32)):
+                return _Linear.apply(x, w, b)
+        elif func in _TANH and len(args) == 1 and not kwargs:
+            x = args[0]
+            if isinstance(x, Tensor) and x.dtype == torch.float32 and x.device.type == "cpu":
+                return _Tanh.apply(x)
+        return func(*args, **kwargs)
