@@ -23,6 +23,7 @@ from rnnkit.init import keras_init_
 from rnnkit.models import (
     AttentionDecoderCell,
     ConvFrontend,
+    Readout,
     Seq2Seq,
     SequenceClassifier,
     SequenceRegressor,
@@ -483,3 +484,17 @@ def test_head_init_normal_gives_the_tutorials_readout():
     assert 0.9 < float(w.std()) < 1.1 and float(b.abs().sum()) > 0
     with pytest.raises(ConfigError, match="head_init"):
         SequenceClassifier(28, 10, head_init="xavier")
+
+
+@pytest.mark.parametrize("kind, directions, k", [("last", 1, 3), ("last", 2, 3), ("last_k", 1, 3), ("last_k", 2, 2),
+                                                 ("mean", 1, 3), ("mean", 2, 3), ("last_k", 1, 7)])
+def test_readout_without_lengths_equals_readout_with_full_lengths(kind, directions, k):
+    """The no-lengths shortcut (views instead of gathers) pools exactly as the general path does."""
+    torch.manual_seed(0)
+    readout = Readout(kind, 6, directions=directions, k=k)
+    outputs = torch.randn(4, 5, 6, requires_grad=True)
+    fast = readout(outputs)
+    general = readout(outputs, torch.full((4,), 5))
+    torch.testing.assert_close(fast, general, rtol=0, atol=0)
+    g1, g2 = (torch.autograd.grad(t.square().sum(), outputs)[0] for t in (fast, general))
+    torch.testing.assert_close(g1, g2)

@@ -207,6 +207,8 @@ class Readout(nn.Module):
     def forward(self, outputs: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Pool ``outputs`` (N, T, F) with ``lengths`` (N,) (all T when None) to (N, output_size)."""
         N, T, Fe = outputs.shape
+        if lengths is None and (self.kind in ("last", "mean") or (self.kind == "last_k" and T >= self.k)):
+            return self._full_length(outputs)  # every sequence T long: views, no gathers to differentiate
         lengths = lengths_tensor(lengths, N, T, outputs.device)
         rows = torch.arange(N, device=outputs.device)
         if self.kind == "last":
@@ -226,6 +228,18 @@ class Readout(nn.Module):
             total = (outputs * mask.unsqueeze(-1).to(outputs.dtype)).sum(1)
             return total / lengths.unsqueeze(1).to(outputs.dtype)
         return torch.bmm(self.weights(outputs, lengths).unsqueeze(1), outputs).squeeze(1)
+
+    def _full_length(self, outputs: Tensor) -> Tensor:
+        """The pooling of "last", "last_k" (T >= k) and "mean" when every sequence is T steps long."""
+        N, T, Fe = outputs.shape
+        if self.kind == "last":
+            if self.directions == 1:
+                return outputs[:, -1]
+            half = Fe // 2
+            return torch.cat([outputs[:, -1, :half], outputs[:, 0, half:]], dim=-1)
+        if self.kind == "mean":
+            return outputs.mean(1)
+        return outputs[:, T - self.k :].reshape(N, self.k * Fe)
 
     def weights(self, outputs: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Attention readout only: the pooling weights (N, T), summing to 1 over valid steps, 0 on padding."""
@@ -295,7 +309,7 @@ class SequenceClassifier(nn.Module):
         directions = 2 if bidirectional else 1
         width = rnn_output_size(self.rnn, size)
         self.readout = Readout(readout, width, directions=directions, k=k)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.head = nn.Linear(self.readout.output_size, num_classes)
         if init == "keras":
             keras_init_(self, linear=True)
