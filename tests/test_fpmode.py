@@ -209,12 +209,34 @@ def test_context_manager_restores_on_exit_and_error() -> None:
         assert not denormals_are_flushed()
 
 
-def test_outer_scope_covers_inner_layers_without_markers(caller_mode) -> None:
-    """Inside one denormals_flushed() block (the trainer's step) layers add no autograd markers, and
-    forward and backward still run flushed; the caller's mode comes back when the block ends."""
+def _node_names(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    return {type(f).__name__ for f in seen}
+
+
+def test_forward_only_scope_keeps_the_markers(caller_mode) -> None:
+    """A block around the forward alone: its backward, run after the block, is still flushed."""
     cell = RecordingCell()
     x = torch.randn(N, T, I, requires_grad=True)
     with denormals_flushed():
+        res = unroll(cell, x)
+    assert "_EnterFlushBackward" in _node_names(res.outputs)
+    res.outputs.sum().backward()
+    assert cell.backward_modes == [True] * T
+    assert denormals_are_flushed() is caller_mode
+
+
+def test_outer_scope_covers_inner_layers_without_markers(caller_mode) -> None:
+    """Inside one block that covers the backward (the trainer's step) layers add no autograd markers,
+    and forward and backward still run flushed; the caller's mode comes back when the block ends."""
+    cell = RecordingCell()
+    x = torch.randn(N, T, I, requires_grad=True)
+    with denormals_flushed(covers_backward=True):
         res = unroll(cell, x)
         names = []
         fn = res.outputs.grad_fn

@@ -269,6 +269,9 @@ def test_auto_on_cpu_picks_by_workload():
         # every step's c is free in the fused LSTM, a second pass for torch's kernel
         want = "fused" if name.startswith("lstm") or not native_ok else "native"
         assert _pick_backend(cell, small, T, N, return_states=True) == want
+        # half precision: neither fused nor (on the CPU, where torch's half kernels are uneven) native
+        assert _pick_backend(cell.bfloat16(), small.bfloat16(), T, N) == "reference"
+        cell.float()
         # float64 has no oneDNN kernel: the fused backend
         assert _pick_backend(cell.double(), small.double(), T, N) == "fused"
 

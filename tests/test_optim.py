@@ -303,3 +303,9 @@ def test_global_grad_norm_matches_torch_and_flags_non_finite():
     torch.testing.assert_close(global_grad_norm(mixed).float(), want)
     assert not torch.isfinite(global_grad_norm([grads[0], torch.tensor([float("inf")])]))
     assert float(global_grad_norm([])) == 0.0
+
+
+def test_ema_of_a_model_without_parameters_is_a_no_op():
+    ema = EMA(nn.ReLU(), 0.9)
+    ema.update()
+    assert ema.num_updates == 1 and ema.shadow == {}

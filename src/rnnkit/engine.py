@@ -173,6 +173,7 @@ def _pick_backend(cell: nn.Module, x: Tensor, T: int, N: int, return_states: boo
     native_ok = not native.unsupported(cell, x)
     if x.device.type != "cpu":
         return "native" if native_ok else "reference"
+    native_ok = native_ok and x.dtype in (torch.float32, torch.float64)  # torch's CPU half kernels are uneven
     fused_ok = not fused.unsupported(cell, x)
     # torch's LSTM kernel returns only the last c: every step's c costs the native backend a second
     # pass (2.3-2.9x the time at T28, measured), while the fused backend has them for free.

@@ -81,14 +81,29 @@ class FastCPUMode(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        if func is torch.nn.functional.linear:
-            x, w = args[0], args[1]
+        if func is torch.nn.functional.linear and not _transforming():
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if (x.dim() == 2 and w.dim() == 2 and w.device.type == "cpu" and _use_onednn(x, w)
-                    and (b is None or b.dtype == torch.float32)):
+            if _linear_fits(x, w, b):
                 return _Linear.apply(x, w, b)
-        elif func in _TANH and len(args) == 1 and not kwargs:
+        elif func in _TANH and len(args) == 1 and not kwargs and not _transforming():
             x = args[0]
             if isinstance(x, Tensor) and x.dtype == torch.float32 and x.device.type == "cpu":
                 return _Tanh.apply(x)
         return func(*args, **kwargs)
+
+
+def _transforming() -> bool:
+    """Under torch.func transforms or forward-mode AD the Functions here have no rules: pass through."""
+    return bool(torch._C._are_functorch_transforms_active()) or torch.autograd.forward_ad._current_level >= 0
+
+
+def _linear_fits(x: object, w: object, b: object) -> bool:
+    """2-D float32 CPU operands oneDNN takes, and a bias of shape (out,) or none (torch broadcasts others)."""
+    if not (isinstance(x, Tensor) and isinstance(w, Tensor) and x.dim() == 2 and w.dim() == 2):
+        return False
+    if w.device.type != "cpu" or not _use_onednn(x, w):
+        return False
+    return b is None or (isinstance(b, Tensor) and b.dim() == 1 and b.shape[0] == w.shape[0]
+                         and b.dtype == torch.float32 and b.device.type == "cpu")

@@ -342,7 +342,8 @@ class EMA:
         """Move the shadow weights towards the model's current weights."""
         d = self.current_decay()
         tracked = list(self._tracked())
-        torch._foreach_lerp_([self.shadow[name] for name, _ in tracked], [t.detach() for _, t in tracked], 1 - d)
+        if tracked:
+            torch._foreach_lerp_([self.shadow[n] for n, _ in tracked], [t.detach() for _, t in tracked], 1 - d)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -155,7 +155,7 @@ class Trainer:
         CPU (see :mod:`rnnkit.fpmode`; ``rnnkit.set_flush_denormals(False)`` turns it off), so the
         layers inside need no per-call scopes; the caller's mode is restored when the step ends.
         """
-        with denormals_flushed(self.device):
+        with denormals_flushed(self.device, covers_backward=True):
             return self._train_step(x, y)
 
     def _train_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
