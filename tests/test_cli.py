@@ -10,6 +10,7 @@ import shutil
 import struct
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 from cli_runner import run
 
 from rnnkit.config import dump_toml
-from rnnkit.recipes import RECIPES
+from rnnkit.recipes import RECIPES, recipe_config
 from rnnkit.train.checkpoint import load_checkpoint
 
 # tiny settings on the embedded mini-MNIST: 8 steps per epoch
@@ -274,3 +275,22 @@ def test_steepest_descent_is_where_the_loss_falls_fastest():
     # a logistic drop centred at 1e-3.5, then divergence: the steepest point is the centre
     losses = [2.0 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 3.5))) for lr in lrs[:40]] + [5.0] * 10
     assert abs(math.log10(_steepest(lrs, losses)) + 3.5) < 0.15
+
+
+MNIST_RECIPES = [name for name in RECIPES if recipe_config(name).task == "mnist"]
+
+
+@pytest.mark.parametrize("recipe", MNIST_RECIPES)
+def test_every_mnist_recipe_trains_end_to_end(recipe, tmp_path):
+    """Each MNIST recipe as shipped (its model, view, initialisation and optimiser), for two steps
+    on a slice of the embedded data: the smoke test of a recipe whose full run is in BENCHMARKS.md."""
+    args = ["train", recipe, "--set", "data.dataset=embedded", "--set", "data.train_limit=64",
+            "--set", "data.test_limit=32", "--set", "train.min_steps=none", "--set", "train.eval_every=none",
+            "--steps", "2", "--batch-size", "16", "--no-progress", "--set", "train.threads=1",
+            "--out", str(tmp_path)]
+    code, out, err = run(args)
+    assert code == 0, err
+    m = final_line(out)
+    assert "after 2 steps" in m.group(0)
+    cfg = (Path(m.group(6)) / "config.toml").read_text()
+    assert f'recipe = "{recipe}"' in cfg

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from rnnkit.data.text import (
 )
 from rnnkit.engine import tree_flatten, unroll
 from rnnkit.errors import ConfigError, DataError, ShapeError
-from rnnkit.init import keras_init_
+from rnnkit.init import chrono_init_, keras_init_
 from rnnkit.models import (
     AttentionDecoderCell,
     ConvFrontend,
@@ -498,3 +500,26 @@ def test_readout_without_lengths_equals_readout_with_full_lengths(kind, directio
     torch.testing.assert_close(fast, general, rtol=0, atol=0)
     g1, g2 = (torch.autograd.grad(t.square().sum(), outputs)[0] for t in (fast, general))
     torch.testing.assert_close(g1, g2)
+
+
+def test_chrono_init_spreads_forget_biases_over_the_horizon():
+    torch.manual_seed(0)
+    lstm = rnnkit.LSTM(1, 64, num_layers=2)
+    chrono_init_(lstm, 784)
+    for layer in range(2):
+        cell = lstm.cell(layer)
+        b = cell.fused_bias().detach()
+        b_i, b_f = b[:64], b[64:128]
+        assert float(b_f.min()) >= 0.0 and float(b_f.max()) <= math.log(783) + 1e-6
+        assert float(b_f.max()) > 3.0  # some units remember for hundreds of steps
+        torch.testing.assert_close(b_i, -b_f)
+        assert torch.equal(getattr(lstm, f"bias_hh_l{layer}")[:128], torch.zeros(128))
+    own = chrono_init_(rnnkit.LSTMCell(1, 8, forget_bias=1.0), 100)  # the cell's constant is accounted for
+    fb = own.fused_bias().detach()
+    torch.testing.assert_close(fb[:8], -fb[8:16])
+    with pytest.raises(ConfigError, match="t_max"):
+        chrono_init_(lstm, 1)
+    with pytest.raises(ConfigError, match="chrono_t_max"):
+        SequenceClassifier(1, 10, init="chrono")
+    model = SequenceClassifier(1, 10, hidden_size=16, init="chrono", chrono_t_max=784)
+    assert float(model.rnn.cell(0).fused_bias().detach()[16:32].max()) > 2.0

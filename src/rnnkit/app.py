@@ -148,7 +148,8 @@ def build_model(cfg: RunConfig, input_size: int, num_classes: int) -> nn.Module:
     return SequenceClassifier(
         input_size, num_classes, hidden_size=m.hidden, num_layers=m.layers, cell=_cell_factory(m.cell),
         bidirectional=m.bidirectional, readout=m.readout, k=m.k, input_projection=m.input_projection,
-        dropout=m.dropout, forget_bias=m.forget_bias, init=m.init, head_init=m.head_init,
+        dropout=m.dropout, forget_bias=m.forget_bias, init=m.init, chrono_t_max=m.chrono_t_max,
+        head_init=m.head_init,
     )
 
 

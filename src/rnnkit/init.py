@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from rnnkit.cells import GRUCell, LayerNormLSTMCell, LSTMCell, RNNCell
 from rnnkit.errors import ConfigError
 
-__all__ = ["keras_init_", "orthogonal_blocks_"]
+__all__ = ["chrono_init_", "keras_init_", "orthogonal_blocks_"]
 
 _BUILTIN = (LSTMCell, GRUCell, RNNCell, LayerNormLSTMCell)
 _TORCH_LSTM = (nn.LSTM, nn.LSTMCell)
@@ -109,3 +109,52 @@ def _init_torch(m: nn.Module, forget_bias: float) -> None:
             nn.init.zeros_(p)
             if isinstance(m, _TORCH_LSTM) and name.startswith("bias_ih"):
                 p[H : 2 * H] = forget_bias
+
+
+@torch.no_grad()
+def chrono_init_(module: nn.Module, t_max: int) -> nn.Module:
+    """Chrono initialisation of every LSTM's gate biases in ``module`` for dependencies up to ``t_max`` steps.
+
+    Tallec & Ollivier (2018): the forget-gate bias ``b_f = log(u)``, ``u ~ U[1, t_max - 1]`` per unit,
+    and the input-gate bias ``b_i = -b_f``, so units start with memory time-scales spread up to
+    ``t_max`` steps instead of the ~1-3 steps a forget bias of 0 or 1 gives. Meant for long
+    sequences (784-step pixel MNIST). Other weights are left as they are; returns ``module``.
+    """
+    if not isinstance(t_max, int) or t_max < 3:
+        raise ConfigError(f"chrono_init_: t_max must be an int >= 3 (the longest dependency in steps), got {t_max!r}")
+    for cell in _lstm_cells(module):
+        H = cell.hidden_size
+        b_f = torch.log(torch.empty(H).uniform_(1.0, t_max - 1.0))
+        single = getattr(cell, "bias", None)  # LayerNormLSTMCell's one bias; a bool flag on the others
+        if isinstance(single, Tensor):
+            b, other = single, None
+        else:
+            b, other = getattr(cell, "bias_ih", None), getattr(cell, "bias_hh", None)
+        if b is None:
+            raise ConfigError("chrono_init_: an LSTM without biases cannot hold the chrono gate biases; use bias=True")
+        own = float(getattr(cell, "forget_bias", 0.0))  # a constant the cell adds itself
+        b[:H] = -b_f
+        b[H : 2 * H] = b_f - own
+        if isinstance(other, Tensor):
+            other[: 2 * H] = 0.0
+    return module
+
+
+def _lstm_cells(module: nn.Module) -> list[nn.Module]:
+    """Every LSTM cell in ``module``: rnnkit's (bound to their layer's parameters) and ``nn.LSTMCell``."""
+    found: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        if isinstance(m, (LSTMCell, LayerNormLSTMCell, nn.LSTMCell)):
+            found.append(m)
+            return
+        cells = getattr(m, "cells", None)
+        if callable(cells) and hasattr(m, "num_layers"):
+            for c in cells():
+                visit(c)
+            return
+        for child in m.children():
+            visit(child)
+
+    visit(module)
+    return found

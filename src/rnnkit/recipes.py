@@ -55,7 +55,8 @@ class ModelConfig:
     input_projection: int | None = None
     dropout: float = 0.0
     forget_bias: float = 0.0
-    init: Literal["torch", "keras"] = "keras"
+    init: Literal["torch", "keras", "chrono"] = "keras"  # chrono: keras + Tallec & Ollivier's gate biases
+    chrono_t_max: int | None = None  # the longest dependency chrono init aims at (the sequence length)
     head_init: Literal["default", "normal"] = "default"  # normal: N(0, 1) readout, as the TF1 tutorials
 
     def validate(self) -> None:
@@ -273,10 +274,11 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "pixel-mnist",
             "sequential MNIST (Le et al. 2015)",
-            "784 steps of one pixel, LSTM 128, Adam 1e-3 with clipping",
+            "784 steps of one pixel, LSTM 128 with chrono gate biases (Tallec & Ollivier 2018), Adam 1e-3 "
+            "with clipping",
             {
                 "data": {"view": "pixels"},
-                "model": {"init": "keras"},
+                "model": {"init": "chrono", "chrono_t_max": 784},
                 "optim": {"lr": 1e-3, "clip_norm": 1.0},
                 "train": {"epochs": 20},
             },
@@ -285,10 +287,11 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "permuted-mnist",
             "permuted sequential MNIST (Le et al. 2015)",
-            "784 steps of one pixel in a fixed random order, LSTM 128, Adam 1e-3 with clipping",
+            "784 steps of one pixel in a fixed random order, LSTM 128 with chrono gate biases, Adam 1e-3 with "
+            "clipping",
             {
                 "data": {"view": "permuted"},
-                "model": {"init": "keras"},
+                "model": {"init": "chrono", "chrono_t_max": 784},
                 "optim": {"lr": 1e-3, "clip_norm": 1.0},
                 "train": {"epochs": 20},
             },

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
 from rnnkit.errors import ConfigError, ShapeError
-from rnnkit.init import keras_init_
+from rnnkit.init import chrono_init_, keras_init_
 from rnnkit.layers import GRU, LSTM, RNN
 
 __all__ = [
@@ -275,7 +275,8 @@ class SequenceClassifier(nn.Module):
         image_channels: int = 1,
         dropout: float = 0.0,
         forget_bias: float = 0.0,
-        init: Literal["torch", "keras"] = "torch",
+        init: Literal["torch", "keras", "chrono"] = "torch",
+        chrono_t_max: int | None = None,
         head_init: Literal["default", "normal"] = "default",
         backend: str = "auto",
     ) -> None:
@@ -285,8 +286,10 @@ class SequenceClassifier(nn.Module):
                 raise ConfigError(f"SequenceClassifier: {label} must be a positive int, got {value!r}")
         if frontend not in (None, "cnn"):
             raise ConfigError(f"SequenceClassifier: frontend must be None or 'cnn', got {frontend!r}")
-        if init not in ("torch", "keras"):
-            raise ConfigError(f"SequenceClassifier: init must be 'torch' or 'keras', got {init!r}")
+        if init not in ("torch", "keras", "chrono"):
+            raise ConfigError(f"SequenceClassifier: init must be 'torch', 'keras' or 'chrono', got {init!r}")
+        if init == "chrono" and chrono_t_max is None:
+            raise ConfigError("SequenceClassifier: init='chrono' needs chrono_t_max (the sequence length, e.g. 784)")
         if head_init not in ("default", "normal"):
             raise ConfigError(f"SequenceClassifier: head_init must be 'default' or 'normal', got {head_init!r}")
         if not 0.0 <= dropout < 1.0:
@@ -311,8 +314,10 @@ class SequenceClassifier(nn.Module):
         self.readout = Readout(readout, width, directions=directions, k=k)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.head = nn.Linear(self.readout.output_size, num_classes)
-        if init == "keras":
+        if init in ("keras", "chrono"):
             keras_init_(self, linear=True)
+        if init == "chrono":  # Keras' weights, gate biases for memories up to chrono_t_max steps
+            chrono_init_(self, chrono_t_max)
         if head_init == "normal":
             # the TF1 tutorials' readout, tf.random_normal weights and bias: large initial logits
             # give the recurrent weights strong gradients early (seed 002: +1.1 points at 800 steps)
