@@ -171,3 +171,9 @@ def test_fast_cpu_mode_steps_aside_for_torch_func():
     with fastcpu.FastCPUMode():
         got = torch.func.vmap(torch.func.jacrev(f))(x)
     torch.testing.assert_close(got, want)
+
+
+def test_empty_operands_take_torch_path(route):
+    a, w = torch.randn(0, 5), torch.randn(7, 5)
+    assert gemm.linear(a, w).shape == (0, 7)
+    assert torch.equal(gemm.mm(torch.randn(3, 0), torch.randn(0, 4)), torch.zeros(3, 4))

@@ -60,6 +60,7 @@ def _use_onednn(a: Tensor, w: Tensor) -> bool:
     # Other strides (a column slice of a wider tensor, say) send oneDNN down a generic path that
     # was measured at 16 ms for a (200 x 128) @ (128 x 15) product BLAS does in 0.05 ms.
     return (_ONEDNN and a.dtype == torch.float32 and w.dtype == torch.float32 and a.device.type == "cpu"
+            and a.numel() > 0 and w.numel() > 0
             and _dense(w) and (a.is_contiguous() or (a.numel() <= _STRIDED_COPY_LIMIT and _dense(a))))
 
 
