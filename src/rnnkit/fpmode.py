@@ -42,12 +42,13 @@ _enabled = os.environ.get("RNNKIT_FLUSH_DENORMALS", "1").strip().lower() not in 
 _supported: bool | None = None
 # 1e-20 * 1e-20 = 1e-40 is below float32's smallest normal (1.2e-38): a denormal unless flushed.
 _PROBE = 1e-20
-# Per thread: how many denormals_flushed() blocks are open (the CPU's mode is per thread too).
+# Per thread (the CPU's mode is per thread too): whether an outermost denormals_flushed() block is
+# open (inner ones leave it alone) and whether it covers the backward.
 _scope = threading.local()
 
 
 def _in_scope() -> bool:
-    return getattr(_scope, "depth", 0) > 0
+    return getattr(_scope, "active", False)
 
 
 def _backward_covered() -> bool:
@@ -96,11 +97,11 @@ def denormals_flushed(device: torch.device | str | None = "cpu", *, covers_backw
     switch = not denormals_are_flushed()
     if switch:
         torch.set_flush_denormal(True)
-    _scope.depth, _scope.backward = 1, covers_backward
+    _scope.active, _scope.backward = True, covers_backward
     try:
         yield
     finally:
-        _scope.depth, _scope.backward = 0, False
+        _scope.active, _scope.backward = False, False
         if switch:
             torch.set_flush_denormal(False)
 

@@ -21,6 +21,8 @@ tree, and ``torch.nn.LSTM``/``GRU``/``RNN`` and their cells. Other modules are l
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -55,25 +57,33 @@ def keras_init_(module: nn.Module, *, forget_bias: float = 1.0, linear: bool = F
 
 
 def _visit(m: nn.Module, forget_bias: float, linear: bool) -> None:
-    if isinstance(m, _BUILTIN):
-        _init_builtin(m, forget_bias)
-        return  # a LayerNormLSTMCell's LayerNorms keep their gain 1 / offset 0
-    if type(m) in _TORCH_GATES:
-        _init_torch(m, forget_bias)
+    for mod in _modules(m):
+        if isinstance(mod, _BUILTIN):
+            _init_builtin(mod, forget_bias)  # a LayerNormLSTMCell's LayerNorms keep their gain 1 / offset 0
+        elif type(mod) in _TORCH_GATES:
+            _init_torch(mod, forget_bias)
+        elif linear and isinstance(mod, nn.Linear):
+            nn.init.xavier_uniform_(mod.weight)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+
+
+def _modules(m: nn.Module) -> Iterator[nn.Module]:
+    """``m`` and its submodules, built-in cells and torch's recurrent modules taken whole.
+
+    An rnnkit layer's cells are unregistered and bound to the layer's parameters on request, so a
+    layer yields its bound cells (initialising a cell initialises the layer).
+    """
+    yield m
+    if isinstance(m, _BUILTIN) or type(m) in _TORCH_GATES:
         return
     cells = getattr(m, "cells", None)
-    if callable(cells) and isinstance(m, nn.Module) and hasattr(m, "num_layers"):
-        # an rnnkit layer: its cells are unregistered and bound to the layer's parameters on request
+    if callable(cells) and hasattr(m, "num_layers"):
         for c in cells():
-            _visit(c, forget_bias, linear)
-        return
-    if linear and isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+            yield from _modules(c)
         return
     for child in m.children():
-        _visit(child, forget_bias, linear)
+        yield from _modules(child)
 
 
 def _init_builtin(cell: nn.Module, forget_bias: float) -> None:
@@ -142,19 +152,4 @@ def chrono_init_(module: nn.Module, t_max: int) -> nn.Module:
 
 def _lstm_cells(module: nn.Module) -> list[nn.Module]:
     """Every LSTM cell in ``module``: rnnkit's (bound to their layer's parameters) and ``nn.LSTMCell``."""
-    found: list[nn.Module] = []
-
-    def visit(m: nn.Module) -> None:
-        if isinstance(m, (LSTMCell, LayerNormLSTMCell, nn.LSTMCell)):
-            found.append(m)
-            return
-        cells = getattr(m, "cells", None)
-        if callable(cells) and hasattr(m, "num_layers"):
-            for c in cells():
-                visit(c)
-            return
-        for child in m.children():
-            visit(child)
-
-    visit(module)
-    return found
+    return [m for m in _modules(module) if isinstance(m, (LSTMCell, LayerNormLSTMCell, nn.LSTMCell))]

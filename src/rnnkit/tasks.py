@@ -598,16 +598,8 @@ def state_traces(rnn: nn.Module, x: Tensor) -> list[dict[str, Tensor]]:
             trace, h = _direction_trace(rnn, result.states, layer * directions + d, layer_input, batch_first, d == 1)
             traces.append(trace)
             hs.append(h)
-        layer_input = hs[0] if directions == 1 else _merge(rnn, hs)
+        layer_input = rnn._merge(hs)  # the next layer's input, merged as the layer itself merges it
     return traces
-
-
-def _merge(rnn: nn.Module, hs: list[Tensor]) -> Tensor:
-    """The next layer's input from both directions' h, as the layer merges them."""
-    mode = getattr(rnn, "merge_mode", "concat")
-    if mode == "concat":
-        return torch.cat(hs, dim=-1)
-    return hs[0] + hs[1] if mode == "sum" else (hs[0] + hs[1]) * 0.5
 
 
 def _direction_trace(

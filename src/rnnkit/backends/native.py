@@ -37,14 +37,12 @@ def flat_weights(cell: nn.Module) -> tuple[list[Tensor], bool]:
     if isinstance(cell, LSTMCell):
         if cell.bias and not cell.forget_bias:  # the kernel sums the two biases itself
             weights += [cell.bias_ih, cell.bias_hh]
-            b = cell.bias_ih
-        else:
-            b = cell.fused_bias()  # forget_bias folds into the input bias
-            if b is not None:
-                weights += [b, torch.zeros_like(b)]
+        elif cell.forget_bias:  # it folds into the input bias (fused_bias works without biases too)
+            b = cell.fused_bias()
+            weights += [b, torch.zeros_like(b)]
         if cell.proj_size:
             weights.append(cell.weight_hr)
-        return weights, b is not None
+        return weights, bool(cell.bias or cell.forget_bias)
     if cell.bias:
         weights += [cell.bias_ih, cell.bias_hh]
     return weights, cell.bias
