@@ -177,7 +177,8 @@ class Trainer:
                     metric_sum[k] = metric_sum.get(k, 0.0) + v * xs.shape[0] / n
         params = [p for p in model.parameters() if p.grad is not None]
         total_norm = global_grad_norm([p.grad for p in params])
-        bad = self._nonfinite(total_loss, float(total_norm))
+        grad_norm = float(total_norm)  # read once: on a GPU each read is a synchronisation
+        bad = self._nonfinite(total_loss, grad_norm)
         if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
             if self.nonfinite == "stop":
@@ -186,7 +187,8 @@ class Trainer:
                     f"(--set optim.clip_norm=1.0) or check the inputs for NaN (nonfinite='skip' skips such batches)"
                 )
             return {"loss": total_loss, "skipped": 1.0}
-        grad_norm = clip_gradients(params, max_norm=self.clip_norm, max_value=self.clip_value, total=total_norm)
+        if self.clip_norm is not None or self.clip_value is not None:
+            clip_gradients(params, max_norm=self.clip_norm, max_value=self.clip_value, total=total_norm)
         for cb in self.callbacks:
             cb.on_before_optimizer_step(self)
         lr = self.set_lr()
