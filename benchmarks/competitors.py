@@ -386,6 +386,11 @@ class TimeToAccuracy:
     elapsed: float | None = None  # seconds the whole run took (for one that never reached the target)
 
 
+def set_threads(n: int) -> None:
+    """torch's intra-op threads (for a worker process; a builtin does not pickle by name)."""
+    torch.set_num_threads(n)
+
+
 def plain_torch_time_to_accuracy(
     data_dir: str, seed: int, *, target: float, eval_every: int, epochs: int, device: torch.device,
     batch_size: int = 128,

@@ -26,10 +26,12 @@ Importable (for ``rnnkit bench``): ``main(argv)`` is the command line; ``run_spe
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import functools
 import importlib.metadata
 import importlib.util
+import multiprocessing
 import os
 import platform
 import shlex
@@ -500,7 +502,14 @@ def environment(device: torch.device, command: str) -> list[str]:
         f"- OS: {platform.platform()}",
         f"- software: {', '.join(software)}",
         f"- command: `{command}`",
+        f"- glibc malloc: {_allocator_line()}",
     ]
+
+
+def _allocator_line() -> str:
+    if rnnkit.allocator.allocator_tuned():
+        return "tuned for every implementation in this process (rnnkit.tune_allocator or the environment)"
+    return "defaults (rnnkit's layers leave it alone; rnnkit's Trainer tunes it during fit)"
 
 
 def heading(device: torch.device) -> str:
@@ -552,6 +561,20 @@ def run_speed(args: argparse.Namespace, command: str, log: Callable[[str], Any] 
     return "\n".join(blocks) + "\n"
 
 
+def _call(args: argparse.Namespace, fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+    """``fn(*a, **kw)`` in a fresh Python process (unless --in-process), as a user would start it.
+
+    Each training run then starts from the same state: its own malloc settings and heap (rnnkit's
+    trainer tunes glibc's allocator while it trains; see rnnkit.allocator), caches and threads.
+    """
+    if args.in_process:
+        return fn(*a, **kw)
+    threads = args.threads or torch.get_num_threads()
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=comp.set_threads, initargs=(threads,)) as pool:
+        return pool.submit(fn, *a, **kw).result()
+
+
 def recipe_time_to_accuracy(
     data_dir: str, seed: int, *, target: float, eval_every: int, epochs: int, device: torch.device
 ) -> comp.TimeToAccuracy:
@@ -599,7 +622,7 @@ def run_time_to_accuracy(args: argparse.Namespace, command: str, log: Callable[[
         got = {}
         for name in list(runs)[:: 1 if k % 2 == 0 else -1]:  # who goes first alternates (warm caches)
             log(f"time to accuracy, seed {seed}: {name}")
-            got[name] = runs[name](args.data_dir, seed, **options)
+            got[name] = _call(args, runs[name], args.data_dir, seed, **options)
         ours, plain = got["rnnkit recipe"], got["plain PyTorch loop"]
         ratio = "-"
         if ours.seconds and plain.seconds:
@@ -649,9 +672,9 @@ def run_seed_recipes(args: argparse.Namespace, command: str, log: Callable[[str]
             got = {}
             for who in ("rnnkit", "plain")[:: 1 if k % 2 == 0 else -1]:
                 log(f"{name}, seed {seed}: {who}")
-                got[who] = (rnnkit_recipe(name, args.data_dir, seed, device) if who == "rnnkit" else
-                            comp.plain_torch_recipe(args.data_dir, seed, hidden=hidden, batch_size=batch, lr=lr,
-                                                    steps=steps, device=device))
+                got[who] = (_call(args, rnnkit_recipe, name, args.data_dir, seed, device) if who == "rnnkit" else
+                            _call(args, comp.plain_torch_recipe, args.data_dir, seed, hidden=hidden,
+                                  batch_size=batch, lr=lr, steps=steps, device=device))
             ours, plain = got["rnnkit"], got["plain"]
             lines.append(f"| {name} | {seed} | {ours.train_seconds:.1f} | {plain.train_seconds:.1f} | "
                          f"{plain.train_seconds / ours.train_seconds:.2f}x | {100 * ours.accuracy:.2f}% | "
@@ -680,6 +703,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     p.add_argument("--compile", action="store_true", help="include the torch.compile competitors (slow to start)")
+    p.add_argument("--tune-allocator", action="store_true",
+                   help="tune glibc malloc for every implementation (rnnkit.tune_allocator; layers do not by default)")
     p.add_argument("--quick", action="store_true", help="two tiny shapes, 1 round: a smoke test of the harness")
     p.add_argument("--write", action="store_true", help="append the report to BENCHMARKS.md")
     p.add_argument("--results-file", type=Path, default=DEFAULT_RESULTS, help="where --write appends")
@@ -688,6 +713,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     tta.add_argument("--seed-recipes", action="store_true",
                      help="train the seeds' MNIST recipes (seed002, seed003) against a plain PyTorch loop")
     tta.add_argument("--data-dir", help="the directory holding the four MNIST IDX files")
+    tta.add_argument("--in-process", action="store_true",
+                     help="train in this process (default: each training run in a fresh one)")
     tta.add_argument("--seeds", type=int, nargs="+", default=[0])
     tta.add_argument("--target", type=float, default=0.98, help="test accuracy to reach (default 0.98)")
     tta.add_argument("--eval-every", type=int, default=100, help="steps between test evaluations (default 100)")
@@ -712,6 +739,8 @@ def main(argv: Sequence[str] | None = None, *, log: Callable[[str], Any] | None 
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tune_allocator and not rnnkit.tune_allocator():
+        log("--tune-allocator: not applied (not glibc, or the environment sets malloc options)")
     try:
         mode = run_time_to_accuracy if args.time_to_accuracy else run_seed_recipes if args.seed_recipes else run_speed
         report = mode(args, command, log)

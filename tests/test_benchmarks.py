@@ -141,7 +141,7 @@ def test_time_to_accuracy_table(bench, monkeypatch):
 
     monkeypatch.setattr(bench, "recipe_time_to_accuracy", fake("rnnkit", 10.0))
     monkeypatch.setattr(bench.comp, "plain_torch_time_to_accuracy", fake("plain", None))
-    args = bench.parse_args(["--time-to-accuracy", "--data-dir", "unused", "--seeds", "0", "1"])
+    args = bench.parse_args(["--time-to-accuracy", "--data-dir", "unused", "--seeds", "0", "1", "--in-process"])
     report = bench.run_time_to_accuracy(args, "cmd", log=lambda _: None)
     assert calls == [("rnnkit", 0), ("plain", 0), ("plain", 1), ("rnnkit", 1)]  # who goes first alternates
     rows = [line for line in _section(report, "Time to accuracy").splitlines() if line.startswith("| ")][2:]

@@ -260,8 +260,8 @@ def test_auto_on_cpu_picks_by_workload():
         assert _pick_backend(cell, small, T, N) == ("native" if native_ok else "fused")
         with torch.no_grad():
             assert _pick_backend(cell, small, T, N) == ("native" if native_ok else "fused")
-        # the gates of a long sequence spill out of cache: the fused backend's chunked loop wins
-        T_long = (engine._NATIVE_TRAIN_GATE_BYTES // (N * 4 * engine._gate_width(cell))) + 1
+        # the buffers of a long sequence are mapped afresh each step: the fused backend's chunked loop wins
+        T_long = (engine._native_train_bytes(cell) // (N * 4 * engine._gate_width(cell))) + 1
         long = torch.empty(T_long, N, 4)
         assert _pick_backend(cell, long, T_long, N) == "fused"
         with torch.no_grad():
@@ -274,6 +274,22 @@ def test_auto_on_cpu_picks_by_workload():
         cell.float()
         # float64 has no oneDNN kernel: the fused backend
         assert _pick_backend(cell.double(), small.double(), T, N) == "fused"
+
+
+def test_auto_with_a_tuned_allocator_keeps_native_lstm_training_longer(monkeypatch):
+    """With malloc reusing memory, torch's LSTM kernel wins up to 256 MB of gates; the GRU threshold stays."""
+    N = 2
+    lstm, gru = make_cell("lstm", 4, 5, torch.float32), make_cell("gru", 4, 5, torch.float32)
+    T_mid = (engine._NATIVE_TRAIN_GATE_BYTES // (N * 4 * engine._gate_width(lstm))) + 1
+    x = torch.empty(T_mid, N, 4)
+    monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
+    assert _pick_backend(lstm, x, T_mid, N) == "fused"
+    monkeypatch.setattr(engine, "allocator_tuned", lambda: True)
+    assert _pick_backend(lstm, x, T_mid, N) == "native"
+    T_gru = (engine._NATIVE_TRAIN_GATE_BYTES // (N * 4 * engine._gate_width(gru))) + 1
+    assert _pick_backend(gru, torch.empty(T_gru, N, 4), T_gru, N) == "fused"
+    T_huge = (engine._NATIVE_TRAIN_GATE_BYTES_TUNED // (N * 4 * engine._gate_width(lstm))) + 1
+    assert _pick_backend(lstm, torch.empty(T_huge, N, 4), T_huge, N) == "fused"
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ Drop-in ``LSTM``/``GRU``/``RNN`` layers that also return every step's states, ce
 in a few lines, one unroll engine with fast backends, and an end-to-end trainer and CLI.
 """
 
+from rnnkit.allocator import tune_allocator, tuned_allocator
 from rnnkit.cells import Cell, GRUCell, LayerNormLSTMCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.engine import UnrollResult, unroll
 from rnnkit.errors import CheckpointError, ConfigError, DataError, RnnkitError, RnnkitWarning, ShapeError
@@ -26,6 +27,8 @@ __all__ = [
     "unroll",
     "UnrollResult",
     "set_flush_denormals",
+    "tune_allocator",
+    "tuned_allocator",
     "RnnkitError",
     "ShapeError",
     "ConfigError",

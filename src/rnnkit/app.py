@@ -180,7 +180,7 @@ def build_trainer(
     return Trainer(
         model, optimizer, schedule=schedule, clip_norm=o.clip_norm, clip_value=o.clip_value, l1=o.l1, l2=o.l2,
         ema_decay=o.ema, accumulate=o.accumulate, bf16=cfg.train.bf16, callbacks=callbacks, device=device,
-        metrics=metrics,
+        metrics=metrics, tune_allocator=cfg.train.tune_allocator,
     )
 
 

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from rnnkit import fpmode
+from rnnkit.allocator import allocator_tuned
 from rnnkit.backends import fused, native, reference
 from rnnkit.cells import GRUCell, LSTMCell
 from rnnkit.errors import ShapeError
@@ -158,15 +159,27 @@ def unroll(
 
 
 # Training on the CPU in float32, torch's own kernel (oneDNN's RNN) beats the fused backend while
-# a layer's gates for the whole sequence fit in cache, and falls behind once they spill: measured
-# on an AMD EPYC (Zen 5, 2 cores; LSTM, B128 H128) the fused backend took 1.65x native's time at
-# T28 (7 MB of gates) but 0.92x at T100 (25 MB) and 0.85-0.9x at T784; see BENCHMARKS.md.
-_NATIVE_TRAIN_GATE_BYTES = 16 << 20
+# its buffers for the whole sequence stay below glibc's mmap threshold, and loses once each step
+# maps and faults them in afresh (see rnnkit.allocator). Measured 2026-12-01 on an AMD EPYC (Zen 5,
+# 2 cores), LSTM forward and backward, ms: T28 H128 B128 (7.3 MB of gates) native 10.3 / fused
+# 17.4; B160 (9.2 MB) 23.5 / 19.5; B256 37.5 / 37.3 with 8,900 page faults a step for native.
+# With the allocator tuned, native stays ahead for the LSTM up to T784 H128 B128 (205 MB: 215 /
+# 370) and T28 H512 B512 (310 / 410), not at T784 H256 (1,597 / 1,363); for the GRU the fused
+# backend leads already at 11 MB (T28 B256 H128: 31.6 / 41.8).
+_NATIVE_TRAIN_GATE_BYTES = 8 << 20
+_NATIVE_TRAIN_GATE_BYTES_TUNED = 256 << 20
 
 
 def _gate_width(cell: nn.Module) -> int:
     """Pre-activations per unit: 4 for an LSTM, 3 for a GRU, 1 for an Elman RNN."""
     return {LSTMCell: 4, GRUCell: 3}.get(type(cell), 1) * cell.hidden_size
+
+
+def _native_train_bytes(cell: nn.Module) -> int:
+    """The most gate bytes for which native training beats fused on the CPU, given the allocator's state."""
+    if type(cell) is LSTMCell and allocator_tuned():
+        return _NATIVE_TRAIN_GATE_BYTES_TUNED
+    return _NATIVE_TRAIN_GATE_BYTES
 
 
 def _pick_backend(cell: nn.Module, x: Tensor, T: int, N: int, return_states: bool = False) -> str:
@@ -183,7 +196,7 @@ def _pick_backend(cell: nn.Module, x: Tensor, T: int, N: int, return_states: boo
             x.requires_grad or cell.weight_ih.requires_grad or cell.weight_hh.requires_grad
         )
         # Inference: oneDNN keeps no per-step workspace and is 2-2.5x faster at every length measured.
-        if not training or not fused_ok or T * N * _gate_width(cell) * x.element_size() <= _NATIVE_TRAIN_GATE_BYTES:
+        if not training or not fused_ok or T * N * _gate_width(cell) * x.element_size() <= _native_train_bytes(cell):
             return "native"
     return "fused" if fused_ok else "reference"
 

@@ -119,6 +119,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto picks CUDA when present
     threads: int | None = None
+    tune_allocator: bool = True  # CPU: glibc malloc keeps freed memory during fit (rnnkit.allocator)
     deterministic: bool = False
     bf16: bool = False
     out: str = "runs"
