@@ -7,7 +7,7 @@ import torch
 
 import rnnkit
 from rnnkit import GRUCell, LayerNormLSTMCell, LSTMCell, LSTMState, RNNCell, engine
-from rnnkit.backends import fused
+from rnnkit.backends import fused, native
 from rnnkit.engine import _pick_backend, tree_flatten
 from rnnkit.fpmode import denormals_are_flushed
 
@@ -251,45 +251,82 @@ def test_caller_denormal_mode_is_kept(name, caller_flushes):
         torch.set_flush_denormal(was)
 
 
-def test_auto_on_cpu_picks_by_workload():
-    """Small float32 training and all inference go to torch's kernel; long training to the fused one."""
+def test_auto_on_cpu_picks_by_workload(monkeypatch):
+    """Small float32 training and all inference go to torch's kernel (long sequences in chunks of time);
+    training with steps too wide for useful chunks goes to the fused one."""
+    monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
+    tiny = torch.randn(3, 2, 4)
     for name in CELLS:
         cell = make_cell(name, 4, 5, torch.float32)
         native_ok = name != "gru_reset_before"  # torch's GRU has only reset_after=True
-        small, T, N = torch.randn(3, 2, 4), 3, 2
-        assert _pick_backend(cell, small, T, N) == ("native" if native_ok else "fused")
+        want_native = "native" if native_ok else "fused"
+        assert _pick_backend(cell, tiny, 3, 2) == want_native
         with torch.no_grad():
-            assert _pick_backend(cell, small, T, N) == ("native" if native_ok else "fused")
-        # the buffers of a long sequence are mapped afresh each step: the fused backend's chunked loop wins
-        T_long = (engine._native_train_bytes(cell) // (N * 4 * engine._gate_width(cell))) + 1
-        long = torch.empty(T_long, N, 4)
-        assert _pick_backend(cell, long, T_long, N) == "fused"
+            assert _pick_backend(cell, tiny, 3, 2) == want_native
+        # a long sequence of narrow steps: torch's kernel, chunked over time (backends.native.chunk_steps)
+        step = 2 * 4 * engine._gate_width(cell)
+        T_long = native.WHOLE_GATE_BYTES // step + 1
+        assert _pick_backend(cell, tiny, T_long, 2) == want_native
+        # steps so wide that a chunk would hold fewer than _MIN_CHUNK_STEPS of them: the fused loop
+        N_wide = native.CHUNK_GATE_BYTES // (engine._MIN_CHUNK_STEPS * 4 * engine._gate_width(cell)) + 1
+        T_wide = native.WHOLE_GATE_BYTES // (N_wide * 4 * engine._gate_width(cell)) + 1
+        assert _pick_backend(cell, tiny, T_wide, N_wide) == "fused"
         with torch.no_grad():
-            assert _pick_backend(cell, long, T_long, N) == ("native" if native_ok else "fused")
+            assert _pick_backend(cell, tiny, T_wide, N_wide) == want_native
         # every step's c is free in the fused LSTM, a second pass for torch's kernel
         want = "fused" if name.startswith("lstm") or not native_ok else "native"
-        assert _pick_backend(cell, small, T, N, return_states=True) == want
+        assert _pick_backend(cell, tiny, 3, 2, return_states=True) == want
         # half precision: neither fused nor (on the CPU, where torch's half kernels are uneven) native
-        assert _pick_backend(cell.bfloat16(), small.bfloat16(), T, N) == "reference"
+        assert _pick_backend(cell.bfloat16(), tiny.bfloat16(), 3, 2) == "reference"
         cell.float()
         # float64 has no oneDNN kernel: the fused backend
-        assert _pick_backend(cell.double(), small.double(), T, N) == "fused"
+        assert _pick_backend(cell.double(), tiny.double(), 3, 2) == "fused"
 
 
-def test_auto_with_a_tuned_allocator_keeps_native_lstm_training_longer(monkeypatch):
-    """With malloc reusing memory, torch's LSTM kernel wins up to 256 MB of gates; the GRU threshold stays."""
-    N = 2
-    lstm, gru = make_cell("lstm", 4, 5, torch.float32), make_cell("gru", 4, 5, torch.float32)
-    T_mid = (engine._NATIVE_TRAIN_GATE_BYTES // (N * 4 * engine._gate_width(lstm))) + 1
-    x = torch.empty(T_mid, N, 4)
-    monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
-    assert _pick_backend(lstm, x, T_mid, N) == "fused"
+def test_auto_with_a_tuned_allocator_runs_whole_lstm_sequences_natively(monkeypatch):
+    """With malloc reusing memory torch's LSTM kernel wins up to 256 MB of gates in one call; the GRU's stays 8 MB."""
     monkeypatch.setattr(engine, "allocator_tuned", lambda: True)
-    assert _pick_backend(lstm, x, T_mid, N) == "native"
-    T_gru = (engine._NATIVE_TRAIN_GATE_BYTES // (N * 4 * engine._gate_width(gru))) + 1
-    assert _pick_backend(gru, torch.empty(T_gru, N, 4), T_gru, N) == "fused"
-    T_huge = (engine._NATIVE_TRAIN_GATE_BYTES_TUNED // (N * 4 * engine._gate_width(lstm))) + 1
-    assert _pick_backend(lstm, torch.empty(T_huge, N, 4), T_huge, N) == "fused"
+    tiny = torch.randn(3, 2, 4)
+    lstm, gru = make_cell("lstm", 4, 5, torch.float32), make_cell("gru", 4, 5, torch.float32)
+    N = native.CHUNK_GATE_BYTES // (engine._MIN_CHUNK_STEPS * 4 * engine._gate_width(lstm)) + 1
+    T_mid = native.WHOLE_GATE_BYTES // (N * 4 * engine._gate_width(lstm)) + 1
+    assert _pick_backend(lstm, tiny, T_mid, N) == "native"
+    T_gru = native.WHOLE_GATE_BYTES // (2 * 4 * engine._gate_width(gru)) + 1
+    assert _pick_backend(gru, tiny, T_gru, 2) == "fused"
+    T_huge = engine._NATIVE_TRAIN_GATE_BYTES_TUNED[LSTMCell] // (N * 4 * engine._gate_width(lstm)) + 1
+    assert _pick_backend(lstm, tiny, T_huge, N) == "fused"
+    monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
+    assert _pick_backend(lstm, tiny, T_mid, N) == "fused"
+
+
+@pytest.mark.parametrize("name", ["lstm", "lstm_forget_bias", "gru", "rnn_tanh", "rnn_relu"])
+def test_native_chunks_of_time_match_one_call(monkeypatch, name):
+    """Torch's kernel over chunks of time, the state handed on, equals one call: values and gradients."""
+    from rnnkit.backends import native as native_backend
+
+    monkeypatch.setattr(native_backend, "allocator_tuned", lambda: False)
+    cell = make_cell(name, 3, 4, torch.float32)
+    x = torch.randn(2, 11, 3, requires_grad=True)
+    state = random_state(cell, 2, torch.float32)
+
+    def run(whole: int, chunk: int):
+        monkeypatch.setattr(native_backend, "WHOLE_GATE_BYTES", whole)
+        monkeypatch.setattr(native_backend, "CHUNK_GATE_BYTES", chunk)
+        res = rnnkit.unroll(cell, x, state, backend="native", return_states=True)
+        leaves = [res.outputs, *tree_flatten(res.final_state)[0], *tree_flatten(res.states)[0]]
+        grads = torch.autograd.grad(sum((leaf * torch.randn_like(leaf, generator=torch.Generator().manual_seed(
+            k))).sum() for k, leaf in enumerate(leaves)), [x, *cell.parameters()])
+        return leaves, grads
+
+    step = 2 * 4 * cell.weight_ih.shape[0]
+    assert native_backend.chunk_steps(cell, x.transpose(0, 1), [cell.weight_ih]) == 11
+    whole = run(1 << 40, 1 << 40)
+    monkeypatch.setattr(native_backend, "WHOLE_GATE_BYTES", 0)
+    monkeypatch.setattr(native_backend, "CHUNK_GATE_BYTES", 3 * step)
+    assert native_backend.chunk_steps(cell, x.transpose(0, 1), [cell.weight_ih]) == 3  # chunks of 3, 3, 3, 2
+    chunked = run(0, 3 * step)
+    for a, b in zip(whole[0] + list(whole[1]), chunked[0] + list(chunked[1])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -159,15 +159,17 @@ def unroll(
 
 
 # Training on the CPU in float32, torch's own kernel (oneDNN's RNN) beats the fused backend while
-# its buffers for the whole sequence stay below glibc's mmap threshold, and loses once each step
-# maps and faults them in afresh (see rnnkit.allocator). Measured 2026-12-01 on an AMD EPYC (Zen 5,
-# 2 cores), LSTM forward and backward, ms: T28 H128 B128 (7.3 MB of gates) native 10.3 / fused
-# 17.4; B160 (9.2 MB) 23.5 / 19.5; B256 37.5 / 37.3 with 8,900 page faults a step for native.
-# With the allocator tuned, native stays ahead for the LSTM up to T784 H128 B128 (205 MB: 215 /
-# 370) and T28 H512 B512 (310 / 410), not at T784 H256 (1,597 / 1,363); for the GRU the fused
-# backend leads already at 11 MB (T28 B256 H128: 31.6 / 41.8).
-_NATIVE_TRAIN_GATE_BYTES = 8 << 20
-_NATIVE_TRAIN_GATE_BYTES_TUNED = 256 << 20
+# its buffers stay below glibc's mmap threshold, and loses once every step maps and faults them in
+# afresh (see rnnkit.allocator): measured 2026-12-01 on an AMD EPYC (Zen 5, 2 cores), LSTM forward
+# and backward, ms native / fused: T28 H128 B128 (7.3 MB of gates) 10.3 / 17.4; B160 (9.2 MB)
+# 23.5 / 19.5; B256 37.5 / 37.3 with 8,900 page faults a step for native. The native backend
+# therefore runs long sequences in chunks of time (backends.native.chunk_steps), which wins while a
+# chunk holds at least _MIN_CHUNK_STEPS steps. With the allocator tuned it runs whole sequences:
+# ahead for the LSTM up to T784 H128 B128 (205 MB: 215 / 370) and T28 H512 B512 (310 / 410), not at
+# T784 H256 (1,597 / 1,363); for the GRU the fused backend leads from 11 MB (T28 B256 H128: 41.8 /
+# 31.6).
+_NATIVE_TRAIN_GATE_BYTES_TUNED = {LSTMCell: 256 << 20}
+_MIN_CHUNK_STEPS = 8
 
 
 def _gate_width(cell: nn.Module) -> int:
@@ -175,11 +177,14 @@ def _gate_width(cell: nn.Module) -> int:
     return {LSTMCell: 4, GRUCell: 3}.get(type(cell), 1) * cell.hidden_size
 
 
-def _native_train_bytes(cell: nn.Module) -> int:
-    """The most gate bytes for which native training beats fused on the CPU, given the allocator's state."""
-    if type(cell) is LSTMCell and allocator_tuned():
-        return _NATIVE_TRAIN_GATE_BYTES_TUNED
-    return _NATIVE_TRAIN_GATE_BYTES
+def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int) -> bool:
+    """Whether torch's kernel beats the fused backend for training on the CPU (see the note above)."""
+    step_bytes = N * _gate_width(cell) * x.element_size()
+    if T * step_bytes <= native.WHOLE_GATE_BYTES:
+        return True
+    if allocator_tuned():
+        return T * step_bytes <= _NATIVE_TRAIN_GATE_BYTES_TUNED.get(type(cell), native.WHOLE_GATE_BYTES)
+    return step_bytes * _MIN_CHUNK_STEPS <= native.CHUNK_GATE_BYTES
 
 
 def _pick_backend(cell: nn.Module, x: Tensor, T: int, N: int, return_states: bool = False) -> str:
@@ -196,7 +201,7 @@ def _pick_backend(cell: nn.Module, x: Tensor, T: int, N: int, return_states: boo
             x.requires_grad or cell.weight_ih.requires_grad or cell.weight_hh.requires_grad
         )
         # Inference: oneDNN keeps no per-step workspace and is 2-2.5x faster at every length measured.
-        if not training or not fused_ok or T * N * _gate_width(cell) * x.element_size() <= _native_train_bytes(cell):
+        if not training or not fused_ok or _native_trains_faster(cell, x, T, N):
             return "native"
     return "fused" if fused_ok else "reference"
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from rnnkit.allocator import allocator_tuned
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
 
 
@@ -56,6 +57,29 @@ def _kernel(cell: nn.Module) -> Any:
     return torch._VF.rnn_tanh if cell.nonlinearity == "tanh" else torch._VF.rnn_relu
 
 
+# Training on the CPU the kernel allocates its workspace for the whole sequence in each call; past
+# glibc's mmap threshold that memory is mapped and page-faulted in afresh every step (see
+# rnnkit.allocator). Unless the allocator is tuned, a sequence whose gates exceed WHOLE_GATE_BYTES
+# runs as a chain of calls over chunks of time of at most CHUNK_GATE_BYTES of gates each, the state
+# handed from chunk to chunk. Measured 2026-12-01 (AMD EPYC Zen 5, 2 cores, forward and backward,
+# ms, fused / whole / chunks of 4 MB): LSTM T784 B128 H128 293 / 336 / 235, H256 832 / 839 / 620;
+# GRU T784 H128 566 / 494 / 496; LSTM T28 B128 H256 31.5 / 21.9-47 / 25.0 (whole 47 when it
+# faults, as in the benchmark harness). One-step chunks lose (T28 B512 H512: 350 / 369 / 400).
+WHOLE_GATE_BYTES = 8 << 20
+CHUNK_GATE_BYTES = 4 << 20
+
+
+def chunk_steps(cell: nn.Module, x: Tensor, weights: list[Tensor]) -> int:
+    """Time steps per kernel call: all of them, except for long CPU training with an untuned allocator."""
+    T, N = x.shape[0], x.shape[1]
+    per_step = N * weights[0].shape[0] * x.element_size()
+    if x.device.type != "cpu" or T * per_step <= WHOLE_GATE_BYTES or allocator_tuned():
+        return T
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(w.requires_grad for w in weights)):
+        return T  # inference keeps no workspace
+    return max(1, CHUNK_GATE_BYTES // per_step)
+
+
 def run(
     cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
 ) -> tuple[Tensor, Any, Any]:
@@ -65,7 +89,16 @@ def run(
     hx = (state.h.unsqueeze(0), state.c.unsqueeze(0)) if is_lstm else state.unsqueeze(0)
     kernel = _kernel(cell)
     if lengths is None:
-        out, *final = kernel(x, hx, weights, has_bias, 1, 0.0, cell.training, False, False)
+        steps = chunk_steps(cell, x, weights)
+        if steps >= x.shape[0]:
+            out, *final = kernel(x, hx, weights, has_bias, 1, 0.0, cell.training, False, False)
+        else:  # a chain of kernel calls over time chunks, each chunk's state the next one's start
+            outs = []
+            for xc in x.split(steps):
+                o, *final = kernel(xc, hx, weights, has_bias, 1, 0.0, cell.training, False, False)
+                outs.append(o)
+                hx = tuple(final) if is_lstm else final[0]
+            out = torch.cat(outs)
     else:
         packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
         order, back = packed.sorted_indices, packed.unsorted_indices
