@@ -386,9 +386,28 @@ class TimeToAccuracy:
     elapsed: float | None = None  # seconds the whole run took (for one that never reached the target)
 
 
-def set_threads(n: int) -> None:
-    """torch's intra-op threads (for a worker process; a builtin does not pickle by name)."""
-    torch.set_num_threads(n)
+def worker_setup(threads: int, tune_allocator: bool, module: str, path: str) -> None:
+    """Prepare a fresh worker process: torch's threads, the allocator, and run.py importable as ``module``.
+
+    Work is pickled by reference to the module that defines it; run.py loaded from its path (as the
+    tests do) has a name the worker cannot import, so it is loaded the same way here.
+    """
+    import importlib.util
+    import sys
+
+    torch.set_num_threads(threads)
+    if tune_allocator:
+        import rnnkit
+
+        rnnkit.tune_allocator()
+    if module != "__main__" and module not in sys.modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            spec = importlib.util.spec_from_file_location(module, path)
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[module] = loaded
+            spec.loader.exec_module(loaded)
 
 
 def plain_torch_time_to_accuracy(

@@ -508,7 +508,7 @@ def environment(device: torch.device, command: str) -> list[str]:
 
 def _allocator_line() -> str:
     if rnnkit.allocator.allocator_tuned():
-        return "tuned for every implementation in this process (rnnkit.tune_allocator or the environment)"
+        return "tuned for every implementation (rnnkit.tune_allocator, or the environment)"
     return "defaults (rnnkit's layers leave it alone; rnnkit's Trainer tunes it during fit)"
 
 
@@ -569,10 +569,18 @@ def _call(args: argparse.Namespace, fn: Callable[..., Any], *a: Any, **kw: Any) 
     """
     if args.in_process:
         return fn(*a, **kw)
-    threads = args.threads or torch.get_num_threads()
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=comp.set_threads, initargs=(threads,)) as pool:
-        return pool.submit(fn, *a, **kw).result()
+    setup = (args.threads or torch.get_num_threads(), args.tune_allocator, __name__, __file__)
+    here = str(Path(__file__).resolve().parent)
+    added = here not in sys.path
+    if added:  # the worker starts with this sys.path and must import competitors.py beside this file
+        sys.path.insert(0, here)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=comp.worker_setup, initargs=setup) as pool:
+            return pool.submit(fn, *a, **kw).result()
+    finally:
+        if added:
+            sys.path.remove(here)
 
 
 def recipe_time_to_accuracy(
@@ -739,11 +747,12 @@ def main(argv: Sequence[str] | None = None, *, log: Callable[[str], Any] | None 
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tune_allocator and not rnnkit.tune_allocator():
-        log("--tune-allocator: not applied (not glibc, or the environment sets malloc options)")
+    mode = run_time_to_accuracy if args.time_to_accuracy else run_seed_recipes if args.seed_recipes else run_speed
     try:
-        mode = run_time_to_accuracy if args.time_to_accuracy else run_seed_recipes if args.seed_recipes else run_speed
-        report = mode(args, command, log)
+        with rnnkit.tuned_allocator(args.tune_allocator) as tuned:
+            if args.tune_allocator and not tuned:
+                log("--tune-allocator: not applied (not glibc, or the environment sets malloc options)")
+            report = mode(args, command, log)
     finally:
         torch.set_num_threads(threads)
     print(report)

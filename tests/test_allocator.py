@@ -14,13 +14,18 @@ from rnnkit.train.trainer import Callback, Trainer
 
 
 class FakeLibc:
-    """Records mallopt calls; answers 1 (success) as glibc does."""
+    """Records mallopt and malloc_trim calls; answers 1 (success) as glibc does, or 0 for ``refuse``."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse: int | None = None) -> None:
         self.calls: list[tuple[int, int]] = []
+        self.refuse = refuse
 
     def mallopt(self, param: int, value: int) -> int:
         self.calls.append((param, value))
+        return 0 if param == self.refuse else 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("trim", pad))
         return 1
 
 
@@ -30,9 +35,9 @@ def libc(monkeypatch):
     monkeypatch.setattr(allocator, "_glibc", lambda: fake)
     for name in (*allocator._GLIBC_VARIABLES, "RNNKIT_TUNE_MALLOC", "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setitem(allocator._state, "tuned", False)
+    for key, value in (("applied", False), ("blocks", 0), ("kept", False)):
+        monkeypatch.setitem(allocator._state, key, value)
     yield fake
-    allocator._state["tuned"] = False
 
 
 def test_tune_and_restore_set_the_documented_options(libc):
@@ -43,10 +48,18 @@ def test_tune_and_restore_set_the_documented_options(libc):
     assert allocator.tune_allocator()  # idempotent: no second round of calls
     assert len(libc.calls) == 2
     allocator.restore_allocator()
-    assert libc.calls[2:] == [(-4, 65536), (-3, 32 << 20), (-1, 64 << 20)]
+    assert libc.calls[2:] == [(-4, 65536), (-3, 32 << 20), (-1, 64 << 20), ("trim", 0)]
     assert not allocator.allocator_tuned()
     allocator.restore_allocator()  # nothing to undo
-    assert len(libc.calls) == 5
+    assert len(libc.calls) == 6
+
+
+def test_a_half_applied_tuning_is_undone(libc):
+    libc.refuse = -1  # the trim threshold does not take
+    assert not allocator.tune_allocator()
+    assert not allocator.allocator_tuned()
+    assert libc.calls[:2] == [(-4, 0), (-1, 1 << 30)]
+    assert (-4, 65536) in libc.calls[2:]  # M_MMAP_MAX put back
 
 
 @pytest.mark.parametrize("name, value", [("RNNKIT_TUNE_MALLOC", "0"), ("MALLOC_TRIM_THRESHOLD_", "1000"),
@@ -66,25 +79,34 @@ def test_environment_that_already_tunes_counts_as_tuned(libc, monkeypatch):
 
 def test_not_glibc_is_a_no_op(monkeypatch):
     monkeypatch.setattr(allocator, "_glibc", lambda: None)
-    monkeypatch.setitem(allocator._state, "tuned", False)
+    monkeypatch.setitem(allocator._state, "applied", False)
     monkeypatch.delenv("RNNKIT_TUNE_MALLOC", raising=False)
     assert not allocator.tune_allocator()
     assert not allocator.allocator_tuned()
 
 
-def test_block_restores_only_what_it_changed(libc):
-    with allocator.tuned_allocator() as tuned:
-        assert tuned and allocator.allocator_tuned()
-        with allocator.tuned_allocator():  # nested: the outer block owns the change
-            pass
+def test_blocks_count_and_tune_allocator_keeps(libc):
+    outer = allocator.tuned_allocator()
+    inner = allocator.tuned_allocator()
+    assert outer.__enter__() and inner.__enter__()
+    outer.__exit__(None, None, None)  # another block (a second trainer's fit) is still open
+    assert allocator.allocator_tuned()
+    inner.__exit__(None, None, None)
+    assert not allocator.allocator_tuned()
+    with allocator.tuned_allocator():  # tune_allocator() inside a block keeps the settings after it
+        allocator.tune_allocator()
+    assert allocator.allocator_tuned()
+    with allocator.tuned_allocator():  # restore_allocator() inside a block takes effect when it ends
+        allocator.restore_allocator()
         assert allocator.allocator_tuned()
     assert not allocator.allocator_tuned()
-    allocator.tune_allocator()  # a program that tuned it for good keeps it after a block
-    with allocator.tuned_allocator():
-        pass
-    assert allocator.allocator_tuned()
     with allocator.tuned_allocator(enabled=False) as tuned:
-        assert tuned
+        assert not tuned
+    calls = len(libc.calls)
+    with pytest.raises(RuntimeError):  # undone on the way out of an exception too
+        with allocator.tuned_allocator():
+            raise RuntimeError
+    assert not allocator.allocator_tuned() and len(libc.calls) > calls
 
 
 class Seen(Callback):
@@ -120,7 +142,7 @@ def test_real_glibc_accepts_the_settings(monkeypatch):
     for name in allocator._GLIBC_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    assert not allocator._state["tuned"]
+    assert not allocator._state["applied"]
     try:
         assert allocator.tune_allocator()
         big = torch.ones(64 << 20, dtype=torch.uint8)  # above any mmap threshold: now from the heap

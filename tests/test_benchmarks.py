@@ -146,3 +146,12 @@ def test_time_to_accuracy_table(bench, monkeypatch):
     assert calls == [("rnnkit", 0), ("plain", 0), ("plain", 1), ("rnnkit", 1)]  # who goes first alternates
     rows = [line for line in _section(report, "Time to accuracy").splitlines() if line.startswith("| ")][2:]
     assert rows == [f"| {seed} | 10.0 | not reached | - | 98.50% | 97.00% |" for seed in (0, 1)]
+
+
+def test_training_runs_go_to_a_fresh_process_with_the_runs_settings(bench):
+    """``_call`` runs work in a spawned worker that can import run.py even when it was loaded from its
+    path (as here), with --tune-allocator applied there (the parent stays as it was)."""
+    args = bench.parse_args(["--time-to-accuracy", "--data-dir", "unused", "--tune-allocator", "--threads", "1"])
+    assert bench._call(args, bench._allocator_line).startswith("tuned")
+    args = bench.parse_args(["--time-to-accuracy", "--data-dir", "unused", "--in-process"])
+    assert bench._call(args, bench._allocator_line) == bench._allocator_line()

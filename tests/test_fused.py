@@ -267,6 +267,8 @@ def test_auto_on_cpu_picks_by_workload(monkeypatch):
         step = 2 * 4 * engine._gate_width(cell)
         T_long = native.WHOLE_GATE_BYTES // step + 1
         assert _pick_backend(cell, tiny, T_long, 2) == want_native
+        # ... but variable lengths run packed, in one call: the fused loop
+        assert _pick_backend(cell, tiny, T_long, 2, ragged=True) == "fused"
         # steps so wide that a chunk would hold fewer than _MIN_CHUNK_STEPS of them: the fused loop
         N_wide = native.CHUNK_GATE_BYTES // (engine._MIN_CHUNK_STEPS * 4 * engine._gate_width(cell)) + 1
         T_wide = native.WHOLE_GATE_BYTES // (N_wide * 4 * engine._gate_width(cell)) + 1
@@ -327,6 +329,13 @@ def test_native_chunks_of_time_match_one_call(monkeypatch, name):
     chunked = run(0, 3 * step)
     for a, b in zip(whole[0] + list(whole[1]), chunked[0] + list(chunked[1])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # chunks whenever the kernel keeps a workspace for backward: a state that needs gradients counts too
+    frozen = [w.detach() for w in (cell.weight_ih, cell.weight_hh)]
+    x_tm = x.detach().transpose(0, 1)
+    assert native_backend.chunk_steps(cell, x_tm, frozen) == 11
+    assert native_backend.chunk_steps(cell, x_tm, [*frozen, torch.zeros(1, 2, 4, requires_grad=True)]) == 3
+    with torch.no_grad():
+        assert native_backend.chunk_steps(cell, x_tm, [*frozen, torch.zeros(1, 2, 4, requires_grad=True)]) == 11
 
 
 @pytest.mark.parametrize(

@@ -16,15 +16,20 @@ is reused) and ``M_TRIM_THRESHOLD`` to 1 GiB (freed memory stays in the process 
 with ``mallopt``: the process keeps its peak heap instead of returning it between steps, which is
 what jemalloc and tcmalloc do and what PyTorch's CPU tuning guide recommends them for.
 :func:`restore_allocator` hands memory back again, at the thresholds glibc's own dynamic rule
-settles on (see the note at ``_CEILING_MMAP_THRESHOLD``).
+settles on (glibc cannot return to its start-up rule; see the note at ``_CEILING_MMAP_THRESHOLD``).
 
 These are process-wide settings of the C library, so rnnkit never changes them behind a caller's
-back: ``rnnkit.train`` 's :class:`~rnnkit.train.trainer.Trainer` applies them for the duration of
-``fit`` on the CPU and restores glibc's defaults afterwards (``Trainer(tune_allocator=False)`` or
-``train.tune_allocator = false`` in a config turns that off), and a program of one's own can call
-:func:`tune_allocator` once. Nothing happens on a C library other than glibc, when
-``RNNKIT_TUNE_MALLOC=0`` is set, or when the environment already sets glibc's malloc options
-(``MALLOC_MMAP_MAX_`` and its siblings, or ``GLIBC_TUNABLES``): the user's choice stands.
+back: rnnkit's :class:`~rnnkit.train.trainer.Trainer` applies them for the duration of ``fit`` on
+the CPU and undoes them afterwards (``Trainer(tune_allocator=False)`` or ``train.tune_allocator =
+false`` in a config turns that off), and a program of one's own can call :func:`tune_allocator`
+once. The layers leave malloc alone; without the tuning their native backend runs long sequences
+as a chain of shorter kernel calls instead (:func:`rnnkit.backends.native.chunk_steps`).
+
+Nothing happens on a C library other than glibc, when ``RNNKIT_TUNE_MALLOC=0`` is set, or when the
+environment already sets glibc's thresholds (``MALLOC_MMAP_MAX_`` and its siblings, or their
+``GLIBC_TUNABLES``): the user's choice stands. Blocks nest and count: the settings stay in force
+until the last open :func:`tuned_allocator` block ends (two trainers in two threads), and for good
+after :func:`tune_allocator` until :func:`restore_allocator`.
 """
 
 from __future__ import annotations
@@ -48,23 +53,27 @@ _DEFAULT_MMAP_MAX = 65536
 # process that has trained anything sits anyway. Restoring 128 KiB statically would map and fault
 # every large tensor afresh, slower than before: the seed002 plain nn.LSTM loop (800 steps, B128)
 # trained in 9.2 s in a fresh process, 20.0 s after such a restore and 8.6 s after this one.
+# malloc_trim(0) then hands the free heap back at once.
 _CEILING_MMAP_THRESHOLD, _CEILING_TRIM_THRESHOLD = 32 << 20, 64 << 20
 _TUNED_TRIM_THRESHOLD = 1 << 30
 
 _GLIBC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_GLIBC_TUNABLES = ("glibc.malloc.mmap_max", "glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold",
+                   "glibc.malloc.top_pad")
 
 _lock = threading.Lock()
-_state = {"tuned": False}
+# applied: rnnkit's settings are in force; blocks: open tuned_allocator() blocks that count on them;
+# kept: tune_allocator() asked for them beyond any block.
+_state = {"applied": False, "blocks": 0, "kept": False}
 _libc: ctypes.CDLL | None = None
 
 
 def _user_has_chosen() -> bool:
-    """The environment already configures glibc malloc, or asks rnnkit to leave it alone."""
+    """The environment already configures glibc malloc's thresholds, or asks rnnkit to leave it alone."""
     if os.environ.get("RNNKIT_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
         return True
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return True
-    return any(k in os.environ for k in _GLIBC_VARIABLES)
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(k in os.environ for k in _GLIBC_VARIABLES) or any(t in tunables for t in _GLIBC_TUNABLES)
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -86,43 +95,67 @@ def _env_tuned() -> bool:
         "GLIBC_TUNABLES", "")
 
 
+def _apply() -> bool:
+    """Put rnnkit's settings in force (under the lock); False where they cannot or should not be."""
+    if _state["applied"]:
+        return True
+    libc = None if _user_has_chosen() else _glibc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TUNED_TRIM_THRESHOLD) == 1
+    _state["applied"] = True
+    if not ok:  # half applied: undo what did take
+        _undo()
+    return ok
+
+
+def _undo() -> None:
+    """Take rnnkit's settings out of force (under the lock) and hand free heap back to the kernel."""
+    if not _state["applied"]:
+        return
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_MMAP_THRESHOLD, _CEILING_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _CEILING_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+    _state["applied"] = False
+
+
 def tune_allocator() -> bool:
-    """Keep freed memory in the process for reuse (process-wide; see the module docstring); True if applied."""
+    """Keep freed memory in the process for reuse, until :func:`restore_allocator`; True if in force."""
     with _lock:
-        if _state["tuned"]:
-            return True
-        libc = None if _user_has_chosen() else _glibc()
-        if libc is None:
-            return False
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TUNED_TRIM_THRESHOLD) == 1
-        _state["tuned"] = ok
+        ok = _apply()
+        _state["kept"] = ok
         return ok
 
 
 def restore_allocator() -> None:
-    """Undo :func:`tune_allocator`: blocks over 32 MiB mapped again, free heap above 64 MiB returned."""
+    """Undo :func:`tune_allocator` (at once, or when the last open :func:`tuned_allocator` block ends)."""
     with _lock:
-        if not _state["tuned"]:
-            return
-        libc = _glibc()
-        if libc is not None:
-            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-            libc.mallopt(_M_MMAP_THRESHOLD, _CEILING_MMAP_THRESHOLD)
-            libc.mallopt(_M_TRIM_THRESHOLD, _CEILING_TRIM_THRESHOLD)
-        _state["tuned"] = False
+        _state["kept"] = False
+        if _state["blocks"] == 0:
+            _undo()
 
 
 def allocator_tuned() -> bool:
     """Whether large CPU buffers are reused rather than mapped afresh (by rnnkit or by the environment)."""
-    return _state["tuned"] or _env_tuned()
+    return _state["applied"] or _env_tuned()
 
 
 @contextlib.contextmanager
 def tuned_allocator(enabled: bool = True) -> Iterator[bool]:
-    """Tune the allocator for the block and restore the defaults after, unless it was tuned before it."""
-    owned = enabled and not _state["tuned"] and tune_allocator()
+    """Tune the allocator for the block; undone when the last block ends, unless :func:`tune_allocator` kept it."""
+    if not enabled:
+        yield allocator_tuned()
+        return
+    with _lock:
+        _state["blocks"] += 1
+        _apply()
     try:
         yield allocator_tuned()
     finally:
-        if owned:
-            restore_allocator()
+        with _lock:
+            _state["blocks"] -= 1
+            if _state["blocks"] == 0 and not _state["kept"]:
+                _undo()

@@ -107,8 +107,10 @@ def unroll(
     x, state, lengths, T, N = _validate(cell, x, state, lengths, batch_first)
     if backend not in BACKENDS:
         raise ShapeError(f"unroll: backend must be one of {BACKENDS}, got {backend!r}")
+    if lengths is not None and bool((lengths == T).all()):
+        lengths = None  # every sequence is full: skip masking entirely
     if backend == "auto":
-        backend = _pick_backend(cell, x, T, N, return_states)
+        backend = _pick_backend(cell, x, T, N, return_states, ragged=lengths is not None)
     elif backend in ("native", "fused"):
         module = native if backend == "native" else fused
         reason = module.unsupported(cell, x)
@@ -116,8 +118,6 @@ def unroll(
             raise ShapeError(f"unroll: backend={backend!r} cannot run this cell: {reason}; use 'auto'")
 
     x_tm = x.transpose(0, 1) if batch_first else x  # (T, N, I)
-    if lengths is not None and bool((lengths == T).all()):
-        lengths = None  # every sequence is full: skip masking entirely
     rev_index = None
     if reverse:
         if lengths is None:
@@ -177,17 +177,20 @@ def _gate_width(cell: nn.Module) -> int:
     return {LSTMCell: 4, GRUCell: 3}.get(type(cell), 1) * cell.hidden_size
 
 
-def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int) -> bool:
+def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int, ragged: bool) -> bool:
     """Whether torch's kernel beats the fused backend for training on the CPU (see the note above)."""
     step_bytes = N * _gate_width(cell) * x.element_size()
     if T * step_bytes <= native.WHOLE_GATE_BYTES:
         return True
     if allocator_tuned():
         return T * step_bytes <= _NATIVE_TRAIN_GATE_BYTES_TUNED.get(type(cell), native.WHOLE_GATE_BYTES)
-    return step_bytes * _MIN_CHUNK_STEPS <= native.CHUNK_GATE_BYTES
+    # packed (variable-length) sequences run in one call: no chunks
+    return not ragged and step_bytes * _MIN_CHUNK_STEPS <= native.CHUNK_GATE_BYTES
 
 
-def _pick_backend(cell: nn.Module, x: Tensor, T: int, N: int, return_states: bool = False) -> str:
+def _pick_backend(
+    cell: nn.Module, x: Tensor, T: int, N: int, return_states: bool = False, ragged: bool = False
+) -> str:
     native_ok = not native.unsupported(cell, x)
     if x.device.type != "cpu":
         return "native" if native_ok else "reference"
@@ -201,7 +204,7 @@ def _pick_backend(cell: nn.Module, x: Tensor, T: int, N: int, return_states: boo
             x.requires_grad or cell.weight_ih.requires_grad or cell.weight_hh.requires_grad
         )
         # Inference: oneDNN keeps no per-step workspace and is 2-2.5x faster at every length measured.
-        if not training or not fused_ok or _native_trains_faster(cell, x, T, N):
+        if not training or not fused_ok or _native_trains_faster(cell, x, T, N, ragged):
             return "native"
     return "fused" if fused_ok else "reference"
 

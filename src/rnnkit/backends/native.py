@@ -69,13 +69,16 @@ WHOLE_GATE_BYTES = 8 << 20
 CHUNK_GATE_BYTES = 4 << 20
 
 
-def chunk_steps(cell: nn.Module, x: Tensor, weights: list[Tensor]) -> int:
-    """Time steps per kernel call: all of them, except for long CPU training with an untuned allocator."""
+def chunk_steps(cell: nn.Module, x: Tensor, inputs: list[Tensor]) -> int:
+    """Time steps per kernel call: all of them, except for long CPU training with an untuned allocator.
+
+    ``inputs``: the kernel's weights (the first is ``weight_ih``) and initial state.
+    """
     T, N = x.shape[0], x.shape[1]
-    per_step = N * weights[0].shape[0] * x.element_size()
+    per_step = N * inputs[0].shape[0] * x.element_size()
     if x.device.type != "cpu" or T * per_step <= WHOLE_GATE_BYTES or allocator_tuned():
         return T
-    if not torch.is_grad_enabled() or not (x.requires_grad or any(w.requires_grad for w in weights)):
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(t.requires_grad for t in inputs)):
         return T  # inference keeps no workspace
     return max(1, CHUNK_GATE_BYTES // per_step)
 
@@ -89,7 +92,7 @@ def run(
     hx = (state.h.unsqueeze(0), state.c.unsqueeze(0)) if is_lstm else state.unsqueeze(0)
     kernel = _kernel(cell)
     if lengths is None:
-        steps = chunk_steps(cell, x, weights)
+        steps = chunk_steps(cell, x, [*weights, *(hx if is_lstm else [hx])])
         if steps >= x.shape[0]:
             out, *final = kernel(x, hx, weights, has_bias, 1, 0.0, cell.training, False, False)
         else:  # a chain of kernel calls over time chunks, each chunk's state the next one's start
