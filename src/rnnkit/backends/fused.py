@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.backends.gemm import addmm_, linear, linear_add_, mm
+from rnnkit.backends.gemm import addmm_, linear, linear_add, linear_add_, mm
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.fpmode import denormals_flushed
 
@@ -178,9 +178,10 @@ class _LSTMFunction(torch.autograd.Function):
                 if t % chunk == 0:  # the input projection of the next chunk, just before it is used
                     rows = slice(t * N, min(T, t + chunk) * N)
                     linear(x2[rows], w_in, out=G2[rows])
-                if t or not h0_zero:
-                    linear_add_(gates[t], h, whh)
-                gates[t].sigmoid_()
+                if t or not h0_zero:  # the activation writes the product into the buffer: no copy
+                    sigmoid(linear_add(gates[t], h, whh), out=gates[t])
+                else:
+                    gates[t].sigmoid_()
                 g = add(m1, g_s[t], alpha=2, out=g_s[t])
                 tc = tc_s[t]
                 if t < full:
@@ -220,7 +221,7 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
     C = min(T, _lstm_chunk(N, H, G.element_size()))
     # Per chunk, P holds the local derivatives of each gate's pre-activation, in place of which
     # the loop writes dG; K is d c_t / d h_t through h = o tanh(c), i.e. o (1 - tanh(c)^2);
-    # DH is dh, starting as the outputs' gradient, to which each step's GEMM adds in place.
+    # DH holds the outputs' gradient; each step's dh adds the step above's GEMM to its row.
     P, K, DH = G.new_empty(C, N, H4), G.new_empty(C, N, H), G.new_empty(C, N, H)
     TC = G.new_empty(C, N, H) if TCs is None else None
     P_s, K_s, DH_s = P.unbind(0), K.unbind(0), DH.unbind(0)
@@ -292,16 +293,16 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
             dhb.copy_(gh[lo:hi])
         if hi < T:
             dhb[n - 1].add_(carry)
+        dh = DH_s[n - 1]
         for j in range(n - 1, -1, -1):
             t = lo + j
-            dh = DH_s[j]
             addcmul(dc, dh, K_s[j], out=dcn)
             P3_s[j].mul_(dcn_3)
             Po_s[j].mul_(dh)
             if t == 0:
                 break
-            if j:
-                target = linear_add_(DH_s[j - 1], P_s[j], whh_rt)
+            if j:  # the step below's dh: its outputs' gradient plus this step's GEMM, a new tensor
+                target = linear_add(DH_s[j - 1], P_s[j], whh_rt)
             else:  # the step below starts the next chunk
                 target = linear(P_s[j], whh_rt, out=carry)
             if t >= full:
@@ -310,6 +311,7 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
                 addcmul(gc_s[t - 1], dcn, f_s[j], out=dc)
             else:
                 mul(dcn, f_s[j], out=dc)
+            dh = target
         dG = p_.view(n * N, H4)
         if need_x:
             linear(dG, wih_rt, out=dx[lo:hi].view(n * N, -1))
@@ -395,15 +397,15 @@ class _RNNFunction(torch.autograd.Function):
                 x2, hs = _input_projection(x, w_ih, bias)
                 whh_t = w_hh.t()
             m1 = x.new_full((), -1.0)
-            add = torch.add
+            add, sigmoid = torch.add, torch.sigmoid
             steps = hs.unbind(0)
             h0_zero = not bool(h0.any())
             h = h0
             for t in range(T):
                 pre = steps[t]
-                if t or not h0_zero:
-                    addmm_(pre, h, whh_t)
-                new = add(m1, pre.sigmoid_(), alpha=2, out=pre) if is_tanh else pre.relu_()
+                # the activation writes the step's product into its slot: no copy (gemm.linear_add)
+                r = linear_add(pre, h, whh_t.t()) if t or not h0_zero else pre
+                new = add(m1, sigmoid(r, out=pre), alpha=2, out=pre) if is_tanh else torch.clamp_min(r, 0.0, out=pre)
                 h = new if t < full else torch.where(masks[t], new, h, out=pre)
         ctx.full, ctx.tanh, ctx.has_bias, ctx.h0_zero = full, is_tanh, bias is not None, h0_zero
         ctx.set_materialize_grads(False)
@@ -624,13 +626,12 @@ class _GRUResetBeforeFunction(torch.autograd.Function):
             h0_zero = not bool(h0.any())
             h = h0
             for t in range(T):
-                if t or not h0_zero:
-                    addmm_(rz_s[t], h, wrz_t)
-                rz_s[t].sigmoid_()
+                # each activation writes its step's product into the slot: no copy (gemm.linear_add)
+                first = not t and h0_zero
+                torch.sigmoid(rz_s[t] if first else linear_add(rz_s[t], h, wrz_t.t()), out=rz_s[t])
                 rh = mul(r_s[t], h, out=rh_s[t])
-                if t or not h0_zero:
-                    addmm_(n_s[t], rh, wn_t)
-                n = add(m1, n_s[t].sigmoid_(), alpha=2, out=n_s[t])
+                npre = n_s[t] if first else linear_add(n_s[t], rh, wn_t.t())
+                n = add(m1, torch.sigmoid(npre, out=n_s[t]), alpha=2, out=n_s[t])
                 if t < full:
                     h = lerp(n, h, z_s[t], out=h_s[t])
                 else:

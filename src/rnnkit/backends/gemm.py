@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["addmm_", "linear", "linear_add_", "mm", "onednn_available"]
+__all__ = ["addmm_", "linear", "linear_add", "linear_add_", "mm", "onednn_available"]
 
 
 def _probe() -> bool:
@@ -72,6 +72,13 @@ def linear(a: Tensor, w: Tensor, out: Tensor | None = None, bias: Tensor | None 
     if bias is not None:
         return torch.addmm(bias, a, w.t(), out=out) if out is not None else torch.addmm(bias, a, w.t())
     return torch.mm(a, w.t(), out=out) if out is not None else torch.mm(a, w.t())
+
+
+def linear_add(c: Tensor, a: Tensor, w: Tensor) -> Tensor:
+    """``c + a @ w.T`` as a new tensor (oneDNN has no in-place form: this saves ``linear_add_``'s copy)."""
+    if _use_onednn(a, w):
+        return torch.ops.mkldnn._linear_pointwise.binary(a, c, w, None, "add")
+    return torch.addmm(c, a, w.t())
 
 
 def linear_add_(c: Tensor, a: Tensor, w: Tensor) -> Tensor:
