@@ -212,8 +212,8 @@ RECIPES: dict[str, Recipe] = {
                 },
             },
             reported="target: 98.5% (98% in < 60 s on 2 CPU cores)",
-            measured="98.50% (seed 0; seeds 0-2: 98.50-98.62%), 98% reached after 17.5-23.8 s wall (a plain "
-                     "PyTorch loop: 39-50 s); full MNIST, AMD EPYC (Zen 5) 2 cores, 2026-12-01",
+            measured="98.50% (seed 0; seeds 0-2: 98.50-98.62%), 98% reached after 11.8-13.6 s wall (a plain "
+                     "PyTorch loop: 36-56 s); full MNIST, AMD EPYC (Zen 5) 2 cores, 2026-12-01",
         ),
         Recipe(
             "seed000",
