@@ -100,7 +100,8 @@ class Trainer:
         self.device = torch.device(device)
         self.bf16 = bf16 and self.device.type == "cuda"
         # On the CPU, fit keeps glibc from unmapping and re-faulting each step's large buffers
-        # (2-2.5x at T784 or batch 256, measured; see rnnkit.allocator) and restores it after.
+        # (a torch.nn.LSTM step 1.8-2.4x faster at T784 or batch 256, measured; see rnnkit.allocator)
+        # and undoes that when it ends.
         self.tune_allocator = tune_allocator and self.device.type == "cpu"
         self.nonfinite = nonfinite
         self.callbacks = list(callbacks)
