@@ -817,3 +817,30 @@ def test_every_configured_schedule_builds_and_gives_a_positive_rate(schedule):
     rates = [trainer.schedule(s) for s in (0, 5, 20)]
     assert all(r > 0 and math.isfinite(r) for r in rates), rates
     assert max(rates) <= cfg.optim.lr * (1 + 1e-9)
+
+
+# ------------------------------------------------------------------------------ bfloat16 autocast
+
+
+def test_bf16_on_the_cpu_only_where_it_has_bf16_instructions(monkeypatch):
+    from rnnkit.errors import RnnkitWarning
+    from rnnkit.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert trainer_module.bf16_autocast_pays(torch.device("cpu"))
+    assert trainer_module.bf16_autocast_pays(torch.device("cuda"))
+    model = make_model()
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.01), bf16=True)
+    assert trainer.bf16
+    seen = []
+    model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    x, y = make_data(16)
+    trainer.fit(Batches(x, y, 8), steps=2)
+    assert seen == [torch.bfloat16, torch.bfloat16]  # the forward ran under bfloat16 autocast
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+    monkeypatch.setattr(trainer_module, "_cpu_flags", lambda: {"avx512f"})
+    assert not trainer_module.bf16_autocast_pays(torch.device("cpu"))
+    with pytest.warns(RnnkitWarning, match="no bfloat16 instructions"):
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.01), bf16=True)
+    assert not trainer.bf16

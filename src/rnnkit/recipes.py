@@ -121,7 +121,7 @@ class TrainConfig:
     threads: int | None = None
     tune_allocator: bool = True  # CPU: glibc malloc keeps freed memory during fit (rnnkit.allocator)
     deterministic: bool = False
-    bf16: bool = False
+    bf16: bool = False  # bfloat16 autocast: on CUDA, or on a CPU with bf16 instructions (AVX512_BF16, AMX)
     out: str = "runs"
     name: str = ""
     log_every: int = 50
