@@ -373,3 +373,22 @@ def test_lstm_final_state_is_frozen_state():
         torch.testing.assert_close(res.final_state.h[n], res.states.h[n, L - 1])
         torch.testing.assert_close(res.final_state.c[n], res.states.c[n, -1])
         assert (res.outputs[n, L:] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "gru_reset_before", "rnn_tanh"])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_fused_ignores_autocast(monkeypatch, name, onednn):
+    """The hand-written backwards are float32 maths, so the forwards must not run autocast to bfloat16."""
+    from rnnkit.backends import gemm
+
+    monkeypatch.setattr(gemm, "_ONEDNN", onednn and gemm._ONEDNN)
+    cell = make_cell(name, 3, 4, torch.float32)
+    x = torch.randn(2, 6, 3, requires_grad=True)
+    want = rnnkit.unroll(cell, x, backend="fused").outputs
+    (gx_want,) = torch.autograd.grad(want.sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = rnnkit.unroll(cell, x, backend="fused").outputs
+    (gx_got,) = torch.autograd.grad(got.sum(), x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(gx_got, gx_want, rtol=0, atol=0)

@@ -839,8 +839,36 @@ def test_bf16_on_the_cpu_only_where_it_has_bf16_instructions(monkeypatch):
     assert seen == [torch.bfloat16, torch.bfloat16]  # the forward ran under bfloat16 autocast
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
 
+    # evaluation stays in float32: the same figures as a float32 trainer's (and `rnnkit eval`'s)
+    plain = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.01))
+    assert trainer.evaluate(x, y) == plain.evaluate(x, y)
+
+    # stacked layers and an input projection: the second layer gets the first one's bfloat16 output
+    for options in ({"num_layers": 2}, {"input_projection": 5}, {"num_layers": 2, "bidirectional": True}):
+        torch.manual_seed(0)
+        deep = SequenceClassifier(I, C, hidden_size=6, **options)
+        t = Trainer(deep, torch.optim.Adam(deep.parameters(), lr=0.01), bf16=True)
+        history = t.fit(Batches(x, y, 8), (x, y), steps=2)
+        assert math.isfinite(history[-1]["loss"])
+
     monkeypatch.setattr(trainer_module, "_cpu_flags", lambda: {"avx512f"})
     assert not trainer_module.bf16_autocast_pays(torch.device("cpu"))
-    with pytest.warns(RnnkitWarning, match="no bfloat16 instructions"):
+    with pytest.warns(RnnkitWarning, match="bfloat16 instructions"):
         trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.01), bf16=True)
     assert not trainer.bf16
+
+
+def test_layers_under_cpu_autocast_take_their_own_lower_precision_outputs_back():
+    """A stream carries the kernel's bfloat16 state into the next window; a stack feeds bfloat16 on."""
+    import rnnkit
+
+    torch.manual_seed(0)
+    for layer in (rnnkit.LSTM(3, 4, num_layers=2, batch_first=True), rnnkit.GRU(3, 4, batch_first=True)):
+        x = torch.randn(2, 5, 3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, hidden = layer(x)
+            out2, _ = layer(x, hidden)  # the next window starts from the bfloat16 state
+            out3, _ = layer(out[..., :3].float().to(torch.bfloat16))  # bfloat16 input
+        assert out2.shape == out.shape == out3.shape
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(rnnkit.ShapeError, match="float64"):
+            layer(x.double())  # not autocast's dtype: still a clear error

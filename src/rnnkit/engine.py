@@ -209,6 +209,18 @@ def _pick_backend(
     return "fused" if fused_ok else "reference"
 
 
+def from_autocast(t: Any, dtype: torch.dtype) -> Any:
+    """``t`` back in the parameters' ``dtype`` if autocast made it lower precision, else ``t`` itself.
+
+    Under autocast torch's RNN kernels return bfloat16/float16 outputs and states, which then feed
+    the next layer or the next window of a stream; the kernels cast their inputs down again anyway.
+    """
+    if (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype
+            and torch.is_autocast_enabled(t.device.type) and t.dtype == torch.get_autocast_dtype(t.device.type)):
+        return t.to(dtype)
+    return t
+
+
 def _validate(
     cell: nn.Module, x: Any, state: Any, lengths: Any, batch_first: bool
 ) -> tuple[Tensor, Any, Tensor | None, int, int]:
@@ -233,6 +245,8 @@ def _validate(
             f"(x shape {tuple(x.shape)}, layout {layout})"
         )
     weight = next(iter(cell.parameters()), None)
+    if weight is not None:
+        x = from_autocast(x, weight.dtype)
     if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
         raise ShapeError(
             f"unroll: x is {x.dtype} on {x.device} but the cell's parameters are {weight.dtype} on "
@@ -247,6 +261,7 @@ def _validate(
     else:
         if not _same_structure(state, expected):  # then both flatten to equally many tensors
             raise ShapeError(f"unroll: expected a state like {_describe(expected)}, got {_describe(state)}")
+        state = tree_map(lambda s: from_autocast(s, x.dtype), state)
         for got, want in zip(tree_flatten(state)[0], tree_flatten(expected)[0]):
             if got.shape != want.shape:
                 raise ShapeError(f"unroll: expected a state like {_describe(expected)}, got {_describe(state)}")

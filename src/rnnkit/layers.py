@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell, cell_output
-from rnnkit.engine import BACKENDS, tree_flatten, tree_map, unroll
+from rnnkit.engine import BACKENDS, from_autocast, tree_flatten, tree_map, unroll
 from rnnkit.errors import RnnkitWarning, ShapeError
 
 __all__ = ["LSTM", "GRU", "RNN", "LayerResult", "param_name"]
@@ -211,6 +211,8 @@ class _RNNBase(nn.Module):
                 f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
             )
         N = x.shape[0] if batch_first else x.shape[1]
+        param = next(self.parameters(), None)
+        x = x if param is None else from_autocast(x, param.dtype)
         states0 = self._split_hx(hx, cells, N, x, unbatched, directions)
 
         layer_input, finals, every = x, [], []
@@ -269,6 +271,7 @@ class _RNNBase(nn.Module):
                     f"expected {[(w[0], *w[2:]) for w in want]}, got {got}"
                 )
             leaves = [h.unsqueeze(1) for h in leaves]
+        leaves = [from_autocast(h, x.dtype) for h in leaves]
         got = [tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__ for h in leaves]
         if len(leaves) != len(want) or any(g != w for g, w in zip(got, want)):
             raise ShapeError(f"{name}: Expected hidden size {want if len(want) > 1 else want[0]}, got {got}")

@@ -56,7 +56,7 @@ class _Linear(torch.autograd.Function):
                 g.sum(0) if need_b and ctx.has_b else None)
 
 
-_MINUS_ONE = torch.tensor(-1.0)  # float32 CPU, the only case the mode reroutes
+_MINUS_ONE = torch.tensor(-1.0, dtype=torch.float32, device="cpu")  # the only case the mode reroutes
 
 
 class _Tanh(torch.autograd.Function):

@@ -75,6 +75,14 @@ def run(
     cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
 ) -> tuple[Tensor, Any, Any]:
     """Run the cell over time-major ``x`` (T, N, I); return (outputs, final state, states or None)."""
+    # The hand-written backwards are float32 maths: the forwards must not be autocast to bfloat16.
+    with torch.autocast(x.device.type, enabled=False):
+        return _run(cell, x, state, masks, lengths, return_states)
+
+
+def _run(
+    cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
+) -> tuple[Tensor, Any, Any]:
     T = x.shape[0]
     full = T if lengths is None else int(lengths.min())
     if type(cell) is LSTMCell:

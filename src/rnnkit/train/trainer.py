@@ -68,9 +68,9 @@ def classification_metrics(outputs: Tensor, targets: Tensor) -> dict[str, float]
 def bf16_autocast_pays(device: torch.device) -> bool:
     """Whether bfloat16 autocast speeds training on ``device``: CUDA, or a CPU with bf16 instructions.
 
-    oneDNN runs torch's CPU LSTM in bfloat16 on such processors: a T28 B128 H128 train step took
-    6.7 ms against 9.6 ms in float32 on an AMD EPYC (Zen 5, AVX512_BF16, 2 cores). Elsewhere it emulates
-    bfloat16, which is slower than float32.
+    oneDNN runs torch's CPU LSTM in bfloat16 on such processors (see BENCHMARKS.md for the default
+    recipe both ways); elsewhere it emulates bfloat16, which is slower than float32. x86 only: other
+    processors' flags are not read.
     """
     if device.type == "cuda":
         return True
@@ -128,8 +128,9 @@ class Trainer:
         self.bf16 = bf16 and bf16_autocast_pays(self.device)
         if bf16 and not self.bf16:
             warnings.warn(RnnkitWarning(
-                f"bf16=True ignored on {self.device}: this CPU has no bfloat16 instructions (AVX512_BF16 "
-                "or AMX), so bfloat16 would be emulated and slower than float32; training in float32"
+                f"bf16=True ignored on {self.device}: bfloat16 autocast pays only on CUDA or on an x86 CPU "
+                "with bfloat16 instructions (AVX512_BF16 or AMX) and oneDNN; elsewhere it is emulated and "
+                "slower than float32. Training in float32"
             ), stacklevel=2)
         # On the CPU, fit keeps glibc from unmapping and re-faulting each step's large buffers
         # (a torch.nn.LSTM step 1.8-2.4x faster at T784 or batch 256, measured; see rnnkit.allocator)
@@ -318,16 +319,16 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, inputs: Tensor, targets: Tensor, *, batch_size: int = 1000) -> dict[str, float]:
-        """Loss and metrics over a whole data set (with the averaged weights when EMA is on)."""
+        """Loss and metrics over a whole data set, in float32 (with the averaged weights when EMA is on)."""
         with self._averaged():
             self.model.eval()
             total, sums, n = 0.0, {}, 0
             per_class_hits = per_class_count = None
             for x, y in eval_batches(inputs, targets, batch_size):
                 x, y = x.to(self.device), y.to(self.device)
-                with self._autocast():
-                    out = self.model(x)
-                    loss = self.loss_fn(out, y)
+                # float32 even when training autocasts: the figures match `rnnkit eval` and predict()
+                out = self.model(x)
+                loss = self.loss_fn(out, y)
                 m = x.shape[0]
                 total, n = total + loss.item() * m, n + m
                 if self.metrics_fn is not None:
