@@ -240,9 +240,22 @@ def timed_ms(bench: Bench, fn: Callable[[], Any], sync: Callable[[], None]) -> f
         return (time.perf_counter() - start) * 1e3
 
 
+def _with_autocast(
+    scope: Callable[[], contextlib.AbstractContextManager[Any]], device: torch.device
+) -> Callable[[], Any]:
+    """``scope`` plus bfloat16 autocast on ``device`` (for --bf16)."""
+
+    @contextlib.contextmanager
+    def both() -> Iterator[None]:
+        with scope(), torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+
+    return both
+
+
 def measure_shape(
     shape: Shape, impls: Sequence[Impl], device: torch.device, *, rounds: int, warmup: int, allow_compile: bool,
-    memory: bool = True, log: Callable[[str], Any] = print,
+    memory: bool = True, log: Callable[[str], Any] = print, bf16: bool = False,
 ) -> list[Result]:
     """Build, warm up, time round-robin and measure the memory of every implementation at ``shape``."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -275,6 +288,8 @@ def measure_shape(
             fail(impl.name, e)
         else:
             results[impl.name].notes += benches[impl.name].notes
+            if bf16 and benches[impl.name].torch_memory:  # torch's autocast: the torch implementations
+                benches[impl.name].scope = _with_autocast(benches[impl.name].scope, device)
 
     for name, bench in list(benches.items()):
         log(f"{shape.name}: warming up {name}")
@@ -543,7 +558,7 @@ def run_speed(args: argparse.Namespace, command: str, log: Callable[[str], Any] 
         rounds = args.rounds if args.rounds is not None else 1 if args.quick else 5 if long else 20
         warmup = max(1, args.warmup if args.warmup is not None else 1 if args.quick or long else 3)
         by_shape[shape] = measure_shape(shape, impls, device, rounds=rounds, warmup=warmup,
-                                        allow_compile=args.compile, log=log)
+                                        allow_compile=args.compile, log=log, bf16=args.bf16)
         tables.append(shape_table(shape, by_shape[shape], rounds, warmup) + "\n")
     memory = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
               "torch.profiler profile_memory: every allocation and free of torch's CPU allocator")
@@ -556,6 +571,9 @@ def run_speed(args: argparse.Namespace, command: str, log: Callable[[str], Any] 
     )
     if args.quick:
         method += "\n- --quick: tiny stand-in shapes and one round: a smoke test of the harness, not results"
+    if args.bf16:
+        method += ("\n- --bf16: every torch implementation's train step and inference run under "
+                   "torch.autocast(bfloat16); parameters and optimiser stay float32")
     blocks = [heading(device), "", *environment(device, command), method, "", *tables]
     blocks.append(targets_table(targets(by_shape, device)))
     return "\n".join(blocks) + "\n"
@@ -584,7 +602,8 @@ def _call(args: argparse.Namespace, fn: Callable[..., Any], *a: Any, **kw: Any) 
 
 
 def recipe_time_to_accuracy(
-    data_dir: str, seed: int, *, target: float, eval_every: int, epochs: int, device: torch.device
+    data_dir: str, seed: int, *, target: float, eval_every: int, epochs: int, device: torch.device,
+    recipe_sets: Sequence[str] = (),
 ) -> comp.TimeToAccuracy:
     """rnnkit's default recipe ``mnist-rows`` through ``rnnkit.app.train``, evaluated every ``eval_every``
     steps; the clock starts before its data are loaded. It trains its full ``epochs`` (the recipe has no
@@ -598,7 +617,7 @@ def recipe_time_to_accuracy(
         # with which seed change. ``eval_every`` and ``epochs`` apply to the plain loop.
         sets = [f"data.data_dir={data_dir}", "data.download=false", f"train.seed={seed}",
                 f"train.target_accuracy={target}", f"train.device={device}", "train.progress=false",
-                f"train.out={out}"]
+                f"train.out={out}", *recipe_sets]
         cfg = apply_overrides(recipe_config("mnist-rows"), sets)
         summary = app.train(cfg, log=lambda _: None, start_time=time.perf_counter())
     return comp.TimeToAccuracy(summary.seconds_to_target, None, summary.test_accuracy)
@@ -625,7 +644,11 @@ def run_time_to_accuracy(args: argparse.Namespace, command: str, log: Callable[[
         "plain accuracy |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    runs = {"rnnkit recipe": recipe_time_to_accuracy, "plain PyTorch loop": comp.plain_torch_time_to_accuracy}
+    ours = (functools.partial(recipe_time_to_accuracy, recipe_sets=args.recipe_set) if args.recipe_set
+            else recipe_time_to_accuracy)
+    runs = {"rnnkit recipe": ours, "plain PyTorch loop": comp.plain_torch_time_to_accuracy}
+    if args.recipe_set:
+        lines[2] += " The recipe ran with " + ", ".join(f"`{s}`" for s in args.recipe_set) + "."
     for k, seed in enumerate(args.seeds):
         got = {}
         for name in list(runs)[:: 1 if k % 2 == 0 else -1]:  # who goes first alternates (warm caches)
@@ -713,6 +736,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="include the torch.compile competitors (slow to start)")
     p.add_argument("--tune-allocator", action="store_true",
                    help="tune glibc malloc for every implementation (rnnkit.tune_allocator; layers do not by default)")
+    p.add_argument("--bf16", action="store_true",
+                   help="run every torch implementation under bfloat16 autocast (rnnkit's and torch's alike)")
     p.add_argument("--quick", action="store_true", help="two tiny shapes, 1 round: a smoke test of the harness")
     p.add_argument("--write", action="store_true", help="append the report to BENCHMARKS.md")
     p.add_argument("--results-file", type=Path, default=DEFAULT_RESULTS, help="where --write appends")
@@ -721,6 +746,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     tta.add_argument("--seed-recipes", action="store_true",
                      help="train the seeds' MNIST recipes (seed002, seed003) against a plain PyTorch loop")
     tta.add_argument("--data-dir", help="the directory holding the four MNIST IDX files")
+    tta.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
+                     help="a config override for rnnkit's recipe in --time-to-accuracy (repeatable)")
     tta.add_argument("--in-process", action="store_true",
                      help="train in this process (default: each training run in a fresh one)")
     tta.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -155,3 +155,38 @@ def test_training_runs_go_to_a_fresh_process_with_the_runs_settings(bench):
     assert bench._call(args, bench._allocator_line).startswith("tuned")
     args = bench.parse_args(["--time-to-accuracy", "--data-dir", "unused", "--in-process"])
     assert bench._call(args, bench._allocator_line) == bench._allocator_line()
+
+
+def test_bf16_runs_the_torch_rows_under_autocast(bench):
+    seen = []
+
+    def probe(torch_memory):
+        def build(shape, device):
+            def step():
+                seen.append((torch_memory, torch.is_autocast_enabled("cpu")))
+            return bench.Bench(step=step, infer=lambda: None, torch_memory=torch_memory)
+        return build
+
+    impls = [bench.Impl("torch row", probe(True), False), bench.Impl("jax row", probe(False), False)]
+    for bf16 in (False, True):
+        seen.clear()
+        bench.measure_shape(bench.QUICK_SHAPES[0], impls, torch.device("cpu"), rounds=1, warmup=1,
+                            allow_compile=False, memory=False, log=lambda _: None, bf16=bf16)
+        assert set(seen) == {(True, bf16), (False, False)}
+
+
+def test_time_to_accuracy_passes_recipe_overrides(bench, monkeypatch):
+    got = []
+
+    def ours(data_dir, seed, *, target, eval_every, epochs, device, recipe_sets=()):
+        got.append(list(recipe_sets))
+        return bench.comp.TimeToAccuracy(10.0, 10, 0.985)
+
+    monkeypatch.setattr(bench, "recipe_time_to_accuracy", ours)
+    monkeypatch.setattr(bench.comp, "plain_torch_time_to_accuracy",
+                        lambda *a, **k: bench.comp.TimeToAccuracy(30.0, 10, 0.98))
+    args = bench.parse_args(["--time-to-accuracy", "--data-dir", "unused", "--in-process",
+                             "--recipe-set", "train.bf16=true"])
+    report = bench.run_time_to_accuracy(args, "cmd", log=lambda _: None)
+    assert got == [["train.bf16=true"]]
+    assert "The recipe ran with `train.bf16=true`." in report and "| 0 | 10.0 | 30.0 | 3.00x |" in report
