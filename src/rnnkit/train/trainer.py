@@ -66,11 +66,11 @@ def classification_metrics(outputs: Tensor, targets: Tensor) -> dict[str, float]
 
 
 def bf16_autocast_pays(device: torch.device) -> bool:
-    """Whether bfloat16 autocast speeds training on ``device``: CUDA, or a CPU with bf16 instructions.
+    """Whether bfloat16 autocast runs natively on ``device``: CUDA, or a CPU with bf16 instructions.
 
-    oneDNN runs torch's CPU LSTM in bfloat16 on such processors (see BENCHMARKS.md for the default
-    recipe both ways); elsewhere it emulates bfloat16, which is slower than float32. x86 only: other
-    processors' flags are not read.
+    oneDNN runs torch's CPU LSTM in bfloat16 on such processors (faster for the default recipe's
+    batch of 256 and at 784 steps, not at T28 B128: see BENCHMARKS.md); elsewhere it emulates
+    bfloat16, slower than float32. x86 only: other processors' flags are not read.
     """
     if device.type == "cuda":
         return True
