@@ -69,7 +69,7 @@ def bf16_autocast_pays(device: torch.device) -> bool:
     """Whether bfloat16 autocast runs natively on ``device``: CUDA, or a CPU with bf16 instructions.
 
     oneDNN runs torch's CPU LSTM in bfloat16 on such processors (faster for the default recipe's
-    batch of 256 and at 784 steps, not at T28 B128: see BENCHMARKS.md); elsewhere it emulates
+    batch of 256, not for a bare T28 B128 step: see BENCHMARKS.md); elsewhere it emulates
     bfloat16, slower than float32. x86 only: other processors' flags are not read.
     """
     if device.type == "cuda":
