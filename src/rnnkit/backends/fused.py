@@ -400,10 +400,10 @@ class _RNNFunction(torch.autograd.Function):
             is_tanh = nonlinearity == "tanh"
             if is_tanh:
                 x2, hs = _input_projection(x, w_ih * 2.0, None if bias is None else bias * 2.0)
-                whh_t = (w_hh * 2.0).t()
+                whh = w_hh * 2.0
             else:
                 x2, hs = _input_projection(x, w_ih, bias)
-                whh_t = w_hh.t()
+                whh = w_hh
             m1 = x.new_full((), -1.0)
             add, sigmoid = torch.add, torch.sigmoid
             steps = hs.unbind(0)
@@ -412,7 +412,7 @@ class _RNNFunction(torch.autograd.Function):
             for t in range(T):
                 pre = steps[t]
                 # the activation writes the step's product into its slot: no copy (gemm.linear_add)
-                r = linear_add(pre, h, whh_t.t()) if t or not h0_zero else pre
+                r = linear_add(pre, h, whh) if t or not h0_zero else pre
                 new = add(m1, sigmoid(r, out=pre), alpha=2, out=pre) if is_tanh else torch.clamp_min(r, 0.0, out=pre)
                 h = new if t < full else torch.where(masks[t], new, h, out=pre)
         ctx.full, ctx.tanh, ctx.has_bias, ctx.h0_zero = full, is_tanh, bias is not None, h0_zero
@@ -621,7 +621,7 @@ class _GRUResetBeforeFunction(torch.autograd.Function):
                 x, _double_rows(w_ih, H2, H3), None if b_x is None else _double_rows(b_x, H2, H3)
             )
             RH, hs = x.new_empty(T, N, H), x.new_empty(T, N, H)
-            wrz_t, wn_t = w_hh[:H2].t(), (w_hh[H2:] * 2.0).t()
+            w_rz, w_n = w_hh[:H2], w_hh[H2:] * 2.0
             rz_s, r_s, z_s, n_s = (
                 G[:, :, :H2].unbind(0),
                 G[:, :, :H].unbind(0),
@@ -636,9 +636,9 @@ class _GRUResetBeforeFunction(torch.autograd.Function):
             for t in range(T):
                 # each activation writes its step's product into the slot: no copy (gemm.linear_add)
                 first = not t and h0_zero
-                torch.sigmoid(rz_s[t] if first else linear_add(rz_s[t], h, wrz_t.t()), out=rz_s[t])
+                torch.sigmoid(rz_s[t] if first else linear_add(rz_s[t], h, w_rz), out=rz_s[t])
                 rh = mul(r_s[t], h, out=rh_s[t])
-                npre = n_s[t] if first else linear_add(n_s[t], rh, wn_t.t())
+                npre = n_s[t] if first else linear_add(n_s[t], rh, w_n)
                 n = add(m1, torch.sigmoid(npre, out=n_s[t]), alpha=2, out=n_s[t])
                 if t < full:
                     h = lerp(n, h, z_s[t], out=h_s[t])

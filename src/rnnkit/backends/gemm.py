@@ -84,7 +84,7 @@ def linear_add(c: Tensor, a: Tensor, w: Tensor) -> Tensor:
 def linear_add_(c: Tensor, a: Tensor, w: Tensor) -> Tensor:
     """``c += a @ w.T`` in place; returns ``c``."""
     if _use_onednn(a, w):
-        return c.copy_(torch.ops.mkldnn._linear_pointwise.binary(a, c, w, None, "add"))
+        return c.copy_(linear_add(c, a, w))
     return c.addmm_(a, w.t())
 
 
