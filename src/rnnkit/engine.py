@@ -196,9 +196,10 @@ def _pick_backend(
         return "native" if native_ok else "reference"
     native_ok = native_ok and x.dtype in (torch.float32, torch.float64)  # torch's CPU half kernels are uneven
     fused_ok = not fused.unsupported(cell, x)
-    # torch's LSTM kernel returns only the last c: every step's c costs the native backend a second
-    # pass (2.3-2.9x the time at T28, measured), while the fused backend has them for free.
-    states_cost = return_states and type(cell) is LSTMCell
+    # torch's LSTM kernel returns only the last c. Training in float32 the native backend reads every
+    # step's c from oneDNN's workspace; elsewhere it recomputes them with a batched matmul, which
+    # costs more than the fused backend, which has them for free.
+    states_cost = return_states and type(cell) is LSTMCell and not native.states_from_workspace(cell, x, ragged)
     if native_ok and not (states_cost and fused_ok) and (x.dtype == torch.float32 or not fused_ok):
         training = torch.is_grad_enabled() and (
             x.requires_grad or cell.weight_ih.requires_grad or cell.weight_hh.requires_grad

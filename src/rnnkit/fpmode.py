@@ -126,10 +126,13 @@ class _EnterFlush(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token: _Token, *xs: torch.Tensor):  # type: ignore[override]
         ctx.token = token
+        # An output the loss never reads must pass None, not zeros: zeros would run the backward
+        # of everything that computed it (every-step states nobody used, for one).
+        ctx.set_materialize_grads(False)
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
         token = ctx.token
         if not token.on and _enabled and _cpu_supports_flush() and not denormals_are_flushed():
             torch.set_flush_denormal(True)
@@ -145,10 +148,11 @@ class _ExitFlush(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token: _Token, *xs: torch.Tensor):  # type: ignore[override]
         ctx.token = token
+        ctx.set_materialize_grads(False)
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
         ctx.token.restore()
         return (None, *grads)
 

@@ -1,9 +1,18 @@
 """The native backend: PyTorch's fused LSTM/GRU/RNN kernels (cuDNN on a GPU) for built-in cells.
 
 Every-step states: the kernels return every step's h but only the last c. For an LSTM with
-``return_states=True`` the cell states are recovered from the kernel's outputs rather than by
-falling back to the slow loop: the gates of all steps come from one batched matmul over
-``x_t`` and ``h_{t-1}``, leaving only the cheap elementwise recurrence ``c_t = f_t c_{t-1} + i_t g_t``.
+``return_states=True``:
+
+* Training in float32 on the CPU, torch's kernel is oneDNN's RNN, whose forward keeps every
+  step's c in its workspace for the backward anyway. They are read from there, at the cost of a
+  copy. Where they sit is found once per shape by value and checked on every call: the first
+  slot must be one step from the initial state, and one step from the last slot must give the
+  kernel's final c. When either check fails, the states are recomputed instead (below).
+  The backward of those states, run only when the loss reads them, recomputes them
+  differentiably.
+* Everywhere else they are recomputed from the kernel's outputs: the i, f, g gates of all steps
+  come from one batched matmul over ``x_t`` and ``h_{t-1}``, leaving only the elementwise
+  recurrence ``c_t = f_t c_{t-1} + i_t g_t``.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -91,9 +101,19 @@ def run(
     is_lstm = isinstance(cell, LSTMCell)
     hx = (state.h.unsqueeze(0), state.c.unsqueeze(0)) if is_lstm else state.unsqueeze(0)
     kernel = _kernel(cell)
+    cs = None
     if lengths is None:
         steps = chunk_steps(cell, x, [*weights, *(hx if is_lstm else [hx])])
-        if steps >= x.shape[0]:
+        if is_lstm and return_states and _onednn_states(cell, x, weights):
+            outs, cells = [], []
+            h, c = state
+            for xc in x.split(steps):
+                o, h, c, cc = _onednn_lstm(cell, xc, h, c, weights, has_bias)
+                outs.append(o)
+                cells.append(cc)
+            out, final = torch.cat(outs), [h.unsqueeze(0), c.unsqueeze(0)]
+            cs = torch.cat(cells)
+        elif steps >= x.shape[0]:
             out, *final = kernel(x, hx, weights, has_bias, 1, 0.0, cell.training, False, False)
         else:  # a chain of kernel calls over time chunks, each chunk's state the next one's start
             outs = []
@@ -115,7 +135,8 @@ def run(
     if return_states:
         hs = out if masks is None else torch.where(masks, out, final[0].unsqueeze(0))
         if is_lstm:
-            cs = recover_cell_states(cell, x, state, out, masks)
+            if cs is None:
+                cs = recover_cell_states(cell, x, state, out, masks)
             # past each end repeat the kernel's final c exactly, as hs does with its final h
             cs = cs if masks is None else torch.where(masks, cs, final[1].unsqueeze(0))
             states = LSTMState(hs, cs)
@@ -126,15 +147,156 @@ def run(
 
 def recover_cell_states(cell: LSTMCell, x: Tensor, state: LSTMState, hs: Tensor, masks: Tensor | None) -> Tensor:
     """Every step's c (T, N, H) from the inputs and every step's h, without re-running the kernel."""
-    h_prev = torch.cat([state.h.unsqueeze(0), hs[:-1]])
+    return cell_states(x, state.h, state.c, hs, cell.weight_ih, cell.weight_hh, cell.fused_bias(), masks)
+
+
+def cell_states(
+    x: Tensor, h0: Tensor, c0: Tensor, hs: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None,
+    masks: Tensor | None = None,
+) -> Tensor:
+    """``c_1 .. c_T`` (T, N, H) of an LSTM from its inputs, first state, every h and its weights."""
+    h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])
     # Past a sequence's end h_prev is the kernel's zero padding: finite, and those steps are frozen below.
-    gates = cell.project_input(x) + h_prev @ cell.weight_hh.t()
-    i, f, g, _ = gates.chunk(4, dim=-1)
-    f, ig = torch.sigmoid(f), torch.sigmoid(i) * torch.tanh(g)
-    c, cs = state.c, []
-    for t in range(x.shape[0]):
-        new = torch.addcmul(ig[t], f[t], c)
+    f, ig = _forget_and_input(x, h_prev, w_ih, w_hh, bias)
+    c, cs = c0, []
+    # unbind, not indexing: the backward of T index ops would write T zero-filled (T, N, H) buffers
+    for t, (f_t, ig_t) in enumerate(zip(f.unbind(0), ig.unbind(0))):
+        new = torch.addcmul(ig_t, f_t, c)
         c = new if masks is None else torch.where(masks[t], new, c)
         cs.append(c)
     return torch.stack(cs)
 
+
+def _forget_and_input(
+    x: Tensor, h_prev: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``sigmoid(f)`` and ``sigmoid(i) * tanh(g)``: the output gate is not needed for c."""
+    H3 = w_hh.shape[0] * 3 // 4  # gate order i, f, g, o: the first three blocks of rows
+    gates = F.linear(x, w_ih[:H3], None if bias is None else bias[:H3]) + h_prev @ w_hh[:H3].t()
+    i, f, g = gates.chunk(3, dim=-1)
+    return torch.sigmoid(f), torch.sigmoid(i) * torch.tanh(g)
+
+
+def _next_c(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None) -> Tensor:
+    f, ig = _forget_and_input(x, h, w_ih, w_hh, bias)
+    return torch.addcmul(ig, f, c)
+
+
+def states_from_workspace(cell: nn.Module, x: Tensor, ragged: bool = False) -> bool:
+    """Whether every step's c of this LSTM call come nearly free from oneDNN's workspace."""
+    return type(cell) is LSTMCell and not ragged and _onednn_states(cell, x, [cell.weight_ih, cell.weight_hh])
+
+
+def _onednn_states(cell: LSTMCell, x: Tensor, weights: list[Tensor]) -> bool:
+    """Whether torch's LSTM kernel here is oneDNN's, whose workspace can hold every c."""
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and not cell.proj_size
+        and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
+        and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.aten, "mkldnn_rnn_layer")
+    )
+
+
+def _onednn_lstm(
+    cell: LSTMCell, x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], has_bias: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """oneDNN's LSTM over ``x`` (T, N, I): outputs, final h and c, and every step's c (T, N, H)."""
+    w_ih, w_hh = weights[0], weights[1]
+    b_ih, b_hh = (weights[2], weights[3]) if has_bias else (w_ih.new_zeros(w_ih.shape[0]),) * 2
+    H = cell.hidden_size
+    # the op reads its tensors' memory as dense (torch's own lstm makes them so before calling it)
+    x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
+    args = [x, w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, h0, c0]
+    if torch.is_grad_enabled():
+        out, h, c, ws = torch.ops.aten.mkldnn_rnn_layer(*args, False, [], 2, H, 1, has_bias, False, False, True)
+    else:  # the op keeps its workspace only with grad mode on; detached inputs record no graph
+        with torch.enable_grad():
+            out, h, c, ws = torch.ops.aten.mkldnn_rnn_layer(
+                *[a.detach() for a in args], False, [], 2, H, 1, has_bias, False, False, True
+            )
+    bias = (b_ih + b_hh) if has_bias else None
+    slots = _workspace_cells(ws, x, h0, c0, out, c, w_ih, w_hh, bias)
+    if slots is None:
+        cs = cell_states(x, h0, c0, out, w_ih, w_hh, bias)
+    else:
+        cs = _CellStatesFromWorkspace.apply(slots, c.detach(), x, h0, c0, out, w_ih, w_hh, bias)
+    return out, h, c, cs
+
+
+# (T, N, I, H, workspace floats) -> where c_1 starts in oneDNN's workspace, as floats
+_SLOTS: dict[tuple[int, ...], int] = {}
+
+
+def _workspace_cells(
+    ws: Tensor | None, x: Tensor, h0: Tensor, c0: Tensor, hs: Tensor, c_last: Tensor,
+    w_ih: Tensor, w_hh: Tensor, bias: Tensor | None,
+) -> Tensor | None:
+    """``c_1 .. c_{T-1}`` (T-1, N, H) as the kernel left them in its workspace, or None if not found."""
+    T, N, H = hs.shape
+    if ws is None or ws.dtype != torch.uint8 or ws.dim() != 1 or ws.numel() % 4:
+        return None
+    flat = ws.view(torch.float32)
+    size = N * H
+    if T == 1:
+        return flat.new_empty(0, N, H)
+    key = (T, N, x.shape[-1], H, flat.numel())
+    with torch.no_grad():
+        c1 = _next_c(x[0], h0, c0, w_ih, w_hh, bias)
+        start = _SLOTS.get(key)
+        if start is None:
+            start = _find_block(flat, c1)
+        if start is None or start + (T - 1) * size > flat.numel():
+            return None
+        slots = flat[start : start + (T - 1) * size].view(T - 1, N, H)
+        expect_last = _next_c(x[-1], hs[-2], slots[-1], w_ih, w_hh, bias)
+        if not (_close(slots[0], c1) and _close(expect_last, c_last)):
+            _SLOTS.pop(key, None)
+            return None
+    _SLOTS[key] = start
+    return slots
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))
+
+
+def _find_block(flat: Tensor, block: Tensor, chunk: int = 1 << 22) -> int | None:
+    """The offset in ``flat`` where ``block`` is stored row-major (to float tolerance), or None.
+
+    Scans in chunks (the workspace of a long sequence is hundreds of MB), keeping offsets whose
+    first, second and last values match before comparing the whole block.
+    """
+    v = block.reshape(-1)
+    n, total = v.numel(), flat.numel()
+    tol = 1e-5 + 1e-4 * v.abs()
+    for lo in range(0, total - n + 1, chunk):
+        hi = min(lo + chunk, total - n + 1)
+        hits = ((flat[lo:hi] - v[0]).abs() <= tol[0]).nonzero().flatten() + lo
+        for k in (1, n - 1):
+            hits = hits[(flat[hits + k] - v[k]).abs() <= tol[k]]
+        for p in hits.tolist():
+            if _close(flat[p : p + n], v):
+                return p
+    return None
+
+
+class _CellStatesFromWorkspace(torch.autograd.Function):
+    """Every step's c as oneDNN's forward computed them; the backward recomputes them to differentiate."""
+
+    @staticmethod
+    def forward(ctx, slots, c_last, x, h0, c0, hs, w_ih, w_hh, bias):  # type: ignore[override]
+        ctx.save_for_backward(x, h0, c0, hs, w_ih, w_hh, bias)
+        ctx.set_materialize_grads(False)  # unread states: no recomputation
+        return torch.cat([slots, c_last.unsqueeze(0)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None):  # type: ignore[override]
+        needs = ctx.needs_input_grad[2:]
+        if grad is None:
+            return (None,) * (2 + len(needs))
+        with torch.enable_grad():
+            inputs = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]
+            wrt = [t for t, n in zip(inputs, needs) if n and t is not None]
+            got = iter(torch.autograd.grad(cell_states(*inputs), wrt, grad, allow_unused=True) if wrt else ())
+        return (None, None, *[next(got) if n and t is not None else None for t, n in zip(inputs, needs)])
