@@ -105,14 +105,8 @@ def run(
     if lengths is None:
         steps = chunk_steps(cell, x, [*weights, *(hx if is_lstm else [hx])])
         if is_lstm and return_states and _onednn_states(cell, x, weights):
-            outs, cells = [], []
-            h, c = state
-            for xc in x.split(steps):
-                o, h, c, cc = _onednn_lstm(cell, xc, h, c, weights, has_bias)
-                outs.append(o)
-                cells.append(cc)
-            out, final = torch.cat(outs), [h.unsqueeze(0), c.unsqueeze(0)]
-            cs = torch.cat(cells)
+            out, h, c, cs = _onednn_lstm(cell, x, state, weights, has_bias, steps)
+            final = [h.unsqueeze(0), c.unsqueeze(0)]
         elif steps >= x.shape[0]:
             out, *final = kernel(x, hx, weights, has_bias, 1, 0.0, cell.training, False, False)
         else:  # a chain of kernel calls over time chunks, each chunk's state the next one's start
@@ -199,29 +193,41 @@ def _onednn_states(cell: LSTMCell, x: Tensor, weights: list[Tensor]) -> bool:
 
 
 def _onednn_lstm(
-    cell: LSTMCell, x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], has_bias: bool
+    cell: LSTMCell, x: Tensor, state: LSTMState, weights: list[Tensor], has_bias: bool, steps: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """oneDNN's LSTM over ``x`` (T, N, I): outputs, final h and c, and every step's c (T, N, H)."""
-    w_ih, w_hh = weights[0], weights[1]
+    """oneDNN's LSTM over ``x`` (T, N, I) in chunks of ``steps``: outputs, final h and c, every step's c."""
+    w_ih, w_hh = weights[0].contiguous(), weights[1].contiguous()
     b_ih, b_hh = (weights[2], weights[3]) if has_bias else (w_ih.new_zeros(w_ih.shape[0]),) * 2
-    H = cell.hidden_size
-    # the op reads its tensors' memory as dense (torch's own lstm makes them so before calling it)
-    x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
-    args = [x, w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, h0, c0]
-    if torch.is_grad_enabled():
-        out, h, c, ws = torch.ops.aten.mkldnn_rnn_layer(*args, False, [], 2, H, 1, has_bias, False, False, True)
-    else:  # the op keeps its workspace only with grad mode on; detached inputs record no graph
-        with torch.enable_grad():
-            out, h, c, ws = torch.ops.aten.mkldnn_rnn_layer(
-                *[a.detach() for a in args], False, [], 2, H, 1, has_bias, False, False, True
-            )
     bias = (b_ih + b_hh) if has_bias else None
-    slots = _workspace_cells(ws, x, h0, c0, out, c, w_ih, w_hh, bias)
-    if slots is None:
+    # the op reads its tensors' memory as dense (torch's own lstm makes them so before calling it)
+    x, h0, c0 = x.contiguous(), state.h.contiguous(), state.c.contiguous()
+    outs: list[Tensor] = []
+    pieces: list[Tensor] | None = []  # each chunk's c_1 .. c_{T-1} in its workspace, then its final c
+    h, c = h0, c0
+    for xc in x.split(steps):
+        o, h_next, c_next, ws = _layer(xc, w_ih, w_hh, b_ih, b_hh, h, c, cell.hidden_size, has_bias)
+        if pieces is not None:
+            slots = _workspace_cells(ws, xc, h, c, o, c_next, w_ih, w_hh, bias)
+            pieces = None if slots is None else [*pieces, slots, c_next.detach().unsqueeze(0)]
+        outs.append(o)
+        h, c = h_next, c_next
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if pieces is None:
         cs = cell_states(x, h0, c0, out, w_ih, w_hh, bias)
     else:
-        cs = _CellStatesFromWorkspace.apply(slots, c.detach(), x, h0, c0, out, w_ih, w_hh, bias)
+        cs = _CellStatesFromWorkspace.apply(pieces, x, h0, c0, out, w_ih, w_hh, bias)
     return out, h, c, cs
+
+
+def _layer(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``aten.mkldnn_rnn_layer`` for one forward LSTM layer: output, h, c and the workspace."""
+    *tensors, H, has_bias = args
+    if torch.is_grad_enabled():
+        return torch.ops.aten.mkldnn_rnn_layer(*tensors, False, [], 2, H, 1, has_bias, False, False, True)
+    with torch.enable_grad():  # the op keeps its workspace only with grad mode on; detached inputs record no graph
+        return torch.ops.aten.mkldnn_rnn_layer(
+            *[t.detach() for t in tensors], False, [], 2, H, 1, has_bias, False, False, True
+        )
 
 
 # (T, N, I, H, workspace floats) -> where c_1 starts in oneDNN's workspace, as floats
@@ -242,15 +248,16 @@ def _workspace_cells(
         return flat.new_empty(0, N, H)
     key = (T, N, x.shape[-1], H, flat.numel())
     with torch.no_grad():
-        c1 = _next_c(x[0], h0, c0, w_ih, w_hh, bias)
         start = _SLOTS.get(key)
         if start is None:
-            start = _find_block(flat, c1)
+            start = _find_block(flat, _next_c(x[0], h0, c0, w_ih, w_hh, bias))
         if start is None or start + (T - 1) * size > flat.numel():
             return None
         slots = flat[start : start + (T - 1) * size].view(T - 1, N, H)
-        expect_last = _next_c(x[-1], hs[-2], slots[-1], w_ih, w_hh, bias)
-        if not (_close(slots[0], c1) and _close(expect_last, c_last)):
+        # both ends in one batch: c_1 from the initial state, and the final c from the last slot
+        ends = _next_c(torch.cat([x[0], x[-1]]), torch.cat([h0, hs[-2]]), torch.cat([c0, slots[-1]]),
+                       w_ih, w_hh, bias)
+        if not _close(ends, torch.cat([slots[0], c_last])):
             _SLOTS.pop(key, None)
             return None
     _SLOTS[key] = start
@@ -285,18 +292,18 @@ class _CellStatesFromWorkspace(torch.autograd.Function):
     """Every step's c as oneDNN's forward computed them; the backward recomputes them to differentiate."""
 
     @staticmethod
-    def forward(ctx, slots, c_last, x, h0, c0, hs, w_ih, w_hh, bias):  # type: ignore[override]
+    def forward(ctx, pieces, x, h0, c0, hs, w_ih, w_hh, bias):  # type: ignore[override]
         ctx.save_for_backward(x, h0, c0, hs, w_ih, w_hh, bias)
         ctx.set_materialize_grads(False)  # unread states: no recomputation
-        return torch.cat([slots, c_last.unsqueeze(0)])
+        return torch.cat(pieces)
 
     @staticmethod
     def backward(ctx, grad: Tensor | None):  # type: ignore[override]
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[1:]
         if grad is None:
-            return (None,) * (2 + len(needs))
+            return (None,) * (1 + len(needs))
         with torch.enable_grad():
             inputs = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]
             wrt = [t for t, n in zip(inputs, needs) if n and t is not None]
             got = iter(torch.autograd.grad(cell_states(*inputs), wrt, grad, allow_unused=True) if wrt else ())
-        return (None, None, *[next(got) if n and t is not None else None for t, n in zip(inputs, needs)])
+        return (None, *[next(got) if n and t is not None else None for t, n in zip(inputs, needs)])
