@@ -168,3 +168,37 @@ def test_flushed_region_passes_no_gradient_to_outputs_the_loss_never_reads():
     used.sum().backward()
     assert all(g is None for g in ran)
     torch.testing.assert_close(a.grad, torch.full((3,), 2.0))
+
+
+def test_without_the_expected_op_the_states_are_recomputed(monkeypatch):
+    """A torch whose ``aten.mkldnn_rnn_layer`` differs from the one this code knows is never called."""
+    monkeypatch.setattr(native, "_LAYER_OP_OK", False)
+    cell, x = _cell(), torch.randn(4, 6, 3)
+    state = LSTMState(torch.randn(4, 5), torch.randn(4, 5))
+    assert not native.states_from_workspace(cell, x)
+    want = _run(cell, x, state, "reference")
+    calls = _spy(monkeypatch)
+    got = _run(cell, x, state, "native")
+    assert calls == {"workspace": 0, "recomputed": 1}
+    _assert_close(got[0], want[0])
+    _assert_close(got[1], want[1])
+
+
+def test_the_op_is_recognised_in_this_torch():
+    assert native._LAYER_OP_OK  # else every LSTM return_states call would silently take the slower route
+
+
+def test_inference_in_chunks_of_time(monkeypatch):
+    """Without gradients the calls keep their workspace for the states, so long ones are chunked too."""
+    monkeypatch.setattr(native, "allocator_tuned", lambda: False)
+    monkeypatch.setattr(native, "WHOLE_GATE_BYTES", 0)
+    monkeypatch.setattr(native, "CHUNK_GATE_BYTES", 3 * 4 * 4 * 20)
+    cell, x = _cell(), torch.randn(4, 11, 3)
+    assert native.chunk_steps(cell, x.transpose(0, 1), [cell.weight_ih], workspace=True) == 3
+    with torch.no_grad():
+        assert native.chunk_steps(cell, x.transpose(0, 1), [cell.weight_ih]) == 11
+        want = rnnkit.unroll(cell, x, return_states=True, backend="reference")
+        calls = _spy(monkeypatch)
+        got = rnnkit.unroll(cell, x, return_states=True, backend="native")
+    assert calls == {"workspace": 1, "recomputed": 0}
+    _assert_close([got.outputs, *tree_flatten(got.states)[0]], [want.outputs, *tree_flatten(want.states)[0]])

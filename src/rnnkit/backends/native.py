@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.allocator import allocator_tuned
+from rnnkit.backends.fastcpu import _transforming
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
 
 
@@ -79,16 +80,19 @@ WHOLE_GATE_BYTES = 8 << 20
 CHUNK_GATE_BYTES = 4 << 20
 
 
-def chunk_steps(cell: nn.Module, x: Tensor, inputs: list[Tensor]) -> int:
+def chunk_steps(cell: nn.Module, x: Tensor, inputs: list[Tensor], workspace: bool = False) -> int:
     """Time steps per kernel call: all of them, except for long CPU training with an untuned allocator.
 
-    ``inputs``: the kernel's weights (the first is ``weight_ih``) and initial state.
+    ``inputs``: the kernel's weights (the first is ``weight_ih``) and initial state. ``workspace``:
+    the call keeps its workspace even without gradients (every step's c is read from it).
     """
     T, N = x.shape[0], x.shape[1]
     per_step = N * inputs[0].shape[0] * x.element_size()
     if x.device.type != "cpu" or T * per_step <= WHOLE_GATE_BYTES or allocator_tuned():
         return T
-    if not torch.is_grad_enabled() or not (x.requires_grad or any(t.requires_grad for t in inputs)):
+    if not workspace and (
+        not torch.is_grad_enabled() or not (x.requires_grad or any(t.requires_grad for t in inputs))
+    ):
         return T  # inference keeps no workspace
     return max(1, CHUNK_GATE_BYTES // per_step)
 
@@ -103,8 +107,9 @@ def run(
     kernel = _kernel(cell)
     cs = None
     if lengths is None:
-        steps = chunk_steps(cell, x, [*weights, *(hx if is_lstm else [hx])])
-        if is_lstm and return_states and _onednn_states(cell, x, weights):
+        from_workspace = is_lstm and return_states and _onednn_states(cell, x, weights)
+        steps = chunk_steps(cell, x, [*weights, *(hx if is_lstm else [hx])], workspace=from_workspace)
+        if from_workspace:
             out, h, c, cs = _onednn_lstm(cell, x, state, weights, has_bias, steps)
             final = [h.unsqueeze(0), c.unsqueeze(0)]
         elif steps >= x.shape[0]:
@@ -181,14 +186,29 @@ def states_from_workspace(cell: nn.Module, x: Tensor, ragged: bool = False) -> b
     return type(cell) is LSTMCell and not ragged and _onednn_states(cell, x, [cell.weight_ih, cell.weight_hh])
 
 
+def _layer_op_as_expected() -> bool:
+    """Whether ``aten.mkldnn_rnn_layer`` exists here with the arguments :func:`_layer` passes."""
+    op = getattr(torch.ops.aten, "mkldnn_rnn_layer", None)
+    if op is None or not hasattr(op, "default"):
+        return False
+    names = [a.name for a in op.default._schema.arguments]
+    returns = len(op.default._schema.returns)
+    return returns == 4 and names == [
+        "input", "weight0", "weight1", "weight2", "weight3", "hx_", "cx_", "reverse", "batch_sizes", "mode",
+        "hidden_size", "num_layers", "has_biases", "bidirectional", "batch_first", "train",
+    ]
+
+
+_LAYER_OP_OK = _layer_op_as_expected()
+
+
 def _onednn_states(cell: LSTMCell, x: Tensor, weights: list[Tensor]) -> bool:
     """Whether torch's LSTM kernel here is oneDNN's, whose workspace can hold every c."""
     return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and not cell.proj_size
+        _LAYER_OP_OK and x.device.type == "cpu" and x.dtype == torch.float32 and not cell.proj_size
         and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
-        and not torch.is_autocast_enabled("cpu")
+        and not torch.is_autocast_enabled("cpu") and not _transforming()
         and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-        and hasattr(torch.ops.aten, "mkldnn_rnn_layer")
     )
 
 
