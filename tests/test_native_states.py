@@ -202,3 +202,18 @@ def test_inference_in_chunks_of_time(monkeypatch):
         got = rnnkit.unroll(cell, x, return_states=True, backend="native")
     assert calls == {"workspace": 1, "recomputed": 0}
     _assert_close([got.outputs, *tree_flatten(got.states)[0]], [want.outputs, *tree_flatten(want.states)[0]])
+
+
+@pytest.mark.parametrize("N, H, T", [(1, 1, 5), (1, 1, 2), (2, 1, 3), (3, 5, 4), (1, 16, 3)])
+def test_tiny_states_are_recomputed_not_looked_up(monkeypatch, N, H, T):
+    """A step's c of fewer than 16 floats could match anywhere by chance: those are recomputed."""
+    torch.manual_seed(0)
+    cell, x = LSTMCell(2, H), torch.randn(N, T, 2)
+    state = LSTMState(torch.randn(N, H), torch.randn(N, H))
+    want = _run(cell, x, state, "reference")
+    calls = _spy(monkeypatch)
+    got = _run(cell, x, state, "native")
+    looked_up = N * H >= native._MIN_BLOCK
+    assert calls == {"workspace": int(looked_up), "recomputed": 1}
+    _assert_close(got[0], want[0])
+    _assert_close(got[1], want[1])
