@@ -196,7 +196,12 @@ def _pick_backend(
         return "native" if native_ok else "reference"
     native_ok = native_ok and x.dtype in (torch.float32, torch.float64)  # torch's CPU half kernels are uneven
     fused_ok = not fused.unsupported(cell, x)
-    training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in cell.parameters()))
+
+    def training() -> bool:  # only built-in cells get here: they have these two weights
+        return torch.is_grad_enabled() and (
+            x.requires_grad or cell.weight_ih.requires_grad or cell.weight_hh.requires_grad
+        )
+
     # torch's LSTM kernel returns only the last c. In float32 the native backend reads every step's c
     # from oneDNN's workspace, which inference then has to keep too: worth it for short sequences
     # (T28 H128 B128: 3.9 ms against the fused backend's 4.7), not long ones (T784: 229 against 103).
@@ -204,11 +209,11 @@ def _pick_backend(
     # which has them for free.
     states_cost = return_states and type(cell) is LSTMCell and not (
         native.states_from_workspace(cell, x, ragged)
-        and (training or T * N * _gate_width(cell) * x.element_size() <= native.WHOLE_GATE_BYTES)
+        and (T * N * _gate_width(cell) * x.element_size() <= native.WHOLE_GATE_BYTES or training())
     )
     if native_ok and not (states_cost and fused_ok) and (x.dtype == torch.float32 or not fused_ok):
         # Inference: oneDNN keeps no per-step workspace and is 2-2.5x faster at every length measured.
-        if not training or not fused_ok or _native_trains_faster(cell, x, T, N, ragged):
+        if not training() or not fused_ok or _native_trains_faster(cell, x, T, N, ragged):
             return "native"
     return "fused" if fused_ok else "reference"
 
