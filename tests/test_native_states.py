@@ -42,7 +42,7 @@ def _spy(monkeypatch) -> dict[str, int]:
         return apply(*a)
 
     def counted_states(*a, **k):
-        calls["recomputed"] += 1
+        calls["recomputed"] += a[0].dtype == torch.float32  # not the float64 calibration of a new shape
         return states(*a, **k)
 
     monkeypatch.setattr(native._CellStatesFromWorkspace, "apply", counted_apply)
@@ -97,22 +97,62 @@ def test_a_wrong_slot_is_caught_and_the_states_recomputed(monkeypatch):
     cell, x = _cell(), torch.randn(4, 7, 3)
     state = LSTMState(torch.randn(4, 5), torch.randn(4, 5))
     want = _run(cell, x, state, "reference")
-    _run(cell, x, state, "native")  # finds and caches where the states are
+    _run(cell, x, state, "native")  # calibrates where this shape's states are
     (key,) = [k for k in native._SLOTS if k[:4] == (7, 4, 3, 5)]
-    native._SLOTS[key] += 4 * 5  # one step off: the checks must reject it
+    start, floats = native._SLOTS[key]
+    monkeypatch.setitem(native._SLOTS, key, (start + 4 * 5, floats))  # one step off: the checks must reject it
     calls = _spy(monkeypatch)
     got = _run(cell, x, state, "native")
     assert calls == {"workspace": 0, "recomputed": 1}
-    assert key not in native._SLOTS
     _assert_close(got[0], want[0])
     _assert_close(got[1], want[1])
-    _run(cell, x, state, "native")  # and the next call finds them again
-    assert key in native._SLOTS
+
+
+def test_each_shape_is_calibrated_once(monkeypatch):
+    cell, x = _cell(), torch.randn(4, 5, 3)
+    runs = []
+    calibrate = native._calibrate
+    monkeypatch.setattr(native, "_calibrate", lambda *a: runs.append(a) or calibrate(*a))
+    monkeypatch.setattr(native, "_SLOTS", {})
+    for _ in range(3):
+        rnnkit.unroll(cell, x, return_states=True, backend="native")
+    assert runs == [(5, 4, 3, 5, True)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_flat_data_cannot_mislead_the_lookup(monkeypatch, bias):
+    """Silence at both ends and a zero state: the checks on this call's data alone would pass anywhere."""
+    monkeypatch.setattr(native, "_SLOTS", {})
+    torch.manual_seed(0)
+    cell = LSTMCell(4, 32, bias=bias)
+    x = torch.zeros(8, 40, 4)
+    x[:, 2:8] = torch.randn(8, 6, 4) * 3
+    for chunked in (False, True):
+        if chunked:  # the first chunks are all silence and the later ones trust their check
+            monkeypatch.setattr(native, "allocator_tuned", lambda: False)
+            monkeypatch.setattr(native, "WHOLE_GATE_BYTES", 0)
+            monkeypatch.setattr(native, "CHUNK_GATE_BYTES", 2 * 8 * 4 * 128)
+        got = rnnkit.unroll(cell, x, return_states=True, backend="native")
+        want = rnnkit.unroll(cell, x, return_states=True, backend="reference")
+        _assert_close([got.outputs, *got.states], [want.outputs, *want.states])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_second_derivatives_through_the_states(bias):
+    torch.manual_seed(0)
+    cell = LSTMCell(3, 8, bias=bias)
+    x = torch.randn(4, 6, 3, requires_grad=True)
+    got = []
+    for backend in ("native", "reference"):
+        r = rnnkit.unroll(cell, x, return_states=True, backend=backend)
+        (g,) = torch.autograd.grad(r.states.c.square().sum() + r.outputs.sum(), x, create_graph=True)
+        got.append(torch.autograd.grad(g.square().sum(), [x, *cell.parameters()]))
+    _assert_close(*got)
 
 
 def test_states_not_found_are_recomputed(monkeypatch):
     monkeypatch.setattr(native, "_find_block", lambda flat, block: None)
-    native._SLOTS.clear()
+    monkeypatch.setattr(native, "_SLOTS", {})
     cell, x = _cell(), torch.randn(4, 5, 3)
     state = LSTMState(torch.randn(4, 5), torch.randn(4, 5))
     want = _run(cell, x, state, "reference")
@@ -143,6 +183,10 @@ def test_layers_stack_both_ways_with_every_state():
     x = torch.randn(5, 7, 3)
     got, want = fast(x, return_states=True), slow(x, return_states=True)
     _assert_close([got.output, *got.states], [want.output, *want.states])
+    # like torch's, the final state is a tensor of its own: the truncated-backprop idiom works on it
+    h_n = got.hidden[0]
+    h_n.detach_()
+    assert not got.output.requires_grad or got.output.grad_fn is not None
     (got.states.c.square().sum() + got.output.sum()).backward()
     (want.states.c.square().sum() + want.output.sum()).backward()
     _assert_close([p.grad for p in fast.parameters()], [p.grad for p in slow.parameters()])

@@ -232,9 +232,9 @@ class _RNNBase(nn.Module):
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
 
-        hidden = tree_map(_stack, *finals)
+        hidden = tree_map(lambda *f: torch.stack(f), *finals)
         output = layer_input
-        states = tree_map(_stack, *every) if return_states else None
+        states = tree_map(lambda *s: torch.stack(s), *every) if return_states else None
         if packed:
             order = input.sorted_indices
             out_tm = output if order is None else output[:, order]
@@ -308,11 +308,6 @@ class _RNNBase(nn.Module):
             if getattr(self, key) != default:
                 s += f", {key}={getattr(self, key)!r}"
         return s
-
-
-def _stack(*parts: Tensor) -> Tensor:
-    """``torch.stack(parts)``; a view for one part (a one-layer, one-way stack copies no states)."""
-    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
 
 
 def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
