@@ -55,28 +55,29 @@ def _assert_close(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
 
 
+def _agrees(monkeypatch, cell, x, state, calls, read_states=True):
+    """The native backend matches the reference loop, values and gradients, with these ``calls``."""
+    want = _run(cell, x, state, "reference", read_states)
+    counted = _spy(monkeypatch)
+    got = _run(cell, x, state, "native", read_states)
+    assert counted == calls
+    _assert_close(got[0], want[0])
+    _assert_close(got[1], want[1])
+
+
 @pytest.mark.parametrize("T", [1, 2, 9])
 @pytest.mark.parametrize("kind", ["bias", "no_bias", "forget_bias"])
 def test_workspace_states_match_the_reference(monkeypatch, T, kind):
     cell = _cell(bias=kind != "no_bias", forget_bias=1.0 if kind == "forget_bias" else 0.0)
     x, state = torch.randn(4, T, 3), LSTMState(torch.randn(4, 5), torch.randn(4, 5))
-    want = _run(cell, x, state, "reference")
-    calls = _spy(monkeypatch)
-    got = _run(cell, x, state, "native")
-    assert calls == {"workspace": 1, "recomputed": 1}  # read forward, recomputed by the backward only
-    _assert_close(got[0], want[0])
-    _assert_close(got[1], want[1])
+    # read in the forward, recomputed by the backward only
+    _agrees(monkeypatch, cell, x, state, {"workspace": 1, "recomputed": 1})
 
 
 def test_unread_states_cost_no_backward(monkeypatch):
     cell, x = _cell(), torch.randn(4, 6, 3)
     state = LSTMState(torch.zeros(4, 5), torch.zeros(4, 5))
-    want = _run(cell, x, state, "reference", read_states=False)
-    calls = _spy(monkeypatch)
-    got = _run(cell, x, state, "native", read_states=False)
-    assert calls == {"workspace": 1, "recomputed": 0}
-    _assert_close(got[0], want[0])
-    _assert_close(got[1], want[1])
+    _agrees(monkeypatch, cell, x, state, {"workspace": 1, "recomputed": 0}, read_states=False)
 
 
 def test_chunks_of_time_read_each_chunks_workspace(monkeypatch):
@@ -85,27 +86,17 @@ def test_chunks_of_time_read_each_chunks_workspace(monkeypatch):
     monkeypatch.setattr(native, "CHUNK_GATE_BYTES", 3 * 4 * 4 * 20)  # 3 steps of N=4, 4H=20 floats
     cell, x = _cell(), torch.randn(4, 11, 3)
     state = LSTMState(torch.randn(4, 5), torch.randn(4, 5))
-    want = _run(cell, x, state, "reference")
-    calls = _spy(monkeypatch)
-    got = _run(cell, x, state, "native")
-    assert calls == {"workspace": 1, "recomputed": 1}  # four chunks (3, 3, 3, 2 steps), one read
-    _assert_close(got[0], want[0])
-    _assert_close(got[1], want[1])
+    _agrees(monkeypatch, cell, x, state, {"workspace": 1, "recomputed": 1})  # four chunks (3, 3, 3, 2 steps), one read
 
 
 def test_a_wrong_slot_is_caught_and_the_states_recomputed(monkeypatch):
     cell, x = _cell(), torch.randn(4, 7, 3)
     state = LSTMState(torch.randn(4, 5), torch.randn(4, 5))
-    want = _run(cell, x, state, "reference")
     _run(cell, x, state, "native")  # calibrates where this shape's states are
     (key,) = [k for k in native._SLOTS if k[:4] == (7, 4, 3, 5)]
     start, floats = native._SLOTS[key]
     monkeypatch.setitem(native._SLOTS, key, (start + 4 * 5, floats))  # one step off: the checks must reject it
-    calls = _spy(monkeypatch)
-    got = _run(cell, x, state, "native")
-    assert calls == {"workspace": 0, "recomputed": 1}
-    _assert_close(got[0], want[0])
-    _assert_close(got[1], want[1])
+    _agrees(monkeypatch, cell, x, state, {"workspace": 0, "recomputed": 1})
 
 
 def test_each_shape_is_calibrated_once(monkeypatch):
@@ -155,12 +146,7 @@ def test_states_not_found_are_recomputed(monkeypatch):
     monkeypatch.setattr(native, "_SLOTS", {})
     cell, x = _cell(), torch.randn(4, 5, 3)
     state = LSTMState(torch.randn(4, 5), torch.randn(4, 5))
-    want = _run(cell, x, state, "reference")
-    calls = _spy(monkeypatch)
-    got = _run(cell, x, state, "native")
-    assert calls == {"workspace": 0, "recomputed": 1}
-    _assert_close(got[0], want[0])
-    _assert_close(got[1], want[1])
+    _agrees(monkeypatch, cell, x, state, {"workspace": 0, "recomputed": 1})
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
@@ -220,12 +206,7 @@ def test_without_the_expected_op_the_states_are_recomputed(monkeypatch):
     cell, x = _cell(), torch.randn(4, 6, 3)
     state = LSTMState(torch.randn(4, 5), torch.randn(4, 5))
     assert not native.states_from_workspace(cell, x)
-    want = _run(cell, x, state, "reference")
-    calls = _spy(monkeypatch)
-    got = _run(cell, x, state, "native")
-    assert calls == {"workspace": 0, "recomputed": 1}
-    _assert_close(got[0], want[0])
-    _assert_close(got[1], want[1])
+    _agrees(monkeypatch, cell, x, state, {"workspace": 0, "recomputed": 1})
 
 
 def test_the_op_is_recognised_in_this_torch():
@@ -254,10 +235,5 @@ def test_tiny_states_are_recomputed_not_looked_up(monkeypatch, N, H, T):
     torch.manual_seed(0)
     cell, x = LSTMCell(2, H), torch.randn(N, T, 2)
     state = LSTMState(torch.randn(N, H), torch.randn(N, H))
-    want = _run(cell, x, state, "reference")
-    calls = _spy(monkeypatch)
-    got = _run(cell, x, state, "native")
     looked_up = N * H >= native._MIN_BLOCK
-    assert calls == {"workspace": int(looked_up), "recomputed": 1}
-    _assert_close(got[0], want[0])
-    _assert_close(got[1], want[1])
+    _agrees(monkeypatch, cell, x, state, {"workspace": int(looked_up), "recomputed": 1})
