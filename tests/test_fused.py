@@ -404,3 +404,17 @@ def test_fused_ignores_autocast(monkeypatch, name, onednn):
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(gx_got, gx_want, rtol=0, atol=0)
+
+
+def test_training_only_the_biases_counts_as_training(monkeypatch):
+    """A long LSTM whose weights are frozen but whose biases train still keeps a workspace: chunks apply."""
+    monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
+    cell = make_cell("lstm", 4, 5, torch.float32)
+    tiny = torch.randn(3, 2, 4)
+    T_long = native.WHOLE_GATE_BYTES // (2 * 4 * engine._gate_width(cell)) + 1
+    for name, p in cell.named_parameters():
+        p.requires_grad_(name.startswith("bias"))
+    assert _pick_backend(cell, tiny, T_long, 2, return_states=True) == "native"
+    for p in cell.parameters():
+        p.requires_grad_(False)
+    assert _pick_backend(cell, tiny, T_long, 2, return_states=True) == "fused"  # inference

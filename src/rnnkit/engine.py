@@ -197,9 +197,9 @@ def _pick_backend(
     native_ok = native_ok and x.dtype in (torch.float32, torch.float64)  # torch's CPU half kernels are uneven
     fused_ok = not fused.unsupported(cell, x)
 
-    def training() -> bool:  # only built-in cells get here: they have these two weights
+    def training() -> bool:  # only built-in cells get here: their parameters are their own (no module walk)
         return torch.is_grad_enabled() and (
-            x.requires_grad or cell.weight_ih.requires_grad or cell.weight_hh.requires_grad
+            x.requires_grad or any(p is not None and p.requires_grad for p in cell._parameters.values())
         )
 
     # torch's LSTM kernel returns only the last c. In float32 the native backend reads every step's c
