@@ -6,9 +6,10 @@ Every-step states: the kernels return every step's h but only the last c. For an
 * In float32 on the CPU torch's kernel is oneDNN's RNN, whose training forward keeps every
   step's c in its workspace for the backward. They are read from there, at the cost of a copy
   (inference then runs the training forward too). Where they sit is learnt once per shape from a
-  call on random data (:func:`_calibrate`), and each call checks its own first and last step:
-  c_1 must follow from the initial state, and the kernel's final c from the last slot. When that
-  fails, the states are recomputed instead (below). The backward of those states, run only when
+  call on random data (:func:`_calibrate`), and each call checks its first chunk of time of each
+  length (the whole sequence when it is not chunked): c_1 must follow from the chunk's initial
+  state, and its final c from its last slot. When that fails, the states are recomputed instead
+  (below). The backward of those states, run only when
   the loss reads them, recomputes them differentiably.
 * Everywhere else they are recomputed from the kernel's outputs: the i, f, g gates of all steps
   come from one batched matmul over ``x_t`` and ``h_{t-1}``, leaving only the elementwise
@@ -301,7 +302,7 @@ def _calibrate(T: int, N: int, I: int, H: int, has_bias: bool) -> tuple[int, int
     """Where c_1 sits in the workspace of this shape, and the workspace's size in floats; None if not found.
 
     One kernel call on random data, so no other memory can match by chance. c_1 is looked up by
-    value; then c_2 and up to eight more steps spread over the sequence, and the kernel's final c,
+    value; then up to ten steps spread over the sequence (c_2 among them) and the kernel's final c
     must each follow from the slot before by one step of the recurrence (nothing of size T N H is
     recomputed: long, wide shapes would need gigabytes).
     """
@@ -325,7 +326,7 @@ def _calibrate(T: int, N: int, I: int, H: int, has_bias: bool) -> tuple[int, int
             return None
         slots = flat[start : start + (T - 1) * N * H].view(T - 1, N, H)
         # slot j holds c_{j+1}; check c_t for these t from c_{t-1} and h_{t-1} = out[t-2]
-        steps = sorted({2, *torch.linspace(2, T - 1, 8).round().long().tolist()} & set(range(2, T)))
+        steps = sorted(set(torch.linspace(2, T - 1, 10).round().long().tolist()) & set(range(2, T)))
         c_prev = torch.cat([slots[t - 2] for t in steps] + [slots[-1]])
         h_prev = torch.cat([out[t - 2] for t in steps] + [out[-2]])
         x_now = torch.cat([x[t - 1] for t in steps] + [x[-1]])
