@@ -237,3 +237,12 @@ def test_tiny_states_are_recomputed_not_looked_up(monkeypatch, N, H, T):
     state = LSTMState(torch.randn(N, H), torch.randn(N, H))
     looked_up = N * H >= native._MIN_BLOCK
     _agrees(monkeypatch, cell, x, state, {"workspace": int(looked_up), "recomputed": 1})
+
+
+def test_the_shapes_remembered_are_bounded(monkeypatch):
+    monkeypatch.setattr(native, "_SLOTS", {})
+    monkeypatch.setattr(native, "_MAX_SHAPES", 2)
+    cell = _cell()
+    for T in (3, 4, 5):
+        rnnkit.unroll(cell, torch.randn(4, T, 3), return_states=True, backend="native")
+    assert [k[0] for k in native._SLOTS] == [4, 5]

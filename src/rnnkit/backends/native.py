@@ -260,6 +260,8 @@ def _layer(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
 _SLOTS: dict[tuple[int, ...], tuple[int, int] | None] = {}
 # Fewest floats in one step's c that are looked up by value
 _MIN_BLOCK = 16
+# Most shapes whose workspace layout is remembered
+_MAX_SHAPES = 1024
 
 
 def _workspace_cells(
@@ -283,6 +285,8 @@ def _workspace_cells(
         return flat.new_empty(0, N, H)
     key = (T, N, x.shape[-1], H, bias is not None, torch.get_num_threads())
     if key not in _SLOTS:
+        if len(_SLOTS) >= _MAX_SHAPES:  # shapes that vary without end: forget the oldest
+            _SLOTS.pop(next(iter(_SLOTS)))
         _SLOTS[key] = _calibrate(*key[:5])
     found = _SLOTS[key]
     if found is None or found[1] != flat.numel():
