@@ -177,10 +177,15 @@ def _gate_width(cell: nn.Module) -> int:
     return {LSTMCell: 4, GRUCell: 3}.get(type(cell), 1) * cell.hidden_size
 
 
+def _fits_one_call(cell: nn.Module, x: Tensor, T: int, N: int) -> bool:
+    """Whether the sequence's gates fit what the native backend runs as one kernel call untuned."""
+    return T * N * _gate_width(cell) * x.element_size() <= native.WHOLE_GATE_BYTES
+
+
 def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int, ragged: bool) -> bool:
     """Whether torch's kernel beats the fused backend for training on the CPU (see the note above)."""
     step_bytes = N * _gate_width(cell) * x.element_size()
-    if T * step_bytes <= native.WHOLE_GATE_BYTES:
+    if _fits_one_call(cell, x, T, N):
         return True
     if allocator_tuned():
         return T * step_bytes <= _NATIVE_TRAIN_GATE_BYTES_TUNED.get(type(cell), native.WHOLE_GATE_BYTES)
@@ -209,7 +214,7 @@ def _pick_backend(
     # which has them for free.
     states_cost = return_states and type(cell) is LSTMCell and not (
         native.states_from_workspace(cell, x, ragged)
-        and (T * N * _gate_width(cell) * x.element_size() <= native.WHOLE_GATE_BYTES or training())
+        and (_fits_one_call(cell, x, T, N) or training())
     )
     if native_ok and not (states_cost and fused_ok) and (x.dtype == torch.float32 or not fused_ok):
         # Inference: oneDNN keeps no per-step workspace and is 2-2.5x faster at every length measured.

@@ -275,9 +275,9 @@ def _workspace_cells(
     None when that fails, so the caller recomputes.
     """
     T, N, H = hs.shape
-    if ws is None or ws.dtype != torch.uint8 or ws.dim() != 1 or ws.numel() % 4:
+    flat = _as_floats(ws)
+    if flat is None:
         return None
-    flat = ws.view(torch.float32)
     size = N * H
     if size < _MIN_BLOCK:  # a few floats could match by chance; such states are cheap to recompute
         return None
@@ -322,9 +322,9 @@ def _calibrate(T: int, N: int, I: int, H: int, has_bias: bool) -> tuple[int, int
     bias = b_ih + b_hh if has_bias else None
     with torch.no_grad():
         out, _, c_last, ws = _layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, H, has_bias)
-        if ws is None or ws.dtype != torch.uint8 or ws.dim() != 1 or ws.numel() % 4:
+        flat = _as_floats(ws)
+        if flat is None:
             return None
-        flat = ws.view(torch.float32)
         start = _find_block(flat, _next_c(x[0], h0, c0, w_ih, w_hh, bias))
         if start is None or start + (T - 1) * N * H > flat.numel():
             return None
@@ -338,6 +338,13 @@ def _calibrate(T: int, N: int, I: int, H: int, has_bias: bool) -> tuple[int, int
         if not _close(_next_c(x_now, h_prev, c_prev, w_ih, w_hh, bias), want):
             return None
     return start, flat.numel()
+
+
+def _as_floats(ws: Tensor | None) -> Tensor | None:
+    """The workspace as float32 values, or None when it is not the byte buffer this code knows."""
+    if ws is None or ws.dtype != torch.uint8 or ws.dim() != 1 or ws.numel() % 4:
+        return None
+    return ws.view(torch.float32)
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
