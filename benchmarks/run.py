@@ -78,6 +78,7 @@ KERAS = "Keras 3 LSTM"
 RK_LSTM = "rnnkit.LSTM"
 RK_GRU = "rnnkit.GRU"
 RK_SEED000 = "Seed000Cell via rnnkit.unroll"
+RK_SEED000_COMPILED = "Seed000Cell via rnnkit.unroll, backend=compiled"
 RK_STATES = "rnnkit.LSTM return_states=True"
 RK_NO_FLUSH = "rnnkit.LSTM, set_flush_denormals(False)"
 
@@ -112,11 +113,15 @@ def build_rnnkit_no_flush(shape: Shape, device: torch.device) -> Bench:
     return bench
 
 
-def build_seed000(shape: Shape, device: torch.device) -> Bench:
-    """A user's cell (examples/custom_cell.py) run by rnnkit.unroll; user cells take the reference loop."""
+def build_seed000(shape: Shape, device: torch.device, backend: str = "reference") -> Bench:
+    """A user's cell (examples/custom_cell.py) run by rnnkit.unroll: the reference loop (what "auto" picks
+    for user cells) or the compiled backend, whose first call traces and compiles."""
     torch.manual_seed(comp.SEED)
     cell = seed000_cell_class()(shape.I, shape.H)
-    return comp.torch_bench(comp.Classifier(Unrolled(cell, "reference"), shape.H), shape, device)
+    if backend == "compiled" and device.type != "cpu":
+        raise Skip("the compiled backend runs on the CPU only")
+    return comp.torch_bench(comp.Classifier(Unrolled(cell, backend), shape.H), shape, device,
+                            compiles=backend == "compiled")
 
 
 class LastOutputWithStates(nn.Module):
@@ -194,6 +199,7 @@ IMPLEMENTATIONS: tuple[Impl, ...] = (
       for b in ("fused", "native", "reference")),
     Impl(RK_GRU, build_rnnkit_gru, True),
     Impl(RK_SEED000, build_seed000, True),
+    Impl(RK_SEED000_COMPILED, functools.partial(build_seed000, backend="compiled"), True),
     Impl(RK_STATES, build_rnnkit_states, True),
     Impl(RK_NO_FLUSH, build_rnnkit_no_flush, True),
 )
@@ -449,15 +455,17 @@ def targets(by_shape: dict[Shape, list[Result]], device: torch.device) -> list[T
         if shape.role == "long":
             out.append(Target(f"{RK_LSTM} vs {NN_LSTM_FLUSH}", shape, _speedup(ms.get(RK_LSTM), ms.get(NN_LSTM_FLUSH)),
                               1.0 if cpu else None))
-            out.append(Target(f"{RK_SEED000} vs {RK_LSTM}", shape, _speedup(ms.get(RK_SEED000), ms.get(RK_LSTM)),
-                              0.8 if cpu else None))
+            for cell_row in (RK_SEED000, RK_SEED000_COMPILED):
+                out.append(Target(f"{cell_row} vs {RK_LSTM}", shape, _speedup(ms.get(cell_row), ms.get(RK_LSTM)),
+                                  0.8 if cpu else None))
             for peer in (JAX, KERAS):  # only when importable in the benchmark's environment
                 if ms.get(peer) is not None:
                     out.append(Target(f"{RK_LSTM} vs {peer}", shape, _speedup(ms.get(RK_LSTM), ms.get(peer)),
                                       1.2 if cpu else None))
         if shape.role == "headline":
-            out.append(Target(f"{RK_SEED000} vs {NN_LSTM}", shape, _speedup(ms.get(RK_SEED000), ms.get(NN_LSTM)),
-                              1.0 if cpu else None))
+            for cell_row in (RK_SEED000, RK_SEED000_COMPILED):
+                out.append(Target(f"{cell_row} vs {NN_LSTM}", shape, _speedup(ms.get(cell_row), ms.get(NN_LSTM)),
+                                  1.0 if cpu else None))
         slowdown = _speedup(ms.get(RK_LSTM), ms.get(RK_STATES))  # time with the states / time without
         out.append(Target("return_states overhead (time with / without)", shape, slowdown, 1.2, at_most=True))
     return out

@@ -73,9 +73,10 @@ def test_targets_table_has_every_target(bench, quick):
     headline, long = (s.name for s in bench.QUICK_SHAPES)
     expected = [
         (f"{bench.RK_LSTM} vs best competitor", headline), (f"{bench.RK_SEED000} vs {bench.NN_LSTM}", headline),
+        (f"{bench.RK_SEED000_COMPILED} vs {bench.NN_LSTM}", headline),
         ("return_states overhead", headline), (f"{bench.RK_LSTM} vs best competitor", long),
         (f"{bench.RK_LSTM} vs {bench.NN_LSTM_FLUSH}", long), (f"{bench.RK_SEED000} vs {bench.RK_LSTM}", long),
-        ("return_states overhead", long),
+        (f"{bench.RK_SEED000_COMPILED} vs {bench.RK_LSTM}", long), ("return_states overhead", long),
     ]
     rows = [line for line in section.splitlines() if line.startswith("| ")][2:]  # past the header and its rule
     assert len(rows) == len(expected)

@@ -149,7 +149,7 @@ def build_model(cfg: RunConfig, input_size: int, num_classes: int) -> nn.Module:
         input_size, num_classes, hidden_size=m.hidden, num_layers=m.layers, cell=_cell_factory(m.cell),
         bidirectional=m.bidirectional, readout=m.readout, k=m.k, input_projection=m.input_projection,
         dropout=m.dropout, forget_bias=m.forget_bias, init=m.init, chrono_t_max=m.chrono_t_max,
-        head_init=m.head_init,
+        head_init=m.head_init, backend=m.backend,
     )
 
 
@@ -246,6 +246,9 @@ def _train_mnist(
     log(f"run directory: {run_dir}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {cfg.model.cell.upper()} {cfg.model.hidden}x{cfg.model.layers}, {n_params:,} parameters on {device}")
+    if "." in cfg.model.cell and cfg.model.backend == "auto" and device.type == "cpu":
+        log("your cell runs in rnnkit's reference loop; --backend compiled compiles it (a few seconds per "
+            "batch shape) and trains it faster")
 
     if device.type == "cuda":  # the whole set fits: skip the host-to-device copy per batch
         data.x_train, data.y_train = data.x_train.to(device), data.y_train.to(device)

@@ -10,6 +10,7 @@ backend      what runs
 reference    a plain Python loop over ``cell.step`` (or ``cell(x_t, state)``): any cell
 native       PyTorch's fused LSTM/GRU/RNN kernels (cuDNN on a GPU), built-in cells only
 fused        rnnkit's own CPU LSTM/GRU/RNN: hoisted GEMMs and a hand-written backward
+compiled     any cell on the CPU, traced once: Inductor-compiled elementwise maths, oneDNN GEMMs
 ===========  ==========================================================================
 
 ``backend="auto"`` picks the fastest one that supports the cell and device; every backend
@@ -39,14 +40,14 @@ from torch import Tensor, nn
 
 from rnnkit import fpmode
 from rnnkit.allocator import allocator_tuned
-from rnnkit.backends import fused, native, reference
+from rnnkit.backends import compiled, fused, native, reference
 from rnnkit.cells import GRUCell, LSTMCell
 from rnnkit.errors import ShapeError
 
 __all__ = ["unroll", "UnrollResult", "BACKENDS", "tree_map", "tree_flatten", "tree_unflatten"]
 
-Backend = Literal["auto", "reference", "native", "fused"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "native", "fused")
+Backend = Literal["auto", "reference", "native", "fused", "compiled"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "native", "fused", "compiled")
 
 
 class UnrollResult(NamedTuple):
@@ -111,8 +112,8 @@ def unroll(
         lengths = None  # every sequence is full: skip masking entirely
     if backend == "auto":
         backend = _pick_backend(cell, x, T, N, return_states, ragged=lengths is not None)
-    elif backend in ("native", "fused"):
-        module = native if backend == "native" else fused
+    elif backend in ("native", "fused", "compiled"):
+        module = {"native": native, "fused": fused, "compiled": compiled}[backend]
         reason = module.unsupported(cell, x)
         if reason:
             raise ShapeError(f"unroll: backend={backend!r} cannot run this cell: {reason}; use 'auto'")
@@ -127,7 +128,7 @@ def unroll(
             x_tm = _gather_time(x_tm, rev_index)
     masks = None if lengths is None else _masks(lengths, T, x.device)
 
-    runner = {"reference": reference.run, "native": native.run, "fused": fused.run}[backend]
+    runner = {"reference": reference.run, "native": native.run, "fused": fused.run, "compiled": compiled.run}[backend]
     leaves, unflatten = tree_flatten(state)
 
     def run(x_in: Tensor, *state_leaves: Tensor) -> tuple[Tensor, ...]:

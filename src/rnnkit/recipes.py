@@ -58,6 +58,7 @@ class ModelConfig:
     init: Literal["torch", "keras", "chrono"] = "keras"  # chrono: keras + Tallec & Ollivier's gate biases
     chrono_t_max: int | None = None  # the longest dependency chrono init aims at (the sequence length)
     head_init: Literal["default", "normal"] = "default"  # normal: N(0, 1) readout, as the TF1 tutorials
+    backend: str = "auto"  # unroll backend; "compiled" compiles a custom cell (see rnnkit.backends.compiled)
 
     def validate(self) -> None:
         for name in ("hidden", "layers", "k"):
@@ -67,6 +68,10 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.input_projection is not None and self.input_projection <= 0:
             raise ConfigError(f"model.input_projection must be positive or unset, got {self.input_projection}")
+        from rnnkit.engine import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.cell not in ("lstm", "gru", "rnn") and "." not in self.cell:
             raise ConfigError(
                 f"model.cell must be lstm, gru, rnn or a dotted path to a cell class (pkg.module.Class), "

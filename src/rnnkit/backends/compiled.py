@@ -1,0 +1,546 @@
+"""The compiled backend: a user's cell traced once, its elementwise maths compiled, its GEMMs on oneDNN.
+
+The reference loop runs a cell's Python every step, and autograd records and replays some 35 small
+operations per step; that, not arithmetic, is where a hand-written cell loses to torch's LSTM. This
+backend traces one step of the cell (forward and backward, through AOTAutograd, the tracer under
+``torch.compile``), then rewrites the two graphs before anything runs:
+
+* the products (``mm``/``addmm``) are cut out and run on oneDNN between the compiled pieces
+  (:mod:`rnnkit.backends.gemm`: torch's BLAS path is 1.8-2x slower on AMD processors);
+* everything between two products is compiled by TorchInductor into fused C++ kernels (a stretch
+  of views and concatenations only runs as it is: a compiled call costs about 10 us);
+* ``tanh`` becomes ``2 sigmoid(2x) - 1`` in float32, as in :mod:`rnnkit.backends.fastcpu`.
+
+Summing the weight gradients of all steps in one large product after the loop (as the fused
+backend does) was measured slower here: the per-step product runs at about the same rate, and
+the concatenation of T factors costs more than the T additions it saves.
+
+The time loop itself is one autograd Function: forward runs the compiled step T times saving what
+backward needs, backward runs the compiled step's gradient T times in reverse. Variable lengths,
+every-step states and reversal work as in the reference loop (the engine owns masking and reversal).
+
+Safety. A trace captures one path through the cell's Python, so a plan is only used when:
+the cell has no buffers, no random operations (dropout), no data-dependent control flow (tracing
+with fake tensors fails on those), and its state is a tensor or a tuple of float tensors; a plan is
+keyed on shapes, dtypes, which inputs need gradients, every submodule's ``training`` flag and the
+cell's plain attributes (ints, floats, strings, bools); and when it is built, one step forward and
+backward on the call's own inputs must agree with the eager cell. Otherwise, or when compiling
+fails (no C++ compiler, say), the call runs the reference loop, with one warning per cell type.
+Second derivatives (``create_graph=True``) recompute the sequence through the reference loop.
+
+Compiling a new shape costs a few seconds (Inductor also caches kernels on disk across processes),
+so the backend is chosen explicitly: ``unroll(cell, x, backend="compiled")``.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rnnkit.backends import gemm, reference
+from rnnkit.backends.fastcpu import _transforming
+
+__all__ = ["available", "unsupported", "run", "clear_cache"]
+
+_aten = torch.ops.aten
+_MAX_PLANS = 64
+_PLANS: OrderedDict[tuple, _Plan | None] = OrderedDict()
+_WARNED: set[type] = set()
+_VIEWS = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default,
+          _aten.slice.Tensor, _aten.select.int, _aten.unsqueeze.default, _aten.squeeze.dim,
+          _aten.expand.default, _aten.alias.default}
+_CHEAP = _VIEWS | {_aten.cat.default, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.unbind.int,
+                   operator.getitem}
+
+
+_AVAILABLE: bool | None = None
+
+
+def available() -> bool:
+    """Whether Inductor can compile here (it needs a C++ compiler); probed once per process."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        try:
+            gm = torch.fx.symbolic_trace(lambda a: torch.sigmoid(a) * a)
+            example = [torch.randn(4, 4)]
+            _AVAILABLE = bool(torch.allclose(torch._inductor.compile(gm, example)(*example),
+                                             torch.sigmoid(example[0]) * example[0]))
+        except Exception:  # noqa: BLE001 - no compiler, no headers, a broken install: all mean "no"
+            _AVAILABLE = False
+    return _AVAILABLE
+
+
+def clear_cache() -> None:
+    """Forget every traced and compiled step (they are rebuilt on the next call)."""
+    _PLANS.clear()
+
+
+def _custom_output(cell: nn.Module) -> bool:
+    """Whether the cell's output is something other than its state's first field."""
+    out = getattr(type(cell), "output", None)
+    if out is None:
+        return False
+    from rnnkit.cells import Cell
+
+    return out is not Cell.output
+
+
+def unsupported(cell: nn.Module, x: Tensor) -> str | None:
+    """Why this backend cannot run ``cell`` on ``x``, or None when it can."""
+    if x.device.type != "cpu":
+        return "it runs on the CPU only"
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"it needs float32 or float64 input, got {x.dtype}"
+    if any(True for _ in cell.buffers()):
+        return "the cell has buffers (state the trace cannot follow)"
+    if _custom_output(cell):
+        return "the cell defines its own output(); the compiled loop reads the state's first field"
+    return None
+
+
+_LINEAR = torch.ops.mkldnn._linear_pointwise if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
+_GEMMS = {_aten.mm.default, _aten.addmm.default}
+if _LINEAR is not None:
+    _GEMMS |= {_LINEAR.default, _LINEAR.binary}
+
+
+def _layout(n: Any) -> str | None:
+    """'c' for a contiguous matrix node, 't' for the transpose of one, None otherwise or unknown."""
+    v = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    if not isinstance(v, Tensor) or v.dim() != 2 or v.dtype != torch.float32 or min(v.shape) < 2:
+        return None
+    if v.is_contiguous():
+        return "c"
+    return "t" if v.t().is_contiguous() else None
+
+
+def _lower_gemms(gm: torch.fx.GraphModule) -> None:
+    """Point each float32 product at oneDNN's inner product (``a @ w.T``), choosing layouts once.
+
+    Shapes and strides are fixed per plan, so the checks that :mod:`rnnkit.backends.gemm` makes on
+    every call are made here once, from the trace's metadata; what does not fit stays ``aten``.
+    """
+    if _LINEAR is None or not gemm.onednn_available():
+        return
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target not in (_aten.mm.default, _aten.addmm.default) or n.kwargs:
+            continue
+        c, a, b = (None, *n.args) if n.target is _aten.mm.default else n.args
+        la, lb = _layout(a), _layout(b)
+        with g.inserting_before(n):
+            if la == "c" and lb in ("c", "t") and (c is None or _layout(c) == "c" or _is_bias(c, n)):
+                w = b.args[0] if b.target is _aten.t.default else g.call_function(_aten.t.default, (b,))
+                if c is None:
+                    new = g.call_function(_LINEAR.default, (a, w, None, "none", [], ""))
+                elif _is_bias(c, n):
+                    new = g.call_function(_LINEAR.default, (a, w, c, "none", [], ""))
+                else:
+                    new = g.call_function(_LINEAR.binary, (a, c, w, None, "add"))
+            elif c is None and la == "t" and lb == "c":
+                # a weight gradient dG^T @ X: oneDNN is fastest at it as (X^T @ dG)^T (measured 77-125
+                # us against 173-215 us at (512 x 128) @ (128 x 156), AMD EPYC Zen 5, 2 cores)
+                bt = g.call_function(_aten.t.default, (b,))
+                product = g.call_function(_LINEAR.default, (bt, a, None, "none", [], ""))
+                new = g.call_function(_aten.t.default, (product,))
+            else:
+                continue
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+    g.eliminate_dead_code()
+    gm.recompile()
+
+
+def _is_bias(c: Any, n: torch.fx.Node) -> bool:
+    """Whether addmm's ``c`` is a bias vector as long as the product's rows."""
+    v = c.meta.get("val") if isinstance(c, torch.fx.Node) else None
+    out = n.meta.get("val")
+    return isinstance(v, Tensor) and isinstance(out, Tensor) and v.dim() == 1 and v.is_contiguous() \
+        and v.shape[0] == out.shape[1] and v.dtype == torch.float32
+
+
+
+
+
+class _Plan:
+    """One cell's compiled step for one set of shapes: forward and backward."""
+
+    def __init__(self, fw: Callable, bw: Callable, n_params: int, n_state: int) -> None:
+        self.fw, self.bw = fw, bw
+        self.n_params, self.n_state = n_params, n_state
+
+
+def _fingerprint(v: Any) -> Any:
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    if isinstance(v, tuple) and all(isinstance(e, (int, float, str, bool, type(None))) for e in v):
+        return v
+    if callable(v) and not isinstance(v, nn.Module):
+        return ("callable", id(v))
+    return _SKIP
+
+
+_SKIP = object()
+
+
+def _attrs(module: nn.Module) -> tuple:
+    """What a trace may have baked in: each submodule's type, training flag, plain and callable attributes."""
+    out = []
+    for name, m in module.named_modules():
+        found = ((k, _fingerprint(v)) for k, v in vars(m).items() if not k.startswith("_"))
+        out.append((name, type(m), m.training, tuple(sorted((k, f) for k, f in found if f is not _SKIP))))
+    return tuple(out)
+
+
+def _key(cell: nn.Module, x: Tensor, leaves: list[Tensor], params: list[Tensor]) -> tuple:
+    return (id(cell), _attrs(cell), tuple(x.shape[1:]), x.dtype, x.requires_grad,
+            tuple((tuple(s.shape), s.dtype) for s in leaves),
+            tuple((id(p), tuple(p.shape), p.dtype, p.requires_grad) for p in params),
+            torch.get_num_threads(), gemm.onednn_available())
+
+
+def _strip_detach(gm: torch.fx.GraphModule) -> None:
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is _aten.detach.default:
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+
+
+def _fast_tanh(gm: torch.fx.GraphModule) -> None:
+    """``tanh(x)`` as ``2 sigmoid(2x) - 1`` in float32: vectorised exp beats Sleef's tanh (see fastcpu)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is _aten.tanh.default and n.meta.get("val") is not None \
+                and n.meta["val"].dtype == torch.float32:
+            with gm.graph.inserting_before(n):
+                two_x = gm.graph.call_function(_aten.mul.Tensor, (n.args[0], 2.0))
+                sig = gm.graph.call_function(_aten.sigmoid.default, (two_x,))
+                twice = gm.graph.call_function(_aten.mul.Tensor, (sig, 2.0))
+                y = gm.graph.call_function(_aten.sub.Tensor, (twice, 1.0))
+            n.replace_all_uses_with(y)
+            gm.graph.erase_node(n)
+    gm.recompile()
+
+
+def _split(gm: torch.fx.GraphModule, example: list[Tensor]) -> Callable:
+    """Compile the stretches between products with Inductor; run the products on oneDNN."""
+    from torch.fx.passes.split_module import split_module
+
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    part: dict[torch.fx.Node, int] = {}
+    gemm_parts: set[int] = set()
+    c, in_gemm = 0, None
+    for n in nodes:
+        is_gemm = n.target in _GEMMS
+        if is_gemm != in_gemm:
+            c, in_gemm = c + 1, is_gemm
+        part[n] = c
+        if is_gemm:
+            gemm_parts.add(c)
+    for n in reversed(nodes):  # views feeding only products move to them (no copy for Inductor to make)
+        users = {part[u] for u in n.users if u in part}
+        if n.target in _VIEWS and len(users) == 1 and len(n.users) == len([u for u in n.users if u in part]):
+            p = users.pop()
+            if p in gemm_parts and p >= part[n]:
+                part[n] = p
+    split = split_module(gm, None, lambda n: part[n], keep_original_order=True)
+    examples: dict[str, list[Tensor]] = {}
+
+    class _Recorder(torch.fx.Interpreter):
+        def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+            examples[target] = list(args)
+            return super().call_module(target, args, kwargs)
+
+    with torch.no_grad():
+        _Recorder(split).run(*example)
+    # One flat graph: eager stretches inlined, compiled ones called as functions (a submodule call
+    # through nn.Module.__call__ costs microseconds each, every step).
+    graph = split.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        sub = getattr(split, node.target)
+        idx = int(node.target.rsplit("_", 1)[1])
+        if idx not in gemm_parts and any(n.op == "call_function" and n.target not in _CHEAP
+                                         for n in sub.graph.nodes):
+            fn = _named(torch._inductor.compile(sub, examples[node.target]))
+            with graph.inserting_before(node):
+                call = graph.call_function(fn, node.args)
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+            continue
+        env = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], node.args))
+        with graph.inserting_before(node):
+            result = graph.graph_copy(sub.graph, env)
+        if isinstance(result, (tuple, list)):
+            for user in list(node.users):  # split_module unpacks tuples with getitem
+                user.replace_all_uses_with(result[user.args[1]])
+                graph.erase_node(user)
+        else:
+            node.replace_all_uses_with(result)
+        graph.erase_node(node)
+    for name, _ in list(split.named_children()):
+        delattr(split, name)
+    graph.lint()
+    split.recompile()
+    return split
+
+
+def _named(fn: Callable) -> Callable:
+    """``fn`` under a name of this module: FX would emit an import for a function from ``torch``."""
+
+    def compiled_stretch(*args: Tensor) -> Any:
+        return fn(*args)
+
+    return compiled_stretch
+
+
+def _trace(cell: nn.Module, names: list[str], params: list[Tensor], x_t: Tensor, leaves: list[Tensor],
+           unflatten: Callable[[list[Tensor]], Any]) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """AOTAutograd's forward and backward graphs of one step, on fake tensors (no code runs twice)."""
+    from functorch.compile import aot_function, min_cut_rematerialization_partition
+
+    from rnnkit.engine import tree_flatten
+
+    n_p = len(params)
+
+    def step(*a: Tensor) -> tuple[Tensor, ...]:
+        new = torch.func.functional_call(cell, dict(zip(names, a[:n_p])), (a[n_p], unflatten(list(a[n_p + 1:]))))
+        return tuple(tree_flatten(new)[0])
+
+    graphs: dict[str, torch.fx.GraphModule] = {}
+
+    def capture(kind: str) -> Callable:
+        def compiler(gm: torch.fx.GraphModule, example: Any) -> torch.fx.GraphModule:
+            graphs[kind] = gm
+            return gm
+        return compiler
+
+    traced = aot_function(step, fw_compiler=capture("fw"), bw_compiler=capture("bw"),
+                          partition_fn=min_cut_rematerialization_partition)
+    args = [p.detach().requires_grad_(p.requires_grad) for p in params]
+    args.append(x_t.detach().clone().requires_grad_(x_t.requires_grad))
+    args += [s.detach().clone().requires_grad_() for s in leaves]  # distinct tensors: no deduplication
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AOTAutograd warns that our "compiler" returns a graph, not code
+        outs = traced(*args)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return graphs["fw"], graphs["bw"]
+
+
+def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _outputs(gm: torch.fx.GraphModule) -> list[Any]:
+    return list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+
+
+def _build(cell: nn.Module, names: list[str], params: list[Tensor], x_t: Tensor, leaves: list[Tensor],
+           unflatten: Callable[[list[Tensor]], Any]) -> _Plan | None:
+    """Trace, rewrite, compile and check one step; None when the cell is not one this backend can take."""
+    n_p, n_s = len(params), len(leaves)
+    fw, bw = _trace(cell, names, params, x_t, leaves, unflatten)
+    seeded = [n for g in (fw, bw) for n in g.graph.nodes
+              if n.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())]
+    if seeded:
+        raise _Unsupported(f"the cell draws random numbers ({seeded[0].target}), which a trace would fix")
+    n_saved = len(_outputs(fw)) - n_s
+    tangents = [n for n in _placeholders(bw) if n.name.startswith("tangents")]
+    if (len(_placeholders(fw)) != n_p + 1 + n_s or len(tangents) != n_s
+            or len(_placeholders(bw)) != n_saved + n_s or len(_outputs(bw)) != n_p + 1 + n_s):
+        raise _Unsupported("its traced step has an unexpected signature (outputs that alias inputs?)")
+    for g in (fw, bw):
+        _strip_detach(g)
+        g.recompile()
+    for g in (fw, bw):
+        _lower_gemms(g)  # before the tanh rewrite: it reads the trace's metadata
+        _fast_tanh(g)
+    fw_in = [p.detach() for p in params] + [x_t.detach(), *(s.detach() for s in leaves)]
+    with torch.no_grad():
+        fw_out = fw(*fw_in)
+    gen = torch.Generator().manual_seed(0)
+    cot = [torch.randn(s.shape, generator=gen, dtype=s.dtype) for s in leaves]
+    bw_in = [*fw_out[n_s:], *cot]
+    plan = _Plan(_split(fw, fw_in), _split(bw, bw_in), n_p, n_s)
+    _check(plan, cell, names, params, x_t, leaves, unflatten, cot)
+    return plan
+
+
+class _Unsupported(Exception):
+    """The cell is one the compiled backend does not take (the reason is the message)."""
+
+
+def _check(plan: _Plan, cell: nn.Module, names: list[str], params: list[Tensor], x_t: Tensor,
+           leaves: list[Tensor], unflatten: Callable[[list[Tensor]], Any], cot: list[Tensor]) -> None:
+    """One step forward and backward of ``plan`` against the eager cell on the call's own inputs."""
+    from rnnkit.engine import tree_flatten
+
+    n_p = len(params)
+    args = [p.detach().requires_grad_(p.requires_grad) for p in params]
+    args.append(x_t.detach().clone().requires_grad_(x_t.requires_grad))
+    args += [s.detach().clone().requires_grad_() for s in leaves]
+    with torch.enable_grad():
+        new = tree_flatten(torch.func.functional_call(
+            cell, dict(zip(names, args[:n_p])), (args[n_p], unflatten(args[n_p + 1:]))))[0]
+        wants = [a for a in args if a.requires_grad]
+        expected = list(new) + list(torch.autograd.grad(new, wants, cot, allow_unused=True))
+    with torch.no_grad():
+        out = plan.fw(*(a.detach() for a in args))
+        grads = plan.bw(*out[plan.n_state:], *cot)
+    got = list(out[:plan.n_state]) + [g for g, a in zip(grads, args) if a.requires_grad]
+    for e, g in zip(expected, got):
+        if (e is None) != (g is None) or (e is not None and not _close(e, g)):
+            raise _Unsupported("its compiled step does not reproduce the eager step")
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    tol = 1e-4 if a.dtype == torch.float32 else 1e-9
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=tol, atol=tol * (1 + float(a.detach().abs().max()))))
+
+
+def _plan(cell: nn.Module, names: list[str], params: list[Tensor], x: Tensor, leaves: list[Tensor],
+          unflatten: Callable[[list[Tensor]], Any], build: bool) -> _Plan | None:
+    """The cached plan for this call, building one if ``build`` (inference only reuses training's plans)."""
+    key = _key(cell, x, leaves, params)
+    if key in _PLANS:
+        _PLANS.move_to_end(key)
+        return _PLANS[key]
+    if not build:
+        return None
+    try:
+        with torch.random.fork_rng(devices=[]):  # tracing must not move the caller's random stream
+            plan = _build(cell, names, params, x[0], leaves, unflatten)
+    except Exception as e:  # noqa: BLE001 - any failure to trace or compile means: run the reference loop
+        plan = None
+        if type(cell) not in _WARNED:
+            _WARNED.add(type(cell))
+            why = str(e) if isinstance(e, _Unsupported) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            warnings.warn(f"rnnkit: the compiled backend cannot run {type(cell).__name__} ({why}); "
+                          "it runs the reference loop instead", stacklevel=4)
+    _PLANS[key] = plan
+    if len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _freeze(m: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where the sequence is still running (mask ``m`` per batch row), else ``old``."""
+    like = new if new.dim() else old
+    return torch.where(m.view(-1, *([1] * (like.dim() - 1))), new, old)
+
+
+class _Loop(torch.autograd.Function):
+    """The whole time loop as one autograd node: compiled steps forward, their gradients backward."""
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, cell: nn.Module, x: Tensor, masks: Tensor | None,  # type: ignore[override]
+                lengths: Tensor | None, unflatten: Callable, return_states: bool, n_state: int,
+                *rest: Tensor) -> tuple[Tensor, ...]:
+        full = x.shape[0] if lengths is None else int(lengths.min())
+        leaves, params = list(rest[:n_state]), rest[n_state:]
+        saved, outs, kept = [], [], []
+        for t in range(x.shape[0]):
+            r = plan.fw(*params, x[t], *leaves)
+            new = [s if s.is_contiguous() else s.contiguous() for s in r[:n_state]]
+            if t >= full:
+                new = [_freeze(masks[t], a, b) for a, b in zip(new, leaves)]
+            leaves = new
+            saved.append(r[n_state:])
+            outs.append(leaves[0])
+            if return_states:
+                kept.append(leaves)
+        ctx.plan, ctx.cell, ctx.steps, ctx.masks, ctx.full = plan, cell, saved, masks, full
+        ctx.lengths, ctx.unflatten = lengths, unflatten
+        ctx.return_states, ctx.n_state = return_states, n_state
+        ctx.save_for_backward(x, *rest)
+        ctx.set_materialize_grads(False)
+        states = [torch.stack(s) for s in zip(*kept)] if return_states else []
+        return (torch.stack(outs), *leaves, *states)
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor | None, *g_rest: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        plan, n_state = ctx.plan, ctx.n_state
+        x, *rest = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the reference loop instead
+            dx, *others = _reference_grads(ctx, x, rest, g_out, g_rest)
+            return (None, None, dx, None, None, None, None, None, *others)
+        carry: list[Tensor | None] = list(g_rest[:n_state])
+        g_states = g_rest[n_state:] if ctx.return_states else [None] * n_state
+        n_p, T = plan.n_params, x.shape[0]
+        grads: list[Tensor | None] = [None] * n_p
+        dxs: list[Tensor | None] = []
+        zero = rest[0].new_zeros(())
+        if g_out is not None:
+            g_out = g_out.contiguous()  # one copy, not one per step (batch-first grads arrive transposed)
+        for t in reversed(range(T)):
+            g = [c for c in carry]
+            if g_out is not None:
+                g[0] = g_out[t] if g[0] is None else g[0] + g_out[t]
+            for k, gs in enumerate(g_states):
+                if gs is not None:
+                    g[k] = gs[t] if g[k] is None else g[k] + gs[t]
+            # Inductor's kernels assume the strides they were compiled for: contiguous
+            g = [torch.zeros_like(s) if a is None else a.contiguous() for a, s in zip(g, rest[:n_state])]
+            direct = None
+            if t >= ctx.full:
+                m = ctx.masks[t]
+                direct = [_freeze(m, zero, a) for a in g]
+                g = [_freeze(m, a, zero) for a in g]
+            r = plan.bw(*ctx.steps[t], *g)
+            for i in range(n_p):
+                if r[i] is not None:
+                    grads[i] = r[i] if grads[i] is None else grads[i] + r[i]
+            dxs.append(r[n_p])
+            carry = list(r[n_p + 1:n_p + 1 + n_state])
+            if direct is not None:
+                carry = [a + b for a, b in zip(carry, direct)]
+        dx = None if dxs[0] is None else torch.stack(dxs[::-1])
+        return (None, None, dx, None, None, None, None, None, *carry, *grads)
+
+
+def _reference_grads(ctx: Any, x: Tensor, rest: list[Tensor], g_out: Tensor | None,
+                     g_rest: tuple[Tensor | None, ...]) -> list[Tensor | None]:
+    """Gradients for x, the state and the parameters by the reference loop, themselves differentiable."""
+    from rnnkit.engine import tree_flatten
+
+    leaves = rest[:ctx.n_state]
+    inputs = [x, *rest]
+    with torch.enable_grad():
+        outs, final, states = reference._run(ctx.cell, x, ctx.unflatten(list(leaves)), ctx.masks, ctx.lengths,
+                                             ctx.return_states)
+        produced = [outs, *tree_flatten(final)[0]] + (tree_flatten(states)[0] if ctx.return_states else [])
+        pairs = [(p, g) for p, g in zip(produced, (g_out, *g_rest)) if g is not None]
+        wants = [a for a in inputs if a.requires_grad]
+        got = iter(torch.autograd.grad([p for p, _ in pairs], wants, [g for _, g in pairs],
+                                       create_graph=True, allow_unused=True))
+    return [next(got) if a.requires_grad else None for a in inputs]
+
+
+def run(
+    cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
+) -> tuple[Tensor, Any, Any]:
+    """Step the compiled cell over x (T, N, I), or the reference loop where no plan can be made."""
+    from rnnkit.engine import tree_flatten
+
+    leaves, unflatten = tree_flatten(state)
+    named = list(cell.named_parameters())
+    names, params = [n for n, _ in named], [p for _, p in named]
+    if (_transforming() or torch.is_autocast_enabled("cpu") or any(not s.is_floating_point() for s in leaves)
+            or any(s.dtype != x.dtype for s in leaves) or any(p.dtype != x.dtype for p in params)):
+        return reference.run(cell, x, state, masks, lengths, return_states)
+    x = x.contiguous()
+    leaves = [s.contiguous() for s in leaves]
+    plan = _plan(cell, names, params, x, leaves, unflatten, build=torch.is_grad_enabled()
+                 and not torch.is_inference_mode_enabled())
+    if plan is None:
+        return reference.run(cell, x, state, masks, lengths, return_states)
+    n = len(leaves)
+    flat = _Loop.apply(plan, cell, x, masks, lengths, unflatten, return_states, n, *leaves, *params)
+    states = unflatten(list(flat[1 + n:])) if return_states else None
+    return flat[0], unflatten(list(flat[1:1 + n])), states

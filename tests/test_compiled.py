@@ -1,0 +1,293 @@
+"""The compiled backend (rnnkit.backends.compiled): a user's cell traced, compiled and checked.
+
+Every case is held to the reference loop: values, final states, every-step states, and the
+gradients of x, the initial state and the parameters. Compiling costs seconds per shape, so the
+cases share a few shapes and cells (plans are cached per cell and shape).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import rnnkit
+from rnnkit import unroll
+from rnnkit.backends import compiled, reference
+from rnnkit.engine import tree_flatten
+from rnnkit.errors import ShapeError
+
+T, N, I, H = 7, 4, 3, 5
+LENGTHS = [7, 3, 5, 7]
+
+needs_compiler = pytest.mark.skipif(
+    not compiled.available(), reason="Inductor cannot compile here (no C++ compiler): the backend falls back"
+)
+
+
+def _example_cell() -> type[nn.Module]:
+    """``Seed000Cell`` from examples/custom_cell.py, the seed's LSTM variant (examples/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "custom_cell.py"
+    spec = importlib.util.spec_from_file_location("custom_cell", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Seed000Cell
+
+
+Seed000Cell = _example_cell()
+
+
+class MinimalCell(nn.Module):
+    """An Elman cell with separate input and recurrent maps (a bias-free product and an addmm)."""
+
+    def __init__(self, input_size: int, hidden_size: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.hidden_size, self.scale = hidden_size, scale
+        self.wx = nn.Linear(input_size, hidden_size)
+        self.wh = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(self.wx(x) + self.scale * self.wh(h))
+
+
+class GRULikeCell(nn.Module):
+    """A GRU written out by hand, with a parameter used elementwise (a learnt per-unit gain)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.zr = nn.Linear(input_size + hidden_size, 2 * hidden_size)
+        self.n = nn.Linear(input_size + hidden_size, hidden_size)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, hidden_size))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        z, r = torch.sigmoid(self.zr(torch.cat([x, h], 1))).chunk(2, 1)
+        n = torch.tanh(self.n(torch.cat([x, r * h], 1))) * self.gain
+        return (1 - z) * n + z * h
+
+
+CELLS = {"seed000": Seed000Cell, "minimal": MinimalCell, "grulike": GRULikeCell}
+
+
+def _leaves(tree) -> list[Tensor]:
+    return [] if tree is None else tree_flatten(tree)[0]
+
+
+def _run(cell: nn.Module, x: Tensor, state, backend: str, **kw):
+    """Values and gradients (x, initial state, parameters) of a fixed random functional of every output."""
+    cell.zero_grad()
+    xg = x.detach().clone().requires_grad_()
+    st = None if state is None else tree_flatten(state)[1]([s.detach().clone().requires_grad_()
+                                                              for s in _leaves(state)])
+    res = unroll(cell, xg, st, backend=backend, **kw)
+    parts = [res.outputs, *_leaves(res.final_state), *_leaves(res.states)]
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((p * torch.randn(p.shape, generator=gen, dtype=p.dtype)).sum() for p in parts)
+    wants = [xg, *_leaves(st), *(p for p in cell.parameters() if p.requires_grad)]
+    grads = torch.autograd.grad(loss, wants, allow_unused=True)
+    return [p.detach() for p in parts], list(grads)
+
+
+def _agree(cell: nn.Module, x: Tensor, state=None, monkeypatch=None, **kw) -> None:
+    """The compiled backend equals the reference loop, and runs its own loop (never the reference)."""
+    want_vals, want_grads = _run(cell, x, state, "reference", **kw)
+    if monkeypatch is not None:
+        def boom(*a, **k):
+            raise AssertionError("the compiled backend fell back to the reference loop")
+        monkeypatch.setattr(reference, "run", boom)
+    got_vals, got_grads = _run(cell, x, state, "compiled", **kw)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if x.dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for g, w in zip(got_vals + got_grads, want_vals + want_grads, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.fixture(scope="module")
+def cells() -> dict[str, nn.Module]:
+    """One instance per cell kind for the whole module: plans are cached per cell, so shapes compile once."""
+    torch.manual_seed(0)
+    return {k: c(I, H) for k, c in CELLS.items()}
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_matches_reference_with_every_step_state(kind, cells, monkeypatch) -> None:
+    cell = cells[kind]
+    x = torch.rand(N, T, I)
+    state = tree_flatten(cell.init_state(N))[1]([torch.randn(N, H) for _ in _leaves(cell.init_state(N))])
+    _agree(cell, x, state, monkeypatch, return_states=True)
+
+
+@needs_compiler
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("kind", ["seed000", "minimal"])
+def test_matches_reference_with_lengths(kind, reverse, cells, monkeypatch) -> None:
+    _agree(cells[kind], torch.rand(N, T, I), None, monkeypatch, lengths=LENGTHS, reverse=reverse,
+           return_states=True)
+
+
+@needs_compiler
+def test_time_major_input_and_final_state_only(cells, monkeypatch) -> None:
+    cell = cells["grulike"]
+    x = torch.rand(T, N, I)
+    want = unroll(cell, x, batch_first=False, backend="reference")
+    monkeypatch.setattr(reference, "run", None)  # any fallback would fail loudly
+    got = unroll(cell, x, batch_first=False, backend="compiled")
+    torch.testing.assert_close(got.outputs, want.outputs)
+    torch.testing.assert_close(got.final_state, want.final_state)
+    assert got.states is None
+
+
+@needs_compiler
+def test_float64_gradcheck_and_second_derivatives() -> None:
+    torch.manual_seed(0)
+    cell = MinimalCell(2, 3).double()
+    x = torch.rand(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, h0):
+        res = unroll(cell, x, h0, lengths=[3, 2], return_states=True, backend="compiled")
+        return res.outputs, res.final_state, res.states
+
+    assert torch.autograd.gradcheck(f, (x, h0))
+    assert torch.autograd.gradgradcheck(f, (x, h0))  # create_graph: differentiated through the reference loop
+    _agree(cell, x.detach(), h0.detach(), lengths=[3, 2], return_states=True)
+
+
+@needs_compiler
+def test_frozen_parameters_get_no_gradient(monkeypatch) -> None:
+    torch.manual_seed(0)
+    cell = MinimalCell(I, H)
+    cell.wh.weight.requires_grad_(False)
+    _agree(cell, torch.rand(N, T, I), None, monkeypatch)
+    res = unroll(cell, torch.rand(N, T, I), backend="compiled")
+    res.outputs.sum().backward()
+    assert cell.wh.weight.grad is None and cell.wx.weight.grad is not None
+
+
+@needs_compiler
+def test_changed_attribute_retraces(monkeypatch) -> None:
+    torch.manual_seed(0)
+    cell = MinimalCell(I, H, scale=1.0)
+    x = torch.rand(N, T, I)
+    first = unroll(cell, x, backend="compiled").outputs
+    cell.scale = -2.0  # a trace bakes the value in: the plan must be rebuilt, not reused
+    _agree(cell, x, None, monkeypatch)
+    assert not torch.allclose(unroll(cell, x, backend="compiled").outputs, first)
+
+
+@needs_compiler
+def test_inference_reuses_training_plans_and_never_compiles(cells, monkeypatch) -> None:
+    cell = cells["seed000"]
+    x = torch.rand(N, T, I)
+    unroll(cell, x, backend="compiled").outputs.sum().backward()  # builds (or reuses) the plan
+    built = []
+    real_build = compiled._build
+    monkeypatch.setattr(compiled, "_build", lambda *a: built.append(1) or real_build(*a))
+    with torch.no_grad():
+        same = unroll(cell, x, backend="compiled").outputs
+        other = unroll(cell, torch.rand(N + 3, T, I), backend="compiled").outputs  # no plan: reference loop
+    assert built == []
+    torch.testing.assert_close(same, unroll(cell, x, backend="reference").outputs)
+    assert other.shape == (N + 3, T, H)
+
+
+@needs_compiler
+def test_denormals_flushed_inside_compiled_kernels(restore_fpmode) -> None:
+    torch.set_flush_denormal(False)
+
+    class Scale(nn.Module):  # h' = h * x * w: with x = h0 = 1e-20, w = 1 the first product is 1e-40
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def init_state(self, batch_size, device=None, dtype=None):
+            return torch.full((batch_size, 1), 1e-20, device=device, dtype=dtype)
+
+        def forward(self, x, h):
+            return h * x * self.w
+
+    x = torch.full((2, 2, 1), 1e-20)
+    out = unroll(Scale(), x, backend="compiled").outputs
+    out.sum().backward()
+    assert out[0, 0, 0] == 0.0, "a denormal survived inside the flushed region"
+    assert not rnnkit.fpmode.denormals_are_flushed(), "the caller's mode was not restored"
+
+
+# ----------------------------------------------------------------------------- fallbacks and errors
+
+
+class DropoutCell(MinimalCell):
+    def __init__(self) -> None:
+        super().__init__(I, H)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, h):
+        return self.drop(super().forward(x, h))
+
+
+class BranchyCell(MinimalCell):
+    def forward(self, x, h):
+        if h.sum() > 0:  # data-dependent Python control flow: a trace would freeze one branch
+            return torch.tanh(self.wx(x))
+        return super().forward(x, h)
+
+
+@pytest.mark.parametrize("cls, why", [(DropoutCell, "random"), (BranchyCell, "")], ids=["dropout", "branchy"])
+def test_untraceable_cells_fall_back_with_one_warning(cls, why) -> None:
+    torch.manual_seed(0)
+    cell = cls() if cls is DropoutCell else cls(I, H)
+    cell.eval() if cls is BranchyCell else cell.train()
+    x = torch.rand(N, T, I, requires_grad=True)
+    compiled._WARNED.discard(cls)
+    with pytest.warns(UserWarning, match="reference loop instead") as record:
+        torch.manual_seed(5)
+        got = unroll(cell, x, backend="compiled").outputs
+    assert why in str(record[0].message)
+    torch.manual_seed(5)
+    want = unroll(cell, x, backend="reference").outputs
+    torch.testing.assert_close(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per cell type, not every call
+        unroll(cell, x, backend="compiled").outputs.sum().backward()
+    assert x.grad is not None
+
+
+def test_cells_it_cannot_take_get_a_clear_error() -> None:
+    class Buffered(MinimalCell):
+        def __init__(self) -> None:
+            super().__init__(I, H)
+            self.register_buffer("count", torch.zeros(()))
+
+    with pytest.raises(ShapeError, match="buffers"):
+        unroll(Buffered(), torch.rand(N, T, I), backend="compiled")
+    with pytest.raises(ShapeError, match="CPU|float"):
+        unroll(MinimalCell(I, H).half(), torch.rand(N, T, I).half(), backend="compiled")
+
+
+def test_layers_and_config_accept_the_backend() -> None:
+    from rnnkit.recipes import ModelConfig
+
+    layer = rnnkit.RNN(I, H, cell=MinimalCell, backend="compiled", batch_first=True)
+    out, _ = layer(torch.rand(N, T, I))
+    assert out.shape == (N, T, H)
+    ModelConfig(backend="compiled").validate()
+    from rnnkit.app import build_model
+    from rnnkit.recipes import recipe_config
+
+    cfg = recipe_config("mnist-rows")
+    cfg.model.backend = "compiled"
+    assert build_model(cfg, 28, 10).rnn.backend == "compiled"
+    with pytest.raises(rnnkit.errors.ConfigError, match="backend"):
+        ModelConfig(backend="fast").validate()
