@@ -291,3 +291,16 @@ def test_layers_and_config_accept_the_backend() -> None:
     assert build_model(cfg, 28, 10).rnn.backend == "compiled"
     with pytest.raises(rnnkit.errors.ConfigError, match="backend"):
         ModelConfig(backend="fast").validate()
+
+
+@needs_compiler
+def test_state_gradient_product_is_narrowed_and_hoisted(cells) -> None:
+    """Seed000Cell maps cat([x, s]): the backward's product for s must skip x's columns (a weight slice
+    made once per sequence), not compute x's gradient and drop it."""
+    cell = cells["seed000"]
+    unroll(cell, torch.rand(N, T, I), backend="compiled").outputs.sum().backward()
+    plans = [p for k, p in compiled._PLANS.items() if k[0] == id(cell) and p is not None]
+    assert plans
+    code = plans[-1].bw.code
+    assert "invariant_0" in code and "aten.slice" not in code
+    assert "clone" in plans[-1].prologue.code

@@ -171,9 +171,15 @@ def _is_bias(c: Any, n: torch.fx.Node) -> bool:
 class _Plan:
     """One cell's compiled step for one set of shapes: forward and backward."""
 
-    def __init__(self, fw: Callable, bw: Callable, n_params: int, n_state: int) -> None:
+    def __init__(self, fw: Callable, bw: Callable, n_params: int, n_state: int,
+                 prologue: Callable, fixed: list[int]) -> None:
         self.fw, self.bw = fw, bw
         self.n_params, self.n_state = n_params, n_state
+        self.prologue, self.fixed = prologue, fixed  # the backward's once-per-sequence part, and its inputs
+
+    def invariants(self, saved: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """What the backward computes from the parameters alone, from one step's saved tensors."""
+        return tuple(self.prologue(*(saved[k] for k in self.fixed)))
 
 
 def _fingerprint(v: Any) -> Any:
@@ -227,21 +233,103 @@ def _fast_tanh(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _invariant(gm: torch.fx.GraphModule, fixed: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The nodes computed from ``fixed`` placeholders (and constants) only: the same at every step."""
+    out: set[torch.fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if n in fixed:
+                out.add(n)
+        elif n.op in ("call_function", "get_attr") and all(a in out for a in n.all_input_nodes) \
+                and torch.Tag.nondeterministic_seeded not in getattr(n.target, "tags", ()):
+            out.add(n)
+    return out
+
+
+def _narrow_sliced_products(gm: torch.fx.GraphModule, inv: set[torch.fx.Node]) -> None:
+    """``linear(a, w)[:, s:e]`` with a step-invariant ``w`` as ``linear(a, w[s:e])``: a smaller product.
+
+    A cell that maps ``cat([x, state])`` gets the state's gradient this way: the backward would
+    compute the gradient of x too, then drop it. The contiguous copy of ``w[s:e]`` is invariant, so
+    it is made once per sequence (see :func:`_hoist_invariants`).
+    """
+    g = gm.graph
+    for n in list(g.nodes):
+        if not (n.op == "call_function" and n.target is _aten.slice.Tensor and len(n.args) >= 4
+                and n.args[1] == 1 and (len(n.args) < 5 or n.args[4] == 1)):
+            continue
+        lin = n.args[0]
+        if not (isinstance(lin, torch.fx.Node) and lin.target is getattr(_LINEAR, "default", None)
+                and len(lin.users) == 1 and lin.args[2] is None and lin.args[1] in inv):
+            continue
+        with g.inserting_before(n):
+            rows = g.call_function(_aten.slice.Tensor, (lin.args[1], 0, n.args[2], n.args[3]))
+            w = g.call_function(_aten.clone.default, (rows,), {"memory_format": torch.contiguous_format})
+            new = g.call_function(_LINEAR.default, (lin.args[0], w, None, *lin.args[3:]))
+        inv.update((rows, w))
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        g.erase_node(lin)
+    gm.recompile()
+
+
+def _hoist_invariants(gm: torch.fx.GraphModule, inv: set[torch.fx.Node]) -> tuple[torch.fx.GraphModule, list[int]]:
+    """Move the step-invariant computations of ``gm`` into a prologue run once per sequence.
+
+    Returns the prologue (inputs: the invariant placeholders, in order; outputs: what the step needs)
+    and the indices of those placeholders; ``gm`` then takes the prologue's outputs as extra inputs.
+    """
+    g = gm.graph
+    places = _placeholders(gm)
+    frontier = [n for n in g.nodes if n in inv and n.op != "placeholder"
+                and any(u not in inv for u in n.users)]
+    pro = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    used = [i for i, p in enumerate(places) if p in inv]
+    for i in used:
+        env[places[i]] = pro.placeholder(places[i].name)
+    for n in g.nodes:
+        if n in inv and n.op != "placeholder":
+            env[n] = pro.node_copy(n, lambda a: env[a])
+    pro.output(tuple(env[n] for n in frontier))
+    with g.inserting_after(places[-1]):
+        for k, n in enumerate(reversed(frontier)):
+            ph = g.placeholder(f"invariant_{len(frontier) - 1 - k}")
+            ph.meta = dict(n.meta)
+            n.replace_all_uses_with(ph)
+    g.eliminate_dead_code()
+    gm.recompile()
+    return torch.fx.GraphModule(gm, pro), used
+
+
+def _cancel_transposes(gm: torch.fx.GraphModule) -> None:
+    """``t(t(a))`` is ``a`` (the rewrites above leave such pairs; each costs a dispatch per step)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is _aten.t.default:
+            inner = n.args[0]
+            if isinstance(inner, torch.fx.Node) and inner.target is _aten.t.default:
+                n.replace_all_uses_with(inner.args[0])
+                gm.graph.erase_node(n)
+                if not inner.users:
+                    gm.graph.erase_node(inner)
+    gm.recompile()
+
+
 def _split(gm: torch.fx.GraphModule, example: list[Tensor]) -> Callable:
     """Compile the stretches between products with Inductor; run the products on oneDNN."""
     from torch.fx.passes.split_module import split_module
 
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    # Stages: even ones compiled, odd ones products. Each node goes to the earliest stage its inputs
+    # allow, so work that does not wait for a product (a bias gradient, say) joins the stretch before
+    # it instead of opening another compiled call after it.
     part: dict[torch.fx.Node, int] = {}
-    gemm_parts: set[int] = set()
-    c, in_gemm = 0, None
     for n in nodes:
         is_gemm = n.target in _GEMMS
-        if is_gemm != in_gemm:
-            c, in_gemm = c + 1, is_gemm
-        part[n] = c
-        if is_gemm:
-            gemm_parts.add(c)
+        stage = max((part[i] + (1 if i.target in _GEMMS and not is_gemm else 0)
+                     for i in n.all_input_nodes if i in part), default=0)
+        part[n] = stage + 1 if (stage % 2 == 1) != is_gemm else stage
+    gemm_parts = {part[n] for n in nodes if n.target in _GEMMS}
     for n in reversed(nodes):  # views feeding only products move to them (no copy for Inductor to make)
         users = {part[u] for u in n.users if u in part}
         if n.target in _VIEWS and len(users) == 1 and len(n.users) == len([u for u in n.users if u in part]):
@@ -361,13 +449,23 @@ def _build(cell: nn.Module, names: list[str], params: list[Tensor], x_t: Tensor,
     for g in (fw, bw):
         _lower_gemms(g)  # before the tanh rewrite: it reads the trace's metadata
         _fast_tanh(g)
+    # what the forward saves from the parameters alone (their transposes, say) is the same every step
+    fw_places, fw_outs = _placeholders(fw), _outputs(fw)
+    fw_inv = _invariant(fw, set(fw_places[:n_p]))
+    bw_places = _placeholders(bw)
+    bw_inv = _invariant(bw, {bw_places[k] for k in range(n_saved) if fw_outs[n_s + k] in fw_inv})
+    _narrow_sliced_products(bw, bw_inv)
+    _cancel_transposes(fw)
+    _cancel_transposes(bw)
+    prologue, fixed = _hoist_invariants(bw, bw_inv)
     fw_in = [p.detach() for p in params] + [x_t.detach(), *(s.detach() for s in leaves)]
     with torch.no_grad():
         fw_out = fw(*fw_in)
+        invariants = prologue(*(fw_out[n_s + k] for k in fixed))
     gen = torch.Generator().manual_seed(0)
     cot = [torch.randn(s.shape, generator=gen, dtype=s.dtype) for s in leaves]
-    bw_in = [*fw_out[n_s:], *cot]
-    plan = _Plan(_split(fw, fw_in), _split(bw, bw_in), n_p, n_s)
+    bw_in = [*fw_out[n_s:], *cot, *invariants]
+    plan = _Plan(_split(fw, fw_in), _split(bw, bw_in), n_p, n_s, prologue, fixed)
     _check(plan, cell, names, params, x_t, leaves, unflatten, cot)
     return plan
 
@@ -392,7 +490,8 @@ def _check(plan: _Plan, cell: nn.Module, names: list[str], params: list[Tensor],
         expected = list(new) + list(torch.autograd.grad(new, wants, cot, allow_unused=True))
     with torch.no_grad():
         out = plan.fw(*(a.detach() for a in args))
-        grads = plan.bw(*out[plan.n_state:], *cot)
+        saved = out[plan.n_state:]
+        grads = plan.bw(*saved, *cot, *plan.invariants(saved))
     got = list(out[:plan.n_state]) + [g for g, a in zip(grads, args) if a.requires_grad]
     for e, g in zip(expected, got):
         if (e is None) != (g is None) or (e is not None and not _close(e, g)):
@@ -476,6 +575,7 @@ class _Loop(torch.autograd.Function):
         grads: list[Tensor | None] = [None] * n_p
         dxs: list[Tensor | None] = []
         zero = rest[0].new_zeros(())
+        invariants = plan.invariants(ctx.steps[0])
         if g_out is not None:
             g_out = g_out.contiguous()  # one copy, not one per step (batch-first grads arrive transposed)
         for t in reversed(range(T)):
@@ -492,10 +592,10 @@ class _Loop(torch.autograd.Function):
                 m = ctx.masks[t]
                 direct = [_freeze(m, zero, a) for a in g]
                 g = [_freeze(m, a, zero) for a in g]
-            r = plan.bw(*ctx.steps[t], *g)
+            r = plan.bw(*ctx.steps[t], *g, *invariants)
             for i in range(n_p):
-                if r[i] is not None:
-                    grads[i] = r[i] if grads[i] is None else grads[i] + r[i]
+                if r[i] is not None:  # a copy first (a step's output may alias another), then in place
+                    grads[i] = r[i].clone() if grads[i] is None else grads[i].add_(r[i])
             dxs.append(r[n_p])
             carry = list(r[n_p + 1:n_p + 1 + n_state])
             if direct is not None:
