@@ -7,6 +7,7 @@ cases share a few shapes and cells (plans are cached per cell and shape).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import warnings
 from pathlib import Path
@@ -101,11 +102,13 @@ def _run(cell: nn.Module, x: Tensor, state, backend: str, **kw):
 def _agree(cell: nn.Module, x: Tensor, state=None, monkeypatch=None, **kw) -> None:
     """The compiled backend equals the reference loop, and runs its own loop (never the reference)."""
     want_vals, want_grads = _run(cell, x, state, "reference", **kw)
-    if monkeypatch is not None:
-        def boom(*a, **k):
-            raise AssertionError("the compiled backend fell back to the reference loop")
-        monkeypatch.setattr(reference, "run", boom)
-    got_vals, got_grads = _run(cell, x, state, "compiled", **kw)
+    def boom(*a, **k):
+        raise AssertionError("the compiled backend fell back to the reference loop")
+
+    with contextlib.nullcontext() if monkeypatch is None else monkeypatch.context() as patch:
+        if patch is not None:
+            patch.setattr(reference, "run", boom)
+        got_vals, got_grads = _run(cell, x, state, "compiled", **kw)
     tol = {"rtol": 1e-5, "atol": 1e-6} if x.dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     for g, w in zip(got_vals + got_grads, want_vals + want_grads, strict=True):
         assert (g is None) == (w is None)
@@ -264,16 +267,196 @@ def test_untraceable_cells_fall_back_with_one_warning(cls, why) -> None:
     assert x.grad is not None
 
 
-def test_cells_it_cannot_take_get_a_clear_error() -> None:
-    class Buffered(MinimalCell):
+def test_half_precision_gets_a_clear_error() -> None:
+    with pytest.raises(ShapeError, match="float32 or float64"):
+        unroll(MinimalCell(I, H).half(), torch.rand(N, T, I).half(), backend="compiled")
+
+
+class TiedCell(nn.Module):
+    """One submodule under two names (``self.b = self.a``): tracing must not untie or replace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(I, H)
+        self.a = nn.Linear(H, H)
+        self.b = self.a
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        return torch.zeros(batch_size, H, device=device, dtype=dtype)
+
+    def forward(self, x, h):
+        return torch.tanh(self.inp(x) + self.a(h) + 0.5 * self.b(h))
+
+
+@needs_compiler
+def test_tied_submodule_keeps_its_parameters(monkeypatch) -> None:
+    torch.manual_seed(0)
+    cell = TiedCell()
+    weight = cell.a.weight
+    _agree(cell, torch.rand(N, T, I), None, monkeypatch)
+    assert cell.a.weight is weight and cell.b.weight is weight and isinstance(weight, nn.Parameter)
+    unroll(cell, torch.rand(N, T, I), backend="compiled").outputs.sum().backward()
+    assert weight.grad is not None
+
+
+class ConfiguredCell(MinimalCell):
+    """Reads a list, a dict and a callable attribute: all baked into a trace, so all part of its key."""
+
+    def __init__(self) -> None:
+        super().__init__(I, H)
+        self.gains = [1.0, 1.0]
+        self.opts = {"act": "tanh"}
+        self.squash = torch.tanh
+
+    def forward(self, x, h):
+        z = (self.wx(x) + self.wh(h)) * self.gains[0]
+        act = torch.tanh if self.opts["act"] == "tanh" else torch.sigmoid
+        return self.squash(act(z) * self.gains[1])
+
+
+@needs_compiler
+def test_plans_follow_changes_to_container_and_callable_attributes(monkeypatch) -> None:
+    import functools
+
+    torch.manual_seed(0)
+    cell = ConfiguredCell()
+    x = torch.rand(N, T, I)
+    _agree(cell, x, None, monkeypatch)
+    cell.gains[1] = 3.0  # in place: the list is the same object
+    _agree(cell, x, None, monkeypatch)
+    cell.opts["act"] = "sigmoid"
+    _agree(cell, x, None, monkeypatch)
+    del cell.squash  # a new partial may reuse the old one's id: the key must not confuse them
+    cell.squash = functools.partial(torch.nn.functional.leaky_relu, negative_slope=0.3)
+    _agree(cell, x, None, monkeypatch)
+
+
+class CountingCell(MinimalCell):
+    """Changes its own attribute every step (a warm-up schedule): a trace cannot repeat that."""
+
+    def __init__(self) -> None:
+        super().__init__(I, H)
+        self.steps_seen = 0
+
+    def forward(self, x, h):
+        gain = 1.0 if self.steps_seen < 4 else 0.5
+        self.steps_seen += 1
+        return super().forward(x * gain, h)
+
+
+def test_self_changing_cell_is_refused_once_and_left_as_it_was(monkeypatch) -> None:
+    torch.manual_seed(0)
+    cell, twin = CountingCell(), CountingCell()
+    twin.load_state_dict(cell.state_dict())
+    x = torch.rand(N, T, I)
+    compiled._WARNED.discard(CountingCell)
+    with pytest.warns(UserWarning, match="steps_seen"):
+        got = unroll(cell, x, backend="compiled").outputs
+    assert cell.steps_seen == T, "the trace's call must be undone"
+    torch.testing.assert_close(got, unroll(twin, x, backend="reference").outputs)
+    built = []
+    monkeypatch.setattr(compiled, "_build", lambda *a: built.append(1))
+    unroll(cell, x, backend="compiled")
+    assert built == [] and cell.steps_seen == 2 * T
+
+
+@needs_compiler
+def test_module_hooks_send_the_call_to_the_reference_loop(cells) -> None:
+    cell = cells["minimal"]
+    x = torch.rand(N, T, I)
+    unroll(cell, x, backend="compiled")  # a plan exists from before the hook
+    calls = []
+    handle = cell.wh.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
+    try:
+        compiled._WARNED.discard(MinimalCell)
+        with pytest.warns(UserWarning, match="hooks"):
+            got = unroll(cell, x, backend="compiled").outputs
+        assert len(calls) == T
+        torch.testing.assert_close(got, unroll(cell, x, backend="reference").outputs)
+    finally:
+        handle.remove()
+
+
+class ReadoutCell(rnnkit.cells.Cell):
+    """Its own ``output()``, a constant buffer, and a state field the next step never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(I + H, H)
+        self.register_buffer("offset", torch.linspace(-0.5, 0.5, H))
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        z = torch.zeros(batch_size, H, device=device, dtype=dtype)
+        return (z, z)
+
+    def forward(self, x, state):
+        m = torch.tanh(self.lin(torch.cat([x, state[1]], 1)) + self.offset)
+        return (2 * m, m)  # state[0] is a readout only
+
+    def output(self, state):
+        return state[0] * state[1]
+
+
+@needs_compiler
+def test_own_output_buffer_and_unread_state_field(monkeypatch) -> None:
+    torch.manual_seed(0)
+    cell = ReadoutCell()
+    _agree(cell, torch.rand(N, T, I), None, monkeypatch, lengths=LENGTHS, return_states=True)
+
+
+class TwoProducts(MinimalCell):
+    """A product of x alone, then one of cat([x, h]): the stages do not follow the graph's order."""
+
+    def __init__(self) -> None:
+        super().__init__(I, H)
+        self.lin = nn.Linear(I + H, H)
+
+    def forward(self, x, h):
+        m = torch.tanh(self.wx(x))
+        return torch.tanh(self.lin(torch.cat([x, h], 1))) + 0.1 * m
+
+
+@needs_compiler
+def test_products_out_of_graph_order_compile(monkeypatch) -> None:
+    torch.manual_seed(0)
+    _agree(TwoProducts(), torch.rand(N, T, I), None, monkeypatch)
+
+
+@needs_compiler
+def test_saved_steps_go_through_autograd(cells) -> None:
+    """Every step's saved tensors pass saved-tensor hooks (so checkpointing and offloading see them)
+    and are freed by the backward."""
+    import torch.utils.checkpoint as cp
+
+    cell = cells["seed000"]
+    x = torch.rand(N, T, I)
+    unroll(cell, x, backend="compiled")
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.numel()) or t, lambda t: t):
+        out = unroll(cell, x, backend="compiled").outputs
+    assert sum(packed) >= T * N * 4 * H  # at least the gates of every step
+    out.sum().backward()
+    with pytest.raises(RuntimeError, match="second time|freed"):
+        out.sum().backward()
+    fresh = Seed000Cell(I, H)  # the first call, which builds the plan, inside checkpointing
+    got = cp.checkpoint(lambda v: unroll(fresh, v, backend="compiled").outputs, x.requires_grad_(),
+                        use_reentrant=False)
+    got.sum().backward()
+    assert x.grad is not None
+
+
+def test_plain_tensor_attribute_warning_names_the_fix_and_the_caller() -> None:
+    class Offset(MinimalCell):
         def __init__(self) -> None:
             super().__init__(I, H)
-            self.register_buffer("count", torch.zeros(()))
+            self.offset = torch.zeros(H)
 
-    with pytest.raises(ShapeError, match="buffers"):
-        unroll(Buffered(), torch.rand(N, T, I), backend="compiled")
-    with pytest.raises(ShapeError, match="CPU|float"):
-        unroll(MinimalCell(I, H).half(), torch.rand(N, T, I).half(), backend="compiled")
+        def forward(self, x, h):
+            return super().forward(x, h) + self.offset
+
+    with pytest.warns(UserWarning, match="register_buffer") as record:
+        unroll(Offset(), torch.rand(N, T, I), backend="compiled")
+    assert record[0].filename == __file__
 
 
 def test_layers_and_config_accept_the_backend() -> None:

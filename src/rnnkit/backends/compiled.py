@@ -20,13 +20,22 @@ backward needs, backward runs the compiled step's gradient T times in reverse. V
 every-step states and reversal work as in the reference loop (the engine owns masking and reversal).
 
 Safety. A trace captures one path through the cell's Python, so a plan is only used when:
-the cell has no buffers, no random operations (dropout), no data-dependent control flow (tracing
-with fake tensors fails on those), and its state is a tensor or a tuple of float tensors; a plan is
-keyed on shapes, dtypes, which inputs need gradients, every submodule's ``training`` flag and the
-cell's plain attributes (ints, floats, strings, bools); and when it is built, one step forward and
-backward on the call's own inputs must agree with the eager cell. Otherwise, or when compiling
-fails (no C++ compiler, say), the call runs the reference loop, with one warning per cell type.
-Second derivatives (``create_graph=True``) recompute the sequence through the reference loop.
+* the cell has no module hooks, no plain tensor attributes (buffers are fine: they become inputs),
+  no random operations (dropout), no data-dependent control flow (tracing with fake tensors fails
+  on those), does not change its own attributes in forward, and its state is a tensor or a tuple
+  of float tensors;
+* the plan's key matches: shapes, dtypes, which inputs need gradients, how weights are tied, every
+  submodule's ``training`` flag and its other attributes (numbers and strings by value; lists,
+  dicts and config objects by content; functions and anything else by identity, kept alive);
+* when it was built, one step forward and backward on the call's own inputs agreed with the eager
+  cell.
+Otherwise, or when compiling fails (no C++ compiler, say), the call runs the reference loop, with
+one warning per cell type. Tracing swaps the cell's tensors slot by slot and puts them back, leaves
+the caller's random stream where it was, and undoes attribute rebindings of the traced call.
+Each step's saved tensors go through ``save_for_backward``, so saved-tensor hooks (activation
+checkpointing, offloading) see them and the backward frees them. Second derivatives
+(``create_graph=True``) recompute the sequence through the reference loop. In-place edits of a
+list or dict attribute inside forward cannot be undone or detected; such cells are not for tracing.
 
 Compiling a new shape costs a few seconds (Inductor also caches kernels on disk across processes),
 so the backend is chosen explicitly: ``unroll(cell, x, backend="compiled")``.
@@ -34,7 +43,12 @@ so the backend is chosen explicitly: ``unroll(cell, x, backend="compiled")``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import operator
+import os
+import sys
+import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -52,6 +66,7 @@ _aten = torch.ops.aten
 _MAX_PLANS = 64
 _PLANS: OrderedDict[tuple, _Plan | None] = OrderedDict()
 _WARNED: set[type] = set()
+_REFUSED: dict[type, str] = {}  # cell types whose forward changes their own attributes: never traced
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default,
           _aten.slice.Tensor, _aten.select.int, _aten.unsqueeze.default, _aten.squeeze.dim,
           _aten.expand.default, _aten.alias.default}
@@ -97,10 +112,6 @@ def unsupported(cell: nn.Module, x: Tensor) -> str | None:
         return "it runs on the CPU only"
     if x.dtype not in (torch.float32, torch.float64):
         return f"it needs float32 or float64 input, got {x.dtype}"
-    if any(True for _ in cell.buffers()):
-        return "the cell has buffers (state the trace cannot follow)"
-    if _custom_output(cell):
-        return "the cell defines its own output(); the compiled loop reads the state's first field"
     return None
 
 
@@ -171,10 +182,11 @@ def _is_bias(c: Any, n: torch.fx.Node) -> bool:
 class _Plan:
     """One cell's compiled step for one set of shapes: forward and backward."""
 
-    def __init__(self, fw: Callable, bw: Callable, n_params: int, n_state: int,
+    def __init__(self, fw: Callable, bw: Callable, n_inputs: int, n_state: int, own_output: bool,
                  prologue: Callable, fixed: list[int]) -> None:
         self.fw, self.bw = fw, bw
-        self.n_params, self.n_state = n_params, n_state
+        self.n_inputs, self.n_state, self.own_output = n_inputs, n_state, own_output
+        self.n_out = n_state + own_output  # what a step returns: the new state, then cell.output() if any
         self.prologue, self.fixed = prologue, fixed  # the backward's once-per-sequence part, and its inputs
 
     def invariants(self, saved: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -182,32 +194,113 @@ class _Plan:
         return tuple(self.prologue(*(saved[k] for k in self.fixed)))
 
 
-def _fingerprint(v: Any) -> Any:
-    if isinstance(v, (int, float, str, bool, type(None))):
+class _Same:
+    """A key part that compares by identity and keeps its object alive (so its id cannot be reused)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
+_PLAIN = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
+
+
+def _fingerprint(v: Any, depth: int = 0) -> Any:
+    """A hashable summary of ``v`` that changes when ``v`` would change what a trace bakes in."""
+    if isinstance(v, _PLAIN):
         return v
-    if isinstance(v, tuple) and all(isinstance(e, (int, float, str, bool, type(None))) for e in v):
-        return v
-    if callable(v) and not isinstance(v, nn.Module):
-        return ("callable", id(v))
-    return _SKIP
+    if isinstance(v, (Tensor, nn.Module)):
+        return type(v)  # parameters, buffers and submodules are walked separately; see _untraceable
+    if depth < 4:
+        if isinstance(v, (list, tuple, set, frozenset)):
+            items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v
+            return (type(v), tuple(_fingerprint(e, depth + 1) for e in items))
+        if isinstance(v, dict):
+            return (dict, tuple((_fingerprint(k, depth + 1), _fingerprint(e, depth + 1)) for k, e in v.items()))
+        if isinstance(v, functools.partial):
+            return (functools.partial, _Same(v.func), _fingerprint(v.args, depth + 1),
+                    _fingerprint(v.keywords, depth + 1))
+        if hasattr(v, "__dict__") and not isinstance(v, (type, types.FunctionType, types.MethodType,
+                                                         types.BuiltinFunctionType, types.ModuleType)):
+            return (_Same(type(v)), _fingerprint(vars(v), depth + 1))  # a config object, say
+    return _Same(v)  # functions, classes, modules, anything else: by identity
 
 
-_SKIP = object()
+def _attrs(cell: nn.Module) -> tuple:
+    """What a trace may have baked in: each submodule's type, training flag and other attributes."""
+    return tuple((name, type(m), m.training,
+                  tuple((k, _fingerprint(v)) for k, v in vars(m).items() if not k.startswith("_")))
+                 for name, m in cell.named_modules())
 
 
-def _attrs(module: nn.Module) -> tuple:
-    """What a trace may have baked in: each submodule's type, training flag, plain and callable attributes."""
-    out = []
-    for name, m in module.named_modules():
-        found = ((k, _fingerprint(v)) for k, v in vars(m).items() if not k.startswith("_"))
-        out.append((name, type(m), m.training, tuple(sorted((k, f) for k, f in found if f is not _SKIP))))
-    return tuple(out)
+def _untraceable(cell: nn.Module) -> str | None:
+    """Why a trace of ``cell`` would not stand for it, by inspection, or None."""
+    from torch.nn.modules import module as torch_module
+
+    if any(getattr(torch_module, g, None) for g in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks")):
+        return "global module hooks are registered (a trace runs them once, not every step)"
+    for name, m in cell.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return f"module {name or type(m).__name__!r} has hooks (a trace runs them once, not every step)"
+        for k, v in vars(m).items():
+            if isinstance(v, Tensor) and not k.startswith("_"):
+                return (f"{type(m).__name__}.{k} is a plain tensor attribute; register it with "
+                        f"register_buffer('{k}', ...) so it becomes an input of the trace")
+    return None
 
 
-def _key(cell: nn.Module, x: Tensor, leaves: list[Tensor], params: list[Tensor]) -> tuple:
-    return (id(cell), _attrs(cell), tuple(x.shape[1:]), x.dtype, x.requires_grad,
+class _Slots:
+    """Where a cell keeps its tensors: every (module, dict, name) slot, and the distinct tensors in them.
+
+    A module shared under two names is one slot; a Parameter shared by two modules is two slots
+    holding one tensor. Swapping per slot (not per dotted name) leaves tied weights tied.
+    """
+
+    def __init__(self, cell: nn.Module) -> None:
+        self.slots: list[tuple[dict, str]] = []
+        self.index: list[int] = []  # slot -> distinct tensor
+        self.tensors: list[Tensor] = []
+        self.n_params = 0
+        seen: dict[int, int] = {}
+        for kind in ("_parameters", "_buffers"):
+            for m in cell.modules():
+                for name, t in getattr(m, kind).items():
+                    if t is None:
+                        continue
+                    if id(t) not in seen:
+                        seen[id(t)] = len(self.tensors)
+                        self.tensors.append(t)
+                    self.slots.append((getattr(m, kind), name))
+                    self.index.append(seen[id(t)])
+            if kind == "_parameters":
+                self.n_params = len(self.tensors)
+
+    @contextlib.contextmanager
+    def holding(self, values: list[Tensor] | tuple[Tensor, ...]) -> Any:
+        """The cell with ``values`` (one per distinct tensor) in its slots; the originals put back after."""
+        saved = [(d, name, d[name]) for d, name in self.slots]
+        try:
+            for (d, name), i in zip(self.slots, self.index):
+                d[name] = values[i]
+            yield
+        finally:
+            for d, name, original in saved:
+                d[name] = original
+
+
+def _key(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor]) -> tuple:
+    return (id(cell), _attrs(cell), tuple(slots.index), tuple(x.shape[1:]), x.dtype, x.requires_grad,
             tuple((tuple(s.shape), s.dtype) for s in leaves),
-            tuple((id(p), tuple(p.shape), p.dtype, p.requires_grad) for p in params),
+            tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in slots.tensors),
             torch.get_num_threads(), gemm.onednn_available())
 
 
@@ -336,6 +429,13 @@ def _split(gm: torch.fx.GraphModule, example: list[Tensor]) -> Callable:
             p = users.pop()
             if p in gemm_parts and p >= part[n]:
                 part[n] = p
+    # split_module keeps the graph's order: make it the stages' (stable, so still topological)
+    order = {n: i for i, n in enumerate(nodes)}
+    anchor = _placeholders(gm)[-1]
+    for n in sorted(nodes, key=lambda n: (part[n], order[n])):
+        anchor.append(n)
+        anchor = n
+    gm.recompile()
     split = split_module(gm, None, lambda n: part[n], keep_original_order=True)
     examples: dict[str, list[Tensor]] = {}
 
@@ -388,18 +488,25 @@ def _named(fn: Callable) -> Callable:
     return compiled_stretch
 
 
-def _trace(cell: nn.Module, names: list[str], params: list[Tensor], x_t: Tensor, leaves: list[Tensor],
-           unflatten: Callable[[list[Tensor]], Any]) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """AOTAutograd's forward and backward graphs of one step, on fake tensors (no code runs twice)."""
-    from functorch.compile import aot_function, min_cut_rematerialization_partition
-
+def _step_fn(cell: nn.Module, slots: _Slots, unflatten: Callable[[list[Tensor]], Any], own_output: bool
+             ) -> Callable[..., tuple[Tensor, ...]]:
+    """One step as a function of (the cell's tensors, x_t, the state's leaves): new leaves (+ output)."""
     from rnnkit.engine import tree_flatten
 
-    n_p = len(params)
+    n = len(slots.tensors)
 
     def step(*a: Tensor) -> tuple[Tensor, ...]:
-        new = torch.func.functional_call(cell, dict(zip(names, a[:n_p])), (a[n_p], unflatten(list(a[n_p + 1:]))))
-        return tuple(tree_flatten(new)[0])
+        with slots.holding(a[:n]):
+            new = cell(a[n], unflatten(list(a[n + 1:])))
+            out = (cell.output(new),) if own_output else ()
+        return (*tree_flatten(new)[0], *out)
+
+    return step
+
+
+def _trace(step: Callable, args: list[Tensor]) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """AOTAutograd's forward and backward graphs of one step, traced on fake tensors."""
+    from functorch.compile import aot_function, min_cut_rematerialization_partition
 
     graphs: dict[str, torch.fx.GraphModule] = {}
 
@@ -411,9 +518,6 @@ def _trace(cell: nn.Module, names: list[str], params: list[Tensor], x_t: Tensor,
 
     traced = aot_function(step, fw_compiler=capture("fw"), bw_compiler=capture("bw"),
                           partition_fn=min_cut_rematerialization_partition)
-    args = [p.detach().requires_grad_(p.requires_grad) for p in params]
-    args.append(x_t.detach().clone().requires_grad_(x_t.requires_grad))
-    args += [s.detach().clone().requires_grad_() for s in leaves]  # distinct tensors: no deduplication
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # AOTAutograd warns that our "compiler" returns a graph, not code
         outs = traced(*args)
@@ -429,20 +533,47 @@ def _outputs(gm: torch.fx.GraphModule) -> list[Any]:
     return list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
 
 
-def _build(cell: nn.Module, names: list[str], params: list[Tensor], x_t: Tensor, leaves: list[Tensor],
-           unflatten: Callable[[list[Tensor]], Any]) -> _Plan | None:
-    """Trace, rewrite, compile and check one step; None when the cell is not one this backend can take."""
-    n_p, n_s = len(params), len(leaves)
-    fw, bw = _trace(cell, names, params, x_t, leaves, unflatten)
+def _fresh_args(slots: _Slots, x_t: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    """Detached copies of one step's inputs, needing gradients where the call's do (the state always)."""
+    args = [t.detach().requires_grad_(t.requires_grad) for t in slots.tensors]
+    args.append(x_t.detach().clone().requires_grad_(x_t.requires_grad))
+    args += [s.detach().clone().requires_grad_() for s in leaves]  # distinct tensors: no deduplication
+    return args
+
+
+def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
+           unflatten: Callable[[list[Tensor]], Any]) -> _Plan:
+    """Trace, rewrite, compile and check one step; raises when the cell is not one this backend can take."""
+    n_in, n_s = len(slots.tensors), len(leaves)
+    own_output = _custom_output(cell)
+    n_out = n_s + own_output
+    step = _step_fn(cell, slots, unflatten, own_output)
+    before = _attrs(cell)
+    snapshot = [(m, dict(vars(m))) for m in cell.modules()]
+    failure: Exception | None = None
+    try:
+        fw, bw = _trace(step, _fresh_args(slots, x_t, leaves))
+    except Exception as e:  # noqa: BLE001 - reported below, after the cell is put back
+        failure = e
+    if _attrs(cell) != before:
+        changed = sorted({k for m, old in snapshot for k, v in vars(m).items()
+                          if not k.startswith("_") and (k not in old or old[k] is not v)})
+        for m, old in snapshot:  # undo what the trace's call did (rebinding only, not in-place edits)
+            vars(m).update({k: v for k, v in old.items() if not k.startswith("_")})
+        raise _Unsupported(f"its forward changes the cell's own attributes ({', '.join(changed) or 'in place'}), "
+                           "which a trace cannot repeat every step")
+    if failure is not None:
+        raise failure
     seeded = [n for g in (fw, bw) for n in g.graph.nodes
               if n.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())]
     if seeded:
         raise _Unsupported(f"the cell draws random numbers ({seeded[0].target}), which a trace would fix")
-    n_saved = len(_outputs(fw)) - n_s
+    n_saved = len(_outputs(fw)) - n_out
     tangents = [n for n in _placeholders(bw) if n.name.startswith("tangents")]
-    if (len(_placeholders(fw)) != n_p + 1 + n_s or len(tangents) != n_s
-            or len(_placeholders(bw)) != n_saved + n_s or len(_outputs(bw)) != n_p + 1 + n_s):
-        raise _Unsupported("its traced step has an unexpected signature (outputs that alias inputs?)")
+    if (len(_placeholders(fw)) != n_in + 1 + n_s or len(tangents) != n_out
+            or len(_placeholders(bw)) != n_saved + n_out or len(_outputs(bw)) != n_in + 1 + n_s):
+        raise _Unsupported("its traced step has an unexpected signature (a state field returned unchanged, "
+                           "or an input modified in place?)")
     for g in (fw, bw):
         _strip_detach(g)
         g.recompile()
@@ -451,22 +582,22 @@ def _build(cell: nn.Module, names: list[str], params: list[Tensor], x_t: Tensor,
         _fast_tanh(g)
     # what the forward saves from the parameters alone (their transposes, say) is the same every step
     fw_places, fw_outs = _placeholders(fw), _outputs(fw)
-    fw_inv = _invariant(fw, set(fw_places[:n_p]))
+    fw_inv = _invariant(fw, set(fw_places[:n_in]))
     bw_places = _placeholders(bw)
-    bw_inv = _invariant(bw, {bw_places[k] for k in range(n_saved) if fw_outs[n_s + k] in fw_inv})
+    bw_inv = _invariant(bw, {bw_places[k] for k in range(n_saved) if fw_outs[n_out + k] in fw_inv})
     _narrow_sliced_products(bw, bw_inv)
     _cancel_transposes(fw)
     _cancel_transposes(bw)
     prologue, fixed = _hoist_invariants(bw, bw_inv)
-    fw_in = [p.detach() for p in params] + [x_t.detach(), *(s.detach() for s in leaves)]
+    fw_in = [t.detach() for t in slots.tensors] + [x_t.detach(), *(s.detach() for s in leaves)]
     with torch.no_grad():
         fw_out = fw(*fw_in)
-        invariants = prologue(*(fw_out[n_s + k] for k in fixed))
+        invariants = prologue(*(fw_out[n_out + k] for k in fixed))
     gen = torch.Generator().manual_seed(0)
-    cot = [torch.randn(s.shape, generator=gen, dtype=s.dtype) for s in leaves]
-    bw_in = [*fw_out[n_s:], *cot, *invariants]
-    plan = _Plan(_split(fw, fw_in), _split(bw, bw_in), n_p, n_s, prologue, fixed)
-    _check(plan, cell, names, params, x_t, leaves, unflatten, cot)
+    cot = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in fw_out[:n_out]]
+    bw_in = [*fw_out[n_out:], *cot, *invariants]
+    plan = _Plan(_split(fw, fw_in), _split(bw, bw_in), n_in, n_s, own_output, prologue, fixed)
+    _check(plan, step, slots, x_t, leaves, cot)
     return plan
 
 
@@ -474,25 +605,18 @@ class _Unsupported(Exception):
     """The cell is one the compiled backend does not take (the reason is the message)."""
 
 
-def _check(plan: _Plan, cell: nn.Module, names: list[str], params: list[Tensor], x_t: Tensor,
-           leaves: list[Tensor], unflatten: Callable[[list[Tensor]], Any], cot: list[Tensor]) -> None:
+def _check(plan: _Plan, step: Callable, slots: _Slots, x_t: Tensor, leaves: list[Tensor], cot: list[Tensor]) -> None:
     """One step forward and backward of ``plan`` against the eager cell on the call's own inputs."""
-    from rnnkit.engine import tree_flatten
-
-    n_p = len(params)
-    args = [p.detach().requires_grad_(p.requires_grad) for p in params]
-    args.append(x_t.detach().clone().requires_grad_(x_t.requires_grad))
-    args += [s.detach().clone().requires_grad_() for s in leaves]
+    args = _fresh_args(slots, x_t, leaves)
     with torch.enable_grad():
-        new = tree_flatten(torch.func.functional_call(
-            cell, dict(zip(names, args[:n_p])), (args[n_p], unflatten(args[n_p + 1:]))))[0]
+        new = step(*args)
         wants = [a for a in args if a.requires_grad]
         expected = list(new) + list(torch.autograd.grad(new, wants, cot, allow_unused=True))
     with torch.no_grad():
         out = plan.fw(*(a.detach() for a in args))
-        saved = out[plan.n_state:]
+        saved = out[plan.n_out:]
         grads = plan.bw(*saved, *cot, *plan.invariants(saved))
-    got = list(out[:plan.n_state]) + [g for g, a in zip(grads, args) if a.requires_grad]
+    got = list(out[:plan.n_out]) + [g for g, a in zip(grads, args) if a.requires_grad]
     for e, g in zip(expected, got):
         if (e is None) != (g is None) or (e is not None and not _close(e, g)):
             raise _Unsupported("its compiled step does not reproduce the eager step")
@@ -503,29 +627,51 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=tol, atol=tol * (1 + float(a.detach().abs().max()))))
 
 
-def _plan(cell: nn.Module, names: list[str], params: list[Tensor], x: Tensor, leaves: list[Tensor],
+def _warn(cell: nn.Module, why: str) -> None:
+    """One warning per cell type, attributed to the first caller outside rnnkit and torch."""
+    if type(cell) in _WARNED:
+        return
+    _WARNED.add(type(cell))
+    level, frame = 2, sys._getframe(1)
+    inside = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(f"rnnkit: the compiled backend cannot run {type(cell).__name__} ({why}); it runs the "
+                  "reference loop instead", stacklevel=level)
+
+
+def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
           unflatten: Callable[[list[Tensor]], Any], build: bool) -> _Plan | None:
     """The cached plan for this call, building one if ``build`` (inference only reuses training's plans)."""
-    key = _key(cell, x, leaves, params)
+    why = _REFUSED.get(type(cell)) or _untraceable(cell)
+    if why:
+        _warn(cell, why)
+        return None
+    key = _key(cell, slots, x, leaves)
     if key in _PLANS:
         _PLANS.move_to_end(key)
         return _PLANS[key]
     if not build:
         return None
+    plan = None
     try:
-        with torch.random.fork_rng(devices=[]):  # tracing must not move the caller's random stream
-            plan = _build(cell, names, params, x[0], leaves, unflatten)
+        # tracing must move neither the caller's random stream nor tensors through saved-tensor
+        # hooks (activation checkpointing counts what each forward saves)
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            plan = _build(cell, slots, x[0], leaves, unflatten)
     except Exception as e:  # noqa: BLE001 - any failure to trace or compile means: run the reference loop
-        plan = None
-        if type(cell) not in _WARNED:
-            _WARNED.add(type(cell))
-            why = str(e) if isinstance(e, _Unsupported) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            warnings.warn(f"rnnkit: the compiled backend cannot run {type(cell).__name__} ({why}); "
-                          "it runs the reference loop instead", stacklevel=4)
+        why = str(e) if isinstance(e, _Unsupported) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if isinstance(e, _Unsupported) and "own attributes" in why:
+            _REFUSED[type(cell)] = why  # its key would change every call: never try again
+        _warn(cell, why)
     _PLANS[key] = plan
     if len(_PLANS) > _MAX_PLANS:
         _PLANS.popitem(last=False)
     return plan
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def _freeze(m: Tensor, new: Tensor, old: Tensor) -> Tensor:
@@ -542,22 +688,27 @@ class _Loop(torch.autograd.Function):
                 lengths: Tensor | None, unflatten: Callable, return_states: bool, n_state: int,
                 *rest: Tensor) -> tuple[Tensor, ...]:
         full = x.shape[0] if lengths is None else int(lengths.min())
-        leaves, params = list(rest[:n_state]), rest[n_state:]
-        saved, outs, kept = [], [], []
+        leaves, inputs = list(rest[:n_state]), rest[n_state:]
+        n_out = plan.n_out
+        saved: list[Tensor] = []
+        counts: list[int] = []
+        outs, kept = [], []
         for t in range(x.shape[0]):
-            r = plan.fw(*params, x[t], *leaves)
+            r = plan.fw(*inputs, x[t], *leaves)
             new = [s if s.is_contiguous() else s.contiguous() for s in r[:n_state]]
             if t >= full:
                 new = [_freeze(masks[t], a, b) for a, b in zip(new, leaves)]
             leaves = new
-            saved.append(r[n_state:])
-            outs.append(leaves[0])
+            saved.extend(r[n_out:])
+            counts.append(len(r) - n_out)
+            outs.append(r[n_state] if plan.own_output else leaves[0])
             if return_states:
                 kept.append(leaves)
-        ctx.plan, ctx.cell, ctx.steps, ctx.masks, ctx.full = plan, cell, saved, masks, full
-        ctx.lengths, ctx.unflatten = lengths, unflatten
+        ctx.plan, ctx.cell, ctx.masks, ctx.full, ctx.counts = plan, cell, masks, full, counts
+        ctx.lengths, ctx.unflatten, ctx.out_shape = lengths, unflatten, outs[0].shape
         ctx.return_states, ctx.n_state = return_states, n_state
-        ctx.save_for_backward(x, *rest)
+        # through save_for_backward, so saved-tensor hooks (offloading, checkpointing) see every step
+        ctx.save_for_backward(x, *rest, *saved)
         ctx.set_materialize_grads(False)
         states = [torch.stack(s) for s in zip(*kept)] if return_states else []
         return (torch.stack(outs), *leaves, *states)
@@ -565,26 +716,32 @@ class _Loop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out: Tensor | None, *g_rest: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         plan, n_state = ctx.plan, ctx.n_state
-        x, *rest = ctx.saved_tensors
+        x, *stored = ctx.saved_tensors
+        n_rest = n_state + plan.n_inputs
+        rest, flat = stored[:n_rest], stored[n_rest:]
         if torch.is_grad_enabled():  # create_graph: differentiate the reference loop instead
             dx, *others = _reference_grads(ctx, x, rest, g_out, g_rest)
             return (None, None, dx, None, None, None, None, None, *others)
+        steps, k = [], 0
+        for c in ctx.counts:
+            steps.append(flat[k:k + c])
+            k += c
         carry: list[Tensor | None] = list(g_rest[:n_state])
         g_states = g_rest[n_state:] if ctx.return_states else [None] * n_state
-        n_p, T = plan.n_params, x.shape[0]
-        grads: list[Tensor | None] = [None] * n_p
+        n_in, T = plan.n_inputs, x.shape[0]
+        grads: list[Tensor | None] = [None] * n_in
         dxs: list[Tensor | None] = []
         zero = rest[0].new_zeros(())
-        invariants = plan.invariants(ctx.steps[0])
+        invariants = plan.invariants(steps[0])
         if g_out is not None:
             g_out = g_out.contiguous()  # one copy, not one per step (batch-first grads arrive transposed)
         for t in reversed(range(T)):
-            g = [c for c in carry]
-            if g_out is not None:
+            g = list(carry)
+            if g_out is not None and not plan.own_output:
                 g[0] = g_out[t] if g[0] is None else g[0] + g_out[t]
-            for k, gs in enumerate(g_states):
+            for j, gs in enumerate(g_states):
                 if gs is not None:
-                    g[k] = gs[t] if g[k] is None else g[k] + gs[t]
+                    g[j] = gs[t] if g[j] is None else g[j] + gs[t]
             # Inductor's kernels assume the strides they were compiled for: contiguous
             g = [torch.zeros_like(s) if a is None else a.contiguous() for a, s in zip(g, rest[:n_state])]
             direct = None
@@ -592,21 +749,23 @@ class _Loop(torch.autograd.Function):
                 m = ctx.masks[t]
                 direct = [_freeze(m, zero, a) for a in g]
                 g = [_freeze(m, a, zero) for a in g]
-            r = plan.bw(*ctx.steps[t], *g, *invariants)
-            for i in range(n_p):
+            if plan.own_output:
+                g.append(g_out[t] if g_out is not None else x.new_zeros(ctx.out_shape))
+            r = plan.bw(*steps[t], *g, *invariants)
+            for i in range(n_in):
                 if r[i] is not None:  # a copy first (a step's output may alias another), then in place
                     grads[i] = r[i].clone() if grads[i] is None else grads[i].add_(r[i])
-            dxs.append(r[n_p])
-            carry = list(r[n_p + 1:n_p + 1 + n_state])
+            dxs.append(r[n_in])
+            carry = list(r[n_in + 1:n_in + 1 + n_state])
             if direct is not None:
-                carry = [a + b for a, b in zip(carry, direct)]
+                carry = [b if a is None else a + b for a, b in zip(carry, direct)]
         dx = None if dxs[0] is None else torch.stack(dxs[::-1])
         return (None, None, dx, None, None, None, None, None, *carry, *grads)
 
 
 def _reference_grads(ctx: Any, x: Tensor, rest: list[Tensor], g_out: Tensor | None,
                      g_rest: tuple[Tensor | None, ...]) -> list[Tensor | None]:
-    """Gradients for x, the state and the parameters by the reference loop, themselves differentiable."""
+    """Gradients for x, the state and the cell's tensors by the reference loop, themselves differentiable."""
     from rnnkit.engine import tree_flatten
 
     leaves = rest[:ctx.n_state]
@@ -629,18 +788,18 @@ def run(
     from rnnkit.engine import tree_flatten
 
     leaves, unflatten = tree_flatten(state)
-    named = list(cell.named_parameters())
-    names, params = [n for n, _ in named], [p for _, p in named]
+    slots = _Slots(cell)
     if (_transforming() or torch.is_autocast_enabled("cpu") or any(not s.is_floating_point() for s in leaves)
-            or any(s.dtype != x.dtype for s in leaves) or any(p.dtype != x.dtype for p in params)):
+            or any(s.dtype != x.dtype for s in leaves)
+            or any(t.dtype != x.dtype for t in slots.tensors[:slots.n_params])):
         return reference.run(cell, x, state, masks, lengths, return_states)
     x = x.contiguous()
     leaves = [s.contiguous() for s in leaves]
-    plan = _plan(cell, names, params, x, leaves, unflatten, build=torch.is_grad_enabled()
+    plan = _plan(cell, slots, x, leaves, unflatten, build=torch.is_grad_enabled()
                  and not torch.is_inference_mode_enabled())
     if plan is None:
         return reference.run(cell, x, state, masks, lengths, return_states)
     n = len(leaves)
-    flat = _Loop.apply(plan, cell, x, masks, lengths, unflatten, return_states, n, *leaves, *params)
+    flat = _Loop.apply(plan, cell, x, masks, lengths, unflatten, return_states, n, *leaves, *slots.tensors)
     states = unflatten(list(flat[1 + n:])) if return_states else None
     return flat[0], unflatten(list(flat[1:1 + n])), states
