@@ -487,3 +487,38 @@ def test_state_gradient_product_is_narrowed_and_hoisted(cells) -> None:
     code = plans[-1].bw.code
     assert "invariant_0" in code and "aten.slice" not in code
     assert "clone" in plans[-1].prologue.code
+
+
+@needs_compiler
+def test_auto_compiles_long_training_only(cells, monkeypatch) -> None:
+    from rnnkit.cells import LSTMCell
+    from rnnkit.engine import _pick_backend
+
+    cell = cells["minimal"]
+    long, short = compiled.AUTO_MIN_STEPS, compiled.AUTO_MIN_STEPS - 1
+    x = torch.rand(N, long, I)
+    assert _pick_backend(cell, x, long, N) == "compiled"
+    assert _pick_backend(cell, x, short, N) == "reference"
+    assert _pick_backend(LSTMCell(I, H), x, long, N) in ("native", "fused")
+    with torch.no_grad():
+        assert _pick_backend(cell, x, long, N) == "reference"
+    want = unroll(cell, x, backend="reference").outputs
+    with monkeypatch.context() as patch:
+        patch.setattr(reference, "run", None)  # the compiled loop, not a fallback
+        torch.testing.assert_close(unroll(cell, x).outputs, want)  # same per-step shape: the cached plan
+    monkeypatch.setattr(compiled, "_AUTO", False)  # RNNKIT_COMPILE=0
+    assert _pick_backend(cell, x, long, N) == "reference"
+
+
+def test_auto_falls_back_silently() -> None:
+    torch.manual_seed(0)
+    cell = DropoutCell()
+    x = torch.rand(N, compiled.AUTO_MIN_STEPS, I, requires_grad=True)
+    compiled._WARNED.discard(DropoutCell)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.manual_seed(5)
+        got = unroll(cell, x).outputs
+    assert not [w for w in record if "rnnkit" in str(w.message)]
+    torch.manual_seed(5)
+    torch.testing.assert_close(got, unroll(cell, x, backend="reference").outputs)

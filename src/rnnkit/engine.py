@@ -10,7 +10,8 @@ backend      what runs
 reference    a plain Python loop over ``cell.step`` (or ``cell(x_t, state)``): any cell
 native       PyTorch's fused LSTM/GRU/RNN kernels (cuDNN on a GPU), built-in cells only
 fused        rnnkit's own CPU LSTM/GRU/RNN: hoisted GEMMs and a hand-written backward
-compiled     any cell on the CPU, traced once: Inductor-compiled elementwise maths, oneDNN GEMMs
+compiled     any cell on the CPU, traced once: Inductor-compiled elementwise maths, oneDNN GEMMs;
+             "auto" picks it for other cells when training on 256 steps or more
 ===========  ==========================================================================
 
 ``backend="auto"`` picks the fastest one that supports the cell and device; every backend
@@ -110,7 +111,8 @@ def unroll(
         raise ShapeError(f"unroll: backend must be one of {BACKENDS}, got {backend!r}")
     if lengths is not None and bool((lengths == T).all()):
         lengths = None  # every sequence is full: skip masking entirely
-    if backend == "auto":
+    picked = backend == "auto"
+    if picked:
         backend = _pick_backend(cell, x, T, N, return_states, ragged=lengths is not None)
     elif backend in ("native", "fused", "compiled"):
         module = {"native": native, "fused": fused, "compiled": compiled}[backend]
@@ -129,6 +131,8 @@ def unroll(
     masks = None if lengths is None else _masks(lengths, T, x.device)
 
     runner = {"reference": reference.run, "native": native.run, "fused": fused.run, "compiled": compiled.run}[backend]
+    if picked and backend == "compiled":
+        runner = compiled.run_quietly  # chosen for the caller: fall back without a warning
     leaves, unflatten = tree_flatten(state)
 
     def run(x_in: Tensor, *state_leaves: Tensor) -> tuple[Tensor, ...]:
@@ -221,7 +225,9 @@ def _pick_backend(
         # Inference: oneDNN keeps no per-step workspace and is 2-2.5x faster at every length measured.
         if not training() or not fused_ok or _native_trains_faster(cell, x, T, N, ragged):
             return "native"
-    return "fused" if fused_ok else "reference"
+    if fused_ok:
+        return "fused"
+    return "compiled" if compiled.worth_it(cell, x, T) else "reference"
 
 
 def from_autocast(t: Any, dtype: torch.dtype) -> Any:
