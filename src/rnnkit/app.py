@@ -247,8 +247,11 @@ def _train_mnist(
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {cfg.model.cell.upper()} {cfg.model.hidden}x{cfg.model.layers}, {n_params:,} parameters on {device}")
     if "." in cfg.model.cell and cfg.model.backend == "auto" and device.type == "cpu":
-        log("your cell runs in rnnkit's reference loop; --backend compiled compiles it (a few seconds per "
-            "batch shape) and trains it faster")
+        from rnnkit.backends.compiled import AUTO_MIN_STEPS
+
+        if data.x_train.shape[1] < AUTO_MIN_STEPS:  # longer sequences are compiled by default
+            log("your cell runs in rnnkit's reference loop at this sequence length; --backend compiled "
+                "compiles it (a few seconds per batch shape) and trains it faster")
 
     if device.type == "cuda":  # the whole set fits: skip the host-to-device copy per batch
         data.x_train, data.y_train = data.x_train.to(device), data.y_train.to(device)
