@@ -77,7 +77,7 @@ JAX = "JAX lax.scan, jit"
 KERAS = "Keras 3 LSTM"
 RK_LSTM = "rnnkit.LSTM"
 RK_GRU = "rnnkit.GRU"
-RK_SEED000 = "Seed000Cell via rnnkit.unroll"
+RK_SEED000 = "Seed000Cell via rnnkit.unroll, backend=reference"
 RK_SEED000_COMPILED = "Seed000Cell via rnnkit.unroll, backend=compiled"
 RK_STATES = "rnnkit.LSTM return_states=True"
 RK_NO_FLUSH = "rnnkit.LSTM, set_flush_denormals(False)"
@@ -115,7 +115,8 @@ def build_rnnkit_no_flush(shape: Shape, device: torch.device) -> Bench:
 
 def build_seed000(shape: Shape, device: torch.device, backend: str = "reference") -> Bench:
     """A user's cell (examples/custom_cell.py) run by rnnkit.unroll: the reference loop (what "auto" picks
-    for user cells) or the compiled backend, whose first call traces and compiles."""
+    for user cells below 256 steps) or the compiled backend (auto's choice from 256 steps when training),
+    whose first call traces and compiles."""
     torch.manual_seed(comp.SEED)
     cell = seed000_cell_class()(shape.I, shape.H)
     if backend == "compiled" and device.type != "cpu":
