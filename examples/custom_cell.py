@@ -9,7 +9,10 @@ Run it (full MNIST from a directory, or the embedded mini-MNIST when none is giv
 
 or through the command line tool, which accepts any cell class by its dotted path:
 
-    PYTHONPATH=examples .venv/bin/rnnkit train --cell custom_cell.Seed000Cell
+    PYTHONPATH=examples .venv/bin/rnnkit train --cell custom_cell.Seed000Cell --backend compiled
+
+(``--backend compiled`` traces and compiles the cell, a few seconds per batch shape, and trains it
+1.6-1.7x faster on the CPU at MNIST's shapes; without it, 28-step rows run in rnnkit's Python loop.)
 """
 
 from __future__ import annotations

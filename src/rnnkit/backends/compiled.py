@@ -85,10 +85,12 @@ def available() -> bool:
     global _AVAILABLE
     if _AVAILABLE is None:
         try:
-            gm = torch.fx.symbolic_trace(lambda a: torch.sigmoid(a) * a)
-            example = [torch.randn(4, 4)]
-            _AVAILABLE = bool(torch.allclose(torch._inductor.compile(gm, example)(*example),
-                                             torch.sigmoid(example[0]) * example[0]))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gm = torch.fx.symbolic_trace(lambda a: torch.sigmoid(a) * a)
+                example = [torch.randn(4, 4)]
+                _AVAILABLE = bool(torch.allclose(torch._inductor.compile(gm, example)(*example),
+                                                 torch.sigmoid(example[0]) * example[0]))
         except Exception:  # noqa: BLE001 - no compiler, no headers, a broken install: all mean "no"
             _AVAILABLE = False
     return _AVAILABLE
@@ -674,7 +676,11 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
     try:
         # tracing must move neither the caller's random stream nor tensors through saved-tensor
         # hooks (activation checkpointing counts what each forward saves)
-        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        # (and torch's own warnings while it traces and compiles are not the caller's to see, nor
+        # to fail on under -W error)
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             plan = _build(cell, slots, x[0], leaves, unflatten)
     except Exception as e:  # noqa: BLE001 - any failure to trace or compile means: run the reference loop
         why = str(e) if isinstance(e, _Unsupported) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
