@@ -191,19 +191,26 @@ def test_changed_attribute_retraces(monkeypatch) -> None:
 
 
 @needs_compiler
-def test_inference_reuses_training_plans_and_never_compiles(cells, monkeypatch) -> None:
+def test_inference_reuses_training_plans_or_builds_forward_only_ones(cells, monkeypatch) -> None:
     cell = cells["seed000"]
     x = torch.rand(N, T, I)
-    unroll(cell, x, backend="compiled").outputs.sum().backward()  # builds (or reuses) the plan
-    built = []
-    real_build = compiled._build
-    monkeypatch.setattr(compiled, "_build", lambda *a: built.append(1) or real_build(*a))
-    with torch.no_grad():
-        same = unroll(cell, x, backend="compiled").outputs
-        other = unroll(cell, torch.rand(N + 3, T, I), backend="compiled").outputs  # no plan: reference loop
-    assert built == []
+    unroll(cell, x, backend="compiled").outputs.sum().backward()  # builds (or reuses) the training plan
+    built, real = [], (compiled._build, compiled._build_inference)
+    monkeypatch.setattr(compiled, "_build", lambda *a: built.append("train") or real[0](*a))
+    monkeypatch.setattr(compiled, "_build_inference", lambda *a: built.append("inference") or real[1](*a))
+    with monkeypatch.context() as patch:
+        patch.setattr(reference, "run", None)  # every call below runs compiled
+        with torch.no_grad():
+            same = unroll(cell, x, backend="compiled").outputs
+        x_other = torch.rand(N + 3, T, I)
+        with torch.inference_mode():
+            other = unroll(cell, x_other, lengths=[T, 2, 5, T, 1, 3, 4], return_states=True, backend="compiled")
+    assert built == ["inference"]  # the training plan served the first call
     torch.testing.assert_close(same, unroll(cell, x, backend="reference").outputs)
-    assert other.shape == (N + 3, T, H)
+    want = unroll(cell, x_other, lengths=[T, 2, 5, T, 1, 3, 4], return_states=True, backend="reference")
+    torch.testing.assert_close(other.outputs, want.outputs)
+    torch.testing.assert_close(other.states, want.states)
+    torch.testing.assert_close(other.final_state, want.final_state)
 
 
 @needs_compiler
@@ -503,11 +510,15 @@ def test_auto_compiles_long_training_only(cells, monkeypatch) -> None:
     assert _pick_backend(cell, x, short, N) == "reference"
     assert _pick_backend(LSTMCell(I, H), x, long, N) in ("native", "fused")
     with torch.no_grad():
-        assert _pick_backend(cell, x, long, N) == "reference"
+        assert _pick_backend(cell, x, long, N) == "compiled"  # evaluation: a forward-only plan
     want = unroll(cell, x, backend="reference").outputs
     with monkeypatch.context() as patch:
         patch.setattr(reference, "run", None)  # the compiled loop, not a fallback
         torch.testing.assert_close(unroll(cell, x).outputs, want)  # same per-step shape: the cached plan
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(compiled, "_build_inference", None)  # auto never compiles for a one-off evaluation
+        other = torch.rand(N + 1, long, I)
+        torch.testing.assert_close(unroll(cell, other).outputs, unroll(cell, other, backend="reference").outputs)
     monkeypatch.setattr(compiled, "_AUTO", False)  # RNNKIT_COMPILE=0
     assert _pick_backend(cell, x, long, N) == "reference"
 

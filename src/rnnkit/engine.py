@@ -11,7 +11,7 @@ reference    a plain Python loop over ``cell.step`` (or ``cell(x_t, state)``): a
 native       PyTorch's fused LSTM/GRU/RNN kernels (cuDNN on a GPU), built-in cells only
 fused        rnnkit's own CPU LSTM/GRU/RNN: hoisted GEMMs and a hand-written backward
 compiled     any cell on the CPU, traced once: Inductor-compiled elementwise maths, oneDNN GEMMs;
-             "auto" picks it for other cells when training on 256 steps or more
+             "auto" picks it for other cells on 256 steps or more
 ===========  ==========================================================================
 
 ``backend="auto"`` picks the fastest one that supports the cell and device; every backend

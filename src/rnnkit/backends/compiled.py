@@ -37,8 +37,10 @@ checkpointing, offloading) see them and the backward frees them. Second derivati
 (``create_graph=True``) recompute the sequence through the reference loop. In-place edits of a
 list or dict attribute inside forward cannot be undone or detected; such cells are not for tracing.
 
+Calls without gradients (evaluation) use the training plan of the same shapes when there is one,
+else (when this backend was asked for) a forward-only plan, which saves nothing for a backward.
 Compiling a new shape costs a few seconds (Inductor also caches kernels on disk across processes).
-``backend="auto"`` picks this backend for cells that no built-in kernel runs when it trains on
+``backend="auto"`` picks this backend for cells that no built-in kernel runs on
 :data:`AUTO_MIN_STEPS` steps or more on the CPU (and then falls back without a warning);
 ``RNNKIT_COMPILE=0`` turns that off. Shorter sequences use it when asked:
 ``unroll(cell, x, backend="compiled")``.
@@ -96,7 +98,7 @@ def available() -> bool:
     return _AVAILABLE
 
 
-#: ``backend="auto"`` compiles a cell no built-in kernel runs when training on this many steps or more:
+#: ``backend="auto"`` compiles a cell no built-in kernel runs on this many steps or more:
 #: measured on a 2-core AMD EPYC, the seed-000 cell's T784 H128 B128 step took 482 ms compiled
 #: against 786 ms in the reference loop, so a build of a few seconds pays for itself in about 15
 #: steps; at T28 the gain (about 10 ms a step) takes hundreds of steps to repay it.
@@ -105,9 +107,9 @@ _AUTO = os.environ.get("RNNKIT_COMPILE", "1").strip().lower() not in ("0", "fals
 
 
 def worth_it(cell: nn.Module, x: Tensor, T: int) -> bool:
-    """Whether ``backend="auto"`` should compile ``cell``: long training on the CPU, a compiler present."""
-    return (_AUTO and T >= AUTO_MIN_STEPS and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-            and x.dtype == torch.float32 and unsupported(cell, x) is None and available())
+    """Whether ``backend="auto"`` should compile ``cell``: long sequences on the CPU, a compiler present."""
+    return (_AUTO and T >= AUTO_MIN_STEPS and x.dtype == torch.float32 and unsupported(cell, x) is None
+            and available())
 
 
 def clear_cache() -> None:
@@ -201,8 +203,8 @@ def _is_bias(c: Any, n: torch.fx.Node) -> bool:
 class _Plan:
     """One cell's compiled step for one set of shapes: forward and backward."""
 
-    def __init__(self, fw: Callable, bw: Callable, n_inputs: int, n_state: int, own_output: bool,
-                 prologue: Callable, fixed: list[int]) -> None:
+    def __init__(self, fw: Callable, bw: Callable | None, n_inputs: int, n_state: int, own_output: bool,
+                 prologue: Callable | None, fixed: list[int]) -> None:
         self.fw, self.bw = fw, bw
         self.n_inputs, self.n_state, self.own_output = n_inputs, n_state, own_output
         self.n_out = n_state + own_output  # what a step returns: the new state, then cell.output() if any
@@ -523,8 +525,9 @@ def _step_fn(cell: nn.Module, slots: _Slots, unflatten: Callable[[list[Tensor]],
     return step
 
 
-def _trace(step: Callable, args: list[Tensor]) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """AOTAutograd's forward and backward graphs of one step, traced on fake tensors."""
+def _trace(step: Callable, args: list[Tensor]) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule | None]:
+    """AOTAutograd's forward and backward graphs of one step, traced on fake tensors (no backward
+    when no argument needs a gradient: then the forward is AOTAutograd's inference graph)."""
     from functorch.compile import aot_function, min_cut_rematerialization_partition
 
     graphs: dict[str, torch.fx.GraphModule] = {}
@@ -540,8 +543,9 @@ def _trace(step: Callable, args: list[Tensor]) -> tuple[torch.fx.GraphModule, to
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # AOTAutograd warns that our "compiler" returns a graph, not code
         outs = traced(*args)
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-    return graphs["fw"], graphs["bw"]
+        if any(a.requires_grad for a in args):
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return graphs["fw"], graphs.get("bw")
 
 
 def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -552,26 +556,24 @@ def _outputs(gm: torch.fx.GraphModule) -> list[Any]:
     return list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
 
 
-def _fresh_args(slots: _Slots, x_t: Tensor, leaves: list[Tensor]) -> list[Tensor]:
-    """Detached copies of one step's inputs, needing gradients where the call's do (the state always)."""
-    args = [t.detach().requires_grad_(t.requires_grad) for t in slots.tensors]
-    args.append(x_t.detach().clone().requires_grad_(x_t.requires_grad))
-    args += [s.detach().clone().requires_grad_() for s in leaves]  # distinct tensors: no deduplication
+def _fresh_args(slots: _Slots, x_t: Tensor, leaves: list[Tensor], training: bool = True) -> list[Tensor]:
+    """Detached copies of one step's inputs, needing gradients where the call's do (the state always)
+    when ``training``, nowhere otherwise."""
+    args = [t.detach().requires_grad_(training and t.requires_grad) for t in slots.tensors]
+    args.append(x_t.detach().clone().requires_grad_(training and x_t.requires_grad))
+    args += [s.detach().clone().requires_grad_(training) for s in leaves]  # distinct tensors: no deduplication
     return args
 
 
-def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
-           unflatten: Callable[[list[Tensor]], Any]) -> _Plan:
-    """Trace, rewrite, compile and check one step; raises when the cell is not one this backend can take."""
-    n_in, n_s = len(slots.tensors), len(leaves)
-    own_output = _custom_output(cell)
-    n_out = n_s + own_output
-    step = _step_fn(cell, slots, unflatten, own_output)
+def _trace_cell(cell: nn.Module, step: Callable, args: list[Tensor]
+                ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule | None]:
+    """:func:`_trace`, refusing cells whose forward changes their own attributes (after undoing that)
+    or draws random numbers."""
     before = _attrs(cell)
     snapshot = [(m, dict(vars(m))) for m in cell.modules()]
     failure: Exception | None = None
     try:
-        fw, bw = _trace(step, _fresh_args(slots, x_t, leaves))
+        fw, bw = _trace(step, args)
     except Exception as e:  # noqa: BLE001 - reported below, after the cell is put back
         failure = e
     if _attrs(cell) != before:
@@ -583,10 +585,46 @@ def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
                            "which a trace cannot repeat every step")
     if failure is not None:
         raise failure
-    seeded = [n for g in (fw, bw) for n in g.graph.nodes
+    seeded = [n for g in (fw, bw) if g is not None for n in g.graph.nodes
               if n.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())]
     if seeded:
         raise _Unsupported(f"the cell draws random numbers ({seeded[0].target}), which a trace would fix")
+    return fw, bw
+
+
+def _build_inference(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
+                     unflatten: Callable[[list[Tensor]], Any]) -> _Plan:
+    """A forward-only plan (no saved tensors), for calls without gradients where no training plan fits."""
+    n_in, n_s = len(slots.tensors), len(leaves)
+    own_output = _custom_output(cell)
+    step = _step_fn(cell, slots, unflatten, own_output)
+    args = _fresh_args(slots, x_t, leaves, training=False)
+    fw, _ = _trace_cell(cell, step, args)
+    if len(_placeholders(fw)) != n_in + 1 + n_s or len(_outputs(fw)) != n_s + own_output:
+        raise _Unsupported("its traced step has an unexpected signature (a state field returned unchanged, "
+                           "or an input modified in place?)")
+    _strip_detach(fw)
+    _lower_gemms(fw)
+    _fast_tanh(fw)
+    _cancel_transposes(fw)
+    plan = _Plan(_split(fw, args), None, n_in, n_s, own_output, None, [])
+    with torch.no_grad():
+        expected, got = step(*args), plan.fw(*args)
+    if not all(_close(e, g) for e, g in zip(expected, got, strict=True)):
+        raise _Unsupported("its compiled step does not reproduce the eager step")
+    return plan
+
+
+def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
+           unflatten: Callable[[list[Tensor]], Any]) -> _Plan:
+    """Trace, rewrite, compile and check one step; raises when the cell is not one this backend can take."""
+    n_in, n_s = len(slots.tensors), len(leaves)
+    own_output = _custom_output(cell)
+    n_out = n_s + own_output
+    step = _step_fn(cell, slots, unflatten, own_output)
+    fw, bw = _trace_cell(cell, step, _fresh_args(slots, x_t, leaves))
+    if bw is None:
+        raise _Unsupported("its trace has no backward")
     n_saved = len(_outputs(fw)) - n_out
     tangents = [n for n in _placeholders(bw) if n.name.startswith("tangents")]
     if (len(_placeholders(fw)) != n_in + 1 + n_s or len(tangents) != n_out
@@ -660,28 +698,34 @@ def _warn(cell: nn.Module, why: str, quiet: bool = False) -> None:
 
 
 def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
-          unflatten: Callable[[list[Tensor]], Any], build: bool, quiet: bool) -> _Plan | None:
-    """The cached plan for this call, building one if ``build`` (inference only reuses training's plans)."""
+          unflatten: Callable[[list[Tensor]], Any], training: bool, quiet: bool) -> _Plan | None:
+    """The cached plan for this call, built if missing: a training plan, or for a call without
+    gradients the training plan of the same shapes if there is one, else a forward-only plan
+    (built only when the caller asked for this backend: ``quiet`` calls, auto's, never build one)."""
     why = _REFUSED.get(type(cell)) or _untraceable(cell)
     if why:
         _warn(cell, why, quiet)
         return None
     key = _key(cell, slots, x, leaves)
+    if not training and _PLANS.get(key) is not None:
+        return _PLANS[key]
+    key = key if training else (*key, "inference")
     if key in _PLANS:
         _PLANS.move_to_end(key)
         return _PLANS[key]
-    if not build:
+    if not training and quiet:
+        # a one-off evaluation would pay seconds of compiling to save a fraction of one: measured at
+        # T784 N1000 H128 (seed-000 cell), 5.4 s to build, then 680-800 ms against 880-894 ms
         return None
     plan = None
     try:
         # tracing must move neither the caller's random stream nor tensors through saved-tensor
-        # hooks (activation checkpointing counts what each forward saves)
-        # (and torch's own warnings while it traces and compiles are not the caller's to see, nor
-        # to fail on under -W error)
+        # hooks (activation checkpointing counts what each forward saves); torch's own warnings
+        # while it traces and compiles are not the caller's to see, nor to fail on under -W error
         with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
-                warnings.catch_warnings():
+                warnings.catch_warnings(), torch.inference_mode(False):
             warnings.simplefilter("ignore")
-            plan = _build(cell, slots, x[0], leaves, unflatten)
+            plan = (_build if training else _build_inference)(cell, slots, x[0], leaves, unflatten)
     except Exception as e:  # noqa: BLE001 - any failure to trace or compile means: run the reference loop
         why = str(e) if isinstance(e, _Unsupported) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if isinstance(e, _Unsupported) and "own attributes" in why:
@@ -703,6 +747,30 @@ def _freeze(m: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(m.view(-1, *([1] * (like.dim() - 1))), new, old)
 
 
+def _steps(plan: _Plan, x: Tensor, masks: Tensor | None, full: int, leaves: list[Tensor], inputs: tuple[Tensor, ...],
+           return_states: bool, saved: list[Tensor] | None = None, counts: list[int] | None = None
+           ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The forward loop: outputs (T, N, ...), final leaves, every step's leaves stacked (if asked).
+
+    Each step's tensors for the backward go to ``saved`` (their number to ``counts``) when given.
+    """
+    n_state, n_out = len(leaves), plan.n_out
+    outs, kept = [], []
+    for t in range(x.shape[0]):
+        r = plan.fw(*inputs, x[t], *leaves)
+        new = [s if s.is_contiguous() else s.contiguous() for s in r[:n_state]]
+        if t >= full:
+            new = [_freeze(masks[t], a, b) for a, b in zip(new, leaves)]
+        leaves = new
+        if saved is not None:
+            saved.extend(r[n_out:])
+            counts.append(len(r) - n_out)
+        outs.append(r[n_state] if plan.own_output else leaves[0])
+        if return_states:
+            kept.append(leaves)
+    return torch.stack(outs), leaves, [torch.stack(s) for s in zip(*kept)] if return_states else []
+
+
 class _Loop(torch.autograd.Function):
     """The whole time loop as one autograd node: compiled steps forward, their gradients backward."""
 
@@ -711,30 +779,17 @@ class _Loop(torch.autograd.Function):
                 lengths: Tensor | None, unflatten: Callable, return_states: bool, n_state: int,
                 *rest: Tensor) -> tuple[Tensor, ...]:
         full = x.shape[0] if lengths is None else int(lengths.min())
-        leaves, inputs = list(rest[:n_state]), rest[n_state:]
-        n_out = plan.n_out
         saved: list[Tensor] = []
         counts: list[int] = []
-        outs, kept = [], []
-        for t in range(x.shape[0]):
-            r = plan.fw(*inputs, x[t], *leaves)
-            new = [s if s.is_contiguous() else s.contiguous() for s in r[:n_state]]
-            if t >= full:
-                new = [_freeze(masks[t], a, b) for a, b in zip(new, leaves)]
-            leaves = new
-            saved.extend(r[n_out:])
-            counts.append(len(r) - n_out)
-            outs.append(r[n_state] if plan.own_output else leaves[0])
-            if return_states:
-                kept.append(leaves)
+        outs, leaves, states = _steps(plan, x, masks, full, list(rest[:n_state]), rest[n_state:], return_states,
+                                      saved, counts)
         ctx.plan, ctx.cell, ctx.masks, ctx.full, ctx.counts = plan, cell, masks, full, counts
-        ctx.lengths, ctx.unflatten, ctx.out_shape = lengths, unflatten, outs[0].shape
+        ctx.lengths, ctx.unflatten, ctx.out_shape = lengths, unflatten, outs.shape[1:]
         ctx.return_states, ctx.n_state = return_states, n_state
         # through save_for_backward, so saved-tensor hooks (offloading, checkpointing) see every step
         ctx.save_for_backward(x, *rest, *saved)
         ctx.set_materialize_grads(False)
-        states = [torch.stack(s) for s in zip(*kept)] if return_states else []
-        return (torch.stack(outs), *leaves, *states)
+        return (outs, *leaves, *states)
 
     @staticmethod
     def backward(ctx, g_out: Tensor | None, *g_rest: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -826,11 +881,15 @@ def run(
         return reference.run(cell, x, state, masks, lengths, return_states)
     x = x.contiguous()
     leaves = [s.contiguous() for s in leaves]
-    plan = _plan(cell, slots, x, leaves, unflatten, build=torch.is_grad_enabled()
-                 and not torch.is_inference_mode_enabled(), quiet=quiet)
+    training = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    plan = _plan(cell, slots, x, leaves, unflatten, training, quiet)
     if plan is None:
         return reference.run(cell, x, state, masks, lengths, return_states)
     n = len(leaves)
+    if not training:
+        full = x.shape[0] if lengths is None else int(lengths.min())
+        outs, final, states_t = _steps(plan, x, masks, full, leaves, tuple(slots.tensors), return_states)
+        return outs, unflatten(final), unflatten(states_t) if return_states else None
     flat = _Loop.apply(plan, cell, x, masks, lengths, unflatten, return_states, n, *leaves, *slots.tensors)
     states = unflatten(list(flat[1 + n:])) if return_states else None
     return flat[0], unflatten(list(flat[1:1 + n])), states
