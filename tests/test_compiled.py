@@ -109,7 +109,7 @@ def _agree(cell: nn.Module, x: Tensor, state=None, monkeypatch=None, **kw) -> No
         if patch is not None:
             patch.setattr(reference, "run", boom)
         got_vals, got_grads = _run(cell, x, state, "compiled", **kw)
-    tol = {"rtol": 1e-5, "atol": 1e-6} if x.dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    tol = {"rtol": 1e-4, "atol": 1e-5} if x.dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     for g, w in zip(got_vals + got_grads, want_vals + want_grads, strict=True):
         assert (g is None) == (w is None)
         if g is not None:
@@ -491,11 +491,10 @@ def test_state_gradient_product_is_narrowed_and_hoisted(cells) -> None:
     made once per sequence), not compute x's gradient and drop it."""
     cell = cells["seed000"]
     unroll(cell, torch.rand(N, T, I), backend="compiled").outputs.sum().backward()
-    plans = [p for k, p in compiled._PLANS.items() if k[0] == id(cell) and p is not None]
-    assert plans
-    code = plans[-1].bw.code
+    plan = list(compiled._PLANS.values())[-1]  # the one this call used (the cache is least-recently-used)
+    code = plan.bw.code
     assert "invariant_0" in code and "aten.slice" not in code
-    assert "clone" in plans[-1].prologue.code
+    assert "clone" in plan.prologue.code
 
 
 @needs_compiler
@@ -535,3 +534,77 @@ def test_auto_falls_back_silently() -> None:
     assert not [w for w in record if "rnnkit" in str(w.message)]
     torch.manual_seed(5)
     torch.testing.assert_close(got, unroll(cell, x, backend="reference").outputs)
+
+
+class Knobs(MinimalCell):
+    """A private attribute, a strided buffer, a readout submodule called ``output``, and a buffer the
+    forward updates in place: each must behave exactly as in the reference loop."""
+
+    def __init__(self) -> None:
+        super().__init__(I, H)
+        self._gain = 1.0
+        self.register_buffer("shift", torch.zeros(H, 3)[:, 0])  # stride 3
+        self.output = nn.Linear(H, 2)
+
+    def forward(self, x, h):
+        return torch.tanh(self.wx(x) + self._gain * self.wh(h) + self.shift)
+
+
+@needs_compiler
+def test_private_attributes_strided_buffers_and_readout_submodules(monkeypatch) -> None:
+    torch.manual_seed(0)
+    cell = Knobs()
+    x = torch.rand(N, T, I)
+    _agree(cell, x, None, monkeypatch)
+    assert unroll(cell, x, backend="compiled").outputs.shape == (N, T, 2)  # cell.output(state), as cell_output
+    cell._gain = -3.0
+    _agree(cell, x, None, monkeypatch)
+
+
+class StepCounter(MinimalCell):
+    """Updates a buffer in place every step: not traceable, and the failed build must not count."""
+
+    def __init__(self) -> None:
+        super().__init__(I, H)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x, h):
+        self.steps += 1
+        return super().forward(x, h)
+
+
+def test_a_failed_build_leaves_buffers_alone() -> None:
+    cell = StepCounter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unroll(cell, torch.rand(N, T, I), backend="compiled")
+    assert int(cell.steps) == T
+
+
+def test_parametrize_cache_sends_the_call_to_the_reference_loop() -> None:
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    cell = MinimalCell(I, H)
+    parametrize.register_parametrization(cell.wh, "weight", nn.Tanh())
+    x = torch.rand(N, T, I)
+    compiled._WARNED.discard(MinimalCell)
+    with parametrize.cached(), pytest.warns(UserWarning, match="parametrize.cached"):
+        got = unroll(cell, x, backend="compiled").outputs
+    torch.testing.assert_close(got, unroll(cell, x, backend="reference").outputs)
+
+
+@needs_compiler
+def test_plans_are_shared_by_cells_of_one_kind_and_auto_does_not_build_without_training(monkeypatch) -> None:
+    torch.manual_seed(0)
+    first, second = MinimalCell(I, H), MinimalCell(I, H)
+    x = torch.rand(N, T, I)
+    unroll(first, x, backend="compiled").outputs.sum().backward()
+    built = []
+    monkeypatch.setattr(compiled, "_build", lambda *a: built.append(1))
+    monkeypatch.setattr(compiled, "_build_inference", lambda *a: built.append(1))
+    _agree(second, x, None)  # same type, configuration and layout: the first cell's plan
+    frozen = MinimalCell(I, H).requires_grad_(False)
+    long = torch.rand(N + 2, compiled.AUTO_MIN_STEPS, I)
+    unroll(frozen, long)  # auto, grad mode on, but nothing to train: no build for a one-off call
+    assert built == []

@@ -68,7 +68,7 @@ from rnnkit.backends.fastcpu import _transforming
 __all__ = ["available", "unsupported", "worth_it", "run", "run_quietly", "clear_cache"]
 
 _aten = torch.ops.aten
-_MAX_PLANS = 64
+_MAX_PLANS = 256
 _PLANS: OrderedDict[tuple, _Plan | None] = OrderedDict()
 _WARNED: set[type] = set()
 _REFUSED: dict[type, str] = {}  # cell types whose forward changes their own attributes: never traced
@@ -118,13 +118,13 @@ def clear_cache() -> None:
 
 
 def _custom_output(cell: nn.Module) -> bool:
-    """Whether the cell's output is something other than its state's first field."""
-    out = getattr(type(cell), "output", None)
+    """Whether the cell's output is something other than its state's first field (as cell_output reads it)."""
+    out = getattr(cell, "output", None)
     if out is None:
         return False
     from rnnkit.cells import Cell
 
-    return out is not Cell.output
+    return getattr(out, "__func__", None) is not Cell.output
 
 
 def unsupported(cell: nn.Module, x: Tensor) -> str | None:
@@ -231,6 +231,12 @@ class _Same:
 
 
 _PLAIN = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
+_INTERNALS = frozenset(vars(nn.Module())) | {"training"}  # nn.Module's own bookkeeping, not the cell's
+
+
+def _own(m: nn.Module) -> dict[str, Any]:
+    """A module's own attributes: everything in its ``__dict__`` but nn.Module's bookkeeping."""
+    return {k: v for k, v in vars(m).items() if k not in _INTERNALS}
 
 
 def _fingerprint(v: Any, depth: int = 0) -> Any:
@@ -257,14 +263,17 @@ def _fingerprint(v: Any, depth: int = 0) -> Any:
 def _attrs(cell: nn.Module) -> tuple:
     """What a trace may have baked in: each submodule's type, training flag and other attributes."""
     return tuple((name, type(m), m.training,
-                  tuple((k, _fingerprint(v)) for k, v in vars(m).items() if not k.startswith("_")))
+                  tuple((k, _fingerprint(v)) for k, v in _own(m).items()))
                  for name, m in cell.named_modules())
 
 
 def _untraceable(cell: nn.Module) -> str | None:
     """Why a trace of ``cell`` would not stand for it, by inspection, or None."""
     from torch.nn.modules import module as torch_module
+    from torch.nn.utils import parametrize
 
+    if getattr(parametrize, "_cache_enabled", 0):
+        return "parametrize.cached() is active (a trace would fill its cache with traced tensors)"
     if any(getattr(torch_module, g, None) for g in (
             "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
             "_global_backward_pre_hooks")):
@@ -272,8 +281,8 @@ def _untraceable(cell: nn.Module) -> str | None:
     for name, m in cell.named_modules():
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return f"module {name or type(m).__name__!r} has hooks (a trace runs them once, not every step)"
-        for k, v in vars(m).items():
-            if isinstance(v, Tensor) and not k.startswith("_"):
+        for k, v in _own(m).items():
+            if isinstance(v, Tensor):
                 return (f"{type(m).__name__}.{k} is a plain tensor attribute; register it with "
                         f"register_buffer('{k}', ...) so it becomes an input of the trace")
     return None
@@ -319,9 +328,11 @@ class _Slots:
 
 
 def _key(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor]) -> tuple:
-    return (id(cell), _attrs(cell), tuple(slots.index), tuple(x.shape[1:]), x.dtype, x.requires_grad,
+    # no id(cell): cells of one type, configuration and tensor layout trace to the same step (the
+    # tensors are inputs), so the directions and layers of a stack, and wrappers made per call, share it
+    return (_attrs(cell), tuple(slots.index), tuple(x.shape[1:]), x.dtype, x.requires_grad,
             tuple((tuple(s.shape), s.dtype) for s in leaves),
-            tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in slots.tensors),
+            tuple((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for t in slots.tensors),
             torch.get_num_threads(), gemm.onednn_available())
 
 
@@ -559,7 +570,8 @@ def _outputs(gm: torch.fx.GraphModule) -> list[Any]:
 def _fresh_args(slots: _Slots, x_t: Tensor, leaves: list[Tensor], training: bool = True) -> list[Tensor]:
     """Detached copies of one step's inputs, needing gradients where the call's do (the state always)
     when ``training``, nowhere otherwise."""
-    args = [t.detach().requires_grad_(training and t.requires_grad) for t in slots.tensors]
+    # copies, not views: AOTAutograd runs the traced step once on these, in-place updates included
+    args = [t.detach().clone().requires_grad_(training and t.requires_grad) for t in slots.tensors]
     args.append(x_t.detach().clone().requires_grad_(training and x_t.requires_grad))
     args += [s.detach().clone().requires_grad_(training) for s in leaves]  # distinct tensors: no deduplication
     return args
@@ -570,17 +582,18 @@ def _trace_cell(cell: nn.Module, step: Callable, args: list[Tensor]
     """:func:`_trace`, refusing cells whose forward changes their own attributes (after undoing that)
     or draws random numbers."""
     before = _attrs(cell)
-    snapshot = [(m, dict(vars(m))) for m in cell.modules()]
+    snapshot = [(m, _own(m)) for m in cell.modules()]
     failure: Exception | None = None
     try:
         fw, bw = _trace(step, args)
     except Exception as e:  # noqa: BLE001 - reported below, after the cell is put back
         failure = e
     if _attrs(cell) != before:
-        changed = sorted({k for m, old in snapshot for k, v in vars(m).items()
-                          if not k.startswith("_") and (k not in old or old[k] is not v)})
+        changed = sorted({k for m, old in snapshot for k, v in _own(m).items() if k not in old or old[k] is not v})
         for m, old in snapshot:  # undo what the trace's call did (rebinding only, not in-place edits)
-            vars(m).update({k: v for k, v in old.items() if not k.startswith("_")})
+            for k in set(_own(m)) - set(old):
+                del vars(m)[k]
+            vars(m).update(old)
         raise _Unsupported(f"its forward changes the cell's own attributes ({', '.join(changed) or 'in place'}), "
                            "which a trace cannot repeat every step")
     if failure is not None:
@@ -875,13 +888,17 @@ def run(
 
     leaves, unflatten = tree_flatten(state)
     slots = _Slots(cell)
+    # Inductor's kernels assume the strides they were compiled for: give them contiguous tensors
+    # (a strided buffer is copied per call; the copy's gradient flows back through autograd)
+    slots.tensors = [t if t.is_contiguous() else t.contiguous() for t in slots.tensors]
     if (_transforming() or torch.is_autocast_enabled("cpu") or any(not s.is_floating_point() for s in leaves)
             or any(s.dtype != x.dtype for s in leaves)
             or any(t.dtype != x.dtype for t in slots.tensors[:slots.n_params])):
         return reference.run(cell, x, state, masks, lengths, return_states)
     x = x.contiguous()
     leaves = [s.contiguous() for s in leaves]
-    training = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    training = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
+        x.requires_grad or any(s.requires_grad for s in leaves) or any(t.requires_grad for t in slots.tensors))
     plan = _plan(cell, slots, x, leaves, unflatten, training, quiet)
     if plan is None:
         return reference.run(cell, x, state, masks, lengths, return_states)
