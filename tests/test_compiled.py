@@ -608,3 +608,68 @@ def test_plans_are_shared_by_cells_of_one_kind_and_auto_does_not_build_without_t
     long = torch.rand(N + 2, compiled.AUTO_MIN_STEPS, I)
     unroll(frozen, long)  # auto, grad mode on, but nothing to train: no build for a one-off call
     assert built == []
+
+
+@needs_compiler
+def test_second_derivatives_use_the_tensors_the_forward_used() -> None:
+    """MAML-style: the forward runs with swapped-in parameters; create_graph must differentiate those."""
+    torch.manual_seed(0)
+    cell = MinimalCell(2, 3).double()
+    x = torch.rand(2, 4, 2, dtype=torch.float64)
+    params = {k: v.detach().clone().requires_grad_() for k, v in cell.named_parameters()}
+
+    def meta_grads(backend: str) -> tuple[Tensor, ...]:
+        names = list(params)
+        grads = torch.autograd.grad(_loss(cell, params, x, backend), list(params.values()), create_graph=True)
+        adapted = {k: params[k] - 0.1 * g for k, g in zip(names, grads)}
+        return torch.autograd.grad(_loss(cell, adapted, x, backend), list(params.values()))
+
+    for got, want in zip(meta_grads("compiled"), meta_grads("reference"), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def _loss(cell: nn.Module, params: dict[str, Tensor], x: Tensor, backend: str) -> Tensor:
+    """The squared outputs of ``cell`` over ``x`` run with ``params`` swapped in (as functional_call does)."""
+    class Run(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = cell
+
+        def forward(self) -> Tensor:
+            return unroll(self.cell, x, backend=backend).outputs
+
+    return torch.func.functional_call(Run(), {f"cell.{k}": v for k, v in params.items()}, ()).pow(2).sum()
+
+
+@needs_compiler
+def test_output_views_class_attributes_and_warnings_after_auto(monkeypatch) -> None:
+    class ViewOut(rnnkit.cells.Cell):  # output() a view of the state; a class-level constant
+        scale = 1.0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(I + H, H)
+
+        def init_state(self, batch_size, device=None, dtype=None):
+            return torch.zeros(batch_size, H, device=device, dtype=dtype)
+
+        def forward(self, x, h):
+            return torch.tanh(self.lin(torch.cat([x, h], 1))) * self.scale
+
+        def output(self, h):
+            return h[:, :2]
+
+    torch.manual_seed(0)
+    cell, x = ViewOut(), torch.rand(N, T, I)
+    _agree(cell, x, None, monkeypatch, lengths=LENGTHS)
+    ViewOut.scale = -2.0  # a class attribute changes: a new plan
+    _agree(cell, x, None, monkeypatch, lengths=LENGTHS)
+    # a build that failed silently under auto still warns a caller who asks for this backend
+    long = torch.rand(N, compiled.AUTO_MIN_STEPS, I, requires_grad=True)
+    drop = DropoutCell()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unroll(drop, long)
+    compiled._WARNED.discard(DropoutCell)
+    with pytest.warns(UserWarning, match="random"):
+        unroll(drop, long, backend="compiled")

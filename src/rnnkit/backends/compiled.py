@@ -71,6 +71,7 @@ _aten = torch.ops.aten
 _MAX_PLANS = 256
 _PLANS: OrderedDict[tuple, _Plan | None] = OrderedDict()
 _WARNED: set[type] = set()
+_WHY: dict[tuple, str] = {}  # why a key's build failed, for a later caller who asked for this backend
 _REFUSED: dict[type, str] = {}  # cell types whose forward changes their own attributes: never traced
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default,
           _aten.slice.Tensor, _aten.select.int, _aten.unsqueeze.default, _aten.squeeze.dim,
@@ -115,6 +116,7 @@ def worth_it(cell: nn.Module, x: Tensor, T: int) -> bool:
 def clear_cache() -> None:
     """Forget every traced and compiled step (they are rebuilt on the next call)."""
     _PLANS.clear()
+    _WHY.clear()
 
 
 def _custom_output(cell: nn.Module) -> bool:
@@ -260,9 +262,15 @@ def _fingerprint(v: Any, depth: int = 0) -> Any:
     return _Same(v)  # functions, classes, modules, anything else: by identity
 
 
+def _class_values(kind: type) -> tuple:
+    """The plain values a cell's classes define (``scale = 2.0`` in a class body), up to nn.Module."""
+    return tuple((k, v) for klass in kind.__mro__ if klass not in (nn.Module, object)
+                 for k, v in vars(klass).items() if isinstance(v, _PLAIN) and not k.startswith("__"))
+
+
 def _attrs(cell: nn.Module) -> tuple:
     """What a trace may have baked in: each submodule's type, training flag and other attributes."""
-    return tuple((name, type(m), m.training,
+    return tuple((name, type(m), m.training, _class_values(type(m)),
                   tuple((k, _fingerprint(v)) for k, v in _own(m).items()))
                  for name, m in cell.named_modules())
 
@@ -285,6 +293,10 @@ def _untraceable(cell: nn.Module) -> str | None:
             if isinstance(v, Tensor):
                 return (f"{type(m).__name__}.{k} is a plain tensor attribute; register it with "
                         f"register_buffer('{k}', ...) so it becomes an input of the trace")
+            inside = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+            if any(isinstance(e, Tensor) for e in inside):
+                return (f"{type(m).__name__}.{k} holds tensors in a {type(v).__name__}; make them buffers or "
+                        "parameters (register_buffer, nn.ParameterList) so they become inputs of the trace")
     return None
 
 
@@ -529,9 +541,16 @@ def _step_fn(cell: nn.Module, slots: _Slots, unflatten: Callable[[list[Tensor]],
 
     def step(*a: Tensor) -> tuple[Tensor, ...]:
         with slots.holding(a[:n]):
-            new = cell(a[n], unflatten(list(a[n + 1:])))
-            out = (cell.output(new),) if own_output else ()
-        return (*tree_flatten(new)[0], *out)
+            new = tree_flatten(cell(a[n], unflatten(list(a[n + 1:]))))[0]
+            out = [cell.output(unflatten(list(new)))] if own_output else []
+        # a field passed through unchanged, or returned twice, or an output that is a view of the
+        # state: copies (which Inductor fuses away) keep each output a tensor of its own
+        seen: set[int] = {id(t) for t in a}
+        fresh = []
+        for t in [*new, *out]:
+            fresh.append(t.clone() if id(t) in seen or t._is_view() else t)
+            seen.add(id(t))
+        return tuple(fresh)
 
     return step
 
@@ -706,7 +725,11 @@ def _warn(cell: nn.Module, why: str, quiet: bool = False) -> None:
     inside = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         level, frame = level + 1, frame.f_back
-    warnings.warn(f"rnnkit: the compiled backend cannot run {type(cell).__name__} ({why}); it runs the "
+    name = type(cell).__name__
+    inner = getattr(cell, "cell", None)
+    if name.startswith("_") and isinstance(inner, nn.Module):  # rnnkit's dropout/zoneout wrappers
+        name = f"{type(inner).__name__} (with the layer's {name.strip('_')})"
+    warnings.warn(f"rnnkit: the compiled backend cannot run {name} ({why}); it runs the "
                   "reference loop instead", stacklevel=level)
 
 
@@ -725,6 +748,8 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
     key = key if training else (*key, "inference")
     if key in _PLANS:
         _PLANS.move_to_end(key)
+        if _PLANS[key] is None:
+            _warn(cell, _WHY.get(key, "an earlier build failed"), quiet)  # once per type, as always
         return _PLANS[key]
     if not training and quiet:
         # a one-off evaluation would pay seconds of compiling to save a fraction of one: measured at
@@ -743,10 +768,11 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
         why = str(e) if isinstance(e, _Unsupported) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if isinstance(e, _Unsupported) and "own attributes" in why:
             _REFUSED[type(cell)] = why  # its key would change every call: never try again
+        _WHY[key] = why
         _warn(cell, why, quiet)
     _PLANS[key] = plan
     if len(_PLANS) > _MAX_PLANS:
-        _PLANS.popitem(last=False)
+        _WHY.pop(_PLANS.popitem(last=False)[0], None)
     return plan
 
 
@@ -778,7 +804,10 @@ def _steps(plan: _Plan, x: Tensor, masks: Tensor | None, full: int, leaves: list
         if saved is not None:
             saved.extend(r[n_out:])
             counts.append(len(r) - n_out)
-        outs.append(r[n_state] if plan.own_output else leaves[0])
+        if not plan.own_output:
+            outs.append(leaves[0])
+        else:  # past a sequence's end its output is that of its frozen state: the last one it had
+            outs.append(_freeze(masks[t], r[n_state], outs[-1]) if t >= full and outs else r[n_state])
         if return_states:
             kept.append(leaves)
     return torch.stack(outs), leaves, [torch.stack(s) for s in zip(*kept)] if return_states else []
@@ -788,7 +817,7 @@ class _Loop(torch.autograd.Function):
     """The whole time loop as one autograd node: compiled steps forward, their gradients backward."""
 
     @staticmethod
-    def forward(ctx, plan: _Plan, cell: nn.Module, x: Tensor, masks: Tensor | None,  # type: ignore[override]
+    def forward(ctx, plan: _Plan, owner: tuple[nn.Module, _Slots], x: Tensor, masks: Tensor | None,  # type: ignore[override]
                 lengths: Tensor | None, unflatten: Callable, return_states: bool, n_state: int,
                 *rest: Tensor) -> tuple[Tensor, ...]:
         full = x.shape[0] if lengths is None else int(lengths.min())
@@ -796,7 +825,7 @@ class _Loop(torch.autograd.Function):
         counts: list[int] = []
         outs, leaves, states = _steps(plan, x, masks, full, list(rest[:n_state]), rest[n_state:], return_states,
                                       saved, counts)
-        ctx.plan, ctx.cell, ctx.masks, ctx.full, ctx.counts = plan, cell, masks, full, counts
+        (ctx.cell, ctx.slots), ctx.plan, ctx.masks, ctx.full, ctx.counts = owner, plan, masks, full, counts
         ctx.lengths, ctx.unflatten, ctx.out_shape = lengths, unflatten, outs.shape[1:]
         ctx.return_states, ctx.n_state = return_states, n_state
         # through save_for_backward, so saved-tensor hooks (offloading, checkpointing) see every step
@@ -861,7 +890,8 @@ def _reference_grads(ctx: Any, x: Tensor, rest: list[Tensor], g_out: Tensor | No
 
     leaves = rest[:ctx.n_state]
     inputs = [x, *rest]
-    with torch.enable_grad():
+    # the cell's tensors as the forward saw them (a caller's functional_call may have swapped others in)
+    with torch.enable_grad(), ctx.slots.holding(rest[ctx.n_state:]):
         outs, final, states = reference._run(ctx.cell, x, ctx.unflatten(list(leaves)), ctx.masks, ctx.lengths,
                                              ctx.return_states)
         produced = [outs, *tree_flatten(final)[0]] + (tree_flatten(states)[0] if ctx.return_states else [])
@@ -907,6 +937,6 @@ def run(
         full = x.shape[0] if lengths is None else int(lengths.min())
         outs, final, states_t = _steps(plan, x, masks, full, leaves, tuple(slots.tensors), return_states)
         return outs, unflatten(final), unflatten(states_t) if return_states else None
-    flat = _Loop.apply(plan, cell, x, masks, lengths, unflatten, return_states, n, *leaves, *slots.tensors)
+    flat = _Loop.apply(plan, (cell, slots), x, masks, lengths, unflatten, return_states, n, *leaves, *slots.tensors)
     states = unflatten(list(flat[1 + n:])) if return_states else None
     return flat[0], unflatten(list(flat[1:1 + n])), states
