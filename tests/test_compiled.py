@@ -673,3 +673,24 @@ def test_output_views_class_attributes_and_warnings_after_auto(monkeypatch) -> N
     compiled._WARNED.discard(DropoutCell)
     with pytest.warns(UserWarning, match="random"):
         unroll(drop, long, backend="compiled")
+
+
+@needs_compiler
+def test_own_output_past_the_end_matches_the_reference_runner() -> None:
+    """Below the engine (which zeroes padding): a finished row's output repeats, and so must its gradient."""
+    from rnnkit.engine import _masks
+
+    torch.manual_seed(0)
+    cell = ReadoutCell()
+    x = torch.rand(T, N, I)
+    lengths = torch.tensor(LENGTHS)
+    masks = _masks(lengths, T, x.device)
+    results = []
+    for runner in (reference.run, compiled.run):
+        cell.zero_grad()
+        outs, final, _ = runner(cell, x, cell.init_state(N), masks, lengths, False)
+        gen = torch.Generator().manual_seed(3)
+        (outs * torch.randn(outs.shape, generator=gen)).sum().backward()
+        results.append([outs.detach(), *(p.grad.clone() for p in cell.parameters())])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -853,8 +853,9 @@ class _Loop(torch.autograd.Function):
         dxs: list[Tensor | None] = []
         zero = rest[0].new_zeros(())
         invariants = plan.invariants(steps[0])
-        if g_out is not None:
-            g_out = g_out.contiguous()  # one copy, not one per step (batch-first grads arrive transposed)
+        if g_out is not None:  # one copy, not one per step (batch-first grads arrive transposed)
+            g_out = g_out.clone(memory_format=torch.contiguous_format) if plan.own_output and ctx.masks is not None \
+                else g_out.contiguous()  # (a copy of our own: past a sequence's end it is added to below)
         for t in reversed(range(T)):
             g = list(carry)
             if g_out is not None and not plan.own_output:
@@ -870,7 +871,11 @@ class _Loop(torch.autograd.Function):
                 direct = [_freeze(m, zero, a) for a in g]
                 g = [_freeze(m, a, zero) for a in g]
             if plan.own_output:
-                g.append(g_out[t] if g_out is not None else x.new_zeros(ctx.out_shape))
+                go = g_out[t] if g_out is not None else x.new_zeros(ctx.out_shape)
+                if t >= ctx.full and g_out is not None:  # a finished row's output was the step before's
+                    g_out[t - 1] += _freeze(ctx.masks[t], zero, go)
+                    go = _freeze(ctx.masks[t], go, zero)
+                g.append(go)
             r = plan.bw(*steps[t], *g, *invariants)
             for i in range(n_in):
                 if r[i] is not None:  # a copy first (a step's output may alias another), then in place
