@@ -57,11 +57,13 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="compiled" if not torch.cuda.is_available() else "auto",
+                        help="compiled (the default on a CPU-only machine), auto, or reference (the Python loop)")
     args = parser.parse_args()
     # The config names the cell by a dotted path (configs are data, never code): make this file importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sets = ["model.cell=custom_cell.Seed000Cell", f"train.epochs={args.epochs}", f"train.seed={args.seed}",
-            "train.name=custom-cell"]
+            "train.name=custom-cell", f"model.backend={args.backend}"]
     if args.data_dir:
         sets.append(f"data.data_dir={args.data_dir}")
     summary = app.train(apply_overrides(recipe_config("mnist-rows"), sets))
