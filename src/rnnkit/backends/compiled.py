@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 from rnnkit.backends import gemm, reference
 from rnnkit.backends.fastcpu import _transforming
+from rnnkit.backends.reference import freeze
 
 __all__ = ["available", "unsupported", "worth_it", "run", "run_quietly", "clear_cache"]
 
@@ -633,8 +634,7 @@ def _build_inference(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[T
     args = _fresh_args(slots, x_t, leaves, training=False)
     fw, _ = _trace_cell(cell, step, args)
     if len(_placeholders(fw)) != n_in + 1 + n_s or len(_outputs(fw)) != n_s + own_output:
-        raise _Unsupported("its traced step has an unexpected signature (a state field returned unchanged, "
-                           "or an input modified in place?)")
+        raise _Unsupported(_ODD_SIGNATURE)
     _strip_detach(fw)
     _lower_gemms(fw)
     _fast_tanh(fw)
@@ -661,8 +661,7 @@ def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
     tangents = [n for n in _placeholders(bw) if n.name.startswith("tangents")]
     if (len(_placeholders(fw)) != n_in + 1 + n_s or len(tangents) != n_out
             or len(_placeholders(bw)) != n_saved + n_out or len(_outputs(bw)) != n_in + 1 + n_s):
-        raise _Unsupported("its traced step has an unexpected signature (a state field returned unchanged, "
-                           "or an input modified in place?)")
+        raise _Unsupported(_ODD_SIGNATURE)
     for g in (fw, bw):
         _strip_detach(g)
         g.recompile()
@@ -688,6 +687,9 @@ def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
     plan = _Plan(_split(fw, fw_in), _split(bw, bw_in), n_in, n_s, own_output, prologue, fixed)
     _check(plan, step, slots, x_t, leaves, cot)
     return plan
+
+
+_ODD_SIGNATURE = "its traced step has an unexpected signature (an input modified in place?)"
 
 
 class _Unsupported(Exception):
@@ -780,12 +782,6 @@ def _same(t: Tensor) -> Tensor:
     return t
 
 
-def _freeze(m: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """``new`` where the sequence is still running (mask ``m`` per batch row), else ``old``."""
-    like = new if new.dim() else old
-    return torch.where(m.view(-1, *([1] * (like.dim() - 1))), new, old)
-
-
 def _steps(plan: _Plan, x: Tensor, masks: Tensor | None, full: int, leaves: list[Tensor], inputs: tuple[Tensor, ...],
            return_states: bool, saved: list[Tensor] | None = None, counts: list[int] | None = None
            ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -799,7 +795,7 @@ def _steps(plan: _Plan, x: Tensor, masks: Tensor | None, full: int, leaves: list
         r = plan.fw(*inputs, x[t], *leaves)
         new = [s if s.is_contiguous() else s.contiguous() for s in r[:n_state]]
         if t >= full:
-            new = [_freeze(masks[t], a, b) for a, b in zip(new, leaves)]
+            new = [freeze(masks[t], a, b) for a, b in zip(new, leaves)]
         leaves = new
         if saved is not None:
             saved.extend(r[n_out:])
@@ -807,7 +803,7 @@ def _steps(plan: _Plan, x: Tensor, masks: Tensor | None, full: int, leaves: list
         if not plan.own_output:
             outs.append(leaves[0])
         else:  # past a sequence's end its output is that of its frozen state: the last one it had
-            outs.append(_freeze(masks[t], r[n_state], outs[-1]) if t >= full and outs else r[n_state])
+            outs.append(freeze(masks[t], r[n_state], outs[-1]) if t >= full and outs else r[n_state])
         if return_states:
             kept.append(leaves)
     return torch.stack(outs), leaves, [torch.stack(s) for s in zip(*kept)] if return_states else []
@@ -868,13 +864,13 @@ class _Loop(torch.autograd.Function):
             direct = None
             if t >= ctx.full:
                 m = ctx.masks[t]
-                direct = [_freeze(m, zero, a) for a in g]
-                g = [_freeze(m, a, zero) for a in g]
+                direct = [freeze(m, zero, a) for a in g]
+                g = [freeze(m, a, zero) for a in g]
             if plan.own_output:
                 go = g_out[t] if g_out is not None else x.new_zeros(ctx.out_shape)
                 if t >= ctx.full and g_out is not None:  # a finished row's output was the step before's
-                    g_out[t - 1] += _freeze(ctx.masks[t], zero, go)
-                    go = _freeze(ctx.masks[t], go, zero)
+                    g_out[t - 1] += freeze(ctx.masks[t], zero, go)
+                    go = freeze(ctx.masks[t], go, zero)
                 g.append(go)
             r = plan.bw(*steps[t], *g, *invariants)
             for i in range(n_in):

@@ -16,8 +16,10 @@ def unsupported(cell: nn.Module, x: Tensor) -> str | None:
     return None
 
 
-def _freeze(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
+def freeze(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` in the batch rows whose sequence is still running (``mask``), else ``old`` (either may be a scalar)."""
+    like = new if new.dim() else old
+    return torch.where(mask.view(-1, *([1] * (like.dim() - 1))), new, old)
 
 
 def run(
@@ -46,7 +48,7 @@ def _run(
         new = step(xs[t], state)
         if t >= full:
             m = masks[t]
-            new = tree_map(lambda n, o, m=m: _freeze(m, n, o), new, state)
+            new = tree_map(lambda n, o, m=m: freeze(m, n, o), new, state)
         state = new
         outputs.append(cell_output(cell, state))
         if return_states:
