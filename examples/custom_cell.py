@@ -11,7 +11,7 @@ or through the command line tool, which accepts any cell class by its dotted pat
 
     PYTHONPATH=examples .venv/bin/rnnkit train --cell custom_cell.Seed000Cell --backend compiled
 
-(``--backend compiled`` traces and compiles the cell, a few seconds per batch shape, and trains it
+(``--backend compiled`` traces and compiles the cell, a few seconds per batch size, and trains it
 1.6-1.7x faster on the CPU at MNIST's shapes; without it, 28-step rows run in rnnkit's Python loop.)
 """
 

@@ -694,3 +694,72 @@ def test_own_output_past_the_end_matches_the_reference_runner() -> None:
         results.append([outs.detach(), *(p.grad.clone() for p in cell.parameters())])
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+class BatchCentredCell(nn.Module):
+    """A cell that mixes batch rows (its pre-activations are centred over the batch)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.lin = nn.Linear(input_size + hidden_size, hidden_size)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        z = self.lin(torch.cat([x, h], 1))
+        return torch.tanh(z - z.mean(0))
+
+
+def _count_builds(monkeypatch) -> list[str]:
+    built, real = [], (compiled._build, compiled._build_inference)
+    monkeypatch.setattr(compiled, "_build", lambda *a: built.append("train") or real[0](*a))
+    monkeypatch.setattr(compiled, "_build_inference", lambda *a: built.append("inference") or real[1](*a))
+    return built
+
+
+@needs_compiler
+def test_smaller_batches_run_padded_on_a_wider_plan(cells, monkeypatch) -> None:
+    cell = cells["seed000"]
+    _agree(cell, torch.rand(N, T, I), None, monkeypatch, return_states=True)  # the plan for N rows
+    built = _count_builds(monkeypatch)
+    # an epoch's last, smaller batch: padded to N rows; values and gradients are the reference loop's
+    _agree(cell, torch.rand(N - 1, T, I), None, monkeypatch, lengths=LENGTHS[:N - 1], return_states=True)
+    _agree(cell, torch.rand(N - 1, T, I), None, monkeypatch, lengths=LENGTHS[:N - 1], reverse=True)
+    state = tree_flatten(cell.init_state(N - 1))[1]([torch.randn(N - 1, H) for _ in _leaves(cell.init_state(1))])
+    _agree(cell, torch.rand(N - 1, T, I), state, monkeypatch, return_states=True)
+    assert built == []
+    # as a trainer calls it (x needs no gradient), and then its evaluation without gradients
+    x = torch.rand(N + 2, T, I)
+    unroll(cell, x, backend="compiled").outputs.sum().backward()
+    assert built == ["train"]
+    with torch.no_grad():
+        got = unroll(cell, x[:N], backend="compiled")
+    want = unroll(cell, x[:N], backend="reference")
+    torch.testing.assert_close(got.outputs, want.outputs)
+    torch.testing.assert_close(got.final_state, want.final_state)
+    assert built == ["train"]
+
+
+@needs_compiler
+def test_much_smaller_batches_get_their_own_plan_when_they_keep_coming(cells, monkeypatch) -> None:
+    cell = cells["minimal"]
+    _agree(cell, torch.rand(N, T, I), None, monkeypatch)
+    built = _count_builds(monkeypatch)
+    for _ in range(compiled._PAD_CALLS):  # a rare small batch pads (N rows for 1)
+        _agree(cell, torch.rand(1, T, I), None, monkeypatch)
+    assert built == []
+    for _ in range(2):  # then it compiles once
+        _agree(cell, torch.rand(1, T, I), None, monkeypatch)
+    assert built == ["train"]
+
+
+@needs_compiler
+def test_cells_that_mix_batch_rows_are_not_padded(monkeypatch) -> None:
+    torch.manual_seed(0)
+    cell = BatchCentredCell(I, H)
+    _agree(cell, torch.rand(N, T, I), None, monkeypatch)
+    built = _count_builds(monkeypatch)
+    _agree(cell, torch.rand(N - 1, T, I), None, monkeypatch)  # padding would change its batch mean
+    assert built == ["train"]

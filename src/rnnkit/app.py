@@ -251,7 +251,7 @@ def _train_mnist(
 
         if data.x_train.shape[1] < AUTO_MIN_STEPS:  # longer sequences are compiled by default
             log("your cell runs in rnnkit's reference loop at this sequence length; --backend compiled "
-                "compiles it (a few seconds per batch shape) and trains it faster")
+                "compiles it (a few seconds per batch size; smaller batches reuse it) and trains it faster")
 
     if device.type == "cuda":  # the whole set fits: skip the host-to-device copy per batch
         data.x_train, data.y_train = data.x_train.to(device), data.y_train.to(device)

@@ -40,6 +40,11 @@ list or dict attribute inside forward cannot be undone or detected; such cells a
 Calls without gradients (evaluation) use the training plan of the same shapes when there is one,
 else (when this backend was asked for) a forward-only plan, which saves nothing for a backward.
 Compiling a new shape costs a few seconds (Inductor also caches kernels on disk across processes).
+A smaller batch than one with a plan (an epoch's last batch, say) runs on that plan with its rows
+padded by copies of a real row, which costs the padded rows' arithmetic instead of a compile; only
+for cells whose rows were found independent when the plan was built (new values in half of the
+rows left the other half's results alone), and a batch more than twice smaller gets its own plan
+once it keeps coming.
 ``backend="auto"`` picks this backend for cells that no built-in kernel runs on
 :data:`AUTO_MIN_STEPS` steps or more on the CPU (and then falls back without a warning);
 ``RNNKIT_COMPILE=0`` turns that off. Shorter sequences use it when asked:
@@ -74,6 +79,11 @@ _PLANS: OrderedDict[tuple, _Plan | None] = OrderedDict()
 _WARNED: set[type] = set()
 _WHY: dict[tuple, str] = {}  # why a key's build failed, for a later caller who asked for this backend
 _REFUSED: dict[type, str] = {}  # cell types whose forward changes their own attributes: never traced
+# Batch sizes with a training plan whose rows are computed independently, by key without the batch
+# size: a smaller batch runs on such a plan with its rows padded (see _wider) instead of compiling.
+_ROWS: dict[tuple, set[int]] = {}
+_SEEN: dict[tuple, int] = {}  # calls per key that ran padded on a plan more than twice their size
+_PAD_CALLS = 3  # ... after which the batch size gets a plan of its own
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default,
           _aten.slice.Tensor, _aten.select.int, _aten.unsqueeze.default, _aten.squeeze.dim,
           _aten.expand.default, _aten.alias.default}
@@ -118,6 +128,8 @@ def clear_cache() -> None:
     """Forget every traced and compiled step (they are rebuilt on the next call)."""
     _PLANS.clear()
     _WHY.clear()
+    _ROWS.clear()
+    _SEEN.clear()
 
 
 def _custom_output(cell: nn.Module) -> bool:
@@ -209,6 +221,7 @@ class _Plan:
     def __init__(self, fw: Callable, bw: Callable | None, n_inputs: int, n_state: int, own_output: bool,
                  prologue: Callable | None, fixed: list[int]) -> None:
         self.fw, self.bw = fw, bw
+        self.rows_apart = False  # whether each batch row's step depends on that row alone (see _rows_apart)
         self.n_inputs, self.n_state, self.own_output = n_inputs, n_state, own_output
         self.n_out = n_state + own_output  # what a step returns: the new state, then cell.output() if any
         self.prologue, self.fixed = prologue, fixed  # the backward's once-per-sequence part, and its inputs
@@ -340,11 +353,18 @@ class _Slots:
                 d[name] = original
 
 
-def _key(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor]) -> tuple:
+def _key(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor], rows: int | None = None) -> tuple:
+    """The plan's key; with ``rows``, the key the same call would have with that batch size."""
+    n = x.shape[1]
+    rows = n if rows is None else rows
+
+    def shape(t: Tensor) -> tuple[int, ...]:
+        return (rows, *t.shape[1:]) if t.dim() and t.shape[0] == n else tuple(t.shape)
+
     # no id(cell): cells of one type, configuration and tensor layout trace to the same step (the
     # tensors are inputs), so the directions and layers of a stack, and wrappers made per call, share it
-    return (_attrs(cell), tuple(slots.index), tuple(x.shape[1:]), x.dtype, x.requires_grad,
-            tuple((tuple(s.shape), s.dtype) for s in leaves),
+    return (_attrs(cell), tuple(slots.index), (rows, *x.shape[2:]), x.dtype, x.requires_grad,
+            tuple((shape(s), s.dtype) for s in leaves),
             tuple((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for t in slots.tensors),
             torch.get_num_threads(), gemm.onednn_available())
 
@@ -686,7 +706,28 @@ def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
     bw_in = [*fw_out[n_out:], *cot, *invariants]
     plan = _Plan(_split(fw, fw_in), _split(bw, bw_in), n_in, n_s, own_output, prologue, fixed)
     _check(plan, step, slots, x_t, leaves, cot)
+    plan.rows_apart = _rows_apart(step, slots, x_t, leaves)
     return plan
+
+
+def _rows_apart(step: Callable, slots: _Slots, x_t: Tensor, leaves: list[Tensor]) -> bool:
+    """Whether each batch row of the eager step depends on that row alone: new values in the second
+    half of the rows must leave the first half's results as they were (a cell that normalises over
+    the batch, say, fails this, and its smaller batches then get plans of their own)."""
+    n = x_t.shape[0]
+    if n < 2 or not all(s.dim() and s.shape[0] == n for s in leaves):
+        return False
+    args = _fresh_args(slots, x_t, leaves, training=False)
+    other = list(args)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(len(slots.tensors), len(args)):
+        other[k] = args[k].clone()
+        other[k][n // 2:] = torch.randn(other[k][n // 2:].shape, generator=gen, dtype=args[k].dtype)
+    with torch.no_grad():
+        first, second = step(*args), step(*other)
+    return all(a.dim() and a.shape[0] == n and a.shape == b.shape
+               and bool(torch.allclose(a[:n // 2], b[:n // 2], rtol=1e-6, atol=1e-7, equal_nan=True))
+               for a, b in zip(first, second))
 
 
 _ODD_SIGNATURE = "its traced step has an unexpected signature (an input modified in place?)"
@@ -736,27 +777,35 @@ def _warn(cell: nn.Module, why: str, quiet: bool = False) -> None:
 
 
 def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
-          unflatten: Callable[[list[Tensor]], Any], training: bool, quiet: bool) -> _Plan | None:
-    """The cached plan for this call, built if missing: a training plan, or for a call without
-    gradients the training plan of the same shapes if there is one, else a forward-only plan
-    (built only when the caller asked for this backend: ``quiet`` calls, auto's, never build one)."""
+          unflatten: Callable[[list[Tensor]], Any], training: bool, quiet: bool) -> tuple[_Plan | None, int]:
+    """The cached plan for this call and the batch size it runs, built if missing.
+
+    In order: the training plan of these shapes; one for a larger batch that the call can run on
+    with its rows padded (see :func:`_wider`); for a call without gradients, a forward-only plan;
+    else a new plan (a forward-only one is built only when the caller asked for this backend:
+    ``quiet`` calls, auto's, never build one).
+    """
+    rows = x.shape[1]
     why = _REFUSED.get(type(cell)) or _untraceable(cell)
     if why:
         _warn(cell, why, quiet)
-        return None
+        return None, rows
     key = _key(cell, slots, x, leaves)
     if not training and _PLANS.get(key) is not None:
-        return _PLANS[key]
+        return _PLANS[key], rows
+    wider = _wider(cell, slots, x, leaves, key)
+    if wider is not None:
+        return wider
     key = key if training else (*key, "inference")
     if key in _PLANS:
         _PLANS.move_to_end(key)
         if _PLANS[key] is None:
             _warn(cell, _WHY.get(key, "an earlier build failed"), quiet)  # once per type, as always
-        return _PLANS[key]
+        return _PLANS[key], rows
     if not training and quiet:
         # a one-off evaluation would pay seconds of compiling to save a fraction of one: measured at
         # T784 N1000 H128 (seed-000 cell), 5.4 s to build, then 680-800 ms against 880-894 ms
-        return None
+        return None, rows
     plan = None
     try:
         # tracing must move neither the caller's random stream nor tensors through saved-tensor
@@ -775,7 +824,38 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
     _PLANS[key] = plan
     if len(_PLANS) > _MAX_PLANS:
         _WHY.pop(_PLANS.popitem(last=False)[0], None)
-    return plan
+    if plan is not None and plan.rows_apart:
+        _ROWS.setdefault(_key(cell, slots, x, leaves, rows=-1), set()).add(rows)
+    return plan, rows
+
+
+def _wider(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor], key: tuple
+           ) -> tuple[_Plan, int] | None:
+    """A training plan for a larger batch whose rows are computed apart, and its batch size, for a
+    call with no plan of its own: run padded, the call costs a few rows more instead of a compile
+    (the last, smaller batch of an epoch, say). A batch size more than twice smaller gets its own
+    plan once it has come :data:`_PAD_CALLS` times."""
+    n = x.shape[1]
+    if key in _PLANS or (*key, "inference") in _PLANS or not all(s.dim() and s.shape[0] == n for s in leaves):
+        return None
+    for rows in sorted(_ROWS.get(_key(cell, slots, x, leaves, rows=-1), ())):
+        wide = _key(cell, slots, x, leaves, rows=rows)
+        if rows <= n or _PLANS.get(wide) is None:
+            continue
+        if rows > 2 * n:
+            _SEEN[key] = _SEEN.get(key, 0) + 1
+            if _SEEN[key] > _PAD_CALLS:
+                return None
+        _PLANS.move_to_end(wide)
+        return _PLANS[wide], rows
+    return None
+
+
+def _pad_rows(t: Tensor, dim: int, rows: int) -> Tensor:
+    """``t`` with copies of its first row appended along ``dim`` up to ``rows``: real values, so the
+    padding's forward is as finite as the call's and its zero gradient contributes exact zeros."""
+    extra = [rows - t.shape[dim] if d == dim else -1 for d in range(t.dim())]
+    return torch.cat([t, t.narrow(dim, 0, 1).expand(*extra)], dim)
 
 
 def _same(t: Tensor) -> Tensor:
@@ -930,14 +1010,21 @@ def run(
     leaves = [s.contiguous() for s in leaves]
     training = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
         x.requires_grad or any(s.requires_grad for s in leaves) or any(t.requires_grad for t in slots.tensors))
-    plan = _plan(cell, slots, x, leaves, unflatten, training, quiet)
+    plan, rows = _plan(cell, slots, x, leaves, unflatten, training, quiet)
     if plan is None:
         return reference.run(cell, x, state, masks, lengths, return_states)
-    n = len(leaves)
+    n_rows, n = x.shape[1], len(leaves)
+    if rows != n_rows:  # a plan for a larger batch: pad, run, and keep the call's rows
+        x, leaves = _pad_rows(x, 1, rows), [_pad_rows(s, 0, rows) for s in leaves]
+        masks = None if masks is None else _pad_rows(masks, 1, rows)
+        lengths = None if lengths is None else _pad_rows(lengths, 0, rows)
     if not training:
         full = x.shape[0] if lengths is None else int(lengths.min())
         outs, final, states_t = _steps(plan, x, masks, full, leaves, tuple(slots.tensors), return_states)
-        return outs, unflatten(final), unflatten(states_t) if return_states else None
-    flat = _Loop.apply(plan, (cell, slots), x, masks, lengths, unflatten, return_states, n, *leaves, *slots.tensors)
-    states = unflatten(list(flat[1 + n:])) if return_states else None
-    return flat[0], unflatten(list(flat[1:1 + n])), states
+    else:
+        flat = _Loop.apply(plan, (cell, slots), x, masks, lengths, unflatten, return_states, n, *leaves,
+                           *slots.tensors)
+        outs, final, states_t = flat[0], list(flat[1:1 + n]), list(flat[1 + n:]) if return_states else []
+    if rows != n_rows:
+        outs, final, states_t = outs[:, :n_rows], [s[:n_rows] for s in final], [s[:, :n_rows] for s in states_t]
+    return outs, unflatten(final), unflatten(states_t) if return_states else None
