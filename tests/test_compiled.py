@@ -712,6 +712,34 @@ class BatchCentredCell(nn.Module):
         return torch.tanh(z - z.mean(0))
 
 
+class GatedCentredCell(BatchCentredCell):
+    """Mixes rows through a learnt gain that starts at zero: at first only its gradient shows it."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__(input_size, hidden_size)
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        z = self.lin(torch.cat([x, h], 1))
+        return torch.tanh(z - self.alpha * z.mean(0))
+
+
+class BackwardMixingCell(BatchCentredCell):
+    """Rows apart in the forward, mixed in the backward (through a batch mean that adds zero)."""
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        z = self.lin(torch.cat([x, h], 1))
+        m = z.mean(0)
+        return torch.tanh(z + (m - m.detach()))
+
+
+class BatchSizeCell(BatchCentredCell):
+    """Reads the batch size as a number (a trace bakes it in)."""
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(self.lin(torch.cat([x, h], 1)) * x.shape[0] ** -0.5)
+
+
 def _count_builds(monkeypatch) -> list[str]:
     built, real = [], (compiled._build, compiled._build_inference)
     monkeypatch.setattr(compiled, "_build", lambda *a: built.append("train") or real[0](*a))
@@ -756,10 +784,56 @@ def test_much_smaller_batches_get_their_own_plan_when_they_keep_coming(cells, mo
 
 
 @needs_compiler
-def test_cells_that_mix_batch_rows_are_not_padded(monkeypatch) -> None:
+@pytest.mark.parametrize("cls", [BatchCentredCell, GatedCentredCell, BackwardMixingCell, BatchSizeCell])
+def test_cells_that_mix_batch_rows_are_not_padded(cls, monkeypatch) -> None:
     torch.manual_seed(0)
-    cell = BatchCentredCell(I, H)
+    cell = cls(I, H)
     _agree(cell, torch.rand(N, T, I), None, monkeypatch)
     built = _count_builds(monkeypatch)
-    _agree(cell, torch.rand(N - 1, T, I), None, monkeypatch)  # padding would change its batch mean
+    _agree(cell, torch.rand(N - 1, T, I), None, monkeypatch)  # padded, it would differ
     assert built == ["train"]
+
+
+@needs_compiler
+def test_evicted_plans_take_no_smaller_batches(monkeypatch) -> None:
+    compiled.clear_cache()
+    monkeypatch.setattr(compiled, "_MAX_PLANS", 1)
+    torch.manual_seed(0)
+    cell = GatedCentredCell(I, H)
+    with torch.no_grad():
+        cell.alpha.fill_(1.0)
+    minimal = MinimalCell(I, H)
+    _agree(minimal, torch.rand(N, T, I), None, monkeypatch)  # rows apart: smaller batches may use it
+    assert len(compiled._ROWS) == 1
+    _agree(cell, torch.rand(N, T, I), None, monkeypatch)  # evicts it
+    assert compiled._ROWS == {}
+    built = _count_builds(monkeypatch)
+    _agree(minimal, torch.rand(N - 1, T, I), None, monkeypatch)
+    assert built == ["train"]
+
+
+@needs_compiler
+def test_activation_checkpointing_takes_one_plan_for_both_passes(cells, monkeypatch) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    cell = cells["grulike"]
+    _agree(cell, torch.rand(N, T, I), None, monkeypatch)
+    for _ in range(compiled._PAD_CALLS + 2):  # around the point where a small batch gets its own plan
+        x = torch.rand(1, T, I, requires_grad=True)  # as in the plan's key: padded onto it
+        out = checkpoint(lambda v: unroll(cell, v, backend="compiled").outputs, x, use_reentrant=False)
+        out.sum().backward()  # the recomputed forward must match the first one's shapes
+
+
+@needs_compiler
+def test_auto_evaluation_keeps_running_padded(monkeypatch) -> None:
+    torch.manual_seed(0)
+    cell = MinimalCell(I, H)
+    steps = 8
+    monkeypatch.setattr(compiled, "AUTO_MIN_STEPS", steps)
+    unroll(cell, torch.rand(N, steps, I)).outputs.sum().backward()  # auto trains on its compiled plan
+    built = _count_builds(monkeypatch)
+    monkeypatch.setattr(reference, "run", None)  # the reference loop would fail loudly
+    for _ in range(compiled._PAD_CALLS + 2):
+        with torch.no_grad():
+            unroll(cell, torch.rand(1, steps, I))  # auto never builds forward-only plans: keeps padding
+    assert built == []

@@ -41,10 +41,11 @@ Calls without gradients (evaluation) use the training plan of the same shapes wh
 else (when this backend was asked for) a forward-only plan, which saves nothing for a backward.
 Compiling a new shape costs a few seconds (Inductor also caches kernels on disk across processes).
 A smaller batch than one with a plan (an epoch's last batch, say) runs on that plan with its rows
-padded by copies of a real row, which costs the padded rows' arithmetic instead of a compile; only
-for cells whose rows were found independent when the plan was built (new values in half of the
-rows left the other half's results alone), and a batch more than twice smaller gets its own plan
-once it keeps coming.
+padded by copies of a real row, which costs the padded rows' arithmetic instead of a compile. This
+is only done for cells whose rows were found independent when the plan was built (half the rows
+stepped alone gave the values and gradients they give inside the whole batch), never under
+saved-tensor hooks (activation checkpointing recomputes the forward and needs the same plan), and a
+batch more than twice smaller gets its own plan once it keeps coming.
 ``backend="auto"`` picks this backend for cells that no built-in kernel runs on
 :data:`AUTO_MIN_STEPS` steps or more on the CPU (and then falls back without a warning);
 ``RNNKIT_COMPILE=0`` turns that off. Shorter sequences use it when asked:
@@ -82,7 +83,7 @@ _REFUSED: dict[type, str] = {}  # cell types whose forward changes their own att
 # Batch sizes with a training plan whose rows are computed independently, by key without the batch
 # size: a smaller batch runs on such a plan with its rows padded (see _wider) instead of compiling.
 _ROWS: dict[tuple, set[int]] = {}
-_SEEN: dict[tuple, int] = {}  # calls per key that ran padded on a plan more than twice their size
+_SEEN: OrderedDict[tuple, int] = OrderedDict()  # calls per key that ran padded on a plan over twice their size
 _PAD_CALLS = 3  # ... after which the batch size gets a plan of its own
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default,
           _aten.slice.Tensor, _aten.select.int, _aten.unsqueeze.default, _aten.squeeze.dim,
@@ -222,6 +223,7 @@ class _Plan:
                  prologue: Callable | None, fixed: list[int]) -> None:
         self.fw, self.bw = fw, bw
         self.rows_apart = False  # whether each batch row's step depends on that row alone (see _rows_apart)
+        self.rows_key: tuple | None = None  # (key without the batch size, batch size) once smaller batches may use it
         self.n_inputs, self.n_state, self.own_output = n_inputs, n_state, own_output
         self.n_out = n_state + own_output  # what a step returns: the new state, then cell.output() if any
         self.prologue, self.fixed = prologue, fixed  # the backward's once-per-sequence part, and its inputs
@@ -711,23 +713,38 @@ def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
 
 
 def _rows_apart(step: Callable, slots: _Slots, x_t: Tensor, leaves: list[Tensor]) -> bool:
-    """Whether each batch row of the eager step depends on that row alone: new values in the second
-    half of the rows must leave the first half's results as they were (a cell that normalises over
-    the batch, say, fails this, and its smaller batches then get plans of their own)."""
+    """Whether each batch row of the eager step depends on that row alone, values and gradients: the
+    first half of the rows, stepped on their own (another batch size), must give what they give
+    inside the whole batch, and so must a gradient that is zero on the other rows (for x, the state
+    and the cell's tensors). Cells that normalise over the batch, read its size, or mix rows only in
+    their backward fail this, and their smaller batches get plans of their own."""
     n = x_t.shape[0]
     if n < 2 or not all(s.dim() and s.shape[0] == n for s in leaves):
         return False
-    args = _fresh_args(slots, x_t, leaves, training=False)
-    other = list(args)
+    k, m = n // 2, len(slots.tensors)
+    whole = _fresh_args(slots, x_t, leaves)
+    whole[m].requires_grad_()
+    half = whole[:m] + [a.detach()[:k].clone().requires_grad_() for a in whole[m:]]
     gen = torch.Generator().manual_seed(0)
-    for k in range(len(slots.tensors), len(args)):
-        other[k] = args[k].clone()
-        other[k][n // 2:] = torch.randn(other[k][n // 2:].shape, generator=gen, dtype=args[k].dtype)
-    with torch.no_grad():
-        first, second = step(*args), step(*other)
-    return all(a.dim() and a.shape[0] == n and a.shape == b.shape
-               and bool(torch.allclose(a[:n // 2], b[:n // 2], rtol=1e-6, atol=1e-7, equal_nan=True))
-               for a, b in zip(first, second))
+    with torch.enable_grad():
+        got_whole, got_half = step(*whole), step(*half)
+        if not all(a.dim() and a.shape[0] == n and b.shape[0] == k for a, b in zip(got_whole, got_half)):
+            return False
+        cot = [torch.randn(b.shape, generator=gen, dtype=b.dtype) for b in got_half]
+        wide = [torch.cat([c, c.new_zeros((n - k, *c.shape[1:]))]) for c in cot]
+        wants = [j for j, a in enumerate(whole) if a.requires_grad]  # the same in both halves
+        g_whole = torch.autograd.grad(got_whole, [whole[j] for j in wants], wide, allow_unused=True)
+        g_half = torch.autograd.grad(got_half, [half[j] for j in wants], cot, allow_unused=True)
+    pairs = [(a[:k], b) for a, b in zip(got_whole, got_half)]
+    for j, a, b in zip(wants, g_whole, g_half):
+        if a is not None and b is not None and j >= m:  # x and the state: per row
+            if bool(a[k:].abs().max() > 0):
+                return False
+            a = a[:k]
+        pairs.append((a, b))
+    return all((a is None and (b is None or not b.any())) or (b is None and not a.any())
+               or (a is not None and b is not None and _close(a.detach(), b.detach()))
+               for a, b in pairs)
 
 
 _ODD_SIGNATURE = "its traced step has an unexpected signature (an input modified in place?)"
@@ -793,7 +810,7 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
     key = _key(cell, slots, x, leaves)
     if not training and _PLANS.get(key) is not None:
         return _PLANS[key], rows
-    wider = _wider(cell, slots, x, leaves, key)
+    wider = _wider(cell, slots, x, leaves, key, builds=training or not quiet)
     if wider is not None:
         return wider
     key = key if training else (*key, "inference")
@@ -822,32 +839,46 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
         _WHY[key] = why
         _warn(cell, why, quiet)
     _PLANS[key] = plan
-    if len(_PLANS) > _MAX_PLANS:
-        _WHY.pop(_PLANS.popitem(last=False)[0], None)
     if plan is not None and plan.rows_apart:
-        _ROWS.setdefault(_key(cell, slots, x, leaves, rows=-1), set()).add(rows)
+        plan.rows_key = (_key(cell, slots, x, leaves, rows=-1), rows)
+        _ROWS.setdefault(plan.rows_key[0], set()).add(rows)
+    if len(_PLANS) > _MAX_PLANS:
+        old_key, old = _PLANS.popitem(last=False)
+        _WHY.pop(old_key, None)
+        if old is not None and old.rows_key is not None:  # it can no longer take smaller batches
+            free, old_rows = old.rows_key
+            _ROWS[free].discard(old_rows)
+            if not _ROWS[free]:
+                del _ROWS[free]
     return plan, rows
 
 
-def _wider(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor], key: tuple
+def _wider(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor], key: tuple, builds: bool
            ) -> tuple[_Plan, int] | None:
     """A training plan for a larger batch whose rows are computed apart, and its batch size, for a
     call with no plan of its own: run padded, the call costs a few rows more instead of a compile
     (the last, smaller batch of an epoch, say). A batch size more than twice smaller gets its own
-    plan once it has come :data:`_PAD_CALLS` times."""
+    plan once it has come :data:`_PAD_CALLS` times, if the call would build one (``builds``)."""
     n = x.shape[1]
     if key in _PLANS or (*key, "inference") in _PLANS or not all(s.dim() and s.shape[0] == n for s in leaves):
         return None
+    # Under saved-tensor hooks, activation checkpointing may run this forward again in the backward,
+    # and the two must take one plan: there, a call without a plan of its own gets one.
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return None
     for rows in sorted(_ROWS.get(_key(cell, slots, x, leaves, rows=-1), ())):
         wide = _key(cell, slots, x, leaves, rows=rows)
-        if rows <= n or _PLANS.get(wide) is None:
+        plan = _PLANS.get(wide)
+        if rows <= n or plan is None or not plan.rows_apart:
             continue
-        if rows > 2 * n:
-            _SEEN[key] = _SEEN.get(key, 0) + 1
+        if rows > 2 * n and builds:
+            _SEEN[key] = _SEEN.pop(key, 0) + 1
+            if len(_SEEN) > _MAX_PLANS:
+                _SEEN.popitem(last=False)
             if _SEEN[key] > _PAD_CALLS:
                 return None
         _PLANS.move_to_end(wide)
-        return _PLANS[wide], rows
+        return plan, rows
     return None
 
 
