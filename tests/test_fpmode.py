@@ -268,3 +268,17 @@ def test_trainer_step_runs_flushed_and_restores(caller_mode) -> None:
     trainer.train_step(torch.randn(N, T, I), torch.tensor([0, 1]))
     assert cell.forward_modes == [True] * T and cell.backward_modes == [True] * T
     assert denormals_are_flushed() is caller_mode
+
+
+def test_the_fast_mode_probe_agrees_with_torch_kernels() -> None:
+    from rnnkit import fpmode
+
+    if not fpmode._cpu_supports_flush():
+        pytest.skip("this CPU cannot flush denormals")
+    was = fpmode._tensor_probe()
+    try:
+        for mode in (True, False, True):
+            torch.set_flush_denormal(mode)
+            assert fpmode.denormals_are_flushed() is mode is fpmode._tensor_probe()
+    finally:
+        torch.set_flush_denormal(was)
