@@ -837,3 +837,23 @@ def test_auto_evaluation_keeps_running_padded(monkeypatch) -> None:
         with torch.no_grad():
             unroll(cell, torch.rand(1, steps, I))  # auto never builds forward-only plans: keeps padding
     assert built == []
+
+
+class FixedBatchCell(MinimalCell):
+    """Keeps a per-row buffer, so it steps only the batch size it was made for."""
+
+    def __init__(self, input_size: int, hidden_size: int, batch_size: int) -> None:
+        super().__init__(input_size, hidden_size)
+        self.register_buffer("row_gain", torch.linspace(0.5, 1.5, batch_size).unsqueeze(1))
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return super().forward(x, h) * self.row_gain
+
+
+@needs_compiler
+def test_a_cell_that_steps_only_its_own_batch_size_still_compiles(monkeypatch) -> None:
+    torch.manual_seed(0)
+    cell = FixedBatchCell(I, H, N)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the row check's failure is not the build's
+        _agree(cell, torch.rand(N, T, I), None, monkeypatch)

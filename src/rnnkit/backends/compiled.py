@@ -726,15 +726,18 @@ def _rows_apart(step: Callable, slots: _Slots, x_t: Tensor, leaves: list[Tensor]
     whole[m].requires_grad_()
     half = whole[:m] + [a.detach()[:k].clone().requires_grad_() for a in whole[m:]]
     gen = torch.Generator().manual_seed(0)
-    with torch.enable_grad():
-        got_whole, got_half = step(*whole), step(*half)
-        if not all(a.dim() and a.shape[0] == n and b.shape[0] == k for a, b in zip(got_whole, got_half)):
-            return False
-        cot = [torch.randn(b.shape, generator=gen, dtype=b.dtype) for b in got_half]
-        wide = [torch.cat([c, c.new_zeros((n - k, *c.shape[1:]))]) for c in cot]
-        wants = [j for j, a in enumerate(whole) if a.requires_grad]  # the same in both halves
-        g_whole = torch.autograd.grad(got_whole, [whole[j] for j in wants], wide, allow_unused=True)
-        g_half = torch.autograd.grad(got_half, [half[j] for j in wants], cot, allow_unused=True)
+    try:
+        with torch.enable_grad():
+            got_whole, got_half = step(*whole), step(*half)
+            if not all(a.dim() and a.shape[0] == n and b.shape[0] == k for a, b in zip(got_whole, got_half)):
+                return False
+            cot = [torch.randn(b.shape, generator=gen, dtype=b.dtype) for b in got_half]
+            wide = [torch.cat([c, c.new_zeros((n - k, *c.shape[1:]))]) for c in cot]
+            wants = [j for j, a in enumerate(whole) if a.requires_grad]  # the same in both halves
+            g_whole = torch.autograd.grad(got_whole, [whole[j] for j in wants], wide, allow_unused=True)
+            g_half = torch.autograd.grad(got_half, [half[j] for j in wants], cot, allow_unused=True)
+    except Exception:  # noqa: BLE001 - a cell that cannot step another batch size (a per-batch buffer, say)
+        return False
     pairs = [(a[:k], b) for a, b in zip(got_whole, got_half)]
     for j, a, b in zip(wants, g_whole, g_half):
         if a is not None and b is not None and j >= m:  # x and the state: per row
