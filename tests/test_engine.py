@@ -392,7 +392,7 @@ def test_error_wrong_rank() -> None:
     _raises(r"expected x of shape \(N, T, I\) \(batch_first=True\), got \(3, 3\)", cell, torch.randn(N, I))
     _raises(r"expected x of shape \(T, N, I\) \(batch_first=False\), got \(1, 3, 5, 3\)",
             cell, torch.randn(1, N, T, I), batch_first=False)
-    _raises("empty batch or time axis", cell, torch.randn(N, 0, I))
+    _raises("empty time axis", cell, torch.randn(N, 0, I))
 
 
 def test_error_wrong_feature_size() -> None:

@@ -42,13 +42,21 @@ class RecordingCell(nn.Module):
 
     def forward(self, x, h):
         self.forward_modes.append(denormals_are_flushed())
-        h = torch.tanh(self.lin(torch.cat([x, h], 1)))
-        if h.requires_grad:
-            h.register_hook(self._record_backward)
-        return h
+        return _Record.apply(self, torch.tanh(self.lin(torch.cat([x, h], 1))))
 
-    def _record_backward(self, grad):
-        self.backward_modes.append(denormals_are_flushed())
+
+class _Record(torch.autograd.Function):
+    """Identity whose backward, a computation of the step's, records the denormal mode it runs in."""
+
+    @staticmethod
+    def forward(ctx, cell, h):
+        ctx.cell = cell
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.cell.backward_modes.append(denormals_are_flushed())
+        return None, grad
 
 
 class DenormalCell(nn.Module):
@@ -225,7 +233,7 @@ def test_forward_only_scope_keeps_the_markers(caller_mode) -> None:
     x = torch.randn(N, T, I, requires_grad=True)
     with denormals_flushed():
         res = unroll(cell, x)
-    assert "_EnterFlushBackward" in _node_names(res.outputs)
+    assert "_ExitFlushBackward" in _node_names(res.outputs)
     res.outputs.sum().backward()
     assert cell.backward_modes == [True] * T
     assert denormals_are_flushed() is caller_mode
@@ -282,3 +290,15 @@ def test_the_fast_mode_probe_agrees_with_torch_kernels() -> None:
             assert fpmode.denormals_are_flushed() is mode is fpmode._tensor_probe()
     finally:
         torch.set_flush_denormal(was)
+
+
+def test_a_backward_that_raises_has_its_mode_restored_by_the_next_call() -> None:
+    torch.set_flush_denormal(False)
+    layer = rnnkit.GRU(3, 4, backend="reference")
+    out = layer(torch.randn(5, 2, 3))[0]
+    with torch.no_grad():
+        layer.weight_hh_l0.add_(1.0)  # saved for the backward, which now raises
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    layer(torch.randn(5, 2, 3))  # autograd dropped the end-of-pass restore: the next call does it
+    assert not denormals_are_flushed()

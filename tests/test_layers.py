@@ -927,3 +927,114 @@ def test_bad_input_raises_shape_error(case):
         with pytest.raises(Exception) as theirs:
             call(nn)
         assert isinstance(err, theirs.type), f"torch raised {theirs.type.__name__}, rnnkit {type(err).__mro__}"
+
+
+# -- more of torch.nn's surface (a helper's QA pass found these missing or different) ------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_attributes_and_reset_parameters_match_torch(kind):
+    ours, ref = _pair(kind, 3, 4, num_layers=2, bidirectional=True)
+    assert ours._flat_weights_names == ref._flat_weights_names
+    assert ours.mode == ref.mode
+    assert [[tuple(t.shape) for t in ws] for ws in ours.all_weights] == [[tuple(t.shape) for t in ws]
+                                                                         for ws in ref.all_weights]
+    torch.manual_seed(5)
+    ours.reset_parameters()
+    torch.manual_seed(5)
+    ref.reset_parameters()
+    for a, b in zip(ours._flat_weights, ref._flat_weights, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "orthogonal", "prune"])
+def test_parametrized_and_pruned_weights_work_as_in_torch(how):
+    import torch.nn.utils.prune  # noqa: F401 - a submodule torch does not import by itself
+
+    ours, ref = _pair("lstm", 3, 4, dtype=F64)
+    for m in (ours, ref):
+        torch.manual_seed(0)
+        if how == "weight_norm":
+            nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
+        elif how == "orthogonal":
+            nn.utils.parametrizations.orthogonal(m, "weight_hh_l0")
+        else:
+            nn.utils.prune.l1_unstructured(m, "weight_ih_l0", amount=0.5)
+    x = torch.randn(2, 5, 3, dtype=F64)
+    got, want = ours(x)[0], ref(x)[0]
+    _close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    for (n, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
+        _close(a.grad, b.grad), n
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_empty_batch_gives_empty_outputs_like_torch(kind):
+    ours, ref = _pair(kind, 3, 4, num_layers=2, bidirectional=True, batch_first=True, dtype=F64)
+    x = torch.randn(0, 6, 3, dtype=F64)
+    (o1, h1), (o2, h2) = ours(x), ref(x)
+    assert o1.shape == o2.shape
+    assert [t.shape for t in _leaves(h1)] == [t.shape for t in _leaves(h2)]
+
+
+def test_every_step_states_of_a_packed_sequence_follow_batch_first():
+    layer = rnnkit.GRU(4, 6, batch_first=True).double()
+    x, lengths = torch.randn(3, 5, 4, dtype=F64), torch.tensor([5, 2, 3])
+    padded = layer(x, lengths=lengths, return_states=True).states
+    packed = layer(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False),
+                   return_states=True).states
+    assert packed.shape == padded.shape == (1, 3, 5, 6)
+    _close(packed, padded)
+
+
+@pytest.mark.parametrize("cls", [rnnkit.GRU, rnnkit.RNN])
+def test_proj_size_on_gru_or_rnn_is_a_clear_error(cls):
+    with pytest.raises(ShapeError, match="proj_size is only supported by LSTM"):
+        cls(4, 6, proj_size=2)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_outputs_can_be_modified_in_place(kind, backend):
+    ours, ref = _pair(kind, 3, 4, ours_kw={"backend": backend}, dtype=F64)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    outs = []
+    for m in (ours, ref):
+        out = m(x)[0]
+        torch.nn.functional.relu(out, inplace=True)
+        out.sum().backward()
+        outs.append([p.grad for p in m.parameters()])
+    for a, b in zip(*outs, strict=True):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("backend", ["auto", "native", "reference"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_torch_func_grad_works_like_torch(kind, backend, dtype):
+    ours, ref = _pair(kind, 3, 4, ours_kw={"backend": backend})
+    ours, ref = ours.to(dtype), ref.to(dtype)
+    x = torch.randn(5, 2, 3, dtype=dtype)
+
+    def loss(m):
+        return lambda params, x: torch.func.functional_call(m, params, (x,))[0].square().sum()
+
+    got = torch.func.grad(loss(ours))(dict(ours.named_parameters()), x)
+    want = torch.func.grad(loss(ref))(dict(ref.named_parameters()), x)
+    for name in want:
+        _close(got[name], want[name], dtype)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_float64_auto_has_second_derivatives_and_fused_says_it_has_none(kind):
+    ours, ref = _pair(kind, 3, 4, dtype=F64)
+    x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
+    pens = []
+    for m in (ours, ref):
+        g, = torch.autograd.grad(m(x)[0].square().sum(), x, create_graph=True)
+        pens.append(torch.autograd.grad(g.square().sum(), list(m.parameters())))
+    for a, b in zip(*pens, strict=True):
+        _close(a, b)
+    fused = _build(kind, 3, 4, seed=1, backend="fused", dtype=F64)
+    out = fused(x)[0].square().sum()
+    with pytest.raises(RuntimeError, match="backend='fused' gives first derivatives only"):
+        torch.autograd.grad(out, x, create_graph=True)

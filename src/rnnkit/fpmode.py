@@ -19,6 +19,12 @@ probe the mode again; the outer block restores it when it ends. A block opened w
 inside it (the trainer wraps each whole train step, forward, backward and optimiser, in one):
 layers inside then skip their autograd markers too. That saves about 0.4 ms per train step at
 MNIST-rows size, measured on a 2-core AMD EPYC.
+
+Outside such a block a layer's backward turns flushing on in a pre-hook of the nodes that made its
+outputs and restores the mode in an identity node on its inputs, or at the end of the backward
+pass. Two cases step aside: under torch.func transforms (which take no hooks of ours) only the
+forward is flushed; and when a backward raises inside a layer, autograd drops the end-of-pass
+restore, so the thread keeps flushing until rnnkit's next call on it restores the caller's mode.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -36,6 +43,7 @@ __all__ = [
     "denormals_flushed",
     "denormals_are_flushed",
     "flushed_region",
+    "transforming",
 ]
 
 _enabled = os.environ.get("RNNKIT_FLUSH_DENORMALS", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -116,6 +124,7 @@ def denormals_flushed(device: torch.device | str | None = "cpu", *, covers_backw
     if _in_scope():  # an outer block flushes already and restores the mode when it ends
         yield
         return
+    _settle()
     switch = not denormals_are_flushed()
     if switch:
         torch.set_flush_denormal(True)
@@ -136,32 +145,37 @@ class _Token:
     def __init__(self) -> None:
         self.on = False
 
+    def enter(self, grad_outputs: Any) -> None:
+        """Pre-hook of the region's output nodes: the first of them to run turns flushing on."""
+        if not self.on and _enabled and _cpu_supports_flush() and not denormals_are_flushed():
+            torch.set_flush_denormal(True)
+            self.on = True
+            _tokens().add(self)
+            # If no input of the region needs a gradient, _ExitFlush never runs: restore at the end.
+            torch.autograd.Variable._execution_engine.queue_callback(self.restore)
+
     def restore(self) -> None:
         if self.on:
             torch.set_flush_denormal(False)
             self.on = False
+            _tokens().discard(self)
 
 
-class _EnterFlush(torch.autograd.Function):
-    """Identity on the outputs; its backward, the first of the region's, turns flushing on."""
+def _tokens() -> set[_Token]:
+    """This thread's tokens whose backward turned flushing on and has not restored it yet."""
+    if not hasattr(_scope, "tokens"):
+        _scope.tokens = set()
+    return _scope.tokens
 
-    @staticmethod
-    def forward(ctx, token: _Token, *xs: torch.Tensor):  # type: ignore[override]
-        ctx.token = token
-        # An output the loss never reads must pass None, not zeros: zeros would run the backward
-        # of everything that computed it (every-step states nobody used, for one).
-        ctx.set_materialize_grads(False)
-        return tuple(x.view_as(x) for x in xs)
 
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
-        token = ctx.token
-        if not token.on and _enabled and _cpu_supports_flush() and not denormals_are_flushed():
-            torch.set_flush_denormal(True)
-            token.on = True
-            # If no input of the region needs a gradient, _ExitFlush never runs: restore at the end.
-            torch.autograd.Variable._execution_engine.queue_callback(token.restore)
-        return (None, *grads)
+def _settle() -> None:
+    """Outside any backward no token should be on: one that is belongs to a backward that raised
+    (autograd drops its end-of-pass callbacks then), so the next region or block restores the
+    caller's mode for it."""
+    tokens = getattr(_scope, "tokens", None)
+    if tokens and torch._C._current_graph_task_id() == -1:
+        for token in list(tokens):
+            token.restore()
 
 
 class _ExitFlush(torch.autograd.Function):
@@ -184,19 +198,26 @@ def flushed_region(
 ) -> tuple[torch.Tensor, ...]:
     """Run ``fn(*inputs) -> tensors`` with denormals flushed in its forward and its backward.
 
-    The backward is bracketed by two identity nodes: one on the outputs that turns flushing on
-    when the backward reaches the region, one on the inputs that restores the caller's mode when
-    it leaves (and, when no input needs a gradient, a callback at the end of the backward pass).
+    The backward turns flushing on in a pre-hook of the nodes that made the outputs (the first of
+    the region's to run) and restores the caller's mode in an identity node on the inputs (the last
+    to run) or, when no input needs a gradient, in a callback at the end of the backward pass. The
+    outputs are ``fn``'s own tensors, not views, so the caller may modify them in place.
     """
     device = inputs[0].device
     if _backward_covered():  # the backward runs inside the same outer block: no markers needed
         return fn(*inputs)
     with denormals_flushed(device):
-        if not (_enabled and device.type == "cpu" and torch.is_grad_enabled()):
-            return fn(*inputs)
+        if not (_enabled and device.type == "cpu" and torch.is_grad_enabled()) or transforming():
+            return fn(*inputs)  # (torch.func's transforms take no hooks of ours: their backward is not flushed)
         token = _Token()
         wrapped = _ExitFlush.apply(token, *inputs) if any(x.requires_grad for x in inputs) else inputs
         outs = fn(*wrapped)
-    if not any(o.requires_grad for o in outs):
-        return outs
-    return _EnterFlush.apply(token, *outs)
+    for node in {o.grad_fn for o in outs if o.grad_fn is not None}:
+        node.register_prehook(token.enter)
+    return outs
+
+
+def transforming() -> bool:
+    """Whether torch.func transforms or forward-mode AD are active (rnnkit's autograd Functions and
+    hooks have no rules there: code paths that use them step aside)."""
+    return bool(torch._C._are_functorch_transforms_active()) or torch.autograd.forward_ad._current_level >= 0

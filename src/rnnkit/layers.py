@@ -160,7 +160,8 @@ class _RNNBase(nn.Module):
             layer, reverse = divmod(k, directions)
             for pname, _ in list(c.named_parameters()):
                 owner, leaf = _owner(c, pname)
-                owner._parameters[leaf] = self._parameters[param_name(pname, layer, reverse == 1)]
+                # getattr, not _parameters: a parametrized, weight-normed or pruned weight is computed
+                owner._parameters[leaf] = getattr(self, param_name(pname, layer, reverse == 1))
             for bname, _ in list(c.named_buffers()):
                 owner, leaf = _owner(c, bname)
                 owner._buffers[leaf] = self._buffers[param_name(bname, layer, reverse == 1)]
@@ -174,6 +175,41 @@ class _RNNBase(nn.Module):
 
     def flatten_parameters(self) -> None:
         """No-op kept for drop-in compatibility: rnnkit's parameters need no flat cuDNN buffer."""
+
+    def reset_parameters(self) -> None:
+        """Initialise the weights again as at construction (each cell's ``reset_parameters``; for the
+        built-in cells torch's uniform(-1/sqrt(H), 1/sqrt(H)), in torch's order)."""
+        for c in self.cells():
+            if hasattr(c, "reset_parameters"):
+                c.reset_parameters()
+
+    @property
+    def mode(self) -> str:
+        """torch's name for the kind of recurrence: 'LSTM', 'GRU', 'RNN_TANH' or 'RNN_RELU' (else the cell's)."""
+        kind = type(self._cells[0]).__name__.removesuffix("Cell")
+        if kind == "RNN":
+            return "RNN_RELU" if getattr(self, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
+        return kind
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        """Every parameter's name, layer by layer and direction by direction, as torch lists them."""
+        return [n for names in self._all_weights for n in names]
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        directions = 2 if self.bidirectional else 1
+        return [[param_name(pname, k // directions, k % directions == 1) for pname, _ in c.named_parameters()]
+                for k, c in enumerate(self._cells)]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """The parameters per layer and direction, as ``torch.nn.LSTM.all_weights`` gives them."""
+        return [[getattr(self, n) for n in names] for names in self._all_weights]
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(
@@ -235,6 +271,8 @@ class _RNNBase(nn.Module):
         hidden = tree_map(lambda *f: torch.stack(f), *finals)
         output = layer_input
         states = tree_map(lambda *s: torch.stack(s), *every) if return_states else None
+        if packed and self.batch_first and states is not None:  # the layer's layout, not the packing's
+            states = tree_map(lambda s: s.transpose(1, 2), states)
         if packed:
             order = input.sorted_indices
             out_tm = output if order is None else output[:, order]
@@ -423,7 +461,7 @@ class GRU(_RNNBase):
         **extras: Any,
     ) -> None:
         super().__init__(
-            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, extras.pop("proj_size", 0),
             device, dtype, cell_options={"reset_after": reset_after}, **extras,
         )
 
@@ -450,7 +488,7 @@ class RNN(_RNNBase):
         if nonlinearity not in ("tanh", "relu"):
             raise ShapeError(f"RNN: Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(
-            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, extras.pop("proj_size", 0),
             device, dtype, cell_options={"nonlinearity": nonlinearity}, **extras,
         )
         self.nonlinearity = nonlinearity

@@ -69,8 +69,8 @@ import torch
 from torch import Tensor, nn
 
 from rnnkit.backends import gemm, reference
-from rnnkit.backends.fastcpu import _transforming
 from rnnkit.backends.reference import freeze
+from rnnkit.fpmode import transforming as _transforming
 
 __all__ = ["available", "unsupported", "worth_it", "run", "run_quietly", "clear_cache"]
 

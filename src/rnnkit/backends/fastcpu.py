@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.backends.gemm import _use_onednn, linear, mm
+from rnnkit.fpmode import transforming as _transforming
 
 __all__ = ["FastCPUMode", "fast_cpu_enabled"]
 
@@ -96,11 +97,6 @@ class FastCPUMode(torch.overrides.TorchFunctionMode):
             if isinstance(x, Tensor) and x.dtype == torch.float32 and x.device.type == "cpu":
                 return _Tanh.apply(x)
         return func(*args, **kwargs)
-
-
-def _transforming() -> bool:
-    """Under torch.func transforms or forward-mode AD the Functions here have no rules: pass through."""
-    return bool(torch._C._are_functorch_transforms_active()) or torch.autograd.forward_ad._current_level >= 0
 
 
 def _linear_fits(x: object, w: object, b: object) -> bool:

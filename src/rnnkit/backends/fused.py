@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from rnnkit.backends.gemm import addmm_, linear, linear_add, linear_add_, mm
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
-from rnnkit.fpmode import denormals_flushed
+from rnnkit.fpmode import denormals_flushed, transforming
 
 __all__ = ["unsupported", "run"]
 
@@ -53,6 +53,8 @@ _KEEP_TANH_C_BYTES = 8 << 20
 
 def unsupported(cell: nn.Module, x: Tensor) -> str | None:
     """Why the fused CPU path cannot run this cell, or None."""
+    if transforming():
+        return "torch.func transforms and forward-mode AD have no rules for its hand-written backward"
     if x.device.type != "cpu":
         return f"the fused backend runs on the CPU only, the input is on {x.device}"
     if x.dtype not in _DTYPES:
@@ -105,6 +107,16 @@ def _run(
         b = cell.bias_ih + cell.bias_hh if cell.bias else None
         hs = _RNNFunction.apply(x, state, cell.weight_ih, cell.weight_hh, b, masks, full, cell.nonlinearity)
     return hs, hs[-1], (hs if return_states else None)
+
+
+def _first_order_only() -> None:
+    """The hand-written backwards compute gradients, not graphs of them: refuse ``create_graph``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "rnnkit: backend='fused' gives first derivatives only, and this backward asked for a "
+            "differentiable one (create_graph=True, e.g. a gradient penalty or a Hessian); pass "
+            "backend='native' or backend='reference' to the layer or unroll() for second derivatives"
+        )
 
 
 def _chunk_steps(N: int, width: int, elem: int) -> int:
@@ -210,6 +222,7 @@ class _LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gh, gc):  # type: ignore[override]
+        _first_order_only()
         x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks = ctx.saved_tensors
         H = h0.shape[1]
         with denormals_flushed(x2.device):
@@ -422,6 +435,7 @@ class _RNNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gh):  # type: ignore[override]
+        _first_order_only()
         x2, h0, w_ih, w_hh, hs, masks = ctx.saved_tensors
         with denormals_flushed(x2.device):
             return _rnn_backward(ctx, gh, x2, h0, w_ih, w_hh, hs, masks)
@@ -525,6 +539,7 @@ class _GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gh):  # type: ignore[override]
+        _first_order_only()
         x2, h0, w_ih, w_hh, G, Hh, hs, masks = ctx.saved_tensors
         with denormals_flushed(x2.device):
             return _gru_backward(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks)
@@ -651,6 +666,7 @@ class _GRUResetBeforeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gh):  # type: ignore[override]
+        _first_order_only()
         x2, h0, w_ih, w_hh, G, RH, hs, masks = ctx.saved_tensors
         with denormals_flushed(x2.device):
             return _gru_reset_before_backward(ctx, gh, x2, h0, w_ih, w_hh, G, RH, hs, masks)

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.allocator import allocator_tuned
-from rnnkit.backends.fastcpu import _transforming
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
+from rnnkit.fpmode import transforming as _transforming
 
 
 def unsupported(cell: nn.Module, x: Tensor) -> str | None:
