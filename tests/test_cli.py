@@ -232,16 +232,33 @@ ERRORS = {
     "resume without config": (lambda p: ["train", "--resume", str(p / "empty")], "no config.toml there"),
     "resume without checkpoints": (lambda p: ["train", "--resume", str(_dir_with_config_only(p / "run"))],
                                    "no checkpoints in"),
+    "zero eval batch": (lambda p: ["train", *TINY, "--set", "train.eval_batch_size=0"],
+                        "train.eval_batch_size must be positive"),
+    "negative threads": (lambda p: ["train", *TINY, "--set", "train.threads=-1"], "train.threads must be positive"),
+    "negative eval_every": (lambda p: ["train", *TINY, "--set", "train.eval_every=-1"],
+                            "train.eval_every must be positive"),
+    "target over 100%": (lambda p: ["train", *TINY, "--set", "train.target_accuracy=5"],
+                         "train.target_accuracy is a fraction"),
+    "zero clip_norm": (lambda p: ["train", *TINY, "--set", "optim.clip_norm=0"], "optim.clip_norm must be positive"),
+    "infinite lr": (lambda p: ["train", *TINY, "--lr", "inf"], "optim.lr must be positive and finite"),
+    "a name that climbs": (lambda p: ["train", *TINY, "--set", "train.name=../../x"], "train.name must be a plain"),
+    "unknown device": (lambda p: ["train", *TINY, "--device", "mps"], "train.device must be auto, cpu, cuda"),
+    "--out is a file": (lambda p: ["train", *TINY, "--out", str(p / "file.txt")], "give --out a"),
+    "cell that is no class": (lambda p: ["train", *TINY, "--cell", "os.system"], "is a builtin_function_or_method"),
+    "predict --n 0": (lambda p: ["predict", str(p / "empty"), "--n", "0"], "--n must be a positive number"),
+    "lr-find on a task": (lambda p: ["lr-find", "sin-cos"], "lr-find runs MNIST classifiers"),
 }
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_bad_input_exits_2_with_one_line(case, tmp_path):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("not a directory")
     build, expected = ERRORS[case]
     argv = build(tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    code, out, err = run([*argv, "--out", str(tmp_path / "runs")] if argv[0] == "train" else argv)
+    outdir = [] if "--out" in argv else ["--out", str(tmp_path / "runs")]
+    code, out, err = run([*argv, *outdir] if argv[0] == "train" else argv)
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -250,6 +267,69 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path):
     # a failed command leaves no run directory or other files behind
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
+
+
+def test_a_failed_resume_leaves_the_run_as_it_was(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["dir"], run_dir)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for change in (["--hidden", "16"], ["--set", "optim.name=sgd"], ["--set", "optim.clip_norm=0"]):
+        code, out, err = run(["train", "--resume", str(run_dir), *change])
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in out + err, err
+        assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    code, out, err = run(["eval", str(run_dir)])
+    assert code == 0, err
+
+
+def test_a_run_whose_weights_blow_up_still_ends_with_its_files(tmp_path):
+    from rnnkit.errors import RnnkitWarning
+
+    with pytest.warns(RnnkitWarning, match="histograms skipped"):
+        code, out, err = run(["train", *TINY, "--steps", "6", "--lr", "1e30", "--set", "optim.name=sgd",
+                              "--set", "optim.clip_norm=none", "--set", "optim.momentum=0", "--out", str(tmp_path)])
+    assert code == 0, err
+    run_dir = Path(final_line(out).group(6))
+    for name in ("model.safetensors", "curves.png", "predictions.png", "config.toml", "metrics.jsonl"):
+        assert (run_dir / name).exists(), name
+
+
+def test_resume_after_a_kill_does_not_repeat_metrics(tmp_path):
+    code, out, err = run(["train", *TINY, "--steps", "12", "--set", "train.checkpoint_every=4",
+                          "--set", "train.log_every=2", "--out", str(tmp_path)])
+    assert code == 0, err
+    run_dir = Path(final_line(out).group(6))
+    for ckpt in sorted((run_dir / "checkpoints").glob("ckpt-*"))[-2:]:  # as if killed after step 4
+        ckpt.unlink()
+    code, out, err = run(["train", "--resume", str(run_dir)])
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 12, steps
+
+
+@pytest.mark.parametrize("edit", [{"step": "abc"}, {"step": -50}, {"data_position": {"epoch": "x"}}])
+def test_resume_from_edited_checkpoint_metadata_is_one_line(trained, tmp_path, edit):
+    from rnnkit.train.checkpoint import save_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["dir"], run_dir)
+    for ckpt in (run_dir / "checkpoints").glob("ckpt-*.safetensors"):
+        tensors, meta = load_checkpoint(ckpt)
+        save_checkpoint(ckpt, tensors, {**meta, **edit})
+    code, out, err = run(["train", "--resume", str(run_dir)])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in out + err, err
+    assert "damaged or foreign" in err
+
+
+def test_eval_uses_the_configuration_saved_with_the_weights(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["dir"], run_dir)
+    code, want, err = run(["eval", str(run_dir)])
+    config = run_dir / "config.toml"
+    config.write_text(config.read_text().replace("hidden = 8", "hidden = 16"))
+    code, got, err = run(["eval", str(run_dir)])
+    assert code == 0, err
+    assert got.strip().splitlines()[-1] == want.strip().splitlines()[-1]
 
 
 def test_lr_find_plots_and_suggests_a_rate_it_tried(tmp_path):

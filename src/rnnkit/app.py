@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,13 +133,21 @@ def _cell_factory(name: str) -> Any:
     if name in ("lstm", "gru", "rnn"):
         return name
     module_name, _, attr = name.rpartition(".")
+    # as `python -m` would: the current directory first, so `--cell mycells.MyCell` finds ./mycells.py
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        found = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(
             f"--cell {name!r}: cannot import {attr!r} from {module_name!r} ({e}); give lstm, gru, rnn or "
             f"a dotted path to a cell class importable from the current directory or PYTHONPATH"
         ) from e
+    if not (isinstance(found, type) and issubclass(found, nn.Module)) and not inspect.isfunction(found):
+        raise ConfigError(f"--cell {name!r} is a {type(found).__name__}, not a cell class (an nn.Module subclass "
+                          "with init_state() and forward(x, state)) or a function making one; give lstm, gru, "
+                          "rnn or such a class")
+    return found
 
 
 def build_model(cfg: RunConfig, input_size: int, num_classes: int) -> nn.Module:
@@ -196,10 +206,17 @@ def _new_run_dir(cfg: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.train.out) / f"{cfg.train.name or cfg.recipe}-{stamp}"
     path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    path.mkdir(parents=True)
-    return path
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:  # another run started in the same second (or a file has the name)
+            if path.is_file() or not base.parent.is_dir():
+                raise ConfigError(f"train.out {cfg.train.out!r} is not a directory; give --out a directory") from None
+            path, i = Path(f"{base}-{i}"), i + 1
+        except OSError as e:
+            raise ConfigError(f"train.out {cfg.train.out!r}: cannot create a run directory there "
+                              f"({e.strerror}); give --out a writable directory") from e
 
 
 def train(
@@ -241,9 +258,20 @@ def _train_mnist(
     config_text = dump_toml(cfg)
     if not main:
         return _train_worker(cfg, dist, device, model, data, resume_from)
+    if device.type == "cuda":  # the whole set fits: skip the host-to-device copy per batch
+        data.x_train, data.y_train = data.x_train.to(device), data.y_train.to(device)
+    batches = _batches(cfg, dist, data)
+    total = _total_steps(cfg, len(data.y_train))
+    # the optimiser, schedule and checkpoint are checked before anything is written: a failed
+    # --resume leaves its run directory as it was, a bad setting leaves no empty one behind
+    trainer = build_trainer(cfg, distributed.wrap(model, dist, device), device, [], train_size=len(data.y_train))
+    if resume_from is not None:
+        restore_run(trainer, resume_from, batches, resume_dir)
     run_dir = Path(resume_dir) if resume_dir else _new_run_dir(cfg)
     (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
     log(f"run directory: {run_dir}")
+    if resume_from is not None:
+        log(f"resumed from {resume_from} at step {trainer.step}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {cfg.model.cell.upper()} {cfg.model.hidden}x{cfg.model.layers}, {n_params:,} parameters on {device}")
     if "." in cfg.model.cell and cfg.model.backend == "auto" and device.type == "cpu":
@@ -253,23 +281,14 @@ def _train_mnist(
             log("your cell runs in rnnkit's reference loop at this sequence length; --backend compiled "
                 "compiles it (a few seconds per batch size; smaller batches reuse it) and trains it faster")
 
-    if device.type == "cuda":  # the whole set fits: skip the host-to-device copy per batch
-        data.x_train, data.y_train = data.x_train.to(device), data.y_train.to(device)
-    batches = _batches(cfg, dist, data)
-    total = _total_steps(cfg, len(data.y_train))
     target = TimeToTarget(t.target_accuracy, start) if t.target_accuracy else None
     tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text)
     ckpt = Checkpointer(run_dir / "checkpoints", every=t.checkpoint_every, keep_last=t.keep_last,
                         meta={"config": config_text})
-    metrics = MetricsLogger(run_dir / "metrics.jsonl", t.log_every)
-    callbacks = [ProgressBar(total, enabled=t.progress), metrics, tb, ckpt]
+    metrics = MetricsLogger(run_dir / "metrics.jsonl", t.log_every, after=trainer.step if resume_from else None)
+    trainer.callbacks = [ProgressBar(total, enabled=t.progress), metrics, tb, ckpt]
     if target:
-        callbacks.append(target)
-    trainer = build_trainer(cfg, distributed.wrap(model, dist, device), device, callbacks,
-                            train_size=len(data.y_train))
-    if resume_from is not None:
-        trainer.restore(resume_from, batches)
-        log(f"resumed from {resume_from} at step {trainer.step}")
+        trainer.callbacks.append(target)
     if dist is not None:
         log(f"distributed: {dist.world_size} processes, {batches.batch_size} examples each per step")
 
@@ -293,6 +312,21 @@ def _train_mnist(
             log(f"did not reach {100 * target.target:.1f}% test accuracy")
     return RunSummary(run_dir, final.get("accuracy", float("nan")), final["loss"], seconds, trainer.step,
                       target.seconds if target else None, interrupted, eval_seconds=trainer.eval_seconds)
+
+
+def restore_run(trainer: Trainer, checkpoint: Path, batches: Any, run_dir: str | Path) -> None:
+    """``trainer.restore`` for ``--resume``: a checkpoint that does not fit is one line naming the fix."""
+    try:
+        trainer.restore(checkpoint, batches)
+    except CheckpointError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if len(lines) == 1:
+            raise
+        detail = lines[0].rstrip(":")
+        if len(lines) > 2:
+            detail += f" ({lines[1].rstrip(':')}: {lines[2]}{', ...' if len(lines) > 4 else ''})"
+        raise CheckpointError(f"--resume {run_dir}: {detail}; resume with the settings the run was trained "
+                              "with (its config.toml), without --hidden, --cell or other model changes") from e
 
 
 def _quiet(message: str) -> None:
@@ -368,13 +402,28 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]
     tensors, meta = load_checkpoint(model_path)
     if meta.get("kind") != "rnnkit-model":
         raise CheckpointError(f"{model_path} is not an rnnkit model file (no rnnkit-model metadata)")
-    cfg = from_dict(RunConfig, load_toml(run_dir / "config.toml"))
+    # the configuration the weights were trained with travels in the model file; config.toml is a copy
+    embedded = meta.get("config")
+    if isinstance(embedded, str):
+        from rnnkit.config import _tomllib
+
+        tomllib = _tomllib()
+        try:
+            cfg = from_dict(RunConfig, tomllib.loads(embedded))
+        except (tomllib.TOMLDecodeError, ConfigError) as e:
+            raise CheckpointError(f"{model_path}: its embedded configuration is damaged ({e})") from e
+    else:
+        cfg = from_dict(RunConfig, load_toml(run_dir / "config.toml"))
     if cfg.task != "mnist":
         from rnnkit import tasks
 
         model = tasks.build_model(cfg)
     else:
-        model = build_model(cfg, int(meta["input_size"]), int(meta["num_classes"]))
+        try:
+            sizes = int(meta["input_size"]), int(meta["num_classes"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{model_path}: its input_size/num_classes metadata is damaged ({e})") from e
+        model = build_model(cfg, *sizes)
     from rnnkit.train.checkpoint import load_into
 
     load_into(model, tensors, strict=True, name=str(model_path))
@@ -407,6 +456,8 @@ def predict_run(
     Other tasks: printable lines (:func:`rnnkit.tasks.predict_run`): ``words`` sorted (sort-letters,
     greedy or ``beam`` > 1), or the first ``n`` steps of a test stream.
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"predict: --n must be a positive number of examples or steps, got {n!r}")
     cfg, model, _ = load_run(run_dir)
     if cfg.task != "mnist":
         from rnnkit import tasks
@@ -444,6 +495,9 @@ def lr_find(
         raise ConfigError(
             f"lr-find needs start > 0, factor > 1 and at least 10 steps; got {start}, {factor}, {max_steps}"
         )
+    if cfg.task != "mnist":
+        raise ConfigError(f"lr-find runs MNIST classifiers; recipe {cfg.recipe!r} is the {cfg.task} task, which "
+                          "it does not cover yet: give an MNIST recipe (rnnkit recipes lists them)")
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)

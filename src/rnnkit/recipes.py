@@ -8,6 +8,8 @@ measured (with where and when). ``rnnkit recipes`` prints them; ``rnnkit train R
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -103,12 +105,27 @@ class OptimConfig:
     accumulate: int = 1
 
     def validate(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"optim.lr must be positive and finite, got {self.lr}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"optim.ema must be in [0, 1), got {self.ema}")
         if self.accumulate < 1:
             raise ConfigError(f"optim.accumulate must be >= 1, got {self.accumulate}")
+        for name in ("clip_norm", "clip_value"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ConfigError(f"optim.{name} must be positive (or none for no clipping), got {value}")
+        for name in ("decay_steps", "step_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"optim.{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "min_lr", "warmup_steps", "l1", "l2"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.decay_rate <= 1 or not 0 < self.gamma <= 1:
+            raise ConfigError(f"optim.decay_rate and optim.gamma must be in (0, 1], got {self.decay_rate} "
+                              f"and {self.gamma}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
 
 
 @dataclass
@@ -142,6 +159,19 @@ class TrainConfig:
             raise ConfigError("train.epochs must be positive (or set train.steps)")
         if self.steps is not None and self.steps <= 0:
             raise ConfigError(f"train.steps must be positive, got {self.steps}")
+        for name in ("eval_batch_size", "log_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every", "threads", "min_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"train.{name} must be positive or unset (none), got {value}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError(f"train.target_accuracy is a fraction in (0, 1], like 0.98; got {self.target_accuracy}")
+        if not re.fullmatch(r"[\w.+-]*", self.name) or self.name.startswith("."):
+            raise ConfigError(f"train.name must be a plain name (letters, digits, . _ + -), got {self.name!r}")
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass

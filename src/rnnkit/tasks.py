@@ -304,28 +304,30 @@ def train(
     model = build_model(cfg).to(device)
     data = load_data(cfg, model)
     log(f"data: {data.source}")
+    batches = data.train
+    total = t.steps if t.steps is not None else max(t.epochs * len(batches), t.min_steps or 0)
+    metrics_fn = {"sin-cos": mse_metrics, "sort-letters": sort_metrics}.get(cfg.task, classification_metrics)
+    # checked before anything is written (see app._train_mnist)
+    trainer = app.build_trainer(cfg, model, device, [], train_size=len(batches) * batches.batch_size,
+                                metrics=metrics_fn)
+    if resume_from is not None:
+        app.restore_run(trainer, resume_from, batches, resume_dir)
     run_dir = Path(resume_dir) if resume_dir else app._new_run_dir(cfg)
     config_text = dump_toml(cfg)
     (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
     log(f"run directory: {run_dir}")
+    if resume_from is not None:
+        log(f"resumed from {resume_from} at step {trainer.step}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {_model_line(cfg)}, {n_params:,} parameters on {device}")
 
-    batches = data.train
-    total = t.steps if t.steps is not None else max(t.epochs * len(batches), t.min_steps or 0)
     metric, mode = {"sin-cos": ("mse", "min"), "echo": ("accuracy", "max"),
                     "sort-letters": ("exact_match", "max")}[cfg.task]
     tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text)
     ckpt = Checkpointer(run_dir / "checkpoints", every=t.checkpoint_every, keep_last=t.keep_last,
                         metric=metric, mode=mode, meta={"config": config_text})
-    metrics_log = MetricsLogger(run_dir / "metrics.jsonl", t.log_every)
-    callbacks = [ProgressBar(total, enabled=t.progress), metrics_log, tb, ckpt]
-    metrics_fn = {"sin-cos": mse_metrics, "sort-letters": sort_metrics}.get(cfg.task, classification_metrics)
-    trainer = app.build_trainer(cfg, model, device, callbacks, train_size=len(batches) * batches.batch_size,
-                                metrics=metrics_fn)
-    if resume_from is not None:
-        trainer.restore(resume_from, batches)
-        log(f"resumed from {resume_from} at step {trainer.step}")
+    metrics_log = MetricsLogger(run_dir / "metrics.jsonl", t.log_every, after=trainer.step if resume_from else None)
+    trainer.callbacks = [ProgressBar(total, enabled=t.progress), metrics_log, tb, ckpt]
 
     t0 = time.perf_counter()
     trainer.fit(batches, (data.x_test, data.y_test), steps=total, eval_every=t.eval_every,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
+from rnnkit.errors import RnnkitWarning
 from rnnkit.train.checkpoint import CheckpointManager
 from rnnkit.train.trainer import Callback, Trainer
 
@@ -63,10 +65,24 @@ class ProgressBar(Callback):
 class MetricsLogger(Callback):
     """Metrics as JSON lines: ``{"kind": "train"|"eval", "step": ..., "time": ..., ...}``."""
 
-    def __init__(self, path: str | Path, every: int = 50) -> None:
+    def __init__(self, path: str | Path, every: int = 50, *, after: int | None = None) -> None:
+        """``after``: a resumed run's step; records the file holds from later steps (written after
+        the checkpoint it resumes from, by a run that was killed) are dropped, not repeated."""
         self.path, self.every = Path(path), max(1, every)
         self.start = time.perf_counter()
         self.file: TextIO | None = None
+        if after is not None and self.path.exists():
+            kept = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    step = json.loads(line).get("step")
+                except (ValueError, AttributeError):
+                    continue  # a line cut short by the kill
+                if not isinstance(step, int) or step <= after:
+                    kept.append(line + "\n")
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(self.path)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.file is None:
@@ -144,7 +160,10 @@ class TensorBoardLogger(Callback):
         self.writer.add_image(tag, img[..., :3], step, dataformats="HWC")
 
     def on_fit_end(self, trainer: Trainer, interrupted: bool) -> None:
-        self.histograms(trainer)
+        try:
+            self.histograms(trainer)
+        except ValueError as e:  # weights too large or not finite for a histogram: the run's end goes on
+            warnings.warn(RnnkitWarning(f"TensorBoard histograms skipped: {e}"), stacklevel=2)
         self.writer.flush()
 
     def close(self) -> None:

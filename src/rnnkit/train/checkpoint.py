@@ -353,15 +353,26 @@ def restore_training_state(
                 f"{name} holds no optimizer state; pass optimizer=None to restore the model only"
             )
         try:
-            optimizer.load_state_dict(_decode(meta["_optimizer"], tensors))
-        except (ValueError, KeyError, RuntimeError) as e:
+            state = _decode(meta["_optimizer"], tensors)
+            # torch loads another optimizer's state without a word and fails at its first step
+            groups = state.get("param_groups", []) if isinstance(state, dict) else []
+            foreign = sorted({k for g in groups for k in optimizer.defaults if isinstance(g, dict) and k not in g})
+            if foreign:
+                raise ValueError(f"its parameter groups lack {', '.join(foreign)}: it was saved by another "
+                                 f"optimizer than {type(optimizer).__name__}")
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
             raise CheckpointError(
                 f"{name}: the optimizer state does not fit this optimizer ({e}); build the optimizer "
-                "with the same parameter groups as the run that saved it, or pass optimizer=None"
+                "the run used, with the same parameter groups, or pass optimizer=None"
             ) from e
-    if rng:
-        _restore_rng(meta.get("_rng", {}), tensors)
-    extra = _decode(meta.get("_extra", {}), tensors)
+    try:
+        if rng:
+            _restore_rng(meta.get("_rng", {}), tensors)
+        extra = _decode(meta.get("_extra", {}), tensors)
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{name}: its random-number or extra state is damaged ({type(e).__name__}: {e}); "
+                              "resume from another checkpoint of the run, or start a new run") from e
     return {k: v for k, v in meta.items() if k not in RESERVED}, extra
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.allocator import tuned_allocator
-from rnnkit.errors import RnnkitError, RnnkitWarning
+from rnnkit.errors import CheckpointError, RnnkitError, RnnkitWarning
 from rnnkit.fpmode import denormals_flushed
 from rnnkit.train.batching import Batches, eval_batches
 from rnnkit.train.checkpoint import pack_training_state, restore_training_state
@@ -309,11 +309,20 @@ class Trainer:
     def restore(self, path: Any, train: Batches | None = None) -> dict[str, Any]:
         """Resume from a checkpoint written by :meth:`checkpoint_state`; returns its meta."""
         meta, extra = restore_training_state(path, self.module, self.optimizer)
-        if self.ema is not None and "ema" in extra:
-            self.ema.load_state_dict(extra["ema"])
-        self.step, self.epoch = int(meta.get("step", 0)), int(meta.get("epoch", 0))
-        if train is not None and meta.get("data_position"):
-            train.load_state_dict(meta["data_position"])
+        try:
+            if self.ema is not None and "ema" in extra:
+                self.ema.load_state_dict(extra["ema"])
+            step, epoch = int(meta.get("step", 0)), int(meta.get("epoch", 0))
+            if step < 0 or epoch < 0:
+                raise ValueError(f"step {step} and epoch {epoch} must not be negative")
+            if train is not None and meta.get("data_position"):
+                train.load_state_dict(meta["data_position"])
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # edited or foreign metadata
+            raise CheckpointError(f"{path}: its training state is damaged or foreign ({type(e).__name__}: {e}); "
+                                  "resume from another checkpoint of the run, or start a new run") from e
+        self.step, self.epoch = step, epoch
         return meta
 
     # -- evaluation -------------------------------------------------------------------------------
