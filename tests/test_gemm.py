@@ -177,3 +177,23 @@ def test_empty_operands_take_torch_path(route):
     a, w = torch.randn(0, 5), torch.randn(7, 5)
     assert gemm.linear(a, w).shape == (0, 7)
     assert torch.equal(gemm.mm(torch.randn(3, 0), torch.randn(0, 4)), torch.zeros(3, 4))
+
+
+def test_a_cell_with_mismatched_sizes_gets_torchs_error_not_onednns():
+    from torch import nn
+
+    import rnnkit
+
+    class WrongState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3 + 4, 4)
+
+        def init_state(self, n, device=None, dtype=None):
+            return torch.zeros(n, 5, device=device, dtype=dtype)  # one unit too many for its Linear
+
+        def forward(self, x, h):
+            return torch.tanh(self.lin(torch.cat([x, h], 1)))
+
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        rnnkit.unroll(WrongState(), torch.randn(2, 5, 3), backend="reference")

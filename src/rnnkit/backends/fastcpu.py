@@ -103,6 +103,8 @@ def _linear_fits(x: object, w: object, b: object) -> bool:
     """2-D float32 CPU operands oneDNN takes, and a bias of shape (out,) or none (torch broadcasts others)."""
     if not (isinstance(x, Tensor) and isinstance(w, Tensor) and x.dim() == 2 and w.dim() == 2):
         return False
+    if x.shape[1] != w.shape[1]:  # torch's own linear then names the mismatch (oneDNN's error does not)
+        return False
     if w.device.type != "cpu" or not _use_onednn(x, w):
         return False
     return b is None or (isinstance(b, Tensor) and b.dim() == 1 and b.shape[0] == w.shape[0]
