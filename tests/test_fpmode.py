@@ -302,3 +302,19 @@ def test_a_backward_that_raises_has_its_mode_restored_by_the_next_call() -> None
         out.sum().backward()
     layer(torch.randn(5, 2, 3))  # autograd dropped the end-of-pass restore: the next call does it
     assert not denormals_are_flushed()
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_a_write_into_a_view_output_keeps_the_kernel_backward_flushed(kind) -> None:
+    torch.set_flush_denormal(False)
+    cell = GRUCell(3, 4) if kind == "gru" else LSTMCell(3, 4)
+    res = unroll(cell, torch.randn(2, 5, 3, requires_grad=True), backend="native")
+    h = res.final_state if kind == "gru" else res.final_state.h
+    assert h._is_view()
+    kernel = h.grad_fn.next_functions[0][0]  # what the view views: torch's RNN kernel
+    seen = []
+    kernel.register_prehook(lambda grads: seen.append(denormals_are_flushed()))
+    h[0] = 0.0  # a finished sequence's state reset in place: the view's own node leaves the graph
+    h.sum().backward()
+    assert seen == [True]
+    assert not denormals_are_flushed()

@@ -1038,3 +1038,22 @@ def test_float64_auto_has_second_derivatives_and_fused_says_it_has_none(kind):
     out = fused(x)[0].square().sum()
     with pytest.raises(RuntimeError, match="backend='fused' gives first derivatives only"):
         torch.autograd.grad(out, x, create_graph=True)
+
+
+def test_reset_parameters_of_a_weight_normed_layer_reinitialises_its_originals():
+    ours, ref = _pair("lstm", 3, 4)
+    for m in (ours, ref):
+        nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
+    torch.manual_seed(7)
+    ours.reset_parameters()
+    torch.manual_seed(7)
+    ref.reset_parameters()
+    for (n, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_float64_gru_without_a_torch_kernel_still_has_second_derivatives():
+    torch.manual_seed(0)
+    layer = rnnkit.GRU(2, 3, reset_after=False, dtype=F64)
+    x = torch.randn(3, 2, 2, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda v: layer(v)[0], (x,))

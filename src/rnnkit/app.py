@@ -77,6 +77,14 @@ class RunSummary:
     eval_seconds: float = 0.0  # the part of train_seconds spent evaluating during training
 
 
+def _run_device(cfg: RunConfig) -> torch.device:
+    """Where to evaluate a saved run: the device it trained on when this machine has it, else auto's."""
+    try:
+        return resolve_device(cfg.train.device)
+    except ConfigError:
+        return resolve_device("auto")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when available, else the CPU; anything else must be usable here."""
     if name == "auto":
@@ -143,7 +151,8 @@ def _cell_factory(name: str) -> Any:
             f"--cell {name!r}: cannot import {attr!r} from {module_name!r} ({e}); give lstm, gru, rnn or "
             f"a dotted path to a cell class importable from the current directory or PYTHONPATH"
         ) from e
-    if not (isinstance(found, type) and issubclass(found, nn.Module)) and not inspect.isfunction(found):
+    not_a_cell = isinstance(found, type) and not issubclass(found, nn.Module)
+    if not_a_cell or inspect.isbuiltin(found) or not callable(found):
         raise ConfigError(f"--cell {name!r} is a {type(found).__name__}, not a cell class (an nn.Module subclass "
                           "with init_state() and forward(x, state)) or a function making one; give lstm, gru, "
                           "rnn or such a class")
@@ -320,13 +329,13 @@ def restore_run(trainer: Trainer, checkpoint: Path, batches: Any, run_dir: str |
         trainer.restore(checkpoint, batches)
     except CheckpointError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        if len(lines) == 1:
-            raise
-        detail = lines[0].rstrip(":")
-        if len(lines) > 2:
+        if len(lines) == 1 and "optimizer=None" not in lines[0]:
+            raise  # already one line for a command-line user
+        detail = lines[0].split("; build the optimizer")[0].rstrip(":")
+        if len(lines) > 2 and not lines[2].startswith("Build the model"):
             detail += f" ({lines[1].rstrip(':')}: {lines[2]}{', ...' if len(lines) > 4 else ''})"
         raise CheckpointError(f"--resume {run_dir}: {detail}; resume with the settings the run was trained "
-                              "with (its config.toml), without --hidden, --cell or other model changes") from e
+                              "with (its config.toml), without model or optimiser changes") from e
 
 
 def _quiet(message: str) -> None:
@@ -411,7 +420,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]
         try:
             cfg = from_dict(RunConfig, tomllib.loads(embedded))
         except (tomllib.TOMLDecodeError, ConfigError) as e:
-            raise CheckpointError(f"{model_path}: its embedded configuration is damaged ({e})") from e
+            raise CheckpointError(f"{model_path}: its embedded configuration does not load here ({e})") from e
     else:
         cfg = from_dict(RunConfig, load_toml(run_dir / "config.toml"))
     if cfg.task != "mnist":
@@ -443,7 +452,7 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, log: Log =
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir, dataset="mnist"))
     data = load_data(cfg, log)
     log(f"data: {data.source}")
-    device = resolve_device(cfg.train.device)
+    device = _run_device(cfg)
     trainer = Trainer(model.to(device), torch.optim.SGD(model.parameters(), lr=0.0), device=device)
     return trainer.evaluate(data.x_test, data.y_test, batch_size=cfg.train.eval_batch_size)
 

@@ -212,7 +212,11 @@ def flushed_region(
         token = _Token()
         wrapped = _ExitFlush.apply(token, *inputs) if any(x.requires_grad for x in inputs) else inputs
         outs = fn(*wrapped)
-    for node in {o.grad_fn for o in outs if o.grad_fn is not None}:
+    nodes = {o.grad_fn for o in outs if o.grad_fn is not None}
+    # a view's node leaves the graph when the caller writes into the view (h[0] = 0 on a final state
+    # that is a view of the kernel's output): hook the node of what it views too
+    nodes |= {o._base.grad_fn for o in outs if o._is_view() and o._base is not None and o._base.grad_fn is not None}
+    for node in nodes:
         node.register_prehook(token.enter)
     return outs
 

@@ -41,6 +41,7 @@ objects, so ``.to()``, ``load_state_dict(assign=True)`` and friends can never le
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -179,6 +180,13 @@ class _RNNBase(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise the weights again as at construction (each cell's ``reset_parameters``; for the
         built-in cells torch's uniform(-1/sqrt(H), 1/sqrt(H)), in torch's order)."""
+        if set(self._flat_weights_names) != {n for n, _ in self.named_parameters()}:
+            # parametrized or pruned weights: the parameters are their originals, as torch's layers
+            # see it too (the cells would only write into the weights computed from them)
+            bound = 1.0 / math.sqrt(self.hidden_size)
+            for p in self.parameters():
+                nn.init.uniform_(p, -bound, bound)
+            return
         for c in self.cells():
             if hasattr(c, "reset_parameters"):
                 c.reset_parameters()

@@ -121,8 +121,8 @@ class OptimConfig:
         for name in ("weight_decay", "min_lr", "warmup_steps", "l1", "l2"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"optim.{name} must not be negative, got {getattr(self, name)}")
-        if not 0 < self.decay_rate <= 1 or not 0 < self.gamma <= 1:
-            raise ConfigError(f"optim.decay_rate and optim.gamma must be in (0, 1], got {self.decay_rate} "
+        if not self.decay_rate > 0 or not self.gamma > 0:
+            raise ConfigError(f"optim.decay_rate and optim.gamma must be positive, got {self.decay_rate} "
                               f"and {self.gamma}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
@@ -164,13 +164,13 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("eval_every", "checkpoint_every", "threads", "min_steps"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"train.{name} must be positive or unset (none), got {value}")
+            if value is not None and value < 0:  # 0, like none, means the default
+                raise ConfigError(f"train.{name} must be positive, or 0 or none for the default, got {value}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"train.target_accuracy is a fraction in (0, 1], like 0.98; got {self.target_accuracy}")
-        if not re.fullmatch(r"[\w.+-]*", self.name) or self.name.startswith("."):
-            raise ConfigError(f"train.name must be a plain name (letters, digits, . _ + -), got {self.name!r}")
-        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
+        if re.search(r"[/\\]", self.name) or self.name.startswith("."):
+            raise ConfigError(f"train.name is part of a directory name: no slashes, no leading dot; got {self.name!r}")
+        if self.device != "auto" and not re.fullmatch(r"(cpu|cuda)(:\d+)?", self.device):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 

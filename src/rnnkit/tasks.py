@@ -511,13 +511,13 @@ def write_attention(seq2seq: Seq2Seq, word: str, path: Path) -> Path:
 
 def evaluate_run(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
     """Evaluate a synthetic-task run's final model on its test set (regenerated from the config's seed)."""
+    from rnnkit.app import _run_device
     from rnnkit.app import load_run as app_load_run
-    from rnnkit.app import resolve_device
 
     cfg, model, _ = app_load_run(run_dir)
     data = load_data(cfg, model)
     log(f"data: {data.source}")
-    device = resolve_device(cfg.train.device)
+    device = _run_device(cfg)
     return {"task": cfg.task, **evaluate(cfg, model.to(device), data, device)}
 
 

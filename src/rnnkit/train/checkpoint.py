@@ -355,10 +355,13 @@ def restore_training_state(
         try:
             state = _decode(meta["_optimizer"], tensors)
             # torch loads another optimizer's state without a word and fails at its first step
+            # (settings the saving optimizer had and this one does not know: keys torch adds in later
+            # versions go the other way, and torch fills those in itself)
             groups = state.get("param_groups", []) if isinstance(state, dict) else []
-            foreign = sorted({k for g in groups for k in optimizer.defaults if isinstance(g, dict) and k not in g})
+            known = set(optimizer.defaults) | {"params", "initial_lr", "lr_scale"}
+            foreign = sorted({k for g in groups if isinstance(g, dict) for k in g} - known)
             if foreign:
-                raise ValueError(f"its parameter groups lack {', '.join(foreign)}: it was saved by another "
+                raise ValueError(f"its parameter groups hold {', '.join(foreign)}: it was saved by another "
                                  f"optimizer than {type(optimizer).__name__}")
             optimizer.load_state_dict(state)
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
