@@ -141,9 +141,10 @@ def _cell_factory(name: str) -> Any:
     if name in ("lstm", "gru", "rnn"):
         return name
     module_name, _, attr = name.rpartition(".")
-    # as `python -m` would: the current directory first, so `--cell mycells.MyCell` finds ./mycells.py
+    # the current directory too, so `--cell mycells.MyCell` finds ./mycells.py (last: a file there
+    # must not shadow the packages rnnkit itself imports later)
     if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
     try:
         found = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as e:
