@@ -184,6 +184,17 @@ def test_user_cell_by_dotted_path_trains(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "user_cells_for_cli_test", raising=False)
 
 
+def test_user_cell_in_the_current_directory_is_found(tmp_path, monkeypatch):
+    (tmp_path / "cells_in_cwd_for_cli_test.py").write_text(_USER_CELL)  # the fixture made tmp_path the cwd
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "cells_in_cwd_for_cli_test", raising=False)
+    code, out, err = run(["train", *TINY, "--steps", "2", "--cell", "cells_in_cwd_for_cli_test.TinyTanhCell",
+                          "--out", str(tmp_path / "runs")])
+    assert code == 0, err
+    assert sys.path[-1] == str(tmp_path)  # searched last: it shadows no installed package
+    monkeypatch.delitem(sys.modules, "cells_in_cwd_for_cli_test", raising=False)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
