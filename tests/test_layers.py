@@ -974,6 +974,7 @@ def test_empty_batch_gives_empty_outputs_like_torch(kind):
     (o1, h1), (o2, h2) = ours(x), ref(x)
     assert o1.shape == o2.shape
     assert [t.shape for t in _leaves(h1)] == [t.shape for t in _leaves(h2)]
+    assert ours(x, lengths=[])[0].shape == o2.shape  # and an empty list of lengths
 
 
 def test_every_step_states_of_a_packed_sequence_follow_batch_first():

@@ -308,6 +308,8 @@ def _check_lengths(lengths: Any, N: int, T: int, device: torch.device) -> Tensor
     t = torch.as_tensor(lengths)
     if t.dim() != 1 or t.shape[0] != N:
         raise ShapeError(f"unroll: lengths must have shape ({N},), one per sequence, got {tuple(t.shape)}")
+    if N == 0:  # an empty batch: [] is an empty list of lengths, whatever dtype torch gave it
+        return t.to(device=device, dtype=torch.long)
     if t.is_floating_point() or t.dtype == torch.bool:
         raise ShapeError(f"unroll: lengths must be integers, got {t.dtype}")
     lo, hi = int(t.min()), int(t.max())
