@@ -417,3 +417,11 @@ def test_every_mnist_recipe_trains_end_to_end(recipe, tmp_path):
     assert "after 2 steps" in m.group(0)
     cfg = (Path(m.group(6)) / "config.toml").read_text()
     assert f'recipe = "{recipe}"' in cfg
+
+
+def test_epochs_on_the_command_line_means_that_many_epochs(tmp_path):
+    without_min_steps = TINY[:6] + TINY[8:]  # the recipe's minimum of 400 steps stays in the config
+    assert "train.min_steps=none" not in without_min_steps
+    code, out, err = run(["train", *without_min_steps, "--epochs", "1", "--out", str(tmp_path)])
+    assert code == 0, err
+    assert "after 8 steps" in final_line(out).group(0)  # 256 images in batches of 32, not 400 steps

@@ -96,6 +96,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         items.append("train.progress=false")
     if args.steps is not None:
         items.append("train.epochs=none")
+    if args.epochs is not None:  # asked for in epochs: no recipe's minimum number of steps on top
+        items.append("train.min_steps=none")
     return items + list(args.overrides)
 
 
