@@ -425,3 +425,24 @@ def test_epochs_on_the_command_line_means_that_many_epochs(tmp_path):
     code, out, err = run(["train", *without_min_steps, "--epochs", "1", "--out", str(tmp_path)])
     assert code == 0, err
     assert "after 8 steps" in final_line(out).group(0)  # 256 images in batches of 32, not 400 steps
+
+
+def _idx_dir(path, labels_up_to: int):
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 32)):
+        (path / f"{split}-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28))))
+        (path / f"{split}-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, labels_up_to + 1, n)))
+    return path
+
+
+def test_an_idx_run_evaluates_on_idx_data_and_refuses_labels_it_never_had(tmp_path):
+    three = _idx_dir(tmp_path / "three", 2)
+    code, out, err = run(["train", "--dataset", "idx", "--data-dir", str(three), "--steps", "2", "--hidden", "8",
+                          "--batch-size", "32", "--no-progress", "--out", str(tmp_path / "runs")])
+    assert code == 0, err
+    run_dir = final_line(out).group(6)
+    code, out, err = run(["eval", run_dir, "--data-dir", str(three)])  # no MNIST checksums for an IDX run
+    assert code == 0, err
+    code, out, err = run(["eval", run_dir, "--data-dir", str(_idx_dir(tmp_path / "ten", 9))])
+    assert code == 2 and "the run's model has 3 classes" in err and "Traceback" not in out + err, err

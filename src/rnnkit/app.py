@@ -442,17 +442,22 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]
 
 def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, log: Log = print) -> dict[str, Any]:
     """Evaluate a run's final model on its test set: loss, accuracy, per class (MNIST) or the task's figures."""
-    cfg, model, _ = load_run(run_dir)
+    cfg, model, meta = load_run(run_dir)
     if cfg.task != "mnist":
         from rnnkit import tasks
 
         if data_dir is not None:
             raise ConfigError(f"--data-dir applies to MNIST runs; task {cfg.task} makes its own test data")
         return tasks.evaluate_run(run_dir, log=log)
-    if data_dir is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir, dataset="mnist"))
+    if data_dir is not None:  # the run's own kind of data (MNIST, checksums included, or any IDX set)
+        kind = "idx" if cfg.data.dataset == "idx" else "mnist"
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir, dataset=kind))
     data = load_data(cfg, log)
     log(f"data: {data.source}")
+    classes = int(meta["num_classes"]) if "num_classes" in meta else None
+    if classes is not None and len(data.y_test) and int(data.y_test.max()) >= classes:
+        raise ConfigError(f"the test labels go up to {int(data.y_test.max())} but the run's model has {classes} "
+                          "classes; evaluate it on data with the labels it was trained on")
     device = _run_device(cfg)
     trainer = Trainer(model.to(device), torch.optim.SGD(model.parameters(), lr=0.0), device=device)
     return trainer.evaluate(data.x_test, data.y_test, batch_size=cfg.train.eval_batch_size)
