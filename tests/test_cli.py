@@ -446,3 +446,12 @@ def test_an_idx_run_evaluates_on_idx_data_and_refuses_labels_it_never_had(tmp_pa
     assert code == 0, err
     code, out, err = run(["eval", run_dir, "--data-dir", str(_idx_dir(tmp_path / "ten", 9))])
     assert code == 2 and "the run's model has 3 classes" in err and "Traceback" not in out + err, err
+
+
+def test_resume_with_nothing_left_to_train_logs_no_second_evaluation(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["dir"], run_dir)
+    records = (run_dir / "metrics.jsonl").read_text().splitlines()
+    code, out, err = run(["train", "--resume", str(run_dir)])  # its checkpoint is at its last step
+    assert code == 0, err
+    assert (run_dir / "metrics.jsonl").read_text().splitlines() == records

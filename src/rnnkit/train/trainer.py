@@ -160,7 +160,7 @@ class Trainer:
         if (epochs is None) == (steps is None):
             raise ValueError("fit: give exactly one of epochs= or steps=")
         total = steps if steps is not None else epochs * len(train)
-        self.train_data, self.total_steps = train, total
+        self.train_data, self.total_steps, first = train, total, self.step
         self.stop_requested = None
         for cb in self.callbacks:
             cb.on_fit_start(self)
@@ -181,7 +181,9 @@ class Trainer:
                     for cb in self.callbacks:
                         cb.on_epoch_end(self, self.epoch)
             interrupted = self.stop_requested is not None and self.stop_requested.startswith("signal")
-            if val is not None and (not self.history or self.history[-1].get("step") != self.step):
+            # (a resumed run with nothing left to train was evaluated at this step before it stopped)
+            evaluated = bool(self.history) and self.history[-1].get("step") == self.step
+            if val is not None and self.step != first and not evaluated:
                 self._evaluate_val(val, eval_batch_size)
         for cb in self.callbacks:
             cb.on_fit_end(self, interrupted)
