@@ -191,3 +191,12 @@ def test_load_toml_errors(tmp_path):
     bad.write_text("a = [1,\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="bad.toml is not valid TOML"):
         load_toml(bad)
+
+
+def test_a_quoted_none_is_a_name_and_a_bare_one_unsets():
+    from rnnkit.recipes import recipe_config
+
+    cfg = recipe_config("mnist-rows")
+    assert apply_overrides(cfg, ['data.data_dir="none"']).data.data_dir == "none"
+    assert apply_overrides(cfg, ["data.data_dir=none"]).data.data_dir is None
+    assert apply_overrides(cfg, ['data.data_dir=""']).data.data_dir is None

@@ -88,8 +88,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     items = []
     for flag, (key, _) in FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            items.append(f"{key}={value}")
+        if value is not None:  # a directory named "none" is a directory: quoted, it is not unset
+            items.append(f'{key}="{value}"' if flag in ("--data-dir", "--out") and value else f"{key}={value}")
     if args.bidirectional:
         items.append("model.bidirectional=true")
     if args.no_progress:

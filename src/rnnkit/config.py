@@ -247,10 +247,11 @@ def _strip_none(tp: Any) -> Any:
 def _parse(raw: str, tp: Any, key: str) -> Any:
     """Parse the text of an override into a value of type ``tp`` (no eval: by type only)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if quoted:
         raw = raw[1:-1]  # shells and users often quote strings
     if _is_union(tp):
-        if type(None) in args and raw.lower() in _NONE | {""}:
+        if type(None) in args and (raw == "" or (raw.lower() in _NONE and not quoted)):  # "none" quoted is a name
             return None
         for arg in args:
             if arg is type(None):
