@@ -333,6 +333,17 @@ def test_resume_from_edited_checkpoint_metadata_is_one_line(trained, tmp_path, e
     assert "damaged or foreign" in err
 
 
+def test_eval_reads_where_the_data_are_from_the_edited_config(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["dir"], run_dir)
+    config = run_dir / "config.toml"
+    assert "test_limit = 64" in config.read_text()
+    config.write_text(config.read_text().replace("test_limit = 64", "test_limit = 16"))
+    code, out, err = run(["eval", str(run_dir)])
+    assert code == 0, err
+    assert "16 test images" in out
+
+
 def test_resume_takes_an_older_torchs_optimizer_state(trained, tmp_path):
     from rnnkit.train.checkpoint import save_checkpoint
 

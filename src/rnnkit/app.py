@@ -412,7 +412,9 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]
     tensors, meta = load_checkpoint(model_path)
     if meta.get("kind") != "rnnkit-model":
         raise CheckpointError(f"{model_path} is not an rnnkit model file (no rnnkit-model metadata)")
-    # the configuration the weights were trained with travels in the model file; config.toml is a copy
+    # The model the weights belong to is described by the configuration saved with them; where the
+    # data are and what machine to use come from config.toml, which the user may have edited for this
+    # machine (and which also serves runs whose model file carries no configuration).
     embedded = meta.get("config")
     if isinstance(embedded, str):
         from rnnkit.config import _tomllib
@@ -422,6 +424,11 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]
             cfg = from_dict(RunConfig, tomllib.loads(embedded))
         except (tomllib.TOMLDecodeError, ConfigError) as e:
             raise CheckpointError(f"{model_path}: its embedded configuration does not load here ({e})") from e
+        try:
+            local = from_dict(RunConfig, load_toml(run_dir / "config.toml"))
+            cfg = dataclasses.replace(cfg, data=local.data, train=local.train)
+        except ConfigError:
+            pass  # missing or unreadable: the saved configuration alone
     else:
         cfg = from_dict(RunConfig, load_toml(run_dir / "config.toml"))
     if cfg.task != "mnist":
