@@ -355,20 +355,24 @@ class _Slots:
                 d[name] = original
 
 
-def _key(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor], rows: int | None = None) -> tuple:
-    """The plan's key; with ``rows``, the key the same call would have with that batch size."""
-    n = x.shape[1]
-    rows = n if rows is None else rows
-
-    def shape(t: Tensor) -> tuple[int, ...]:
-        return (rows, *t.shape[1:]) if t.dim() and t.shape[0] == n else tuple(t.shape)
-
+def _key(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor]) -> tuple:
     # no id(cell): cells of one type, configuration and tensor layout trace to the same step (the
     # tensors are inputs), so the directions and layers of a stack, and wrappers made per call, share it
-    return (_attrs(cell), tuple(slots.index), (rows, *x.shape[2:]), x.dtype, x.requires_grad,
-            tuple((shape(s), s.dtype) for s in leaves),
+    return (_attrs(cell), tuple(slots.index), tuple(x.shape[1:]), x.dtype, x.requires_grad,
+            tuple((tuple(s.shape), s.dtype) for s in leaves),
             tuple((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for t in slots.tensors),
             torch.get_num_threads(), gemm.onednn_available())
+
+
+_X_SHAPE, _LEAF_SHAPES = 2, 5  # where a key holds the batch size: x's (N, ...) and each leaf's (N, ...)
+
+
+def _resized(key: tuple, rows: int) -> tuple:
+    """``key`` as the same call would have it with a batch of ``rows`` (every leaf's first axis is the
+    batch): derived from the key, so the cell's modules are not walked again."""
+    x_shape, leaf_shapes = key[_X_SHAPE], key[_LEAF_SHAPES]
+    return (*key[:_X_SHAPE], (rows, *x_shape[1:]), *key[_X_SHAPE + 1:_LEAF_SHAPES],
+            tuple(((rows, *shape[1:]), dtype) for shape, dtype in leaf_shapes), *key[_LEAF_SHAPES + 1:])
 
 
 def _strip_detach(gm: torch.fx.GraphModule) -> None:
@@ -813,7 +817,7 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
     key = _key(cell, slots, x, leaves)
     if not training and _PLANS.get(key) is not None:
         return _PLANS[key], rows
-    wider = _wider(cell, slots, x, leaves, key, builds=training or not quiet)
+    wider = _wider(x, leaves, key, builds=training or not quiet)
     if wider is not None:
         return wider
     key = key if training else (*key, "inference")
@@ -843,7 +847,7 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
         _warn(cell, why, quiet)
     _PLANS[key] = plan
     if plan is not None and plan.rows_apart:
-        plan.rows_key = (_key(cell, slots, x, leaves, rows=-1), rows)
+        plan.rows_key = (_resized(key, -1), rows)
         _ROWS.setdefault(plan.rows_key[0], set()).add(rows)
     if len(_PLANS) > _MAX_PLANS:
         old_key, old = _PLANS.popitem(last=False)
@@ -856,8 +860,7 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
     return plan, rows
 
 
-def _wider(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor], key: tuple, builds: bool
-           ) -> tuple[_Plan, int] | None:
+def _wider(x: Tensor, leaves: list[Tensor], key: tuple, builds: bool) -> tuple[_Plan, int] | None:
     """A training plan for a larger batch whose rows are computed apart, and its batch size, for a
     call with no plan of its own: run padded, the call costs a few rows more instead of a compile
     (the last, smaller batch of an epoch, say). A batch size more than twice smaller gets its own
@@ -869,8 +872,8 @@ def _wider(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor], key:
     # and the two must take one plan: there, a call without a plan of its own gets one.
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         return None
-    for rows in sorted(_ROWS.get(_key(cell, slots, x, leaves, rows=-1), ())):
-        wide = _key(cell, slots, x, leaves, rows=rows)
+    for rows in sorted(_ROWS.get(_resized(key, -1), ())):
+        wide = _resized(key, rows)
         plan = _PLANS.get(wide)
         if rows <= n or plan is None or not plan.rows_apart:
             continue
