@@ -275,13 +275,7 @@ def _train_mnist(
     # the optimiser, schedule and checkpoint are checked before anything is written: a failed
     # --resume leaves its run directory as it was, a bad setting leaves no empty one behind
     trainer = build_trainer(cfg, distributed.wrap(model, dist, device), device, [], train_size=len(data.y_train))
-    if resume_from is not None:
-        restore_run(trainer, resume_from, batches, resume_dir)
-    run_dir = Path(resume_dir) if resume_dir else _new_run_dir(cfg)
-    (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
-    log(f"run directory: {run_dir}")
-    if resume_from is not None:
-        log(f"resumed from {resume_from} at step {trainer.step}")
+    run_dir = open_run(cfg, trainer, batches, resume_dir, resume_from, config_text, log)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {cfg.model.cell.upper()} {cfg.model.hidden}x{cfg.model.layers}, {n_params:,} parameters on {device}")
     if "." in cfg.model.cell and cfg.model.backend == "auto" and device.type == "cpu":
@@ -324,7 +318,21 @@ def _train_mnist(
                       target.seconds if target else None, interrupted, eval_seconds=trainer.eval_seconds)
 
 
-def restore_run(trainer: Trainer, checkpoint: Path, batches: Any, run_dir: str | Path) -> None:
+def open_run(cfg: RunConfig, trainer: Trainer, batches: Any, resume_dir: str | Path | None,
+             resume_from: Path | None, config_text: str, log: Log) -> Path:
+    """Restore a resumed run into ``trainer``, then (only then: a failed resume writes nothing) open
+    the run directory and write its config.toml."""
+    if resume_from is not None:
+        _restore_run(trainer, resume_from, batches, resume_dir)
+    run_dir = Path(resume_dir) if resume_dir else _new_run_dir(cfg)
+    (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
+    log(f"run directory: {run_dir}")
+    if resume_from is not None:
+        log(f"resumed from {resume_from} at step {trainer.step}")
+    return run_dir
+
+
+def _restore_run(trainer: Trainer, checkpoint: Path, batches: Any, run_dir: str | Path | None) -> None:
     """``trainer.restore`` for ``--resume``: a checkpoint that does not fit is one line naming the fix."""
     try:
         trainer.restore(checkpoint, batches)

@@ -310,14 +310,8 @@ def train(
     # checked before anything is written (see app._train_mnist)
     trainer = app.build_trainer(cfg, model, device, [], train_size=len(batches) * batches.batch_size,
                                 metrics=metrics_fn)
-    if resume_from is not None:
-        app.restore_run(trainer, resume_from, batches, resume_dir)
-    run_dir = Path(resume_dir) if resume_dir else app._new_run_dir(cfg)
     config_text = dump_toml(cfg)
-    (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
-    log(f"run directory: {run_dir}")
-    if resume_from is not None:
-        log(f"resumed from {resume_from} at step {trainer.step}")
+    run_dir = app.open_run(cfg, trainer, batches, resume_dir, resume_from, config_text, log)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {_model_line(cfg)}, {n_params:,} parameters on {device}")
 
