@@ -283,3 +283,22 @@ def test_bidirectional_traces_run_each_direction_its_own_way(merge_mode):
     out = rnn(x)[0][0]
     fwd, rev = traces[2]["h (hidden)"], traces[3]["h (hidden) (reverse)"]
     torch.testing.assert_close(torch.cat([fwd, rev], -1) if merge_mode == "concat" else fwd + rev, out)
+
+
+@pytest.mark.parametrize("task", ["echo", "sin-cos"])
+def test_a_resumed_stream_run_carries_its_state_on(task, tmp_path):
+    code, out, err = run(["train", task, "--steps", "12", "--no-progress", "--set", "train.threads=1",
+                          *SMALL[task], "--set", "train.checkpoint_every=4", "--set", "train.keep_last=5",
+                          "--set", "train.eval_every=none", "--out", str(tmp_path)])
+    assert code == 0, err
+    run_dir = Path(out.strip().split("run: ")[-1])
+    whole, _ = load_checkpoint(run_dir / "model.safetensors")
+    for ckpt in sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1:]:  # as if killed after step 8, mid-stream
+        ckpt.unlink()
+    code, out, err = run(["train", "--resume", str(run_dir)])
+    assert code == 0, err
+    resumed, _ = load_checkpoint(run_dir / "model.safetensors")
+    # the windows after the checkpoint start from the state the stream had reached, as without the kill
+    assert whole.keys() == resumed.keys()
+    for name, value in whole.items():
+        assert torch.equal(value, resumed[name]), name

@@ -97,6 +97,18 @@ class StreamModel(nn.Module):
         """Forget the carried state (a new stream starts)."""
         self.state = None
 
+    def carried_state_dict(self) -> dict[str, Any]:
+        """The carried state, for checkpoints: a resumed run goes on where the stream left off."""
+        return {"state": self.state}
+
+    def load_carried_state_dict(self, saved: dict[str, Any]) -> None:
+        """Carry ``saved`` (from :meth:`carried_state_dict`) into the next training window."""
+        state = saved["state"]
+        if state is not None:
+            device = next(self.parameters()).device
+            state = state.to(device) if isinstance(state, Tensor) else tuple(s.to(device) for s in state)
+        self.state = state
+
     def forward(self, x: Tensor) -> Tensor:
         """Outputs (N, T, out) for the window ``x`` (N, T, in)."""
         if not self.training:

@@ -184,5 +184,5 @@ class StreamBatches:
         return {"epoch": self.position.epoch, "batch": self.position.batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at a saved position (a stateful model restarts that stream from the zero state)."""
+        """Resume at a saved position (the trainer restores a stateful model's carried state)."""
         self.position = Position(int(state["epoch"]), int(state["batch"]))

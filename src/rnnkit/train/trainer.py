@@ -304,6 +304,8 @@ class Trainer:
     def checkpoint_state(self, meta: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Everything needed to resume exactly: weights, optimiser, EMA, RNGs, step and data position."""
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
+        if hasattr(self.module, "carried_state_dict"):  # a state carried across windows (truncated backprop)
+            extra["carried"] = self.module.carried_state_dict()
         position = self.train_data.state_dict() if self.train_data is not None else None
         info = {"step": self.step, "epoch": self.epoch, "data_position": position, **(meta or {})}
         return pack_training_state(self.module, self.optimizer, extra=extra, meta=info)
@@ -314,6 +316,8 @@ class Trainer:
         try:
             if self.ema is not None and "ema" in extra:
                 self.ema.load_state_dict(extra["ema"])
+            if "carried" in extra and hasattr(self.module, "load_carried_state_dict"):
+                self.module.load_carried_state_dict(extra["carried"])
             step, epoch = int(meta.get("step", 0)), int(meta.get("epoch", 0))
             if step < 0 or epoch < 0:
                 raise ValueError(f"step {step} and epoch {epoch} must not be negative")
