@@ -285,9 +285,13 @@ def test_a_failed_resume_leaves_the_run_as_it_was(trained, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained["dir"], run_dir)
     before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    for change in (["--hidden", "16"], ["--set", "optim.name=sgd"], ["--set", "optim.clip_norm=0"]):
+    mismatch = "does not match the model (head.weight: model has [10, 16], checkpoint has [10, 8], and 4 more)"
+    for change, says in ((["--hidden", "16"], mismatch),
+                         (["--set", "optim.name=sgd"], "the optimizer state does not fit this optimizer"),
+                         (["--set", "optim.clip_norm=0"], "clip_norm")):
         code, out, err = run(["train", "--resume", str(run_dir), *change])
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in out + err, err
+        assert says in err, err
         assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     code, out, err = run(["eval", str(run_dir)])
     assert code == 0, err

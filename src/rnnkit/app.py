@@ -337,13 +337,9 @@ def _restore_run(trainer: Trainer, checkpoint: Path, batches: Any, run_dir: str 
     try:
         trainer.restore(checkpoint, batches)
     except CheckpointError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        if len(lines) == 1 and "optimizer=None" not in lines[0]:
+        if e.brief is None:
             raise  # already one line for a command-line user
-        detail = lines[0].split("; build the optimizer")[0].rstrip(":")
-        if len(lines) > 2 and not lines[2].startswith("Build the model"):
-            detail += f" ({lines[1].rstrip(':')}: {lines[2]}{', ...' if len(lines) > 4 else ''})"
-        raise CheckpointError(f"--resume {run_dir}: {detail}; resume with the settings the run was trained "
+        raise CheckpointError(f"--resume {run_dir}: {e.brief}; resume with the settings the run was trained "
                               "with (its config.toml), without model or optimiser changes") from e
 
 

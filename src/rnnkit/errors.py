@@ -25,7 +25,15 @@ class DataError(RnnkitError, ValueError):
 
 
 class CheckpointError(RnnkitError, ValueError):
-    """A checkpoint is foreign, corrupt, unsafe (pickle) or does not match the model."""
+    """A checkpoint is foreign, corrupt, unsafe (pickle) or does not match the model.
+
+    ``brief``, where set, states the problem in one line without the library-level fix (build the
+    model differently, pass ``strict=False``), so the command line can put its own fix beside it.
+    """
+
+    def __init__(self, message: str, *, brief: str | None = None) -> None:
+        super().__init__(message)
+        self.brief = brief
 
 
 class RnnkitWarning(UserWarning):

@@ -350,7 +350,8 @@ def restore_training_state(
     if optimizer is not None:
         if "_optimizer" not in meta:
             raise CheckpointError(
-                f"{name} holds no optimizer state; pass optimizer=None to restore the model only"
+                f"{name} holds no optimizer state; pass optimizer=None to restore the model only",
+                brief=f"{name} holds no optimizer state",
             )
         try:
             state = _decode(meta["_optimizer"], tensors)
@@ -365,10 +366,9 @@ def restore_training_state(
                                  f"optimizer than {type(optimizer).__name__}")
             optimizer.load_state_dict(state)
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
-            raise CheckpointError(
-                f"{name}: the optimizer state does not fit this optimizer ({e}); build the optimizer "
-                "the run used, with the same parameter groups, or pass optimizer=None"
-            ) from e
+            brief = f"{name}: the optimizer state does not fit this optimizer ({e})"
+            raise CheckpointError(f"{brief}; build the optimizer the run used, with the same parameter groups, "
+                                  "or pass optimizer=None", brief=brief) from e
     try:
         if rng:
             _restore_rng(meta.get("_rng", {}), tensors)
@@ -463,7 +463,7 @@ def load_into(
     if include is not None:
         missing = []  # a partial restore leaves the rest of the model alone on purpose
     if strict and (missing or unexpected or mismatched):
-        raise CheckpointError(_mismatch_message(name, missing, report))
+        raise CheckpointError(_mismatch_message(name, missing, report), brief=_mismatch_brief(name, missing, report))
     try:
         model.load_state_dict(to_load, strict=False)
     except RuntimeError as e:
@@ -477,6 +477,19 @@ def _renamed(name: str, rename: Mapping[str, str] | Callable[[str], str | None] 
     if isinstance(rename, Mapping):
         return rename.get(name, name)
     return rename(name)
+
+
+def _mismatch_brief(name: str, missing: list[str], report: LoadReport) -> str:
+    """The first way ``name`` does not match the model, in one line."""
+    if report.mismatched:
+        key, want, got = min(report.mismatched)
+        what = f"{key}: model has {list(want)}, checkpoint has {list(got)}"
+    elif missing:
+        what = f"{missing[0]} is missing from the checkpoint"
+    else:
+        what = f"{report.unexpected[0]} is in the checkpoint but not in the model"
+    others = len(report.mismatched) + len(missing) + len(report.unexpected) - 1
+    return f"{name} does not match the model ({what}{f', and {others} more' if others else ''})"
 
 
 def _mismatch_message(name: str, missing: list[str], report: LoadReport) -> str:
