@@ -486,3 +486,41 @@ def test_counting_cell_counts() -> None:  # the guard of the error tests is live
     CountingLSTM.calls = 0
     unroll(CountingLSTM(I, H), torch.randn(N, T, I))
     assert CountingLSTM.calls == T + 1  # one hoisted projection, T steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_non_finite_padding_past_the_lengths_leaves_gradients_finite(backend, kind):
+    torch.manual_seed(0)
+    cell = CELLS[kind]()
+    x = torch.randn(N, T, I)
+    for n, length in enumerate(SHORT):  # the log of a zero pad, say: never read by the result
+        x[n, length:] = float("-inf") if n % 2 else float("nan")
+    require_backend(backend, cell, x)
+    r = unroll(cell, x, lengths=SHORT, backend=backend)
+    clean = unroll(cell, x.nan_to_num(0.0, 0.0, 0.0), lengths=SHORT, backend=backend)
+    torch.testing.assert_close(r.outputs, clean.outputs)
+    loss = r.outputs.sum() + tree_flatten(r.final_state)[0][0].sum()
+    grads = torch.autograd.grad(loss, list(cell.parameters()))
+    assert all(bool(g.isfinite().all()) for g in grads)
+
+
+class _GatedByALayerNamedOutput(nn.Module):
+    """A GRU-like cell whose last layer is called ``output``: a part of the cell, not the output hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.Linear(I + H, H)
+        self.output = nn.Linear(H, H)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch_size, H, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(self.output(torch.sigmoid(self.gates(torch.cat([x, h], 1))) * h + x.sum(1, keepdim=True)))
+
+
+def test_a_submodule_named_output_is_not_taken_for_the_output_hook():
+    torch.manual_seed(0)
+    r = unroll(_GatedByALayerNamedOutput(), torch.randn(N, T, I), return_states=True, backend="reference")
+    assert torch.equal(r.outputs, r.states)  # the state is the output, as for any cell without output()

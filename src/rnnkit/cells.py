@@ -56,9 +56,16 @@ class LSTMState(NamedTuple):
     c: Tensor
 
 
+def output_hook(cell: nn.Module) -> Any:
+    """The cell's ``output(state)`` method, or None: a submodule named ``output`` (a layer the cell
+    uses inside ``forward``) is part of the cell, not the protocol's hook."""
+    out = getattr(cell, "output", None)
+    return None if out is None or isinstance(out, nn.Module) else out
+
+
 def cell_output(cell: nn.Module, state: Any) -> Tensor:
     """The output of ``cell`` for ``state``: ``cell.output(state)`` or the state's first field."""
-    out = getattr(cell, "output", None)
+    out = output_hook(cell)
     if out is not None:
         return out(state)
     return state if isinstance(state, Tensor) else state[0]

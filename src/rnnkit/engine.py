@@ -131,6 +131,10 @@ def unroll(
             rev_index = _reverse_index(lengths, T)
             x_tm = _gather_time(x_tm, rev_index)
     masks = None if lengths is None else _masks(lengths, T, x.device)
+    if masks is not None:
+        # finished rows still step the cell on the padding: a NaN or -inf there (the log of a zero pad)
+        # would turn the zero gradient of those steps into NaN (0 * NaN) inside the cell's backward
+        x_tm = x_tm.masked_fill(~masks, 0)
 
     runner = {"reference": reference.run, "native": native.run, "fused": fused.run, "compiled": compiled.run}[backend]
     if picked and backend == "compiled":

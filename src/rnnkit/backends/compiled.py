@@ -135,10 +135,11 @@ def clear_cache() -> None:
 
 def _custom_output(cell: nn.Module) -> bool:
     """Whether the cell's output is something other than its state's first field (as cell_output reads it)."""
-    out = getattr(cell, "output", None)
+    from rnnkit.cells import Cell, output_hook
+
+    out = output_hook(cell)
     if out is None:
         return False
-    from rnnkit.cells import Cell
 
     return getattr(out, "__func__", None) is not Cell.output
 
