@@ -857,3 +857,17 @@ def test_a_cell_that_steps_only_its_own_batch_size_still_compiles(monkeypatch) -
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning: the row check's failure is not the build's
         _agree(cell, torch.rand(N, T, I), None, monkeypatch)
+
+
+@pytest.mark.parametrize("options", [{"zoneout": 0.1}, {"recurrent_dropout": 0.2}, {"zoneout": 0.1,
+                                                                                  "recurrent_dropout": 0.2}])
+@pytest.mark.parametrize("kind", [rnnkit.LSTM, rnnkit.GRU])
+def test_the_per_call_wrappers_of_a_layer_key_one_plan(kind, options):
+    # a wrapper made per call that kept bound methods or lambdas as attributes gave every call a new
+    # plan key, so auto compiled again on every call (zoneout in eval mode, with gradients)
+    layer = kind(4, 8, **options)
+    x = torch.randn(5, 2, 4)
+    cell = layer.cells()[0]
+    first, second = (layer._training_wrapper(cell, 2, x) for _ in range(2))
+    assert first is not second and compiled._attrs(first) == compiled._attrs(second)
+    assert hasattr(first, "step") == hasattr(cell, "step")  # the hoisted input product is kept

@@ -339,10 +339,11 @@ class _RNNBase(nn.Module):
 
     def _training_wrapper(self, c: nn.Module, N: int, x: Tensor) -> nn.Module:
         """Wrap a cell for this call with recurrent dropout and/or zoneout (per-call masks)."""
+        split = hasattr(c, "project_input") and hasattr(c, "step")
         if self.recurrent_dropout and self.training:
-            c = _RecurrentDropout(c, self.recurrent_dropout)
+            c = (_RecurrentDropoutSplit if split else _RecurrentDropout)(c, self.recurrent_dropout)
         if self.zoneout:
-            c = _Zoneout(c, self.zoneout, self.training)
+            c = (_ZoneoutSplit if split else _Zoneout)(c, self.zoneout, self.training)
         return c
 
     def extra_repr(self) -> str:
@@ -367,9 +368,6 @@ class _RecurrentDropout(nn.Module):
     def __init__(self, cell: nn.Module, p: float) -> None:
         super().__init__()
         self.cell, self.p, self.mask = cell, p, None
-        if hasattr(cell, "project_input") and hasattr(cell, "step"):
-            self.project_input = cell.project_input
-            self.step = self._step
 
     def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> Any:
         return self.cell.init_state(batch_size, device=device, dtype=dtype)
@@ -383,11 +381,19 @@ class _RecurrentDropout(nn.Module):
             self.mask = F.dropout(torch.ones_like(leaves[0]), self.p, True)
         return rebuild([leaves[0] * self.mask, *leaves[1:]])  # only h feeds the recurrent matmul
 
-    def _step(self, xp: Tensor, state: Any) -> Any:
-        return self.cell.step(xp, self._dropped(state))
-
     def forward(self, x: Tensor, state: Any = None) -> Any:
         return self.cell(x, self._dropped(state))
+
+
+class _RecurrentDropoutSplit(_RecurrentDropout):
+    """:class:`_RecurrentDropout` of a cell with ``project_input``/``step``, which it keeps (one input
+    product for all steps). Methods, not per-call attributes: a per-call wrapper keys one compiled plan."""
+
+    def project_input(self, x: Tensor) -> Tensor:
+        return self.cell.project_input(x)
+
+    def step(self, xp: Tensor, state: Any) -> Any:
+        return self.cell.step(xp, self._dropped(state))
 
 
 class _Zoneout(nn.Module):
@@ -397,9 +403,6 @@ class _Zoneout(nn.Module):
         super().__init__()
         self.cell, self.p = cell, p
         self.train(training)
-        if hasattr(cell, "project_input") and hasattr(cell, "step"):
-            self.project_input = cell.project_input
-            self.step = lambda xp, state: self._mix(state, cell.step(xp, state))
 
     def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> Any:
         return self.cell.init_state(batch_size, device=device, dtype=dtype)
@@ -416,6 +419,16 @@ class _Zoneout(nn.Module):
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
         return self._mix(state, self.cell(x, state))
+
+
+class _ZoneoutSplit(_Zoneout):
+    """:class:`_Zoneout` of a cell with ``project_input``/``step`` (see :class:`_RecurrentDropoutSplit`)."""
+
+    def project_input(self, x: Tensor) -> Tensor:
+        return self.cell.project_input(x)
+
+    def step(self, xp: Tensor, state: Any) -> Any:
+        return self._mix(state, self.cell.step(xp, state))
 
 
 class LSTM(_RNNBase):
