@@ -125,6 +125,17 @@ def test_eval_and_predict_work_from_the_run_directory_alone(trained, tmp_path):
     assert out.strip().splitlines()[-1] == f"{correct}/5 correct"
 
 
+def test_an_ema_run_saves_the_averaged_weights_that_eval_reproduces(tmp_path):
+    code, out, err = run(["train", *TINY, "--steps", "6", "--set", "optim.ema=0.9", "--lr", "0.05",
+                          "--out", str(tmp_path)])
+    assert code == 0, err
+    m = final_line(out)
+    code, got, err = run(["eval", m.group(6)])
+    assert code == 0, err
+    # the final figure is the averaged weights'; model.safetensors must hold those, not the raw ones
+    assert got.strip().splitlines()[-1] == f"test accuracy: {m.group(1)}% (loss {m.group(2)})"
+
+
 def test_recipes_lists_every_recipe():
     code, out, _ = run(["recipes"])
     assert code == 0

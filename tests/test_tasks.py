@@ -130,6 +130,18 @@ def test_eval_reports_the_task_figures(runs):
     assert out.strip().splitlines()[-1].startswith("exact match: ")
 
 
+def test_an_ema_task_run_saves_the_averaged_weights_that_eval_reproduces(tmp_path):
+    code, out, err = run(["train", "sin-cos", *COMMON, *SMALL["sin-cos"], "--set", "optim.ema=0.9",
+                          "--out", str(tmp_path)])
+    assert code == 0, err
+    run_dir = Path(HEADLINE.match(out.strip().splitlines()[-1]).group(2))
+    results = json.loads((run_dir / "results.json").read_text())
+    code, out, err = run(["eval", str(run_dir)])
+    assert code == 0, err
+    assert f"test mse: {results['mse']:.5f} over held-out streams" in out
+    assert f"; {results['mse_after_first_window']:.5f} from step" in out
+
+
 @pytest.mark.parametrize("beam", [1, 4])
 def test_predict_sorts_the_given_words(runs, beam):
     code, out, err = run(["predict", str(runs["sort-letters"]["dir"]), "hello", "machine", "common",

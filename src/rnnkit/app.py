@@ -372,9 +372,15 @@ def _train_worker(
     return RunSummary(Path(), final.get("accuracy", float("nan")), final["loss"], 0.0, trainer.step, None, False)
 
 
-def _save_model(run_dir: Path, trainer: Trainer, cfg: RunConfig, data: Dataset, final: dict, config_text: str) -> None:
+def _final_weights(trainer: Trainer) -> dict[str, Tensor]:
+    """The weights model.safetensors holds: the averaged ones when EMA is on, copied to the CPU."""
     with trainer._averaged():
-        tensors = {k: v.detach().cpu() for k, v in trainer.module.state_dict().items()}
+        # a copy even on the CPU, where .cpu() returns the very tensors that the swap back then overwrites
+        return {k: v.detach().to("cpu", copy=True) for k, v in trainer.module.state_dict().items()}
+
+
+def _save_model(run_dir: Path, trainer: Trainer, cfg: RunConfig, data: Dataset, final: dict, config_text: str) -> None:
+    tensors = _final_weights(trainer)
     meta = {"kind": "rnnkit-model", "config": config_text, "input_size": int(data.x_train.shape[-1]),
             "num_classes": data.num_classes, "step": trainer.step,
             "test": {k: v for k, v in final.items() if not k.startswith("accuracy_class_")}}

@@ -344,7 +344,7 @@ def train(
     with trainer._averaged():
         results = evaluate(cfg, trainer.model, data, device)
         _write_figures(cfg, trainer.model, data, device, run_dir, results)
-        tensors = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+    tensors = app._final_weights(trainer)
     results = {"task": cfg.task, "step": trainer.step, "train_seconds": round(seconds, 3), **results}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     from rnnkit.train.checkpoint import save_checkpoint
