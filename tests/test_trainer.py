@@ -599,6 +599,16 @@ def test_learning_rate_follows_the_schedule():
     assert [s["lr"] for s in rec2.steps] == [0.07, 0.07]
 
 
+def test_the_schedule_keeps_each_groups_lr_scale():
+    x, y = make_data(40)
+    model = make_model()
+    rest = [p for name, p in model.named_parameters() if not name.startswith("head.")]
+    opt = torch.optim.SGD([{"params": rest}, {"params": model.head.parameters(), "lr_scale": 0.1}], lr=1.0)
+    Trainer(model, opt, schedule=lambda step: 0.5 / (1 + step)).fit(Batches(x, y, 8), steps=3)
+    # as optim.apply_lr documents: the group's rate is the schedule's times its lr_scale
+    assert [g["lr"] for g in opt.param_groups] == [0.5 / 3, 0.1 * 0.5 / 3]
+
+
 # ------------------------------------------------------------------------------------------ callbacks
 
 

@@ -27,7 +27,7 @@ from rnnkit.errors import CheckpointError, RnnkitError, RnnkitWarning
 from rnnkit.fpmode import denormals_flushed
 from rnnkit.train.batching import Batches, eval_batches
 from rnnkit.train.checkpoint import pack_training_state, restore_training_state
-from rnnkit.train.optim import EMA, clip_gradients, global_grad_norm, l1_l2_penalty
+from rnnkit.train.optim import EMA, apply_lr, clip_gradients, global_grad_norm, l1_l2_penalty
 
 __all__ = ["Trainer", "Callback", "NonFiniteError", "classification_metrics"]
 
@@ -246,13 +246,10 @@ class Trainer:
         return logs
 
     def set_lr(self) -> float:
-        """Apply the schedule's learning rate for the current step; return it."""
+        """Apply the schedule's learning rate for the current step (times each group's "lr_scale"); return it."""
         if self.schedule is None:
             return float(self.optimizer.param_groups[0]["lr"])
-        lr = float(self.schedule(self.step))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        return float(apply_lr(self.optimizer, self.schedule, self.step))
 
     def _nonfinite(self, loss: float, grad_norm: float) -> str | None:
         """The first thing that is not finite: the loss, or a parameter's gradient (by name)."""
