@@ -334,7 +334,8 @@ def test_resume_after_a_kill_does_not_repeat_metrics(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 12, steps
 
 
-@pytest.mark.parametrize("edit", [{"step": "abc"}, {"step": -50}, {"data_position": {"epoch": "x"}}])
+@pytest.mark.parametrize("edit", [{"step": "abc"}, {"step": -50}, {"data_position": {"epoch": "x"}},
+                                  {"data_position": {"epoch": -1, "batch": 3}}])
 def test_resume_from_edited_checkpoint_metadata_is_one_line(trained, tmp_path, edit):
     from rnnkit.train.checkpoint import save_checkpoint
 

@@ -314,3 +314,19 @@ def test_a_resumed_stream_run_carries_its_state_on(task, tmp_path):
     assert whole.keys() == resumed.keys()
     for name, value in whole.items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_a_stream_run_resumed_with_another_batch_size_fails_before_writing(tmp_path):
+    code, out, err = run(["train", "sin-cos", "--steps", "8", "--no-progress", "--set", "train.threads=1",
+                          *SMALL["sin-cos"], "--set", "train.checkpoint_every=4", "--set", "train.eval_every=none",
+                          "--out", str(tmp_path)])
+    assert code == 0, err
+    run_dir = Path(out.strip().split("run: ")[-1])
+    sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1].unlink()  # as if killed after step 4, mid-stream
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code, out, err = run(["train", "--resume", str(run_dir), "--batch-size", "10"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in out + err, err
+    assert "the state of 50 streams" in err and "train.batch_size=50" in err, err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    code, out, err = run(["train", "--resume", str(run_dir)])  # the run is still resumable as it was
+    assert code == 0, err

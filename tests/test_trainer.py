@@ -560,6 +560,34 @@ def test_ema_is_used_for_evaluation_and_the_live_weights_come_back():
     assert all(torch.equal(live[k], v) for k, v in model.state_dict().items())
 
 
+def test_ema_switched_on_at_a_resume_averages_from_the_restored_weights(tmp_path):
+    x, y = make_data(24)
+    model = make_model()
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.05))
+    trainer.fit(Batches(x, y, 8), steps=3)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", *trainer.checkpoint_state())
+    resumed_model = make_model(seed=1)  # other initial weights, which the average must not start from
+    resumed = Trainer(resumed_model, torch.optim.Adam(resumed_model.parameters(), lr=0.05), ema_decay=0.9)
+    resumed.restore(path)
+    assert resumed.ema.num_updates == 0
+    for name, p in model.named_parameters():
+        assert torch.equal(resumed.ema.shadow[name], p.detach()), name
+
+
+def test_a_negative_data_position_in_a_checkpoint_is_a_checkpoint_error(tmp_path):
+    from rnnkit.errors import CheckpointError
+
+    x, y = make_data(24)
+    model = make_model()
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.05))
+    batches = Batches(x, y, 8)
+    trainer.fit(batches, steps=2)
+    tensors, meta = trainer.checkpoint_state()
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", tensors, {**meta, "data_position": {"epoch": -1, "batch": 1}})
+    with pytest.raises(CheckpointError, match="damaged or foreign .*data_position"):
+        Trainer(model, torch.optim.Adam(model.parameters(), lr=0.05)).restore(path, Batches(x, y, 8))
+
+
 @pytest.mark.parametrize("batch", [8, 7])  # 7: micro-batches of 4 and 3 are weighted by their size
 def test_accumulation_matches_one_full_batch(batch):
     x, y = make_data(batch)

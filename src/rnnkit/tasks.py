@@ -109,13 +109,17 @@ class StreamModel(nn.Module):
             state = state.to(device) if isinstance(state, Tensor) else tuple(s.to(device) for s in state)
         self.state = state
 
+    def carried_batch_size(self) -> int | None:
+        """How many streams the carried state is for (None: no state carried yet)."""
+        return None if self.state is None else _batch_of(self.state)
+
     def forward(self, x: Tensor) -> Tensor:
         """Outputs (N, T, out) for the window ``x`` (N, T, in)."""
         if not self.training:
             return self.net(x)[0]
-        if self.state is not None and _batch_of(self.state) != x.shape[0]:
+        if self.state is not None and self.carried_batch_size() != x.shape[0]:
             raise ConfigError(
-                f"StreamModel: the carried state is for {_batch_of(self.state)} streams but this window has "
+                f"StreamModel: the carried state is for {self.carried_batch_size()} streams but this window has "
                 f"{x.shape[0]}; stream tasks need optim.accumulate=1 and one batch size throughout"
             )
         y, state = self.net(x, self.state)

@@ -313,13 +313,19 @@ class Trainer:
         try:
             if self.ema is not None and "ema" in extra:
                 self.ema.load_state_dict(extra["ema"])
+            elif self.ema is not None:  # trained without EMA so far: average from the restored weights on,
+                self.ema = EMA(self.module, self.ema.decay, warmup=self.ema.warmup)  # not from the initial ones
             if "carried" in extra and hasattr(self.module, "load_carried_state_dict"):
                 self.module.load_carried_state_dict(extra["carried"])
+                self._check_carried(path, train)
             step, epoch = int(meta.get("step", 0)), int(meta.get("epoch", 0))
             if step < 0 or epoch < 0:
                 raise ValueError(f"step {step} and epoch {epoch} must not be negative")
-            if train is not None and meta.get("data_position"):
-                train.load_state_dict(meta["data_position"])
+            position = meta.get("data_position")
+            if train is not None and position:
+                if int(position["epoch"]) < 0 or int(position["batch"]) < 0:
+                    raise ValueError(f"data_position {position} must not be negative")
+                train.load_state_dict(position)
         except CheckpointError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # edited or foreign metadata
@@ -327,6 +333,16 @@ class Trainer:
                                   "resume from another checkpoint of the run, or start a new run") from e
         self.step, self.epoch = step, epoch
         return meta
+
+    def _check_carried(self, path: Any, train: Batches | None) -> None:
+        """A state carried across windows (truncated backprop) fits only batches of as many streams."""
+        streams = self.module.carried_batch_size() if hasattr(self.module, "carried_batch_size") else None
+        if train is not None and streams is not None and streams != train.batch_size:
+            raise CheckpointError(
+                f"{path}: it carries the state of {streams} streams from window to window but the batches have "
+                f"{train.batch_size}; resume with the run's batch size, train.batch_size={streams} (--batch-size "
+                f"{streams})"
+            )
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
