@@ -505,22 +505,37 @@ def test_non_finite_padding_past_the_lengths_leaves_gradients_finite(backend, ki
     assert all(bool(g.isfinite().all()) for g in grads)
 
 
-class _GatedByALayerNamedOutput(nn.Module):
-    """A GRU-like cell whose last layer is called ``output``: a part of the cell, not the output hook."""
+class _StepCell(nn.Module):
+    """A cell whose forward is given: for the mistakes a user's step can make."""
 
-    def __init__(self) -> None:
+    def __init__(self, step, init=None) -> None:
         super().__init__()
-        self.gates = nn.Linear(I + H, H)
-        self.output = nn.Linear(H, H)
+        self.lin = nn.Linear(I + H, H)
+        self.step_fn, self.init = step, init
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        if self.init is not None:
+            return self.init(batch_size)
         return torch.zeros(batch_size, H, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, h: Tensor) -> Tensor:
-        return torch.tanh(self.output(torch.sigmoid(self.gates(torch.cat([x, h], 1))) * h + x.sum(1, keepdim=True)))
+    def forward(self, x: Tensor, h: Tensor):
+        return self.step_fn(torch.tanh(self.lin(torch.cat([x, h], 1))), h)
 
 
-def test_a_submodule_named_output_is_not_taken_for_the_output_hook():
-    torch.manual_seed(0)
-    r = unroll(_GatedByALayerNamedOutput(), torch.randn(N, T, I), return_states=True, backend="reference")
-    assert torch.equal(r.outputs, r.states)  # the state is the output, as for any cell without output()
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+@pytest.mark.parametrize("step, says", [
+    (lambda new, h: torch.cat([new, h[:, :2]], 1), f"returned Tensor({N}, {H + 2}) for a state of Tensor({N}, {H})"),
+    (lambda new, h: new.double(), "torch.float64 for a state of"),
+    (lambda new, h: (new, new.sum(1)), f"returned tuple(Tensor({N}, {H}), Tensor({N},)) for a state of Tensor"),
+    (lambda new, h: None, "returned NoneType for a state of"),
+])
+def test_a_step_that_returns_another_kind_of_state_is_one_clear_error(backend, step, says):
+    with pytest.raises(ShapeError, match=r"unroll: _StepCell.forward\(x, state\) returned") as e:
+        unroll(_StepCell(step), torch.randn(N, T, I), backend=backend)
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_init_state_that_ignores_its_dtype_is_one_clear_error():
+    cell = _StepCell(lambda new, h: new.to(h.dtype), init=lambda n: torch.zeros(n, H)).double()
+    with pytest.raises(ShapeError, match=r"init_state\(3, device=cpu, dtype=torch.float64\) returned torch.float32"):
+        unroll(cell, torch.randn(N, T, I, dtype=torch.float64))

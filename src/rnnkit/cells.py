@@ -8,7 +8,8 @@ A cell is an ``nn.Module`` with
   no state means zeros. ``x_t`` is ``(N, I)`` (or ``(I,)`` unbatched for the built-ins).
 * ``init_state(batch_size, device=None, dtype=None) -> state``: the zero state.
 * ``output(state) -> Tensor`` (optional): the step's output; by default the state itself, or its
-  first field when the state is a tuple.
+  first field when the state is a tuple. A method, or a submodule named ``output`` (a readout
+  layer applied to every step's state): so do not call a layer that ``forward`` uses ``output``.
 
 A state is a tensor or a NamedTuple of tensors such as ``LSTMState(h, c)`` (h first, so it
 unpacks like torch's ``(h, c)``). That is all :func:`rnnkit.unroll` and the layers need.
@@ -56,16 +57,9 @@ class LSTMState(NamedTuple):
     c: Tensor
 
 
-def output_hook(cell: nn.Module) -> Any:
-    """The cell's ``output(state)`` method, or None: a submodule named ``output`` (a layer the cell
-    uses inside ``forward``) is part of the cell, not the protocol's hook."""
-    out = getattr(cell, "output", None)
-    return None if out is None or isinstance(out, nn.Module) else out
-
-
 def cell_output(cell: nn.Module, state: Any) -> Tensor:
     """The output of ``cell`` for ``state``: ``cell.output(state)`` or the state's first field."""
-    out = output_hook(cell)
+    out = getattr(cell, "output", None)
     if out is not None:
         return out(state)
     return state if isinstance(state, Tensor) else state[0]

@@ -288,6 +288,14 @@ def _validate(
     if init is None:
         raise ShapeError(f"unroll: the cell {type(cell).__name__} has no init_state(batch_size, device, dtype)")
     expected = init(N, device=x.device, dtype=x.dtype)
+    for leaf in tree_flatten(expected)[0] if _same_structure(expected, expected) else [None]:
+        if not isinstance(leaf, Tensor) or leaf.device != x.device or (
+                leaf.is_floating_point() and leaf.dtype != x.dtype):
+            got = _describe(expected) if leaf is None else f"{leaf.dtype} on {leaf.device}"
+            raise ShapeError(
+                f"unroll: {type(cell).__name__}.init_state({N}, device={x.device}, dtype={x.dtype}) returned "
+                f"{got}; it must return tensors (or tuples of them) made with the device and dtype it is given"
+            )
     if state is None:
         state = expected
     else:
@@ -322,6 +330,21 @@ def _check_lengths(lengths: Any, N: int, T: int, device: torch.device) -> Tensor
     return t.to(device=device, dtype=torch.long)
 
 
+def check_step_state(cell: nn.Module, before: Any, after: Any) -> None:
+    """Raise a clear error when one step of ``cell`` returned a state unlike the one it was given."""
+    if not _same_structure(after, before):
+        shapes = dtypes = False
+    else:
+        pairs = list(zip(tree_flatten(after)[0], tree_flatten(before)[0]))
+        shapes, dtypes = all(a.shape == b.shape for a, b in pairs), all(a.dtype == b.dtype for a, b in pairs)
+    if not (shapes and dtypes):
+        raise ShapeError(
+            f"unroll: {type(cell).__name__}.forward(x, state) returned {_describe(after, shapes)} for a state of "
+            f"{_describe(before, shapes)}; a step must return the next state, shaped like the state it takes "
+            f"(its init_state's), in the same dtype"
+        )
+
+
 def _same_structure(got: Any, want: Any) -> bool:
     """Whether ``got`` nests tensors and (named) tuples/lists exactly as ``want`` does."""
     if isinstance(want, Tensor):
@@ -331,11 +354,11 @@ def _same_structure(got: Any, want: Any) -> bool:
     return all(_same_structure(g, w) for g, w in zip(got, want))
 
 
-def _describe(state: Any) -> str:
+def _describe(state: Any, dtypes: bool = False) -> str:
     if isinstance(state, Tensor):
-        return f"Tensor{tuple(state.shape)}"
+        return f"Tensor{tuple(state.shape)}" + (f" {state.dtype}" if dtypes else "")
     if isinstance(state, (tuple, list)):
-        inner = ", ".join(_describe(s) for s in state)
+        inner = ", ".join(_describe(s, dtypes) for s in state)
         return f"{type(state).__name__}({inner})"
     return type(state).__name__
 

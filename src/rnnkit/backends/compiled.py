@@ -70,6 +70,7 @@ from torch import Tensor, nn
 
 from rnnkit.backends import gemm, reference
 from rnnkit.backends.reference import freeze
+from rnnkit.errors import ShapeError
 from rnnkit.fpmode import transforming as _transforming
 
 __all__ = ["available", "unsupported", "worth_it", "run", "run_quietly", "clear_cache"]
@@ -135,11 +136,10 @@ def clear_cache() -> None:
 
 def _custom_output(cell: nn.Module) -> bool:
     """Whether the cell's output is something other than its state's first field (as cell_output reads it)."""
-    from rnnkit.cells import Cell, output_hook
-
-    out = output_hook(cell)
+    out = getattr(cell, "output", None)
     if out is None:
         return False
+    from rnnkit.cells import Cell
 
     return getattr(out, "__func__", None) is not Cell.output
 
@@ -624,14 +624,15 @@ def _fresh_args(slots: _Slots, x_t: Tensor, leaves: list[Tensor], training: bool
     return args
 
 
-def _trace_cell(cell: nn.Module, step: Callable, args: list[Tensor]
+def _trace_cell(cell: nn.Module, step: Callable, args: list[Tensor], check: Callable[[], None]
                 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule | None]:
-    """:func:`_trace`, refusing cells whose forward changes their own attributes (after undoing that)
-    or draws random numbers."""
+    """``check()`` and :func:`_trace`, refusing cells whose forward changes their own attributes (after
+    undoing that) or draws random numbers."""
     before = _attrs(cell)
     snapshot = [(m, _own(m)) for m in cell.modules()]
     failure: Exception | None = None
     try:
+        check()
         fw, bw = _trace(step, args)
     except Exception as e:  # noqa: BLE001 - reported below, after the cell is put back
         failure = e
@@ -652,6 +653,17 @@ def _trace_cell(cell: nn.Module, step: Callable, args: list[Tensor]
     return fw, bw
 
 
+def _check_one_step(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
+                    unflatten: Callable[[list[Tensor]], Any]) -> None:
+    """One eager step must return a state like the one it took (a trace would bake in the wrong shapes);
+    on copies of the cell's tensors, so in-place updates of its buffers do not count."""
+    from rnnkit.engine import check_step_state
+
+    state = unflatten([s.detach().clone() for s in leaves])
+    with torch.no_grad(), slots.holding([t.detach().clone() for t in slots.tensors]):
+        check_step_state(cell, state, cell(x_t.detach().clone(), state))
+
+
 def _build_inference(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
                      unflatten: Callable[[list[Tensor]], Any]) -> _Plan:
     """A forward-only plan (no saved tensors), for calls without gradients where no training plan fits."""
@@ -659,7 +671,7 @@ def _build_inference(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[T
     own_output = _custom_output(cell)
     step = _step_fn(cell, slots, unflatten, own_output)
     args = _fresh_args(slots, x_t, leaves, training=False)
-    fw, _ = _trace_cell(cell, step, args)
+    fw, _ = _trace_cell(cell, step, args, lambda: _check_one_step(cell, slots, x_t, leaves, unflatten))
     if len(_placeholders(fw)) != n_in + 1 + n_s or len(_outputs(fw)) != n_s + own_output:
         raise _Unsupported(_ODD_SIGNATURE)
     _strip_detach(fw)
@@ -681,7 +693,8 @@ def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
     own_output = _custom_output(cell)
     n_out = n_s + own_output
     step = _step_fn(cell, slots, unflatten, own_output)
-    fw, bw = _trace_cell(cell, step, _fresh_args(slots, x_t, leaves))
+    fw, bw = _trace_cell(cell, step, _fresh_args(slots, x_t, leaves),
+                         lambda: _check_one_step(cell, slots, x_t, leaves, unflatten))
     if bw is None:
         raise _Unsupported("its trace has no backward")
     n_saved = len(_outputs(fw)) - n_out
@@ -840,6 +853,8 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
                 warnings.catch_warnings(), torch.inference_mode(False):
             warnings.simplefilter("ignore")
             plan = (_build if training else _build_inference)(cell, slots, x[0], leaves, unflatten)
+    except ShapeError:
+        raise  # the cell's own mistake (a step that changes its state's shape, say): the loop would raise it too
     except Exception as e:  # noqa: BLE001 - any failure to trace or compile means: run the reference loop
         why = str(e) if isinstance(e, _Unsupported) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if isinstance(e, _Unsupported) and "own attributes" in why:

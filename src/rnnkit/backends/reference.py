@@ -35,7 +35,7 @@ def run(
 def _run(
     cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool
 ) -> tuple[Tensor, Any, Any]:
-    from rnnkit.engine import tree_map  # the engine owns the state utilities
+    from rnnkit.engine import check_step_state, tree_map  # the engine owns the state utilities
 
     T = x.shape[0]
     if hasattr(cell, "project_input") and hasattr(cell, "step"):
@@ -46,6 +46,8 @@ def _run(
     outputs, kept = [], []
     for t in range(T):
         new = step(xs[t], state)
+        if t == 0:
+            check_step_state(cell, state, new)
         if t >= full:
             m = masks[t]
             new = tree_map(lambda n, o, m=m: freeze(m, n, o), new, state)
