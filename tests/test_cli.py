@@ -334,6 +334,23 @@ def test_resume_after_a_kill_does_not_repeat_metrics(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 12, steps
 
 
+def test_resume_after_a_kill_does_not_repeat_tensorboard_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code, out, err = run(["train", *TINY, "--steps", "12", "--set", "train.checkpoint_every=4",
+                          "--set", "train.log_every=2", "--out", str(tmp_path)])
+    assert code == 0, err
+    run_dir = Path(final_line(out).group(6))
+    for ckpt in sorted((run_dir / "checkpoints").glob("ckpt-*"))[-2:]:  # as if killed after step 4
+        ckpt.unlink()
+    code, out, err = run(["train", "--resume", str(run_dir)])
+    assert code == 0, err
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [1, 2, 4, 6, 8, 10, 12], steps
+
+
 @pytest.mark.parametrize("edit", [{"step": "abc"}, {"step": -50}, {"data_position": {"epoch": "x"}},
                                   {"data_position": {"epoch": -1, "batch": 3}}])
 def test_resume_from_edited_checkpoint_metadata_is_one_line(trained, tmp_path, edit):

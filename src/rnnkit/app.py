@@ -286,7 +286,8 @@ def _train_mnist(
                 "compiles it (a few seconds per batch size; smaller batches reuse it) and trains it faster")
 
     target = TimeToTarget(t.target_accuracy, start) if t.target_accuracy else None
-    tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text)
+    tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text,
+                          purge_step=trainer.step + 1 if resume_from else None)
     ckpt = Checkpointer(run_dir / "checkpoints", every=t.checkpoint_every, keep_last=t.keep_last,
                         meta={"config": config_text})
     metrics = MetricsLogger(run_dir / "metrics.jsonl", t.log_every, after=trainer.step if resume_from else None)

@@ -333,7 +333,8 @@ def train(
 
     metric, mode = {"sin-cos": ("mse", "min"), "echo": ("accuracy", "max"),
                     "sort-letters": ("exact_match", "max")}[cfg.task]
-    tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text)
+    tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text,
+                          purge_step=trainer.step + 1 if resume_from else None)
     ckpt = Checkpointer(run_dir / "checkpoints", every=t.checkpoint_every, keep_last=t.keep_last,
                         metric=metric, mode=mode, meta={"config": config_text})
     metrics_log = MetricsLogger(run_dir / "metrics.jsonl", t.log_every, after=trainer.step if resume_from else None)

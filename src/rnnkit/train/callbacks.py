@@ -112,10 +112,12 @@ class TensorBoardLogger(Callback):
     """TensorBoard events: scalars each logged step, weight and gradient histograms, config text."""
 
     def __init__(self, log_dir: str | Path, every: int = 50, *, histograms_every: int = 500,
-                 config_text: str | None = None) -> None:
+                 config_text: str | None = None, purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first new step; events the directory holds from that step on
+        (written after the checkpoint by a run that was killed) are dropped, not shown twice."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         self.every, self.histograms_every, self.config_text = max(1, every), histograms_every, config_text
 
     def on_fit_start(self, trainer: Trainer) -> None:
