@@ -296,9 +296,10 @@ def test_a_failed_resume_leaves_the_run_as_it_was(trained, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained["dir"], run_dir)
     before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    mismatch = "does not match the model (head.weight: model has [10, 16], checkpoint has [10, 8], and 4 more)"
-    for change, says in ((["--hidden", "16"], mismatch),
-                         (["--set", "optim.name=sgd"], "the optimizer state does not fit this optimizer"),
+    for change, says in ((["--hidden", "16"], "other settings (model.hidden: 8 -> 16)"),
+                         (["--set", "optim.name=sgd"], 'optim.name: "adam" -> "sgd"'),
+                         (["--lr", "0.01", "--set", "optim.ema=0.9", "--set", "optim.schedule=cosine"],
+                          '(optim.lr: 0.006 -> 0.01, optim.schedule: "one_cycle" -> "cosine", optim.ema: 0.0 -> 0.9)'),
                          (["--set", "optim.clip_norm=0"], "clip_norm")):
         code, out, err = run(["train", "--resume", str(run_dir), *change])
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in out + err, err
@@ -306,6 +307,22 @@ def test_a_failed_resume_leaves_the_run_as_it_was(trained, tmp_path):
         assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     code, out, err = run(["eval", str(run_dir)])
     assert code == 0, err
+
+
+def test_a_checkpoint_without_a_saved_configuration_still_resumes(trained, tmp_path):
+    from rnnkit.train.checkpoint import save_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["dir"], run_dir)
+    for ckpt in (run_dir / "checkpoints").glob("ckpt-*.safetensors"):  # as older versions wrote them
+        tensors, meta = load_checkpoint(ckpt)
+        save_checkpoint(ckpt, tensors, {k: v for k, v in meta.items() if k != "config"})
+    mismatch = "does not match the model (head.weight: model has [10, 16], checkpoint has [10, 8], and 4 more)"
+    code, out, err = run(["train", "--resume", str(run_dir), "--hidden", "16"])
+    assert code == 2 and mismatch in err, err  # the weights themselves are still checked
+    code, out, err = run(["train", "--resume", str(run_dir), "--steps", "18"])
+    assert code == 0, err
+    assert "after 18 steps" in final_line(out).group(0)
 
 
 def test_a_run_whose_weights_blow_up_still_ends_with_its_files(tmp_path):

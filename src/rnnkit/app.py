@@ -324,6 +324,7 @@ def open_run(cfg: RunConfig, trainer: Trainer, batches: Any, resume_dir: str | P
     """Restore a resumed run into ``trainer``, then (only then: a failed resume writes nothing) open
     the run directory and write its config.toml."""
     if resume_from is not None:
+        _check_unchanged(cfg, resume_from, resume_dir)
         _restore_run(trainer, resume_from, batches, resume_dir)
     run_dir = Path(resume_dir) if resume_dir else _new_run_dir(cfg)
     (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
@@ -331,6 +332,57 @@ def open_run(cfg: RunConfig, trainer: Trainer, batches: Any, resume_dir: str | P
     if resume_from is not None:
         log(f"resumed from {resume_from} at step {trainer.step}")
     return run_dir
+
+
+# model.backend only chooses how the same weights are computed (another machine may want another)
+_MAY_CHANGE = {"model.backend"}
+_SYNTHETIC_MODEL = ("embed", "attention")  # the parts of [synthetic] that shape sort-letters' model
+
+
+def _check_unchanged(cfg: RunConfig, checkpoint: Path, run_dir: str | Path | None) -> None:
+    """``--resume`` goes on with the model and optimiser the run trained: a change of them is refused.
+
+    Compared with the configuration saved in the checkpoint; [train] and [data] may change. Checkpoints
+    of older versions, which carry no configuration, resume unchecked.
+    """
+    from rnnkit.train.checkpoint import read_meta
+
+    embedded = read_meta(checkpoint).get("config")
+    if not isinstance(embedded, str):
+        return
+    saved = _config_from_text(embedded, checkpoint)
+    pairs = [(f"{section}.{key}", value, getattr(getattr(cfg, section), key))
+             for section in ("model", "optim") for key, value in dataclasses.asdict(getattr(saved, section)).items()]
+    pairs += [(f"synthetic.{key}", getattr(saved.synthetic, key), getattr(cfg.synthetic, key))
+              for key in _SYNTHETIC_MODEL if cfg.task == "sort-letters"]
+    changed = [f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in pairs
+               if old != new and key not in _MAY_CHANGE]
+    if changed:
+        raise CheckpointError(
+            f"--resume {run_dir}: the run was trained with other settings ({', '.join(changed)}); resume without "
+            f"changing them, or start a new run with the new ones (rnnkit train --config "
+            f"{Path(run_dir or '') / 'config.toml'} --set ...)"
+        )
+
+
+def _shown(value: Any) -> str:
+    """A setting as it is written on the command line (--set key=VALUE)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _config_from_text(text: str, path: Path) -> RunConfig:
+    """The RunConfig saved as TOML text in a checkpoint's or model file's metadata."""
+    from rnnkit.config import _tomllib
+
+    tomllib = _tomllib()
+    try:
+        return from_dict(RunConfig, tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{path}: its embedded configuration does not load here ({e})") from e
 
 
 def _restore_run(trainer: Trainer, checkpoint: Path, batches: Any, run_dir: str | Path | None) -> None:
@@ -428,13 +480,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]
     # machine (and which also serves runs whose model file carries no configuration).
     embedded = meta.get("config")
     if isinstance(embedded, str):
-        from rnnkit.config import _tomllib
-
-        tomllib = _tomllib()
-        try:
-            cfg = from_dict(RunConfig, tomllib.loads(embedded))
-        except (tomllib.TOMLDecodeError, ConfigError) as e:
-            raise CheckpointError(f"{model_path}: its embedded configuration does not load here ({e})") from e
+        cfg = _config_from_text(embedded, model_path)
         try:
             local = from_dict(RunConfig, load_toml(run_dir / "config.toml"))
             cfg = dataclasses.replace(cfg, data=local.data, train=local.train)
