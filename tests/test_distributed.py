@@ -42,6 +42,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "distributed: 2 processes, 16 examples each per step" in done.stdout
     assert len(list((tmp_path / "ddp").iterdir())) == 1  # only rank 0 wrote a run directory
+    finals = [line for line in done.stdout.splitlines() if line.startswith("final test accuracy")]
+    assert len(finals) == 1 and not finals[0].endswith("run: ."), done.stdout  # only rank 0 reports
+    # a resume with nothing left to train: every rank ends as rank 0 does (rank 1 had no history to report)
+    (run_dir,) = list((tmp_path / "ddp").iterdir())
+    again = subprocess.run([*cmd[:cmd.index("train") + 1], "--resume", str(run_dir), "--no-progress"],
+                           capture_output=True, text=True, env=env, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (final,) = [line for line in again.stdout.splitlines() if line.startswith("final test accuracy")]
+    assert final.split(" steps, ")[0] == finals[0].split(" steps, ")[0]  # the same figure, after 16 steps
 
     code, _, err = run(["train", *TINY, "--out", str(tmp_path / "single")])
     assert code == 0, err
@@ -56,3 +65,12 @@ def test_global_batch_must_split_evenly():
     assert split_batch(32, Dist(0, 2, 0)) == 16 and split_batch(32, None) == 32
     with pytest.raises(ValueError, match="multiple of 3"):
         split_batch(32, Dist(0, 3, 0))
+
+
+def test_a_task_under_torchrun_is_refused_instead_of_trained_once_per_process(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, out, err = run(["train", "echo", "--steps", "2", "--no-progress", "--out", str(tmp_path / "runs")])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "task echo does not train data-parallel" in err
+    assert not (tmp_path / "runs").exists()

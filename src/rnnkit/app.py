@@ -75,6 +75,7 @@ class RunSummary:
     interrupted: bool
     headline: str = ""  # the final line to print, when the task's figure is not an accuracy
     eval_seconds: float = 0.0  # the part of train_seconds spent evaluating during training
+    main: bool = True  # False in torchrun's processes other than rank 0, which report nothing
 
 
 def _run_device(cfg: RunConfig) -> torch.device:
@@ -236,6 +237,9 @@ def train(
     if cfg.task != "mnist":
         from rnnkit import tasks
 
+        if distributed.world_size() > 1:  # each process would train a copy of its own into a run of its own
+            raise ConfigError(f"task {cfg.task} does not train data-parallel; run it as one process "
+                              f"(rnnkit train {cfg.recipe}), not under torchrun with several")
         return tasks.train(cfg, resume_dir=resume_dir, log=log, start_time=start_time)
     start = start_time if start_time is not None else time.perf_counter()
     t = cfg.train
@@ -421,8 +425,10 @@ def _train_worker(
     history = trainer.fit(batches, (data.x_test, data.y_test),
                           steps=_total_steps(cfg, len(data.y_train)), eval_every=t.eval_every,
                           eval_batch_size=t.eval_batch_size)
-    final = history[-1]
-    return RunSummary(Path(), final.get("accuracy", float("nan")), final["loss"], 0.0, trainer.step, None, False)
+    # (a resumed run with nothing left to train: evaluated as rank 0 does)
+    final = history[-1] if history else trainer.evaluate(data.x_test, data.y_test)
+    return RunSummary(Path(), final.get("accuracy", float("nan")), final["loss"], 0.0, trainer.step, None, False,
+                      main=False)
 
 
 def _final_weights(trainer: Trainer) -> dict[str, Tensor]:

@@ -122,6 +122,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = recipe_config(args.recipe or "mnist-rows")
     cfg = apply_overrides(cfg, _overrides(args))
     summary = app.train(cfg, resume_dir=args.resume, start_time=_START)
+    if not summary.main:  # under torchrun only rank 0 speaks
+        return 130 if summary.interrupted else 0
     if summary.headline:
         print(summary.headline, flush=True)
         return 130 if summary.interrupted else 0

@@ -19,7 +19,7 @@ from torch import nn
 
 from rnnkit.errors import ConfigError
 
-__all__ = ["Dist", "setup", "wrap", "cleanup"]
+__all__ = ["Dist", "world_size", "setup", "wrap", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,14 @@ class Dist:
         return self.rank == 0
 
 
+def world_size() -> int:
+    """How many processes torchrun launched for the job (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: torch.device) -> tuple[Dist | None, torch.device]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); else (None, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return None, device
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
