@@ -335,7 +335,9 @@ def test_plans_follow_changes_to_container_and_callable_attributes(monkeypatch) 
     _agree(cell, x, None, monkeypatch)
     del cell.squash  # a new partial may reuse the old one's id: the key must not confuse them
     cell.squash = functools.partial(torch.nn.functional.leaky_relu, negative_slope=0.3)
-    _agree(cell, x, None, monkeypatch)
+    compiled._WARNED.discard(ConfiguredCell)
+    with pytest.warns(UserWarning, match="it compiles again for each change"):  # the fourth build of these shapes
+        _agree(cell, x, None, monkeypatch)
 
 
 class CountingCell(MinimalCell):
@@ -871,3 +873,73 @@ def test_the_per_call_wrappers_of_a_layer_key_one_plan(kind, options):
     first, second = (layer._training_wrapper(cell, 2, x) for _ in range(2))
     assert first is not second and compiled._attrs(first) == compiled._attrs(second)
     assert hasattr(first, "step") == hasattr(cell, "step")  # the hoisted input product is kept
+
+
+class SingleRowDecay(MinimalCell):
+    """Branches on the batch size in Python: one row decays its state more than a batch does."""
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        decay = 0.99 if x.shape[0] == 1 else 0.5
+        return decay * h + torch.tanh(self.wx(x) + self.wh(h))
+
+
+@needs_compiler
+def test_a_batch_size_the_cell_branches_on_is_not_padded_onto_a_larger_plan() -> None:
+    # the build checks half its batch (4 -> 2), which cannot see a branch on a batch of one
+    torch.manual_seed(0)
+    cell = SingleRowDecay(I, H)
+    unroll(cell, torch.rand(4, T, I, requires_grad=True), backend="compiled")
+    x = torch.rand(1, T, I, requires_grad=True)
+    got = unroll(cell, x, backend="compiled").outputs
+    (gx,) = torch.autograd.grad(got.sum(), x)
+    want = unroll(cell, x, backend="reference").outputs
+    (wx,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gx, wx)
+
+
+class _Config:
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+
+
+def test_config_objects_key_plans_by_content_at_any_depth() -> None:
+    cell = MinimalCell(I, H)
+    cell.cfg = _Config(model=_Config(act=_Config(gain=1.0)))
+    cell.cfg.model.back = cell.cfg  # a cycle back to the top
+    before = compiled._attrs(cell)
+    cell.cfg.model.act.gain = 5.0  # three levels down: was keyed by identity, so a stale plan ran
+    assert compiled._attrs(cell) != before
+    cell.cfg.model.act.gain = 1.0
+    assert compiled._attrs(cell) == before
+
+
+def test_attributes_nested_too_deep_to_key_run_the_reference_loop() -> None:
+    cell, twin = MinimalCell(I, H), MinimalCell(I, H)
+    twin.load_state_dict(cell.state_dict())
+    deep: list = []
+    cell.chain = deep
+    for _ in range(compiled._DEEPEST + 1):
+        deep.append([])
+        deep = deep[0]
+    compiled._WARNED.discard(MinimalCell)
+    x = torch.rand(N, T, I)
+    with pytest.warns(UserWarning, match="nest more than 64 levels deep"):
+        got = unroll(cell, x, backend="compiled").outputs
+    torch.testing.assert_close(got, unroll(twin, x, backend="reference").outputs)
+
+
+def test_auto_stops_compiling_a_cell_whose_attributes_change_every_call(monkeypatch) -> None:
+    builds = []
+    monkeypatch.setattr(compiled, "_build", lambda *a: builds.append(1))  # no plan: the reference loop runs
+    cell = MinimalCell(I, H)
+    x = torch.rand(2, compiled.AUTO_MIN_STEPS, I)
+    for step in range(6):
+        cell.scale = 1.0 - 0.01 * step  # annealed by the training loop
+        unroll(cell, x, backend="auto").outputs.sum().backward()
+    assert len(builds) == compiled._REBUILDS
+    compiled._WARNED.discard(MinimalCell)
+    with pytest.warns(UserWarning, match="each change compiled it again.*it compiles again for each change"):
+        cell.scale = 0.5
+        unroll(cell, x, backend="compiled").outputs.sum().backward()
+    assert len(builds) == compiled._REBUILDS + 1

@@ -26,7 +26,8 @@ Safety. A trace captures one path through the cell's Python, so a plan is only u
   of float tensors;
 * the plan's key matches: shapes, dtypes, which inputs need gradients, how weights are tied, every
   submodule's ``training`` flag and its other attributes (numbers and strings by value; lists,
-  dicts and config objects by content; functions and anything else by identity, kept alive);
+  dicts and config objects by content, at any depth; functions and anything else by identity,
+  kept alive);
 * when it was built, one step forward and backward on the call's own inputs agreed with the eager
   cell.
 Otherwise, or when compiling fails (no C++ compiler, say), the call runs the reference loop, with
@@ -43,11 +44,13 @@ Compiling a new shape costs a few seconds (Inductor also caches kernels on disk 
 A smaller batch than one with a plan (an epoch's last batch, say) runs on that plan with its rows
 padded by copies of a real row, which costs the padded rows' arithmetic instead of a compile. This
 is only done for cells whose rows were found independent when the plan was built (half the rows
-stepped alone gave the values and gradients they give inside the whole batch), never under
+stepped alone gave the values and gradients they give inside the whole batch) and again for each
+smaller batch size on its first padded call (a cell may branch on its batch size), never under
 saved-tensor hooks (activation checkpointing recomputes the forward and needs the same plan), and a
 batch more than twice smaller gets its own plan once it keeps coming.
 ``backend="auto"`` picks this backend for cells that no built-in kernel runs on
-:data:`AUTO_MIN_STEPS` steps or more on the CPU (and then falls back without a warning);
+:data:`AUTO_MIN_STEPS` steps or more on the CPU (and then falls back without a warning; also once a
+cell whose attributes change from call to call has been compiled :data:`_REBUILDS` times);
 ``RNNKIT_COMPILE=0`` turns that off. Shorter sequences use it when asked:
 ``unroll(cell, x, backend="compiled")``.
 """
@@ -61,6 +64,7 @@ import os
 import sys
 import types
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -85,6 +89,11 @@ _REFUSED: dict[type, str] = {}  # cell types whose forward changes their own att
 # size: a smaller batch runs on such a plan with its rows padded (see _wider) instead of compiling.
 _ROWS: dict[tuple, set[int]] = {}
 _SEEN: OrderedDict[tuple, int] = OrderedDict()  # calls per key that ran padded on a plan over twice their size
+# Builds per cell and shapes: more than _REBUILDS means the cell's attributes change from call to call
+# (an annealed temperature kept as a float, say), and every call would compile again. Per cell, not per
+# type: a model may hold several differently configured cells of one type.
+_BUILDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+_REBUILDS = 3
 _PAD_CALLS = 3  # ... after which the batch size gets a plan of its own
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default,
           _aten.slice.Tensor, _aten.select.int, _aten.unsqueeze.default, _aten.squeeze.dim,
@@ -132,6 +141,7 @@ def clear_cache() -> None:
     _WHY.clear()
     _ROWS.clear()
     _SEEN.clear()
+    _BUILDS.clear()
 
 
 def _custom_output(cell: nn.Module) -> bool:
@@ -225,6 +235,7 @@ class _Plan:
         self.fw, self.bw = fw, bw
         self.rows_apart = False  # whether each batch row's step depends on that row alone (see _rows_apart)
         self.rows_key: tuple | None = None  # (key without the batch size, batch size) once smaller batches may use it
+        self.pads: dict[int, bool] = {}  # smaller batch sizes checked to run padded on this plan (see _pads_alike)
         self.n_inputs, self.n_state, self.own_output = n_inputs, n_state, own_output
         self.n_out = n_state + own_output  # what a step returns: the new state, then cell.output() if any
         self.prologue, self.fixed = prologue, fixed  # the backward's once-per-sequence part, and its inputs
@@ -258,25 +269,33 @@ def _own(m: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(m).items() if k not in _INTERNALS}
 
 
-def _fingerprint(v: Any, depth: int = 0) -> Any:
-    """A hashable summary of ``v`` that changes when ``v`` would change what a trace bakes in."""
+_DEEPEST = 64  # levels of nested attributes a key summarises; deeper structures are refused
+
+
+def _fingerprint(v: Any, inside: tuple[int, ...] = ()) -> Any:
+    """A hashable summary of ``v`` that changes when ``v`` would change what a trace bakes in.
+    ``inside``: the ids of the containers being summarised (a reference back to one is a cycle)."""
     if isinstance(v, _PLAIN):
         return v
     if isinstance(v, (Tensor, nn.Module)):
         return type(v)  # parameters, buffers and submodules are walked separately; see _untraceable
-    if depth < 4:
-        if isinstance(v, (list, tuple, set, frozenset)):
-            items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v
-            return (type(v), tuple(_fingerprint(e, depth + 1) for e in items))
-        if isinstance(v, dict):
-            return (dict, tuple((_fingerprint(k, depth + 1), _fingerprint(e, depth + 1)) for k, e in v.items()))
-        if isinstance(v, functools.partial):
-            return (functools.partial, _Same(v.func), _fingerprint(v.args, depth + 1),
-                    _fingerprint(v.keywords, depth + 1))
-        if hasattr(v, "__dict__") and not isinstance(v, (type, types.FunctionType, types.MethodType,
-                                                         types.BuiltinFunctionType, types.ModuleType)):
-            return (_Same(type(v)), _fingerprint(vars(v), depth + 1))  # a config object, say
-    return _Same(v)  # functions, classes, modules, anything else: by identity
+    if id(v) in inside:
+        return ("<cycle>", inside.index(id(v)))  # its content is already in the summary, further out
+    config = hasattr(v, "__dict__") and not isinstance(v, (type, types.FunctionType, types.MethodType,
+                                                          types.BuiltinFunctionType, types.ModuleType))
+    if not (config or isinstance(v, (list, tuple, set, frozenset, dict, functools.partial))):
+        return _Same(v)  # functions, classes, modules, anything else: by identity
+    deeper = (*inside, id(v))
+    if len(deeper) > _DEEPEST:
+        raise _Unsupported(f"its attributes nest more than {_DEEPEST} levels deep, too deep to key a plan by")
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v
+        return (type(v), tuple(_fingerprint(e, deeper) for e in items))
+    if isinstance(v, dict):
+        return (dict, tuple((_fingerprint(k, deeper), _fingerprint(e, deeper)) for k, e in v.items()))
+    if isinstance(v, functools.partial):
+        return (functools.partial, _Same(v.func), _fingerprint(v.args, deeper), _fingerprint(v.keywords, deeper))
+    return (_Same(type(v)), _fingerprint(vars(v), deeper))  # a config object, say, at any depth
 
 
 def _class_values(kind: type) -> tuple:
@@ -730,16 +749,16 @@ def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
     return plan
 
 
-def _rows_apart(step: Callable, slots: _Slots, x_t: Tensor, leaves: list[Tensor]) -> bool:
+def _rows_apart(step: Callable, slots: _Slots, x_t: Tensor, leaves: list[Tensor], k: int | None = None) -> bool:
     """Whether each batch row of the eager step depends on that row alone, values and gradients: the
-    first half of the rows, stepped on their own (another batch size), must give what they give
-    inside the whole batch, and so must a gradient that is zero on the other rows (for x, the state
-    and the cell's tensors). Cells that normalise over the batch, read its size, or mix rows only in
-    their backward fail this, and their smaller batches get plans of their own."""
+    first ``k`` rows (default half), stepped on their own (another batch size), must give what they
+    give inside the whole batch, and so must a gradient that is zero on the other rows (for x, the
+    state and the cell's tensors). Cells that normalise over the batch, read its size, or mix rows
+    only in their backward fail this, and their smaller batches get plans of their own."""
     n = x_t.shape[0]
     if n < 2 or not all(s.dim() and s.shape[0] == n for s in leaves):
         return False
-    k, m = n // 2, len(slots.tensors)
+    k, m = n // 2 if k is None else k, len(slots.tensors)
     whole = _fresh_args(slots, x_t, leaves)
     whole[m].requires_grad_()
     half = whole[:m] + [a.detach()[:k].clone().requires_grad_() for a in whole[m:]]
@@ -797,7 +816,7 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=tol, atol=tol * (1 + float(a.detach().abs().max()))))
 
 
-def _warn(cell: nn.Module, why: str, quiet: bool = False) -> None:
+def _warn(cell: nn.Module, why: str, quiet: bool = False, then: str = "it runs the reference loop instead") -> None:
     """One warning per cell type, attributed to the first caller outside rnnkit and torch."""
     if quiet or type(cell) in _WARNED:
         return
@@ -810,8 +829,7 @@ def _warn(cell: nn.Module, why: str, quiet: bool = False) -> None:
     inner = getattr(cell, "cell", None)
     if name.startswith("_") and isinstance(inner, nn.Module):  # rnnkit's dropout/zoneout wrappers
         name = f"{type(inner).__name__} (with the layer's {name.strip('_')})"
-    warnings.warn(f"rnnkit: the compiled backend cannot run {name} ({why}); it runs the "
-                  "reference loop instead", stacklevel=level)
+    warnings.warn(f"rnnkit: the compiled backend cannot run {name} ({why}); {then}", stacklevel=level)
 
 
 def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
@@ -828,10 +846,15 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
     if why:
         _warn(cell, why, quiet)
         return None, rows
-    key = _key(cell, slots, x, leaves)
+    try:
+        key = _key(cell, slots, x, leaves)
+    except _Unsupported as e:
+        _warn(cell, str(e), quiet)
+        return None, rows
     if not training and _PLANS.get(key) is not None:
         return _PLANS[key], rows
-    wider = _wider(x, leaves, key, builds=training or not quiet)
+    wider = _wider(x, leaves, key, training or not quiet,
+                   lambda plan, rows: _pads_alike(plan, rows, cell, slots, x[0], leaves, unflatten))
     if wider is not None:
         return wider
     key = key if training else (*key, "inference")
@@ -844,6 +867,14 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
         # a one-off evaluation would pay seconds of compiling to save a fraction of one: measured at
         # T784 N1000 H128 (seed-000 cell), 5.4 s to build, then 680-800 ms against 880-894 ms
         return None, rows
+    builds = _BUILDS.setdefault(cell, {})
+    builds[key[1:]] = builds.get(key[1:], 0) + 1
+    if builds[key[1:]] > _REBUILDS:
+        if quiet:  # auto: compiling every call never pays; the reference loop from here on
+            return None, rows
+        _warn(cell, f"as it is: its attributes changed between calls, and each change compiled it again "
+                    f"({_REBUILDS} times for these shapes)", then="it compiles again for each change; keep a value "
+                    "that changes in a buffer or parameter, which a plan takes as an input")
     plan = None
     try:
         # tracing must move neither the caller's random stream nor tensors through saved-tensor
@@ -876,11 +907,28 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
     return plan, rows
 
 
-def _wider(x: Tensor, leaves: list[Tensor], key: tuple, builds: bool) -> tuple[_Plan, int] | None:
+def _pads_alike(plan: _Plan, rows: int, cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
+                unflatten: Callable[[list[Tensor]], Any]) -> bool:
+    """Whether this call's batch size may run padded to ``rows`` on ``plan``: checked once per size
+    with :func:`_rows_apart` on the call's rows, padded, since the build's check (half its batch)
+    cannot see a cell whose Python branches on other batch sizes (``if x.shape[0] == 1``)."""
+    n = x_t.shape[0]
+    if n not in plan.pads:
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
+                warnings.catch_warnings(), torch.inference_mode(False):
+            warnings.simplefilter("ignore")
+            step = _step_fn(cell, slots, unflatten, plan.own_output)
+            plan.pads[n] = _rows_apart(step, slots, _pad_rows(x_t, 0, rows), [_pad_rows(s, 0, rows) for s in leaves], n)
+    return plan.pads[n]
+
+
+def _wider(x: Tensor, leaves: list[Tensor], key: tuple, builds: bool, fits: Callable[[_Plan, int], bool]
+           ) -> tuple[_Plan, int] | None:
     """A training plan for a larger batch whose rows are computed apart, and its batch size, for a
     call with no plan of its own: run padded, the call costs a few rows more instead of a compile
     (the last, smaller batch of an epoch, say). A batch size more than twice smaller gets its own
-    plan once it has come :data:`_PAD_CALLS` times, if the call would build one (``builds``)."""
+    plan once it has come :data:`_PAD_CALLS` times, if the call would build one (``builds``).
+    ``fits(plan, rows)`` checks that this batch size computes its rows alike on that plan."""
     n = x.shape[1]
     if key in _PLANS or (*key, "inference") in _PLANS or not all(s.dim() and s.shape[0] == n for s in leaves):
         return None
@@ -891,7 +939,7 @@ def _wider(x: Tensor, leaves: list[Tensor], key: tuple, builds: bool) -> tuple[_
     for rows in sorted(_ROWS.get(_resized(key, -1), ())):
         wide = _resized(key, rows)
         plan = _PLANS.get(wide)
-        if rows <= n or plan is None or not plan.rows_apart:
+        if rows <= n or plan is None or not plan.rows_apart or not fits(plan, rows):
             continue
         if rows > 2 * n and builds:
             _SEEN[key] = _SEEN.pop(key, 0) + 1
