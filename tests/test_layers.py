@@ -1058,3 +1058,29 @@ def test_float64_gru_without_a_torch_kernel_still_has_second_derivatives():
     layer = rnnkit.GRU(2, 3, reset_after=False, dtype=F64)
     x = torch.randn(3, 2, 2, dtype=F64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda v: layer(v)[0], (x,))
+
+
+class _NarrowReadout(nn.Module):
+    """A user cell whose output() is 3 wide: fine alone, not stacked."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.lin = nn.Linear(input_size + hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, 3)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(torch.cat([x, h], 1)))
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(h)
+
+
+def test_a_stacked_cell_whose_output_does_not_feed_the_next_layer_is_one_clear_error():
+    x = torch.randn(5, 3, 4)
+    assert rnnkit.RNN(4, 4, cell=_NarrowReadout)(x)[0].shape == (5, 3, 3)  # one layer: its output is the layer's
+    with pytest.raises(ShapeError, match="layer 0's output has 3 features .* layer 1's cells were built for 4"):
+        rnnkit.RNN(4, 4, num_layers=2, cell=_NarrowReadout)(x)

@@ -273,6 +273,8 @@ class _RNNBase(nn.Module):
                 finals.append(r.final_state)
                 every.append(r.states)
             layer_input = self._merge(outs)
+            if layer < self.num_layers - 1:
+                self._check_feeds_next_layer(layer, layer_input)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
 
@@ -295,6 +297,18 @@ class _RNNBase(nn.Module):
         if return_states:
             return LayerResult(output, hidden, states)
         return output, hidden
+
+    def _check_feeds_next_layer(self, layer: int, out: Tensor) -> None:
+        """A user cell whose ``output()`` is not ``hidden_size`` wide cannot feed the layer above."""
+        directions = 2 if self.bidirectional and self.merge_mode == "concat" else 1
+        want = (self.proj_size or self.hidden_size) * directions  # what the cells above were built for
+        if out.shape[-1] != want:
+            raise ShapeError(
+                f"{type(self).__name__}: layer {layer}'s output has {out.shape[-1]} features (its cells' output(), "
+                f"merged over directions) but layer {layer + 1}'s cells were built for {want}; a stacked cell's "
+                f"output must be hidden_size={self.hidden_size} wide, or stack single-layer "
+                f"{type(self).__name__}s of the widths you need"
+            )
 
     def _split_hx(
         self, hx: Any, cells: list[nn.Module], N: int, x: Tensor, unbatched: bool, directions: int
