@@ -168,6 +168,11 @@ BAD = {
     "index out of range": (lambda r: ["inspect", str(r["sin-cos"]["dir"]), "--index", "99"], "out of range"),
     "bidirectional stream": (lambda r: ["train", "echo", *COMMON, "--bidirectional"], "cannot carry its state"),
     "bad attention": (lambda r: ["train", "sort-letters", *COMMON, "--attention", "dot"], "synthetic.attention"),
+    "bidirectional sorter": (lambda r: ["train", "sort-letters", *COMMON, "--bidirectional", "--set",
+                                        "model.input_projection=8"],
+                             "task sort-letters: its model does not use model.bidirectional, model.input_projection"),
+    "readout of a stream": (lambda r: ["train", "sin-cos", *COMMON, "--set", "model.readout=mean"],
+                            "does not use model.readout"),
 }
 
 
@@ -179,6 +184,13 @@ def test_bad_task_input_exits_2_with_one_line(runs, case, tmp_path):
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], err
+
+
+@pytest.mark.parametrize("recipe", list(FIGURE))
+def test_the_task_models_run_on_the_configured_backend(recipe):
+    model = tasks.build_model(apply_overrides(recipe_config(recipe), ['model.backend="reference"']))
+    rnn = model.seq2seq.encoder if recipe == "sort-letters" else model.net.rnn
+    assert rnn.backend == "reference"
 
 
 # ---------------------------------------------------------------------------------------- inspect

@@ -197,6 +197,9 @@ def build_model(cfg: RunConfig) -> nn.Module:
     from rnnkit.app import _cell_factory
 
     m, s = cfg.model, cfg.synthetic
+    # the MNIST classifier's readout; sort-letters' encoder reads its embeddings one way
+    _refuse_unused(cfg, ("readout", "head_init") + (() if cfg.task in STREAM_TASKS else
+                                                    ("bidirectional", "input_projection", "forget_bias")))
     if cfg.task in STREAM_TASKS:
         if m.bidirectional:
             raise ConfigError(f"task {cfg.task}: a bidirectional model cannot carry its state along a stream; "
@@ -207,7 +210,7 @@ def build_model(cfg: RunConfig) -> nn.Module:
         net = SequenceRegressor(
             1, 2 if echo else 1, hidden_size=m.hidden, num_layers=m.layers, cell=_cell_factory(m.cell),
             input_projection=m.input_projection, dropout=m.dropout, forget_bias=m.forget_bias,
-            task="tagging" if echo else "regression", init=m.init,
+            task="tagging" if echo else "regression", init=m.init, backend=m.backend,
         )
         return StreamModel(net)
     if cfg.task == "sort-letters":
@@ -217,9 +220,21 @@ def build_model(cfg: RunConfig) -> nn.Module:
         seq2seq = Seq2Seq(
             vocab, vocab, embed_size=s.embed, hidden_size=m.hidden, num_layers=m.layers,
             attention=None if s.attention == "none" else s.attention, cell=m.cell, dropout=m.dropout,
+            backend=m.backend,
         )
         return WordSorter(seq2seq, s.max_len)
     raise ConfigError(f"unknown task {cfg.task!r}; known: mnist, {', '.join(TASKS)}")
+
+
+def _refuse_unused(cfg: RunConfig, keys: tuple[str, ...]) -> None:
+    """A model setting the task's model has no use for is an error, not silently ignored."""
+    from rnnkit.recipes import ModelConfig
+
+    default = ModelConfig()
+    given = [f"model.{key}" for key in keys if getattr(cfg.model, key) != getattr(default, key)]
+    if given:
+        raise ConfigError(f"task {cfg.task}: its model does not use {', '.join(given)}; leave "
+                          f"{'it' if len(given) == 1 else 'them'} unset")
 
 
 # --------------------------------------------------------------------------------------------------
