@@ -337,7 +337,9 @@ def test_a_run_whose_weights_blow_up_still_ends_with_its_files(tmp_path):
         assert (run_dir / name).exists(), name
 
 
-def test_resume_after_a_kill_does_not_repeat_metrics(tmp_path):
+@pytest.fixture
+def resumed_after_a_kill(tmp_path) -> Path:
+    """A 12-step run killed after its checkpoint at step 4 (the later ones gone), then resumed to its end."""
     code, out, err = run(["train", *TINY, "--steps", "12", "--set", "train.checkpoint_every=4",
                           "--set", "train.log_every=2", "--out", str(tmp_path)])
     assert code == 0, err
@@ -346,23 +348,19 @@ def test_resume_after_a_kill_does_not_repeat_metrics(tmp_path):
         ckpt.unlink()
     code, out, err = run(["train", "--resume", str(run_dir)])
     assert code == 0, err
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    return run_dir
+
+
+def test_resume_after_a_kill_does_not_repeat_metrics(resumed_after_a_kill):
+    steps = [json.loads(line)["step"] for line in (resumed_after_a_kill / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 12, steps
 
 
-def test_resume_after_a_kill_does_not_repeat_tensorboard_events(tmp_path):
+def test_resume_after_a_kill_does_not_repeat_tensorboard_events(resumed_after_a_kill):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    code, out, err = run(["train", *TINY, "--steps", "12", "--set", "train.checkpoint_every=4",
-                          "--set", "train.log_every=2", "--out", str(tmp_path)])
-    assert code == 0, err
-    run_dir = Path(final_line(out).group(6))
-    for ckpt in sorted((run_dir / "checkpoints").glob("ckpt-*"))[-2:]:  # as if killed after step 4
-        ckpt.unlink()
-    code, out, err = run(["train", "--resume", str(run_dir)])
-    assert code == 0, err
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(resumed_after_a_kill / "tensorboard"))
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == [1, 2, 4, 6, 8, 10, 12], steps
