@@ -943,3 +943,22 @@ def test_auto_stops_compiling_a_cell_whose_attributes_change_every_call(monkeypa
         cell.scale = 0.5
         unroll(cell, x, backend="compiled").outputs.sum().backward()
     assert len(builds) == compiled._REBUILDS + 1
+
+
+@needs_compiler
+def test_a_readout_no_loss_reads_gets_no_gradient_as_in_the_loop() -> None:
+    # zeros instead of None made weight decay and momentum move it, and DDP count it as used
+    torch.manual_seed(0)
+    cell = Knobs()  # output() is a Linear readout of the state
+    x = torch.rand(N, T, I)
+    for backend in ("reference", "compiled"):
+        cell.zero_grad(set_to_none=True)
+        unroll(cell, x, backend=backend).final_state.sum().backward()
+        assert cell.output.weight.grad is None and cell.output.bias.grad is None, backend
+        assert cell.wh.weight.grad is not None, backend
+    grads = {}
+    for backend in ("reference", "compiled"):
+        cell.zero_grad(set_to_none=True)
+        unroll(cell, x, backend=backend).outputs.sum().backward()
+        grads[backend] = cell.output.weight.grad.clone()
+    torch.testing.assert_close(grads["compiled"], grads["reference"])

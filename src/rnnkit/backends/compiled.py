@@ -235,6 +235,7 @@ class _Plan:
         self.fw, self.bw = fw, bw
         self.rows_apart = False  # whether each batch row's step depends on that row alone (see _rows_apart)
         self.rows_key: tuple | None = None  # (key without the batch size, batch size) once smaller batches may use it
+        self.output_only: list[int] = []  # tensors only the output's cotangent reaches (see _output_only)
         self.pads: dict[int, bool] = {}  # smaller batch sizes checked to run padded on this plan (see _pads_alike)
         self.n_inputs, self.n_state, self.own_output = n_inputs, n_state, own_output
         self.n_out = n_state + own_output  # what a step returns: the new state, then cell.output() if any
@@ -744,9 +745,22 @@ def _build(cell: nn.Module, slots: _Slots, x_t: Tensor, leaves: list[Tensor],
     cot = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in fw_out[:n_out]]
     bw_in = [*fw_out[n_out:], *cot, *invariants]
     plan = _Plan(_split(fw, fw_in), _split(bw, bw_in), n_in, n_s, own_output, prologue, fixed)
+    if own_output:
+        plan.output_only = _output_only(bw, n_in)
     _check(plan, step, slots, x_t, leaves, cot)
     plan.rows_apart = _rows_apart(step, slots, x_t, leaves)
     return plan
+
+
+def _output_only(bw: torch.fx.GraphModule, n_in: int) -> list[int]:
+    """The cell's tensors whose gradient comes from the output's cotangent alone (a readout layer in
+    ``output()``): when the loss reads no output, autograd gives them no gradient, not zeros."""
+    tangents = [n for n in _placeholders(bw) if n.name.startswith("tangents")]
+    reach: dict[torch.fx.Node, set[torch.fx.Node]] = {}
+    for n in bw.graph.nodes:
+        reach[n] = {n} if n in tangents else set().union(*(reach[a] for a in n.all_input_nodes))
+    outs = _outputs(bw)[:n_in]
+    return [i for i, o in enumerate(outs) if isinstance(o, torch.fx.Node) and reach[o] == {tangents[-1]}]
 
 
 def _rows_apart(step: Callable, slots: _Slots, x_t: Tensor, leaves: list[Tensor], k: int | None = None) -> bool:
@@ -1061,6 +1075,9 @@ class _Loop(torch.autograd.Function):
             carry = list(r[n_in + 1:n_in + 1 + n_state])
             if direct is not None:
                 carry = [b if a is None else a + b for a, b in zip(carry, direct)]
+        if g_out is None:  # no output was read: what only the outputs reach gets no gradient, as in the loop
+            for i in plan.output_only:
+                grads[i] = None
         dx = None if dxs[0] is None else torch.stack(dxs[::-1])
         return (None, None, dx, None, None, None, None, None, *carry, *grads)
 
