@@ -336,7 +336,7 @@ def test_plans_follow_changes_to_container_and_callable_attributes(monkeypatch) 
     del cell.squash  # a new partial may reuse the old one's id: the key must not confuse them
     cell.squash = functools.partial(torch.nn.functional.leaky_relu, negative_slope=0.3)
     compiled._WARNED.discard(ConfiguredCell)
-    with pytest.warns(UserWarning, match="it compiles again for each change"):  # the fourth build of these shapes
+    with pytest.warns(UserWarning, match="compiles ConfiguredCell again whenever"):  # the fourth build in a row
         _agree(cell, x, None, monkeypatch)
 
 
@@ -934,15 +934,41 @@ def test_auto_stops_compiling_a_cell_whose_attributes_change_every_call(monkeypa
     monkeypatch.setattr(compiled, "_build", lambda *a: builds.append(1))  # no plan: the reference loop runs
     cell = MinimalCell(I, H)
     x = torch.rand(2, compiled.AUTO_MIN_STEPS, I)
+
+    def call(scale: float, backend: str = "auto") -> None:
+        cell.scale = scale
+        unroll(cell, x, backend=backend).outputs.sum().backward()
+
     for step in range(6):
-        cell.scale = 1.0 - 0.01 * step  # annealed by the training loop
-        unroll(cell, x, backend="auto").outputs.sum().backward()
+        call(1.0 - 0.01 * step)  # annealed by the training loop
     assert len(builds) == compiled._REBUILDS
+    call(0.9)
+    assert len(builds) == compiled._REBUILDS  # a value seen once more, after a change: still changing
+    call(0.9)
+    assert len(builds) == compiled._REBUILDS + 1  # the same as the call before: settled, compiled again
     compiled._WARNED.discard(MinimalCell)
-    with pytest.warns(UserWarning, match="each change compiled it again.*it compiles again for each change"):
-        cell.scale = 0.5
-        unroll(cell, x, backend="compiled").outputs.sum().backward()
-    assert len(builds) == compiled._REBUILDS + 1
+    for scale in (0.5, 0.4, 0.3):  # changing again: two more builds in a row make three, then none
+        call(scale)
+    assert len(builds) == compiled._REBUILDS + 3
+    with pytest.warns(UserWarning, match="compiles MinimalCell again whenever its attributes change"):
+        call(0.2, "compiled")  # asked for: it builds, and says why it keeps building
+    assert len(builds) == compiled._REBUILDS + 4
+
+
+def test_a_change_now_and_then_keeps_auto_compiling(monkeypatch) -> None:
+    builds = []
+    monkeypatch.setattr(compiled, "_build", lambda *a: builds.append(1))
+    layer = rnnkit.RNN(I, H, cell=MinimalCell, zoneout=0.1).eval()  # a wrapper per call around the cell
+    x = torch.rand(compiled.AUTO_MIN_STEPS, 2, I, requires_grad=True)
+    for epoch in range(5):  # once per epoch: each build is followed by calls that find the plan
+        layer.cells()[0].scale = 1.0 + epoch
+        for _ in range(3):
+            layer(x)[0].sum().backward()
+    assert len(builds) == 5
+    for step in range(6):  # every call, through the layer's per-call wrapper
+        layer.cells()[0].scale = 10.0 + step
+        layer(x)[0].sum().backward()
+    assert len(builds) == 5 + compiled._REBUILDS
 
 
 @needs_compiler
@@ -962,3 +988,23 @@ def test_a_readout_no_loss_reads_gets_no_gradient_as_in_the_loop() -> None:
         unroll(cell, x, backend=backend).outputs.sum().backward()
         grads[backend] = cell.output.weight.grad.clone()
     torch.testing.assert_close(grads["compiled"], grads["reference"])
+
+
+def test_a_key_walks_shared_objects_once_and_handles_by_identity(monkeypatch) -> None:
+    import logging
+
+    calls = []
+    walk = compiled._fingerprint
+    monkeypatch.setattr(compiled, "_fingerprint", lambda *a: calls.append(1) or walk(*a))
+    cell = MinimalCell(I, H)
+    node: object = _Config(gain=1.0)
+    for _ in range(20):  # each level holds the one below twice: 2**20 paths, 21 objects
+        node = _Config(left=node, right=node)
+    cell.cfg, cell.log = node, logging.getLogger("rnnkit.tests")  # a logger reaches every logger
+    before = compiled._attrs(cell)
+    assert len(calls) < 200, len(calls)
+    deepest = node
+    while hasattr(deepest, "left"):
+        deepest = deepest.left
+    deepest.gain = 2.0
+    assert compiled._attrs(cell) != before  # still by content, at the bottom

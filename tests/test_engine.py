@@ -539,3 +539,45 @@ def test_an_init_state_that_ignores_its_dtype_is_one_clear_error():
     cell = _StepCell(lambda new, h: new.to(h.dtype), init=lambda n: torch.zeros(n, H)).double()
     with pytest.raises(ShapeError, match=r"init_state\(3, device=cpu, dtype=torch.float64\) returned torch.float32"):
         unroll(cell, torch.randn(N, T, I, dtype=torch.float64))
+
+
+class _MatCell(nn.Module):
+    """A user cell whose products run in the autocast dtype (``@`` is on autocast's list)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(I + H, H) * 0.3)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch_size, H, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(torch.cat([x, h.to(x.dtype)], 1) @ self.w)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_user_cell_under_autocast_steps_in_the_autocast_dtype(backend):
+    # the state check takes the autocast dtype for the state's own, as torch's cells return it
+    x = torch.randn(N, T, I)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = unroll(_MatCell(), x, backend=backend)
+    assert r.outputs.dtype == torch.bfloat16 and bool(r.outputs.isfinite().all())
+
+
+class _SplitCell(_StepCell):
+    """A cell with project_input/step whose step returns half the state."""
+
+    def project_input(self, x: Tensor) -> Tensor:
+        return x
+
+    def step(self, xp: Tensor, h: Tensor) -> Tensor:
+        return h[:, : H // 2]
+
+
+@pytest.mark.parametrize("options", [{}, {"zoneout": 0.1}, {"recurrent_dropout": 0.1}])
+def test_a_bad_state_names_the_users_cell_and_method_not_a_wrapper(options):
+    from rnnkit import RNN
+
+    layer = RNN(I, H, cell=lambda i, h: _SplitCell(lambda new, old: new), **options)
+    with pytest.raises(ShapeError, match=r"^unroll: _SplitCell.step\(xp, state\) returned Tensor\(3, 2\)"):
+        layer(torch.randn(T, N, I))

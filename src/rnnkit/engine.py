@@ -336,10 +336,16 @@ def check_step_state(cell: nn.Module, before: Any, after: Any) -> None:
         shapes = dtypes = False
     else:
         pairs = list(zip(tree_flatten(after)[0], tree_flatten(before)[0]))
-        shapes, dtypes = all(a.shape == b.shape for a, b in pairs), all(a.dtype == b.dtype for a, b in pairs)
+        shapes = all(a.shape == b.shape for a, b in pairs)
+        # under autocast a step returns the autocast dtype, as torch's own cells do
+        dtypes = all(a.dtype == b.dtype or from_autocast(a, b.dtype) is not a for a, b in pairs)
     if not (shapes and dtypes):
+        while type(cell).__module__ == "rnnkit.layers" and isinstance(
+                getattr(cell, "cell", None), nn.Module):
+            cell = cell.cell  # the layer's dropout and zoneout wrappers: the user's cell is the one at fault
+        method = "step(xp, state)" if hasattr(cell, "project_input") and hasattr(cell, "step") else "forward(x, state)"
         raise ShapeError(
-            f"unroll: {type(cell).__name__}.forward(x, state) returned {_describe(after, shapes)} for a state of "
+            f"unroll: {type(cell).__name__}.{method} returned {_describe(after, shapes)} for a state of "
             f"{_describe(before, shapes)}; a step must return the next state, shaped like the state it takes "
             f"(its init_state's), in the same dtype"
         )

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell, cell_output
-from rnnkit.engine import BACKENDS, from_autocast, tree_flatten, tree_map, unroll
+from rnnkit.engine import BACKENDS, check_step_state, from_autocast, tree_flatten, tree_map, unroll
 from rnnkit.errors import RnnkitWarning, ShapeError
 
 __all__ = ["LSTM", "GRU", "RNN", "LayerResult", "param_name"]
@@ -425,6 +425,13 @@ class _Zoneout(nn.Module):
         return cell_output(self.cell, state)
 
     def _mix(self, old: Any, new: Any) -> Any:
+        try:
+            return self._mixed(old, new)
+        except (RuntimeError, TypeError, IndexError):
+            check_step_state(self.cell, old, new)  # a clear error when the user's step returned another state
+            raise
+
+    def _mixed(self, old: Any, new: Any) -> Any:
         if self.training:
             return tree_map(lambda o, n: torch.where(torch.rand_like(n) < self.p, o, n), old, new)
         return tree_map(lambda o, n: torch.lerp(n, o, self.p), old, new)  # the expectation at test time

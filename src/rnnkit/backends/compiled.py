@@ -59,9 +59,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import logging
 import operator
 import os
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -89,10 +92,11 @@ _REFUSED: dict[type, str] = {}  # cell types whose forward changes their own att
 # size: a smaller batch runs on such a plan with its rows padded (see _wider) instead of compiling.
 _ROWS: dict[tuple, set[int]] = {}
 _SEEN: OrderedDict[tuple, int] = OrderedDict()  # calls per key that ran padded on a plan over twice their size
-# Builds per cell and shapes: more than _REBUILDS means the cell's attributes change from call to call
-# (an annealed temperature kept as a float, say), and every call would compile again. Per cell, not per
+# Builds in a row per cell and shapes (the count and the last key): more than _REBUILDS with no call
+# between that found its plan means the cell's attributes change from call to call (an annealed
+# temperature kept as a float, say), and every call would compile again. Per user's cell, not per
 # type: a model may hold several differently configured cells of one type.
-_BUILDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+_BUILDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, tuple]]] = weakref.WeakKeyDictionary()
 _REBUILDS = 3
 _PAD_CALLS = 3  # ... after which the batch size gets a plan of its own
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default,
@@ -271,32 +275,44 @@ def _own(m: nn.Module) -> dict[str, Any]:
 
 
 _DEEPEST = 64  # levels of nested attributes a key summarises; deeper structures are refused
+_WALKED = 2000  # containers and objects one key summarises by content; past that, by identity
+# Handles to shared machinery, reachable from far too much to summarise (a logger reaches every
+# logger): by identity, as a trace cannot have read a value out of them anyway.
+_OPAQUE = (logging.Logger, logging.LoggerAdapter, logging.Handler, threading.Thread, io.IOBase)
 
 
-def _fingerprint(v: Any, inside: tuple[int, ...] = ()) -> Any:
+def _fingerprint(v: Any, seen: dict[int, Any], inside: tuple[int, ...] = ()) -> Any:
     """A hashable summary of ``v`` that changes when ``v`` would change what a trace bakes in.
-    ``inside``: the ids of the containers being summarised (a reference back to one is a cycle)."""
+    ``seen``: the summaries made so far for this key, by id (an object shared by many attributes is
+    walked once); ``inside``: the ids of the containers being summarised (a reference back is a cycle)."""
     if isinstance(v, _PLAIN):
         return v
     if isinstance(v, (Tensor, nn.Module)):
         return type(v)  # parameters, buffers and submodules are walked separately; see _untraceable
     if id(v) in inside:
         return ("<cycle>", inside.index(id(v)))  # its content is already in the summary, further out
+    if id(v) in seen:
+        return seen[id(v)]
     config = hasattr(v, "__dict__") and not isinstance(v, (type, types.FunctionType, types.MethodType,
-                                                          types.BuiltinFunctionType, types.ModuleType))
-    if not (config or isinstance(v, (list, tuple, set, frozenset, dict, functools.partial))):
-        return _Same(v)  # functions, classes, modules, anything else: by identity
+                                                          types.BuiltinFunctionType, types.ModuleType, *_OPAQUE))
+    if not (config or isinstance(v, (list, tuple, set, frozenset, dict, functools.partial))) or len(seen) >= _WALKED:
+        return _Same(v)  # functions, classes, modules, handles, anything else: by identity
     deeper = (*inside, id(v))
     if len(deeper) > _DEEPEST:
         raise _Unsupported(f"its attributes nest more than {_DEEPEST} levels deep, too deep to key a plan by")
+    seen[id(v)] = _Same(v)  # a placeholder while v's own summary is made
     if isinstance(v, (list, tuple, set, frozenset)):
         items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v
-        return (type(v), tuple(_fingerprint(e, deeper) for e in items))
-    if isinstance(v, dict):
-        return (dict, tuple((_fingerprint(k, deeper), _fingerprint(e, deeper)) for k, e in v.items()))
-    if isinstance(v, functools.partial):
-        return (functools.partial, _Same(v.func), _fingerprint(v.args, deeper), _fingerprint(v.keywords, deeper))
-    return (_Same(type(v)), _fingerprint(vars(v), deeper))  # a config object, say, at any depth
+        summary: Any = (type(v), tuple(_fingerprint(e, seen, deeper) for e in items))
+    elif isinstance(v, dict):
+        summary = (dict, tuple((_fingerprint(k, seen, deeper), _fingerprint(e, seen, deeper)) for k, e in v.items()))
+    elif isinstance(v, functools.partial):
+        summary = (functools.partial, _Same(v.func), _fingerprint(v.args, seen, deeper),
+                   _fingerprint(v.keywords, seen, deeper))
+    else:
+        summary = (_Same(type(v)), _fingerprint(vars(v), seen, deeper))  # a config object, say, at any depth
+    seen[id(v)] = summary
+    return summary
 
 
 def _class_values(kind: type) -> tuple:
@@ -307,8 +323,9 @@ def _class_values(kind: type) -> tuple:
 
 def _attrs(cell: nn.Module) -> tuple:
     """What a trace may have baked in: each submodule's type, training flag and other attributes."""
+    seen: dict[int, Any] = {}
     return tuple((name, type(m), m.training, _class_values(type(m)),
-                  tuple((k, _fingerprint(v)) for k, v in _own(m).items()))
+                  tuple((k, _fingerprint(v, seen)) for k, v in _own(m).items()))
                  for name, m in cell.named_modules())
 
 
@@ -830,7 +847,15 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=tol, atol=tol * (1 + float(a.detach().abs().max()))))
 
 
-def _warn(cell: nn.Module, why: str, quiet: bool = False, then: str = "it runs the reference loop instead") -> None:
+def _user_cell(cell: nn.Module) -> nn.Module:
+    """The user's cell inside the dropout and zoneout wrappers that rnnkit's layers make per call."""
+    while type(cell).__module__ == "rnnkit.layers" and isinstance(getattr(cell, "cell", None), nn.Module):
+        cell = cell.cell
+    return cell
+
+
+def _warn(cell: nn.Module, why: str, quiet: bool = False, template: str = "rnnkit: the compiled backend cannot "
+          "run {name} ({why}); it runs the reference loop instead") -> None:
     """One warning per cell type, attributed to the first caller outside rnnkit and torch."""
     if quiet or type(cell) in _WARNED:
         return
@@ -842,8 +867,8 @@ def _warn(cell: nn.Module, why: str, quiet: bool = False, then: str = "it runs t
     name = type(cell).__name__
     inner = getattr(cell, "cell", None)
     if name.startswith("_") and isinstance(inner, nn.Module):  # rnnkit's dropout/zoneout wrappers
-        name = f"{type(inner).__name__} (with the layer's {name.strip('_')})"
-    warnings.warn(f"rnnkit: the compiled backend cannot run {name} ({why}); {then}", stacklevel=level)
+        name = f"{type(inner).__name__} (with the layer's {name.strip('_').removesuffix('Split')})"
+    warnings.warn(template.format(name=name, why=why), stacklevel=level)
 
 
 def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
@@ -865,14 +890,19 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
     except _Unsupported as e:
         _warn(cell, str(e), quiet)
         return None, rows
+    builds = _BUILDS.setdefault(_user_cell(cell), {})
+    shapes = key[1:]
     if not training and _PLANS.get(key) is not None:
+        builds.pop(shapes, None)
         return _PLANS[key], rows
     wider = _wider(x, leaves, key, training or not quiet,
                    lambda plan, rows: _pads_alike(plan, rows, cell, slots, x[0], leaves, unflatten))
     if wider is not None:
+        builds.pop(shapes, None)
         return wider
     key = key if training else (*key, "inference")
     if key in _PLANS:
+        builds.pop(shapes, None)
         _PLANS.move_to_end(key)
         if _PLANS[key] is None:
             _warn(cell, _WHY.get(key, "an earlier build failed"), quiet)  # once per type, as always
@@ -881,14 +911,16 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
         # a one-off evaluation would pay seconds of compiling to save a fraction of one: measured at
         # T784 N1000 H128 (seed-000 cell), 5.4 s to build, then 680-800 ms against 880-894 ms
         return None, rows
-    builds = _BUILDS.setdefault(cell, {})
-    builds[key[1:]] = builds.get(key[1:], 0) + 1
-    if builds[key[1:]] > _REBUILDS:
-        if quiet:  # auto: compiling every call never pays; the reference loop from here on
+    # builds in a row, with no call that found its plan between; past _REBUILDS auto runs the loop
+    # until one call's attributes are those of the call before (they have settled: build then)
+    count, last = builds.get(shapes, (0, None))
+    builds[shapes] = (count + 1, key) if last != key else (1, key)
+    if builds[shapes][0] > _REBUILDS:
+        if quiet:  # auto: compiling every call never pays
             return None, rows
-        _warn(cell, f"as it is: its attributes changed between calls, and each change compiled it again "
-                    f"({_REBUILDS} times for these shapes)", then="it compiles again for each change; keep a value "
-                    "that changes in a buffer or parameter, which a plan takes as an input")
+        _warn(cell, f"its attributes changed before each of the last {_REBUILDS} calls of these shapes", quiet,
+              "rnnkit: the compiled backend compiles {name} again whenever its attributes change ({why}); keep a "
+              "value that changes from call to call in a buffer or parameter, which a plan takes as an input")
     plan = None
     try:
         # tracing must move neither the caller's random stream nor tensors through saved-tensor
