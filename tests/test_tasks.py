@@ -173,7 +173,20 @@ BAD = {
                              "task sort-letters: its model does not use model.bidirectional, model.input_projection"),
     "readout of a stream": (lambda r: ["train", "sin-cos", *COMMON, "--set", "model.readout=mean"],
                             "does not use model.readout"),
+    "init of a sorter": (lambda r: ["train", "sort-letters", *COMMON, "--set", "model.init=torch", "--set",
+                                    "model.k=7"], "does not use model.k, model.init"),
+    "chrono length of a stream": (lambda r: ["train", "echo", *COMMON, "--set", "model.chrono_t_max=50"],
+                                  "does not use model.chrono_t_max"),
+    "words outside a-z": (lambda r: ["predict", str(r["sort-letters"]["dir"]), "hello", "abc123"],
+                          "'abc123'"),
 }
+
+
+@pytest.mark.parametrize("recipe", list(FIGURE))
+def test_a_saved_run_with_a_setting_its_model_ignores_still_loads(recipe):
+    # runs trained before unused settings were refused hold them in their saved configuration
+    cfg = apply_overrides(recipe_config(recipe), ['model.readout="mean"', "model.k=7"])
+    assert isinstance(tasks.build_model(cfg), torch.nn.Module)
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -26,6 +26,7 @@ so every evaluation reports the exact match of real decoding, not only teacher-f
 from __future__ import annotations
 
 import json
+import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,9 +198,6 @@ def build_model(cfg: RunConfig) -> nn.Module:
     from rnnkit.app import _cell_factory
 
     m, s = cfg.model, cfg.synthetic
-    # the MNIST classifier's readout; sort-letters' encoder reads its embeddings one way
-    _refuse_unused(cfg, ("readout", "head_init") + (() if cfg.task in STREAM_TASKS else
-                                                    ("bidirectional", "input_projection", "forget_bias")))
     if cfg.task in STREAM_TASKS:
         if m.bidirectional:
             raise ConfigError(f"task {cfg.task}: a bidirectional model cannot carry its state along a stream; "
@@ -226,10 +224,14 @@ def build_model(cfg: RunConfig) -> nn.Module:
     raise ConfigError(f"unknown task {cfg.task!r}; known: mnist, {', '.join(TASKS)}")
 
 
-def _refuse_unused(cfg: RunConfig, keys: tuple[str, ...]) -> None:
-    """A model setting the task's model has no use for is an error, not silently ignored."""
+def _refuse_unused(cfg: RunConfig) -> None:
+    """A model setting the task's model has no use for is an error for a new run, not silently ignored
+    (runs saved before this check still load: their settings were ignored then as now)."""
     from rnnkit.recipes import ModelConfig
 
+    # the MNIST classifier's readout and head; sort-letters' encoder reads its embeddings one way
+    keys = ("readout", "k", "head_init", "chrono_t_max") + (() if cfg.task in STREAM_TASKS else (
+        "bidirectional", "input_projection", "forget_bias", "init"))
     default = ModelConfig()
     given = [f"model.{key}" for key in keys if getattr(cfg.model, key) != getattr(default, key)]
     if given:
@@ -331,6 +333,8 @@ def train(
         resume_from = latest_checkpoint(Path(resume_dir) / "checkpoints")
         if resume_from is None:
             raise CheckpointError(f"--resume {resume_dir}: no checkpoints in {Path(resume_dir) / 'checkpoints'}")
+    if resume_dir is None:
+        _refuse_unused(cfg)
     app.seed_everything(t.seed, t.deterministic)
     model = build_model(cfg).to(device)
     data = load_data(cfg, model)
@@ -562,6 +566,11 @@ def predict_run(run_dir: str | Path, words: list[str] | None = None, *, n: int =
             raise ConfigError(f"--beam must be at least 1, got {beam}")
         vocab = Vocab.characters()
         lowered = [w.lower() for w in words]
+        letters = set(string.ascii_lowercase)  # what the model was trained on (Vocab.characters)
+        odd = [w for w, lw in zip(words, lowered) if not set(lw) <= letters]
+        if odd:
+            raise ConfigError(f"rnnkit predict: the model sorts words of the letters a-z only, got {odd[0]!r}; "
+                              "give words without digits, accents or punctuation")
         src, lengths = vocab.pad(lowered)
         seq2seq = model.seq2seq  # type: ignore[union-attr]
         out = (seq2seq.beam_search(src, lengths, beam_size=beam) if beam > 1
