@@ -523,3 +523,18 @@ def test_chrono_init_spreads_forget_biases_over_the_horizon():
         SequenceClassifier(1, 10, init="chrono")
     model = SequenceClassifier(1, 10, hidden_size=16, init="chrono", chrono_t_max=784)
     assert float(model.rnn.cell(0).fused_bias().detach()[16:32].max()) > 2.0
+
+
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_an_input_projection_leaves_gradients_finite_under_nan_padding(kind):
+    torch.manual_seed(0)
+    model = (SequenceClassifier(4, 3, hidden_size=6, input_projection=5) if kind == "classifier"
+             else SequenceRegressor(4, 2, hidden_size=6, input_projection=5))
+    lengths = torch.tensor([5, 2, 3])
+    x = torch.randn(3, 5, 4)
+    for n, length in enumerate(lengths):
+        x[n, length:] = float("nan")  # never read by the result
+    out = model(x, lengths=lengths)
+    loss = (out if kind == "classifier" else out[0].masked_fill(x[..., :2].isnan(), 0)).sum()
+    loss.backward()
+    assert all(bool(p.grad.isfinite().all()) for p in model.parameters() if p.grad is not None)

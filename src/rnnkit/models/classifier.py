@@ -82,6 +82,16 @@ def sequence_mask(lengths: Tensor, T: int) -> Tensor:
     return torch.arange(T, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
+def zero_padding(x: Tensor, lengths: Tensor | list[int] | None) -> Tensor:
+    """``x`` (N, T, ...) with the steps past each length zeroed: a layer applied before the recurrent
+    one (an input projection) would turn NaN or -inf padding into NaN gradients (0 * NaN)."""
+    if lengths is None:
+        return x
+    N, T = x.shape[0], x.shape[1]
+    mask = sequence_mask(lengths_tensor(lengths, N, T, x.device), T)
+    return x.masked_fill(~mask.view(N, T, *([1] * (x.dim() - 2))), 0)
+
+
 def make_rnn(
     cell: CellSpec,
     input_size: int,
@@ -340,7 +350,7 @@ class SequenceClassifier(nn.Module):
                 f"for one feature per step use x.unsqueeze(-1)"
             )
         if self.projection is not None:
-            x = self.projection(x)
+            x = self.projection(zero_padding(x, lengths))
         outputs = self.rnn(x, lengths=lengths)[0]
         return self.readout(outputs, lengths)
 

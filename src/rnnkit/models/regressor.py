@@ -26,7 +26,15 @@ from torch import Tensor, nn
 from rnnkit.engine import tree_map
 from rnnkit.errors import ConfigError, ShapeError
 from rnnkit.init import keras_init_
-from rnnkit.models.classifier import CellSpec, InputProjection, lengths_tensor, make_rnn, rnn_output_size, sequence_mask
+from rnnkit.models.classifier import (
+    CellSpec,
+    InputProjection,
+    lengths_tensor,
+    make_rnn,
+    rnn_output_size,
+    sequence_mask,
+    zero_padding,
+)
 
 __all__ = ["SequenceRegressor", "masked_mse", "masked_cross_entropy", "detach_state"]
 
@@ -153,7 +161,7 @@ class SequenceRegressor(nn.Module):
                 f"for one feature per step use x.unsqueeze(-1)"
             )
         if self.projection is not None:
-            x = self.projection(x)
+            x = self.projection(zero_padding(x, lengths))
         outputs, final = self.rnn(x, state, lengths=lengths)
         y = self.head(self.dropout(outputs))
         if lengths is not None:
