@@ -380,12 +380,11 @@ def _shown(value: Any) -> str:
 
 def _config_from_text(text: str, path: Path) -> RunConfig:
     """The RunConfig saved as TOML text in a checkpoint's or model file's metadata."""
-    from rnnkit.config import _tomllib
+    from rnnkit.config import parse_toml
 
-    tomllib = _tomllib()
     try:
-        return from_dict(RunConfig, tomllib.loads(text))
-    except (tomllib.TOMLDecodeError, ConfigError) as e:
+        return from_dict(RunConfig, parse_toml(text, "its configuration"))
+    except ConfigError as e:
         raise CheckpointError(f"{path}: its embedded configuration does not load here ({e})") from e
 
 

@@ -115,9 +115,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {args.resume}: no config.toml there; give a run directory of `rnnkit train`")
         cfg = from_dict(RunConfig, load_toml(cfg_path))
     elif args.config:
-        cfg = from_dict(RunConfig, load_toml(args.config))
         if args.recipe:
             raise ConfigError("give either a recipe name or --config FILE, not both")
+        data = load_toml(args.config)  # its settings over the recipe it names (a run's config.toml names all)
+        cfg = recipe_config(data.pop("recipe", "mnist-rows"), data)
     else:
         cfg = recipe_config(args.recipe or "mnist-rows")
     cfg = apply_overrides(cfg, _overrides(args))

@@ -313,17 +313,41 @@ def _tomllib() -> Any:
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file into a dict, with ConfigError for a missing or malformed file."""
     path = Path(path)
-    tomllib = _tomllib()
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; check the path") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from e
+    return parse_toml(text, str(path))
+
+
+# TOML has no null: dump_toml lists the keys whose value is None in a top-level array, and
+# parse_toml sets them back to None (a run's config.toml then reproduces it exactly).
+UNSET = "unset"
+
+
+def parse_toml(text: str, source: str = "config") -> dict[str, Any]:
+    """TOML text as a dict, the keys listed in ``unset = [...]`` set to None; ConfigError when malformed."""
+    tomllib = _tomllib()
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+        raise ConfigError(f"{source} is not valid TOML: {e}") from e
+    keys = data.pop(UNSET, [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ConfigError(f"{source}: {UNSET} must be a list of dotted keys, e.g. {UNSET} = [\"train.eval_every\"]")
+    for dotted in keys:
+        *tables, leaf = dotted.split(".")
+        node = data
+        for name in tables:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {UNSET} names {dotted!r}, but {name} is not a table")
+        if leaf in node:
+            raise ConfigError(f"{source}: {dotted} is given a value and listed in {UNSET}; keep one of the two")
+        node[leaf] = None
+    return data
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
@@ -333,13 +357,29 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
 
 
 def dump_toml(obj: Any) -> str:
-    """Write a (nested) dataclass or dict of scalars and lists of scalars as TOML, leaving out None."""
+    """Write a (nested) dataclass or dict of scalars and lists of scalars as TOML; the keys whose value
+    is None go into a top-level ``unset`` list (see :func:`parse_toml`)."""
     data = to_dict(obj)
     if not isinstance(data, Mapping):
         raise TypeError(f"dump_toml needs a dataclass or a dict, got {type(obj).__name__}")
+    if UNSET in data:
+        raise ConfigError(f"{UNSET!r} is reserved in TOML written by rnnkit (the keys set to None)")
     lines: list[str] = []
+    unset = _none_keys(data, "")
+    if unset:
+        lines.append(f"{UNSET} = {_toml_value(unset, UNSET)}")
     _emit_table(data, [], lines)
     return "\n".join(lines).strip("\n") + "\n"
+
+
+def _none_keys(table: Mapping[str, Any], prefix: str) -> list[str]:
+    keys = []
+    for k, v in table.items():
+        if v is None:
+            keys.append(f"{prefix}{k}")
+        elif isinstance(v, Mapping):
+            keys += _none_keys(v, f"{prefix}{k}.")
+    return keys
 
 
 def _emit_table(table: Mapping[str, Any], path: list[str], lines: list[str]) -> None:

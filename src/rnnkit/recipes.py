@@ -391,11 +391,13 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def recipe_config(name: str) -> RunConfig:
-    """The RunConfig of recipe ``name`` (defaults with the recipe's overrides applied)."""
-    if name not in RECIPES:
+def recipe_config(name: str, over: dict[str, Any] | None = None) -> RunConfig:
+    """The RunConfig of recipe ``name`` (defaults with the recipe's overrides applied), with the
+    nested settings ``over`` (a TOML file's, say) on top."""
+    if not isinstance(name, str) or name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)} (see `rnnkit recipes`)")
     data = _merge(to_dict(RunConfig()), RECIPES[name].overrides)
+    data = _merge(data, over or {})
     data["recipe"] = name
     return from_dict(RunConfig, data)
 
@@ -403,7 +405,7 @@ def recipe_config(name: str) -> RunConfig:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+        out[k] = _merge(out[k] if isinstance(out.get(k), dict) else {}, v) if isinstance(v, dict) else v
     return out
 
 
