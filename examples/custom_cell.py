@@ -62,10 +62,11 @@ def main() -> None:
     args = parser.parse_args()
     # The config names the cell by a dotted path (configs are data, never code): make this file importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sets = ["model.cell=custom_cell.Seed000Cell", f"train.epochs={args.epochs}", f"train.seed={args.seed}",
-            "train.name=custom-cell", f"model.backend={args.backend}"]
+    # epochs as asked: no recipe minimum of steps on top (as the command line's --epochs)
+    sets = ["model.cell=custom_cell.Seed000Cell", f"train.epochs={args.epochs}", "train.min_steps=none",
+            f"train.seed={args.seed}", "train.name=custom-cell", f"model.backend={args.backend}"]
     if args.data_dir:
-        sets.append(f"data.data_dir={args.data_dir}")
+        sets.append(f'data.data_dir="{args.data_dir}"')
     summary = app.train(apply_overrides(recipe_config("mnist-rows"), sets))
     print(f"Seed000Cell: test accuracy {100 * summary.test_accuracy:.2f}% after {summary.train_seconds:.1f} s")
 

@@ -240,6 +240,8 @@ ERRORS = {
     "malformed --set": (lambda p: ["train", *TINY, "--set", "model.hidden"], "malformed override"),
     "bad value type": (lambda p: ["train", *TINY, "--hidden", "abc"], "model.hidden: expected int, got 'abc'"),
     "negative size": (lambda p: ["train", *TINY, "--hidden", "-3"], "model.hidden must be positive, got -3"),
+    "huge size": (lambda p: ["train", *TINY, "--hidden", "99999999999999999999"], "model.hidden must be at most"),
+    "huge seed": (lambda p: ["train", *TINY, "--seed", "20000000000000"], "train.seed must be in [0, 2**32)"),
     "zero batch size": (lambda p: ["train", *TINY, "--batch-size", "0"], "train.batch_size must be positive"),
     "unknown cell": (lambda p: ["train", *TINY, "--cell", "lstmm"], "model.cell must be lstm, gru, rnn"),
     "unimportable cell": (lambda p: ["train", *TINY, "--cell", "no_such_module_zz.Cell"],
@@ -270,6 +272,8 @@ ERRORS = {
     "cell that is no class": (lambda p: ["train", *TINY, "--cell", "os.system"], "is a builtin_function_or_method"),
     "predict --n 0": (lambda p: ["predict", str(p / "empty"), "--n", "0"], "--n must be a positive number"),
     "lr-find on a task": (lambda p: ["lr-find", "sin-cos"], "lr-find runs MNIST classifiers"),
+    "lr-find in a directory named none": (lambda p: ["lr-find", "--data-dir", "none"],
+                                          "data directory none (given as data_dir) does not exist"),
 }
 
 
@@ -443,6 +447,12 @@ def test_lr_find_plots_and_suggests_a_rate_it_tried(tmp_path):
     tried = re.search(r"tried (\d+) rates from ([\d.e+-]+) to ([\d.e+-]+)", out)
     suggested = float(re.search(r"suggested learning rate \(steepest descent\): ([\d.e+-]+)", out).group(1))
     assert tried and float(tried.group(2)) <= suggested <= float(tried.group(3))
+
+
+def test_version():
+    from rnnkit import __version__
+
+    assert run(["--version"]) == (0, f"rnnkit {__version__}\n", "")
 
 
 def test_lr_find_rejects_a_bad_range():

@@ -42,7 +42,10 @@ FLAGS: dict[str, tuple[str, str]] = {
 
 
 def _parser() -> argparse.ArgumentParser:
+    from rnnkit import __version__
+
     p = argparse.ArgumentParser(prog="rnnkit", description="Train and use recurrent networks on sequence data.")
+    p.add_argument("--version", action="version", version=f"rnnkit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -180,7 +183,8 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     from rnnkit.config import apply_overrides
     from rnnkit.recipes import recipe_config
 
-    sets = list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    # quoted: a directory named "none" is a directory
+    sets = list(args.overrides) + ([f'data.data_dir="{args.data_dir}"'] if args.data_dir else [])
     cfg = apply_overrides(recipe_config(args.recipe), sets)
     r = app.lr_find(cfg, start=args.start, factor=args.factor, max_steps=args.steps, out=args.out)
     print(f"tried {len(r.lrs)} rates from {r.lrs[0]:.2e} to {r.lrs[-1]:.2e}; plot: {r.plot}")

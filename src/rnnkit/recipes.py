@@ -44,6 +44,9 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be positive or unset, got {v}")
 
 
+_MOST_UNITS = 1 << 16  # an LSTM layer of 2**16 units holds 64 GiB of recurrent weights alone
+
+
 @dataclass
 class ModelConfig:
     """The sequence classifier: cell, size, readout and initialisation."""
@@ -66,6 +69,9 @@ class ModelConfig:
         for name in ("hidden", "layers", "k"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        for name, most in (("hidden", _MOST_UNITS), ("input_projection", _MOST_UNITS), ("layers", 1024)):
+            if (getattr(self, name) or 0) > most:  # a clear error, not torch's failed allocation of it
+                raise ConfigError(f"model.{name} must be at most {most:,}, got {getattr(self, name):,}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.input_projection is not None and self.input_projection <= 0:
@@ -153,6 +159,8 @@ class TrainConfig:
     target_accuracy: float | None = None  # report the wall time when test accuracy first reaches this
 
     def validate(self) -> None:
+        if not 0 <= self.seed < 2**32:  # numpy's range; data orders are seeded from it
+            raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
         if self.batch_size <= 0:
             raise ConfigError(f"train.batch_size must be positive, got {self.batch_size}")
         if self.steps is None and (self.epochs is None or self.epochs <= 0):
