@@ -7,6 +7,13 @@ STAMP := $(VENV)/.rnnkit-installed
 
 .PHONY: run test test-all lint bench setup clean
 
+# A venv whose interpreter no longer runs (its base Python was removed or upgraded away) or that lost
+# rnnkit or torch is set up again: the stamp alone would call it installed.
+ifneq ($(shell $(VPY) -c "import importlib.util as u; assert u.find_spec('rnnkit') and u.find_spec('torch')" \
+                >/dev/null 2>&1 && echo ok),ok)
+$(shell rm -f $(STAMP))
+endif
+
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
