@@ -581,3 +581,14 @@ def test_a_bad_state_names_the_users_cell_and_method_not_a_wrapper(options):
     layer = RNN(I, H, cell=lambda i, h: _SplitCell(lambda new, old: new), **options)
     with pytest.raises(ShapeError, match=r"^unroll: _SplitCell.step\(xp, state\) returned Tensor\(3, 2\)"):
         layer(torch.randn(T, N, I))
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_built_in_cells_in_the_reference_loop_step_under_autocast(kind):
+    from rnnkit import GRU, LSTM, RNN
+
+    layer = {"rnn": RNN, "gru": GRU, "lstm": LSTM}[kind](I, H, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = layer(torch.randn(T, N, I))
+    out.float().sum().backward()
+    assert all(bool(p.grad.isfinite().all()) for p in layer.parameters())
