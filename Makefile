@@ -5,18 +5,18 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.rnnkit-installed
 
-.PHONY: run test test-all lint bench setup clean
+.PHONY: run test test-all lint bench setup clean FORCE
 
 # A venv whose interpreter no longer runs (its base Python was removed or upgraded away) or that lost
 # rnnkit or torch is set up again: the stamp alone would call it installed.
 ifneq ($(shell $(VPY) -c "import importlib.util as u; assert u.find_spec('rnnkit') and u.find_spec('torch')" \
                 >/dev/null 2>&1 && echo ok),ok)
-$(shell rm -f $(STAMP))
+REPAIR := FORCE
 endif
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup_venv.sh
+$(STAMP): pyproject.toml scripts/setup_venv.sh $(REPAIR)
 	@PY=$(PY) bash scripts/setup_venv.sh $(VENV)
 	@touch $(STAMP)
 
@@ -35,3 +35,5 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+
+FORCE:

@@ -5,13 +5,13 @@ set -euo pipefail
 venv=${1:-.venv}
 py=${PY:-python3}
 too_old='import sys; sys.exit(sys.version_info < (3, 10))'
-if ! "$py" -c "$too_old" >/dev/null 2>&1; then
-  echo "setup: rnnkit needs Python >= 3.10; $py is $("$py" -V 2>&1 || echo 'not runnable'). Run with PY=python3.11 (say)." >&2
-  exit 2
-fi
 if [ -e "$venv" ] && ! "$venv/bin/python" -c "$too_old" >/dev/null 2>&1; then
   echo "setup: $venv has no working Python >= 3.10 (a removed base interpreter, or an old one); making it anew" >&2
   rm -rf "$venv"
+fi
+if [ ! -x "$venv/bin/python" ] && ! "$py" -c "$too_old" >/dev/null 2>&1; then  # only needed to make one
+  echo "setup: rnnkit needs Python >= 3.10; $py is $("$py" -V 2>/dev/null || echo 'not runnable'). Run with PY=python3.11 (say)." >&2
+  exit 2
 fi
 if [ ! -x "$venv/bin/python" ]; then
   if "$py" -c "import torch" >/dev/null 2>&1; then

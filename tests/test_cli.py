@@ -241,7 +241,7 @@ ERRORS = {
     "bad value type": (lambda p: ["train", *TINY, "--hidden", "abc"], "model.hidden: expected int, got 'abc'"),
     "negative size": (lambda p: ["train", *TINY, "--hidden", "-3"], "model.hidden must be positive, got -3"),
     "huge size": (lambda p: ["train", *TINY, "--hidden", "99999999999999999999"], "model.hidden must be at most"),
-    "huge seed": (lambda p: ["train", *TINY, "--seed", "20000000000000"], "train.seed must be in [0, 2**32)"),
+    "huge seed": (lambda p: ["train", *TINY, "--seed", str(2**64)], "train.seed must be in [-2**63, 2**64)"),
     "zero batch size": (lambda p: ["train", *TINY, "--batch-size", "0"], "train.batch_size must be positive"),
     "unknown cell": (lambda p: ["train", *TINY, "--cell", "lstmm"], "model.cell must be lstm, gru, rnn"),
     "unimportable cell": (lambda p: ["train", *TINY, "--cell", "no_such_module_zz.Cell"],

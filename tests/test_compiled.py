@@ -8,8 +8,10 @@ cases share a few shapes and cells (plans are cached per cell and shape).
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -929,6 +931,17 @@ def test_attributes_nested_too_deep_to_key_run_the_reference_loop() -> None:
     torch.testing.assert_close(got, unroll(twin, x, backend="reference").outputs)
 
 
+@pytest.fixture
+def fresh_caches(monkeypatch):
+    """Empty plan caches for a test that fakes builds (a faked build leaves a None plan behind)."""
+    for name in ("_PLANS", "_WHY", "_SEEN"):
+        monkeypatch.setattr(compiled, name, type(getattr(compiled, name))())
+    monkeypatch.setattr(compiled, "_ROWS", {})
+    monkeypatch.setattr(compiled, "_BUILDS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(compiled, "_WARNED", set())
+
+
+@pytest.mark.usefixtures("fresh_caches")
 def test_auto_stops_compiling_a_cell_whose_attributes_change_every_call(monkeypatch) -> None:
     builds = []
     monkeypatch.setattr(compiled, "_build", lambda *a: builds.append(1))  # no plan: the reference loop runs
@@ -955,6 +968,7 @@ def test_auto_stops_compiling_a_cell_whose_attributes_change_every_call(monkeypa
     assert len(builds) == compiled._REBUILDS + 4
 
 
+@pytest.mark.usefixtures("fresh_caches")
 def test_a_change_now_and_then_keeps_auto_compiling(monkeypatch) -> None:
     builds = []
     monkeypatch.setattr(compiled, "_build", lambda *a: builds.append(1))
@@ -1008,3 +1022,39 @@ def test_a_key_walks_shared_objects_once_and_handles_by_identity(monkeypatch) ->
         deepest = deepest.left
     deepest.gain = 2.0
     assert compiled._attrs(cell) != before  # still by content, at the bottom
+
+
+def test_attributes_too_many_to_key_run_the_reference_loop() -> None:
+    cell, twin = MinimalCell(I, H), MinimalCell(I, H)
+    twin.load_state_dict(cell.state_dict())
+    cell.table = [(f"w{j}", j) for j in range(5000)]  # rows of plain values: keyed by content, not counted
+    assert compiled._attrs(cell) is not None
+    cell.entries = [_Config(gain=float(j)) for j in range(compiled._WALKED + 1)]  # objects: too many to walk
+    compiled._WARNED.discard(MinimalCell)
+    x = torch.rand(N, T, I)
+    with pytest.warns(UserWarning, match="too many to key a plan by"):
+        got = unroll(cell, x, backend="compiled").outputs
+    torch.testing.assert_close(got, unroll(twin, x, backend="reference").outputs)
+
+
+class _BoundCell(MinimalCell):
+    """Holds a bound method of its own: its plan key refers back to the cell."""
+
+    def __init__(self) -> None:
+        super().__init__(I, H)
+        self.act = self.squash
+
+    def squash(self, t: Tensor) -> Tensor:
+        return torch.tanh(t)
+
+
+@pytest.mark.usefixtures("fresh_caches")
+def test_counting_builds_keeps_no_cell_alive(monkeypatch) -> None:
+    monkeypatch.setattr(compiled, "_build", lambda *a: None)
+    cell = _BoundCell()
+    unroll(cell, torch.rand(N, T, I), backend="compiled")
+    alive = weakref.ref(cell)
+    compiled._PLANS.clear()  # as when its plan is evicted: nothing else may hold the cell
+    del cell
+    gc.collect()
+    assert alive() is None

@@ -592,3 +592,28 @@ def test_built_in_cells_in_the_reference_loop_step_under_autocast(kind):
         out, _ = layer(torch.randn(T, N, I))
     out.float().sum().backward()
     assert all(bool(p.grad.isfinite().all()) for p in layer.parameters())
+
+
+class _Narrowing(_StepCell):
+    """A step that returns one column of a five-wide state: zoneout's mixing would broadcast it."""
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return h[:, :1]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_zoneout_does_not_broadcast_a_wrong_state_away(training):
+    from rnnkit import RNN
+
+    layer = RNN(I, H, cell=lambda i, h: _Narrowing(None), zoneout=0.1).train(training)
+    with pytest.raises(ShapeError, match=rf"_Narrowing.forward\(x, state\) returned Tensor\({N}, 1\)"):
+        layer(torch.randn(T, N, I))
+
+
+def test_zoneout_in_eval_mode_runs_under_autocast():
+    from rnnkit import RNN
+
+    layer = RNN(I, H, zoneout=0.1, backend="reference").eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = layer(torch.randn(T, N, I))
+    assert bool(out.float().isfinite().all())

@@ -910,3 +910,11 @@ def test_layers_under_cpu_autocast_take_their_own_lower_precision_outputs_back()
         assert out2.shape == out.shape == out3.shape
         with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(rnnkit.ShapeError, match="float64"):
             layer(x.double())  # not autocast's dtype: still a clear error
+
+
+def test_a_seed_too_large_for_torch_after_mixing_still_orders_the_data():
+    x, y = make_data(40)
+    big = Batches(x, y, 7, seed=20_000_000_000_000)  # times the mixing constant, past torch's seeds
+    assert sorted(big.order(0).tolist()) == list(range(40))
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 1)  # seeds in range keep their orders
+    assert torch.equal(Batches(x, y, 7, seed=3).order(1), torch.randperm(40, generator=g))

@@ -486,11 +486,9 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]
     embedded = meta.get("config")
     if isinstance(embedded, str):
         cfg = _config_from_text(embedded, model_path)
-        try:
-            local = from_dict(RunConfig, load_toml(run_dir / "config.toml"))
+        if (run_dir / "config.toml").exists():  # else the saved configuration alone; an edit that does
+            local = from_dict(RunConfig, load_toml(run_dir / "config.toml"))  # not load is an error to see
             cfg = dataclasses.replace(cfg, data=local.data, train=local.train)
-        except ConfigError:
-            pass  # missing or unreadable: the saved configuration alone
     else:
         cfg = from_dict(RunConfig, load_toml(run_dir / "config.toml"))
     if cfg.task != "mnist":

@@ -108,7 +108,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rnnkit import app
-    from rnnkit.config import apply_overrides, from_dict, load_toml
+    from rnnkit.config import apply_overrides, covers, from_dict, load_toml
     from rnnkit.errors import ConfigError
     from rnnkit.recipes import RunConfig, recipe_config
 
@@ -120,8 +120,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     elif args.config:
         if args.recipe:
             raise ConfigError("give either a recipe name or --config FILE, not both")
-        data = load_toml(args.config)  # its settings over the recipe it names (a run's config.toml names all)
-        cfg = recipe_config(data.pop("recipe", "mnist-rows"), data)
+        data = load_toml(args.config)
+        # a run's config.toml is whole (its recipe may be any label); a file of one's own holds the
+        # settings to change in the recipe it names
+        cfg = from_dict(RunConfig, data) if covers(RunConfig, data) else recipe_config(
+            data.pop("recipe", "mnist-rows"), data)
     else:
         cfg = recipe_config(args.recipe or "mnist-rows")
     cfg = apply_overrides(cfg, _overrides(args))

@@ -344,10 +344,22 @@ def parse_toml(text: str, source: str = "config") -> dict[str, Any]:
             node = node.setdefault(name, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: {UNSET} names {dotted!r}, but {name} is not a table")
-        if leaf in node:
-            raise ConfigError(f"{source}: {dotted} is given a value and listed in {UNSET}; keep one of the two")
-        node[leaf] = None
+        node.setdefault(leaf, None)  # a value written in by hand wins over the dump's None
     return data
+
+
+def covers(cls: type, data: Mapping[str, Any]) -> bool:
+    """Whether ``data`` gives every field of ``cls`` that cannot be None (a whole dump, as a run's
+    config.toml: older ones left the None fields out), rather than a few settings to layer on a base."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(data.get(f.name), Mapping) or not covers(tp, data[f.name]):
+                return False
+        elif not (_is_union(tp) and type(None) in typing.get_args(tp)) and f.name not in data:
+            return False
+    return True
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:

@@ -425,16 +425,18 @@ class _Zoneout(nn.Module):
         return cell_output(self.cell, state)
 
     def _mix(self, old: Any, new: Any) -> Any:
-        try:
-            return self._mixed(old, new)
-        except (RuntimeError, TypeError, IndexError):
-            check_step_state(self.cell, old, new)  # a clear error when the user's step returned another state
-            raise
+        def one(o: Tensor, n: Tensor) -> Tensor:
+            if o.shape != n.shape:  # mixing would broadcast the user's mistake away: say what it is
+                check_step_state(self.cell, old, new)
+            if self.training:
+                return torch.where(torch.rand_like(n) < self.p, o, n)
+            return torch.lerp(n, o.to(n.dtype), self.p)  # the expectation at test time (n: autocast's dtype)
 
-    def _mixed(self, old: Any, new: Any) -> Any:
-        if self.training:
-            return tree_map(lambda o, n: torch.where(torch.rand_like(n) < self.p, o, n), old, new)
-        return tree_map(lambda o, n: torch.lerp(n, o, self.p), old, new)  # the expectation at test time
+        try:
+            return tree_map(one, old, new)
+        except (RuntimeError, TypeError, IndexError):
+            check_step_state(self.cell, old, new)  # another structure, or None: a clear error
+            raise
 
     def forward(self, x: Tensor, state: Any = None) -> Any:
         if state is None:

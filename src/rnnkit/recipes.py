@@ -159,8 +159,8 @@ class TrainConfig:
     target_accuracy: float | None = None  # report the wall time when test accuracy first reaches this
 
     def validate(self) -> None:
-        if not 0 <= self.seed < 2**32:  # numpy's range; data orders are seeded from it
-            raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed takes
+            raise ConfigError(f"train.seed must be in [-2**63, 2**64), got {self.seed}")
         if self.batch_size <= 0:
             raise ConfigError(f"train.batch_size must be positive, got {self.batch_size}")
         if self.steps is None and (self.epochs is None or self.epochs <= 0):

@@ -96,7 +96,7 @@ _SEEN: OrderedDict[tuple, int] = OrderedDict()  # calls per key that ran padded 
 # between that found its plan means the cell's attributes change from call to call (an annealed
 # temperature kept as a float, say), and every call would compile again. Per user's cell, not per
 # type: a model may hold several differently configured cells of one type.
-_BUILDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, tuple]]] = weakref.WeakKeyDictionary()
+_BUILDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, int]]] = weakref.WeakKeyDictionary()
 _REBUILDS = 3
 _PAD_CALLS = 3  # ... after which the batch size gets a plan of its own
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default,
@@ -275,7 +275,7 @@ def _own(m: nn.Module) -> dict[str, Any]:
 
 
 _DEEPEST = 64  # levels of nested attributes a key summarises; deeper structures are refused
-_WALKED = 2000  # containers and objects one key summarises by content; past that, by identity
+_WALKED = 2000  # containers and objects one key summarises by content; more are refused
 # Handles to shared machinery, reachable from far too much to summarise (a logger reaches every
 # logger): by identity, as a trace cannot have read a value out of them anyway.
 _OPAQUE = (logging.Logger, logging.LoggerAdapter, logging.Handler, threading.Thread, io.IOBase)
@@ -295,11 +295,16 @@ def _fingerprint(v: Any, seen: dict[int, Any], inside: tuple[int, ...] = ()) -> 
         return seen[id(v)]
     config = hasattr(v, "__dict__") and not isinstance(v, (type, types.FunctionType, types.MethodType,
                                                           types.BuiltinFunctionType, types.ModuleType, *_OPAQUE))
-    if not (config or isinstance(v, (list, tuple, set, frozenset, dict, functools.partial))) or len(seen) >= _WALKED:
+    if not (config or isinstance(v, (list, tuple, set, frozenset, dict, functools.partial))):
         return _Same(v)  # functions, classes, modules, handles, anything else: by identity
     deeper = (*inside, id(v))
     if len(deeper) > _DEEPEST:
         raise _Unsupported(f"its attributes nest more than {_DEEPEST} levels deep, too deep to key a plan by")
+    if isinstance(v, (list, tuple)) and all(isinstance(e, _PLAIN) for e in v):
+        return (type(v), tuple(v))  # a row of plain values (a table's entry): its content, not counted
+    if len(seen) >= _WALKED:  # by identity, a change inside would go unseen: no plan rather than a stale one
+        raise _Unsupported(f"its attributes hold more than {_WALKED} containers and objects, too many to key a "
+                           "plan by; keep large structures off the cell (or in a buffer)")
     seen[id(v)] = _Same(v)  # a placeholder while v's own summary is made
     if isinstance(v, (list, tuple, set, frozenset)):
         items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v
@@ -913,8 +918,9 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
         return None, rows
     # builds in a row, with no call that found its plan between; past _REBUILDS auto runs the loop
     # until one call's attributes are those of the call before (they have settled: build then)
+    # the key's hash, not the key: it may hold the cell itself (a bound method), which must be free to die
     count, last = builds.get(shapes, (0, None))
-    builds[shapes] = (count + 1, key) if last != key else (1, key)
+    builds[shapes] = (count + 1, hash(key)) if last != hash(key) else (1, hash(key))
     if builds[shapes][0] > _REBUILDS:
         if quiet:  # auto: compiling every call never pays
             return None, rows

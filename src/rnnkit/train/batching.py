@@ -65,7 +65,10 @@ class Batches:
         """The example order of ``epoch``: a permutation seeded by (seed, epoch), this rank's share."""
         n = self.inputs.shape[0]
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            mixed = self.seed * 1_000_003 + epoch
+            if not -(2**63) <= mixed < 2**64:  # past torch's range: folded (seeds within keep their orders)
+                mixed %= 2**64
+            g = torch.Generator().manual_seed(mixed)
             idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)
