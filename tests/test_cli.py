@@ -394,6 +394,16 @@ def test_eval_reads_where_the_data_are_from_the_edited_config(trained, tmp_path)
     code, out, err = run(["eval", str(run_dir)])
     assert code == 0, err
     assert "16 test images" in out
+    # a setting the run left unset (listed in config.toml's unset), written in by hand
+    assert '"data.data_dir"' in config.read_text().splitlines()[0]
+    text = config.read_text().replace("[data]\n", f'[data]\ndata_dir = "{tmp_path / "nowhere"}"\n')
+    text = text.replace('dataset = "embedded"', 'dataset = "mnist"')
+    config.write_text(text)
+    code, out, err = run(["eval", str(run_dir)])
+    assert code == 2 and "nowhere" in err, (out, err)
+    config.write_text("[data\n")  # an edit that does not load is reported, not skipped
+    code, out, err = run(["eval", str(run_dir)])
+    assert code == 2 and "config.toml is not valid TOML" in err, (out, err)
 
 
 def test_resume_takes_an_older_torchs_optimizer_state(trained, tmp_path):
