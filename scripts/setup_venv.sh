@@ -10,7 +10,7 @@ if [ -e "$venv" ] && ! "$venv/bin/python" -c "$too_old" >/dev/null 2>&1; then
   rm -rf "$venv"
 fi
 if [ ! -x "$venv/bin/python" ] && ! "$py" -c "$too_old" >/dev/null 2>&1; then  # only needed to make one
-  echo "setup: rnnkit needs Python >= 3.10; $py is $("$py" -V 2>/dev/null || echo 'not runnable'). Run with PY=python3.11 (say)." >&2
+  echo "setup: rnnkit needs Python >= 3.10; $py is $({ command -v "$py" >/dev/null && "$py" -V 2>&1; } || echo 'not runnable'). Run with PY=python3.11 (say)." >&2
   exit 2
 fi
 if [ ! -x "$venv/bin/python" ]; then

@@ -242,6 +242,8 @@ ERRORS = {
     "negative size": (lambda p: ["train", *TINY, "--hidden", "-3"], "model.hidden must be positive, got -3"),
     "huge size": (lambda p: ["train", *TINY, "--hidden", "99999999999999999999"], "model.hidden must be at most"),
     "huge seed": (lambda p: ["train", *TINY, "--seed", str(2**64)], "train.seed must be in [-2**63, 2**64)"),
+    "huge permutation seed": (lambda p: ["train", *TINY, "--set", f"data.permutation_seed={2**64}"],
+                              "data.permutation_seed must be in [-2**63, 2**64)"),
     "zero batch size": (lambda p: ["train", *TINY, "--batch-size", "0"], "train.batch_size must be positive"),
     "unknown cell": (lambda p: ["train", *TINY, "--cell", "lstmm"], "model.cell must be lstm, gru, rnn"),
     "unimportable cell": (lambda p: ["train", *TINY, "--cell", "no_such_module_zz.Cell"],

@@ -617,3 +617,32 @@ def test_zoneout_in_eval_mode_runs_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = layer(torch.randn(T, N, I))
     assert bool(out.float().isfinite().all())
+
+
+@pytest.mark.parametrize("returned", [lambda new: (new, new), lambda new: None, lambda new: [new]])
+def test_zoneout_names_a_step_that_returns_another_kind_of_state(returned):
+    from rnnkit import RNN
+
+    layer = RNN(I, H, cell=lambda i, h: _StepCell(lambda new, old: returned(new)), zoneout=0.1)
+    with pytest.raises(ShapeError, match=r"_StepCell.forward\(x, state\) returned"):
+        layer(torch.randn(T, N, I))
+
+
+class _PairState(_StepCell):
+    """A cell with an (h, c) state whose step returns three leaves."""
+
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        z = torch.zeros(batch_size, H, device=device, dtype=dtype)
+        return (z, z)
+
+    def forward(self, x: Tensor, state):
+        new = torch.tanh(self.lin(torch.cat([x, state[0]], 1)))
+        return (new, new, new)
+
+
+def test_zoneout_does_not_drop_extra_state_leaves():
+    from rnnkit import RNN
+
+    layer = RNN(I, H, cell=lambda i, h: _PairState(None), zoneout=0.1)
+    with pytest.raises(ShapeError, match=r"_PairState.forward\(x, state\) returned tuple\("):
+        layer(torch.randn(T, N, I))

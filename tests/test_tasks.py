@@ -355,3 +355,16 @@ def test_a_stream_run_resumed_with_another_batch_size_fails_before_writing(tmp_p
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     code, out, err = run(["train", "--resume", str(run_dir)])  # the run is still resumable as it was
     assert code == 0, err
+
+
+@pytest.mark.parametrize("task", ["echo", "sin-cos"])
+def test_a_stream_task_takes_a_negative_seed(task, tmp_path):
+    code, out, err = run(["train", task, "--seed=-3", *COMMON, *SMALL[task], "--out", str(tmp_path)])
+    assert code == 0, err
+
+
+def test_a_recipe_label_cannot_leave_the_runs_directory():
+    from rnnkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="recipe is part of a directory name"):  # it names the run's directory
+        apply_overrides(recipe_config("echo"), ['recipe="../../escaped"'])

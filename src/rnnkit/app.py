@@ -487,7 +487,11 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]
     if isinstance(embedded, str):
         cfg = _config_from_text(embedded, model_path)
         if (run_dir / "config.toml").exists():  # else the saved configuration alone; an edit that does
-            local = from_dict(RunConfig, load_toml(run_dir / "config.toml"))  # not load is an error to see
+            data = load_toml(run_dir / "config.toml")  # not load is an error to see (its errors name it)
+            try:
+                local = from_dict(RunConfig, data)
+            except ConfigError as e:
+                raise ConfigError(f"{run_dir / 'config.toml'}: {e}") from None
             cfg = dataclasses.replace(cfg, data=local.data, train=local.train)
     else:
         cfg = from_dict(RunConfig, load_toml(run_dir / "config.toml"))

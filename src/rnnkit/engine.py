@@ -288,7 +288,7 @@ def _validate(
     if init is None:
         raise ShapeError(f"unroll: the cell {type(cell).__name__} has no init_state(batch_size, device, dtype)")
     expected = init(N, device=x.device, dtype=x.dtype)
-    for leaf in tree_flatten(expected)[0] if _same_structure(expected, expected) else [None]:
+    for leaf in tree_flatten(expected)[0] if same_structure(expected, expected) else [None]:
         if not isinstance(leaf, Tensor) or leaf.device != x.device or (
                 leaf.is_floating_point() and leaf.dtype != x.dtype):
             got = _describe(expected) if leaf is None else f"{leaf.dtype} on {leaf.device}"
@@ -299,7 +299,7 @@ def _validate(
     if state is None:
         state = expected
     else:
-        if not _same_structure(state, expected):  # then both flatten to equally many tensors
+        if not same_structure(state, expected):  # then both flatten to equally many tensors
             raise ShapeError(f"unroll: expected a state like {_describe(expected)}, got {_describe(state)}")
         state = tree_map(lambda s: from_autocast(s, x.dtype), state)
         for got, want in zip(tree_flatten(state)[0], tree_flatten(expected)[0]):
@@ -332,7 +332,7 @@ def _check_lengths(lengths: Any, N: int, T: int, device: torch.device) -> Tensor
 
 def check_step_state(cell: nn.Module, before: Any, after: Any) -> None:
     """Raise a clear error when one step of ``cell`` returned a state unlike the one it was given."""
-    if not _same_structure(after, before):
+    if not same_structure(after, before):
         shapes = dtypes = False
     else:
         pairs = list(zip(tree_flatten(after)[0], tree_flatten(before)[0]))
@@ -351,13 +351,13 @@ def check_step_state(cell: nn.Module, before: Any, after: Any) -> None:
         )
 
 
-def _same_structure(got: Any, want: Any) -> bool:
+def same_structure(got: Any, want: Any) -> bool:
     """Whether ``got`` nests tensors and (named) tuples/lists exactly as ``want`` does."""
     if isinstance(want, Tensor):
         return isinstance(got, Tensor)
     if not isinstance(got, (tuple, list)) or len(got) != len(want):
         return False
-    return all(_same_structure(g, w) for g, w in zip(got, want))
+    return all(same_structure(g, w) for g, w in zip(got, want))
 
 
 def _describe(state: Any, dtypes: bool = False) -> str:

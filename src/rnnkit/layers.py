@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell, cell_output
-from rnnkit.engine import BACKENDS, check_step_state, from_autocast, tree_flatten, tree_map, unroll
+from rnnkit.engine import BACKENDS, check_step_state, from_autocast, same_structure, tree_flatten, tree_map, unroll
 from rnnkit.errors import RnnkitWarning, ShapeError
 
 __all__ = ["LSTM", "GRU", "RNN", "LayerResult", "param_name"]
@@ -426,17 +426,15 @@ class _Zoneout(nn.Module):
 
     def _mix(self, old: Any, new: Any) -> Any:
         def one(o: Tensor, n: Tensor) -> Tensor:
-            if o.shape != n.shape:  # mixing would broadcast the user's mistake away: say what it is
+            if not isinstance(n, Tensor) or o.shape != n.shape:  # mixing would broadcast it away: say so
                 check_step_state(self.cell, old, new)
             if self.training:
                 return torch.where(torch.rand_like(n) < self.p, o, n)
             return torch.lerp(n, o.to(n.dtype), self.p)  # the expectation at test time (n: autocast's dtype)
 
-        try:
-            return tree_map(one, old, new)
-        except (RuntimeError, TypeError, IndexError):
-            check_step_state(self.cell, old, new)  # another structure, or None: a clear error
-            raise
+        if not same_structure(new, old):  # pairing leaves would drop extra ones or fail on None
+            check_step_state(self.cell, old, new)
+        return tree_map(one, old, new)
 
     def forward(self, x: Tensor, state: Any = None) -> Any:
         if state is None:

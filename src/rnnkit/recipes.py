@@ -42,6 +42,8 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"data.{name} must be positive or unset, got {v}")
+        if not -(2**63) <= self.permutation_seed < 2**64:  # what torch's generator takes
+            raise ConfigError(f"data.permutation_seed must be in [-2**63, 2**64), got {self.permutation_seed}")
 
 
 _MOST_UNITS = 1 << 16  # an LSTM layer of 2**16 units holds 64 GiB of recurrent weights alone
@@ -226,6 +228,11 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self) -> None:
+        if re.search(r"[/\\]", self.recipe) or self.recipe.startswith(".") or not self.recipe:
+            # it names the run's directory (when train.name does not)
+            raise ConfigError(f"recipe is part of a directory name: no slashes, no leading dot; got {self.recipe!r}")
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,9 @@ class Stream(Protocol):
 
 
 def _rng(*key: int) -> np.random.Generator:
-    # SeedSequence hashes the whole key, so nearby (epoch, index) pairs give unrelated draws
-    return np.random.default_rng(list(key))
+    # SeedSequence hashes the whole key, so nearby (epoch, index) pairs give unrelated draws; it takes
+    # no negative numbers, and folding leaves every other key's draws as they were
+    return np.random.default_rng([k % 2**64 for k in key])
 
 
 def _check_positive(owner: str, **values: int) -> None:
