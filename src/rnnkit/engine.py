@@ -276,7 +276,10 @@ def _validate(
             f"unroll: x has {x.shape[-1]} features but the cell expects input_size={want_i} "
             f"(x shape {tuple(x.shape)}, layout {layout})"
         )
-    weight = next(iter(cell.parameters()), None)
+    # the cell's own first tensor when it has one (built-in cells), else a walk of its modules
+    weight = next((p for p in cell._parameters.values() if p is not None), None)
+    if weight is None:
+        weight = next(iter(cell.parameters()), None)
     if weight is not None:
         x = from_autocast(x, weight.dtype)
     if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):

@@ -156,16 +156,21 @@ class _RNNBase(nn.Module):
     # -- cells bound to this layer's parameters ---------------------------------------------------
     def cells(self) -> list[nn.Module]:
         """The cells in torch's order (layer 0 forward, layer 0 reverse, layer 1 ...), bound to this layer."""
-        directions = 2 if self.bidirectional else 1
-        for k, c in enumerate(self._cells):
-            layer, reverse = divmod(k, directions)
-            for pname, _ in list(c.named_parameters()):
-                owner, leaf = _owner(c, pname)
+        binds = self.__dict__.get("_binds")
+        if binds is None:  # where each of a cell's tensors lives, found once (walking modules every call costs)
+            directions, binds = 2 if self.bidirectional else 1, []
+            for k, c in enumerate(self._cells):
+                layer, reverse = divmod(k, directions)
+                params = [(*_owner(c, n), param_name(n, layer, reverse == 1)) for n, _ in c.named_parameters()]
+                buffers = [(*_owner(c, n), param_name(n, layer, reverse == 1)) for n, _ in c.named_buffers()]
+                binds.append((c, params, buffers))
+            object.__setattr__(self, "_binds", binds)  # unregistered, like _cells
+        for c, params, buffers in binds:
+            for owner, leaf, name in params:
                 # getattr, not _parameters: a parametrized, weight-normed or pruned weight is computed
-                owner._parameters[leaf] = getattr(self, param_name(pname, layer, reverse == 1))
-            for bname, _ in list(c.named_buffers()):
-                owner, leaf = _owner(c, bname)
-                owner._buffers[leaf] = self._buffers[param_name(bname, layer, reverse == 1)]
+                owner._parameters[leaf] = getattr(self, name)
+            for owner, leaf, name in buffers:
+                owner._buffers[leaf] = self._buffers[name]
             if c.training != self.training:
                 c.train(self.training)
         return self._cells
@@ -255,7 +260,9 @@ class _RNNBase(nn.Module):
                 f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
             )
         N = x.shape[0] if batch_first else x.shape[1]
-        param = next(self.parameters(), None)
+        param = next((p for p in self._parameters.values() if p is not None), None)  # no module walk, unless
+        if param is None:  # the weights are parametrized (their originals live in submodules)
+            param = next(self.parameters(), None)
         x = x if param is None else from_autocast(x, param.dtype)
         states0 = self._split_hx(hx, cells, N, x, unbatched, directions)
 
