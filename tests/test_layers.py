@@ -1084,3 +1084,45 @@ def test_a_stacked_cell_whose_output_does_not_feed_the_next_layer_is_one_clear_e
     assert rnnkit.RNN(4, 4, cell=_NarrowReadout)(x)[0].shape == (5, 3, 3)  # one layer: its output is the layer's
     with pytest.raises(ShapeError, match="layer 0's output has 3 features .* layer 1's cells were built for 4"):
         rnnkit.RNN(4, 4, num_layers=2, cell=_NarrowReadout)(x)
+
+
+def test_a_cell_parametrized_instead_of_its_layer_is_one_clear_error():
+    from torch.nn.utils import parametrize
+
+    class Same(nn.Module):
+        def forward(self, w: Tensor) -> Tensor:
+            return w
+
+    layer = rnnkit.LSTM(4, 5)
+    x = torch.randn(3, 2, 4)
+    layer(x)  # the cells' bindings are found at the first call
+    parametrize.register_parametrization(layer.cell(0), "weight_hh", Same())
+    with pytest.raises(ShapeError, match=r"parametrize, prune or replace the layer's parameters"):
+        layer(x)
+
+
+class _TiedCell(nn.Module):
+    """A user cell whose two maps share one weight."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.a = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.b = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.b.weight = self.a.weight
+        self.wx = nn.Linear(input_size, hidden_size)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(self.wx(x) + self.a(h) + self.b(torch.tanh(h)))
+
+
+def test_a_tied_weight_in_a_user_cell_follows_a_loaded_state():
+    torch.manual_seed(0)
+    layer, fresh = rnnkit.RNN(3, 4, cell=_TiedCell), rnnkit.RNN(3, 4, cell=_TiedCell)
+    x = torch.randn(5, 2, 3)
+    layer(x)
+    layer.load_state_dict(fresh.state_dict(), assign=True)  # new tensors: both uses must see them
+    torch.testing.assert_close(layer(x)[0], fresh(x)[0])

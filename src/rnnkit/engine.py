@@ -277,7 +277,7 @@ def _validate(
             f"(x shape {tuple(x.shape)}, layout {layout})"
         )
     # the cell's own first tensor when it has one (built-in cells), else a walk of its modules
-    weight = next((p for p in cell._parameters.values() if p is not None), None)
+    weight = next((p for p in getattr(cell, "_parameters", {}).values() if p is not None), None)
     if weight is None:
         weight = next(iter(cell.parameters()), None)
     if weight is not None:

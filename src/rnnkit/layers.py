@@ -157,14 +157,8 @@ class _RNNBase(nn.Module):
     def cells(self) -> list[nn.Module]:
         """The cells in torch's order (layer 0 forward, layer 0 reverse, layer 1 ...), bound to this layer."""
         binds = self.__dict__.get("_binds")
-        if binds is None:  # where each of a cell's tensors lives, found once (walking modules every call costs)
-            directions, binds = 2 if self.bidirectional else 1, []
-            for k, c in enumerate(self._cells):
-                layer, reverse = divmod(k, directions)
-                params = [(*_owner(c, n), param_name(n, layer, reverse == 1)) for n, _ in c.named_parameters()]
-                buffers = [(*_owner(c, n), param_name(n, layer, reverse == 1)) for n, _ in c.named_buffers()]
-                binds.append((c, params, buffers))
-            object.__setattr__(self, "_binds", binds)  # unregistered, like _cells
+        if binds is None or any(leaf not in owner._parameters for _, params, _ in binds for owner, leaf, _ in params):
+            binds = self._find_binds()  # once (walking modules every call costs), or again when a cell changed
         for c, params, buffers in binds:
             for owner, leaf, name in params:
                 # getattr, not _parameters: a parametrized, weight-normed or pruned weight is computed
@@ -174,6 +168,26 @@ class _RNNBase(nn.Module):
             if c.training != self.training:
                 c.train(self.training)
         return self._cells
+
+    def _find_binds(self) -> list[tuple[nn.Module, list[tuple[nn.Module, str, str]], list[tuple[nn.Module, str, str]]]]:
+        """Where each cell's tensors live, and the layer's name for each (a tied weight: its first name's)."""
+        directions, binds = 2 if self.bidirectional else 1, []
+        for k, c in enumerate(self._cells):
+            layer, reverse = divmod(k, directions)
+            first: dict[int, str] = {}
+            params = []
+            for n, p in c.named_parameters(remove_duplicate=False):
+                name = param_name(first.setdefault(id(p), n), layer, reverse == 1)
+                if name not in self._parameters and not hasattr(self, name):
+                    raise ShapeError(
+                        f"{type(self).__name__}: the cell's parameter {n} has no counterpart {name} on the layer; "
+                        "parametrize, prune or replace the layer's parameters (layer.weight_hh_l0, say), "
+                        "not its cells'")
+                params.append((*_owner(c, n), name))
+            buffers = [(*_owner(c, n), param_name(n, layer, reverse == 1)) for n, _ in c.named_buffers()]
+            binds.append((c, params, buffers))
+        object.__setattr__(self, "_binds", binds)  # unregistered, like _cells
+        return binds
 
     def cell(self, layer: int = 0, reverse: bool = False) -> nn.Module:
         """The cell of one layer and direction, bound to this layer's parameters (to step by hand)."""
