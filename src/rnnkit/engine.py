@@ -276,10 +276,7 @@ def _validate(
             f"unroll: x has {x.shape[-1]} features but the cell expects input_size={want_i} "
             f"(x shape {tuple(x.shape)}, layout {layout})"
         )
-    # the cell's own first tensor when it has one (built-in cells), else a walk of its modules
-    weight = next((p for p in getattr(cell, "_parameters", {}).values() if p is not None), None)
-    if weight is None:
-        weight = next(iter(cell.parameters()), None)
+    weight = first_parameter(cell)
     if weight is not None:
         x = from_autocast(x, weight.dtype)
     if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
@@ -343,15 +340,26 @@ def check_step_state(cell: nn.Module, before: Any, after: Any) -> None:
         # under autocast a step returns the autocast dtype, as torch's own cells do
         dtypes = all(a.dtype == b.dtype or from_autocast(a, b.dtype) is not a for a, b in pairs)
     if not (shapes and dtypes):
-        while type(cell).__module__ == "rnnkit.layers" and isinstance(
-                getattr(cell, "cell", None), nn.Module):
-            cell = cell.cell  # the layer's dropout and zoneout wrappers: the user's cell is the one at fault
+        cell = user_cell(cell)  # not the layer's dropout or zoneout wrapper: the user's cell is at fault
         method = "step(xp, state)" if hasattr(cell, "project_input") and hasattr(cell, "step") else "forward(x, state)"
         raise ShapeError(
             f"unroll: {type(cell).__name__}.{method} returned {_describe(after, shapes)} for a state of "
             f"{_describe(before, shapes)}; a step must return the next state, shaped like the state it takes "
             f"(its init_state's), in the same dtype"
         )
+
+
+def user_cell(cell: nn.Module) -> nn.Module:
+    """The user's cell inside the dropout and zoneout wrappers that rnnkit's layers make per call."""
+    while type(cell).__module__ == "rnnkit.layers" and isinstance(getattr(cell, "cell", None), nn.Module):
+        cell = cell.cell
+    return cell
+
+
+def first_parameter(module: Any) -> Tensor | None:
+    """The module's first parameter: its own when it has one (no walk of its submodules), else the walk's."""
+    own = next((p for p in getattr(module, "_parameters", {}).values() if p is not None), None)
+    return own if own is not None else next(iter(module.parameters()), None)
 
 
 def same_structure(got: Any, want: Any) -> bool:

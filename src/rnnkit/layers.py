@@ -52,7 +52,16 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell, cell_output
-from rnnkit.engine import BACKENDS, check_step_state, from_autocast, same_structure, tree_flatten, tree_map, unroll
+from rnnkit.engine import (
+    BACKENDS,
+    check_step_state,
+    first_parameter,
+    from_autocast,
+    same_structure,
+    tree_flatten,
+    tree_map,
+    unroll,
+)
 from rnnkit.errors import RnnkitWarning, ShapeError
 
 __all__ = ["LSTM", "GRU", "RNN", "LayerResult", "param_name"]
@@ -274,9 +283,7 @@ class _RNNBase(nn.Module):
                 f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
             )
         N = x.shape[0] if batch_first else x.shape[1]
-        param = next((p for p in self._parameters.values() if p is not None), None)  # no module walk, unless
-        if param is None:  # the weights are parametrized (their originals live in submodules)
-            param = next(self.parameters(), None)
+        param = first_parameter(self)  # (parametrized weights: their originals, in submodules)
         x = x if param is None else from_autocast(x, param.dtype)
         states0 = self._split_hx(hx, cells, N, x, unbatched, directions)
 

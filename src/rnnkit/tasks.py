@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from rnnkit.config import dump_toml
 from rnnkit.data.synthetic import TEST, TRAIN, EchoStream, SinCosStream, StreamBatches
 from rnnkit.data.text import EOS, PAD, Vocab, letter_sorting_pairs, make_seq2seq_batch
+from rnnkit.engine import tree_map
 from rnnkit.errors import CheckpointError, ConfigError
 from rnnkit.models.regressor import SequenceRegressor, detach_state
 from rnnkit.models.seq2seq import Seq2Seq, exact_match
@@ -104,11 +105,8 @@ class StreamModel(nn.Module):
 
     def load_carried_state_dict(self, saved: dict[str, Any]) -> None:
         """Carry ``saved`` (from :meth:`carried_state_dict`) into the next training window."""
-        state = saved["state"]
-        if state is not None:
-            device = next(self.parameters()).device
-            state = state.to(device) if isinstance(state, Tensor) else tuple(s.to(device) for s in state)
-        self.state = state
+        device = next(self.parameters()).device
+        self.state = None if saved["state"] is None else tree_map(lambda s: s.to(device), saved["state"])
 
     def carried_batch_size(self) -> int | None:
         """How many streams the carried state is for (None: no state carried yet)."""

@@ -852,11 +852,16 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=tol, atol=tol * (1 + float(a.detach().abs().max()))))
 
 
-def _user_cell(cell: nn.Module) -> nn.Module:
-    """The user's cell inside the dropout and zoneout wrappers that rnnkit's layers make per call."""
-    while type(cell).__module__ == "rnnkit.layers" and isinstance(getattr(cell, "cell", None), nn.Module):
-        cell = cell.cell
-    return cell
+@contextlib.contextmanager
+def _aside() -> Any:
+    """Around steps the backend runs for itself (a build, a check): they must move neither the caller's
+    random stream nor tensors through saved-tensor hooks (activation checkpointing counts what each
+    forward saves); torch's own warnings while it traces and compiles are not the caller's to see, nor
+    to fail on under -W error."""
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
+            warnings.catch_warnings(), torch.inference_mode(False):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _warn(cell: nn.Module, why: str, quiet: bool = False, template: str = "rnnkit: the compiled backend cannot "
@@ -895,7 +900,9 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
     except _Unsupported as e:
         _warn(cell, str(e), quiet)
         return None, rows
-    builds = _BUILDS.setdefault(_user_cell(cell), {})
+    from rnnkit.engine import user_cell
+
+    builds = _BUILDS.setdefault(user_cell(cell), {})
     shapes = key[1:]
     if not training and _PLANS.get(key) is not None:
         builds.pop(shapes, None)
@@ -929,12 +936,7 @@ def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],
               "value that changes from call to call in a buffer or parameter, which a plan takes as an input")
     plan = None
     try:
-        # tracing must move neither the caller's random stream nor tensors through saved-tensor
-        # hooks (activation checkpointing counts what each forward saves); torch's own warnings
-        # while it traces and compiles are not the caller's to see, nor to fail on under -W error
-        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
-                warnings.catch_warnings(), torch.inference_mode(False):
-            warnings.simplefilter("ignore")
+        with _aside():
             plan = (_build if training else _build_inference)(cell, slots, x[0], leaves, unflatten)
     except ShapeError:
         raise  # the cell's own mistake (a step that changes its state's shape, say): the loop would raise it too
@@ -966,9 +968,7 @@ def _pads_alike(plan: _Plan, rows: int, cell: nn.Module, slots: _Slots, x_t: Ten
     cannot see a cell whose Python branches on other batch sizes (``if x.shape[0] == 1``)."""
     n = x_t.shape[0]
     if n not in plan.pads:
-        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
-                warnings.catch_warnings(), torch.inference_mode(False):
-            warnings.simplefilter("ignore")
+        with _aside():
             step = _step_fn(cell, slots, unflatten, plan.own_output)
             plan.pads[n] = _rows_apart(step, slots, _pad_rows(x_t, 0, rows), [_pad_rows(s, 0, rows) for s in leaves], n)
     return plan.pads[n]
