@@ -42,8 +42,17 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"data.{name} must be positive or unset, got {v}")
-        if not -(2**63) <= self.permutation_seed < 2**64:  # what torch's generator takes
-            raise ConfigError(f"data.permutation_seed must be in [-2**63, 2**64), got {self.permutation_seed}")
+        _check_seed("data.permutation_seed", self.permutation_seed)
+
+
+def _check_seed(key: str, value: int) -> None:
+    if not -(2**63) <= value < 2**64:  # what torch's generators take
+        raise ConfigError(f"{key} must be in [-2**63, 2**64), got {value}")
+
+
+def _check_dir_part(key: str, value: str, *, empty: bool) -> None:
+    if (not value and not empty) or re.search(r"[/\\]", value) or value.startswith("."):
+        raise ConfigError(f"{key} is part of a directory name: no slashes, no leading dot; got {value!r}")
 
 
 _MOST_UNITS = 1 << 16  # an LSTM layer of 2**16 units holds 64 GiB of recurrent weights alone
@@ -161,8 +170,7 @@ class TrainConfig:
     target_accuracy: float | None = None  # report the wall time when test accuracy first reaches this
 
     def validate(self) -> None:
-        if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed takes
-            raise ConfigError(f"train.seed must be in [-2**63, 2**64), got {self.seed}")
+        _check_seed("train.seed", self.seed)
         if self.batch_size <= 0:
             raise ConfigError(f"train.batch_size must be positive, got {self.batch_size}")
         if self.steps is None and (self.epochs is None or self.epochs <= 0):
@@ -178,8 +186,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, or 0 or none for the default, got {value}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"train.target_accuracy is a fraction in (0, 1], like 0.98; got {self.target_accuracy}")
-        if re.search(r"[/\\]", self.name) or self.name.startswith("."):
-            raise ConfigError(f"train.name is part of a directory name: no slashes, no leading dot; got {self.name!r}")
+        _check_dir_part("train.name", self.name, empty=True)
         if self.device != "auto" and not re.fullmatch(r"(cpu|cuda)(:\d+)?", self.device):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -230,9 +237,7 @@ class RunConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self) -> None:
-        if re.search(r"[/\\]", self.recipe) or self.recipe.startswith(".") or not self.recipe:
-            # it names the run's directory (when train.name does not)
-            raise ConfigError(f"recipe is part of a directory name: no slashes, no leading dot; got {self.recipe!r}")
+        _check_dir_part("recipe", self.recipe, empty=False)  # it names the run's directory when train.name does not
 
 
 @dataclass(frozen=True)
