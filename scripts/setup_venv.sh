@@ -27,3 +27,5 @@ if ! "$vpy" -c "import torch" >/dev/null 2>&1; then
   "$vpy" -m pip install -q "torch==2.13.0"
 fi
 "$vpy" -m pip install -q -e ".[dev]"
+# rnnkit's C++ CPU kernels, built once per machine into a cache (the Python loops run without them)
+"$vpy" -m rnnkit.backends.cext || true

@@ -27,6 +27,33 @@ def require_backend(backend: str, cell: nn.Module, x: torch.Tensor) -> None:
         pytest.skip(f"backend {backend!r} does not support {type(cell).__name__}: {reason}")
 
 
+def require_cpu_kernels() -> object:
+    """rnnkit's C++ kernels; the test is skipped only where they cannot be built at all.
+
+    No C++ compiler, or ``RNNKIT_CPU_KERNELS=0``, is a skip that says so; a compiler whose build
+    fails is a test failure with the compiler's message.
+    """
+    from rnnkit.backends import cext
+
+    ops = cext.ops()
+    if ops is None:
+        why = cext.unavailable()
+        if cext.compiler() is None or cext.disabled():
+            pytest.skip(f"rnnkit's C++ CPU kernels are unavailable here: {why}")
+        pytest.fail(f"rnnkit's C++ CPU kernels did not build: {why}")
+    return ops
+
+
+@pytest.fixture(params=["cpp", "python"])
+def lstm_loops(request, monkeypatch) -> str:
+    """The fused LSTM's time loops: the C++ kernels, then the Python loops they replace."""
+    if request.param == "cpp":
+        require_cpu_kernels()
+    else:
+        monkeypatch.setattr(fused, "_USE_KERNELS", False)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Every test starts from the same random state, so failures reproduce."""

@@ -19,6 +19,9 @@ CELLS = {
     "rnn_tanh": lambda I, H, bias: RNNCell(I, H, bias=bias),
     "rnn_relu": lambda I, H, bias: RNNCell(I, H, bias=bias, nonlinearity="relu"),
 }
+# Every test here runs twice: with the LSTM's time loops in C++ and in Python.
+pytestmark = pytest.mark.usefixtures("lstm_loops")
+
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
@@ -112,6 +115,7 @@ def test_chunked_time_loops(name, monkeypatch):
     # GRU's precomputed factors, all run a few steps at a time.
     N, H = 4, 8
     monkeypatch.setattr(fused, "_CHUNK_GATE_BYTES", 3 * N * 4 * H * 8)
+    monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
     monkeypatch.setattr(fused, "_CHUNK_BYTES", 3 * N * 4 * H * 8)
     monkeypatch.setattr(fused, "_KEEP_TANH_C_BYTES", 0)  # the LSTM's backward recomputes tanh(c)
     dtype = torch.float64

@@ -1,0 +1,175 @@
+"""rnnkit's C++ kernels for the CPU: built once per machine with the system's C++ compiler, then loaded.
+
+The fused backend's LSTM time loops (``csrc/fused_cpu.cpp``) run in C++ when these kernels are
+available and in Python otherwise; both paths give the same results to rounding and are tested
+against each other. The library is compiled for the processor it runs on (``-march=native``) into
+a cache directory keyed by the source, torch's version, the compiler and the processor's flags:
+``$RNNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/rnnkit``, else ``~/.cache/rnnkit``. A build takes
+about ten seconds; ``make`` does it at set-up (``python -m rnnkit.backends.cext``), and otherwise
+the first call that wants the kernels does it, once. Concurrent builders wait on a file lock, and
+the library is renamed into place whole, so a reader never loads a half-written file.
+
+Nothing here is required: with no compiler, an unwritable cache, a failed build or
+``RNNKIT_CPU_KERNELS=0``, :func:`ops` returns None and :func:`unavailable` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["ops", "unavailable", "build", "cache_dir", "compiler", "disabled"]
+
+_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "fused_cpu.cpp"
+_NAMESPACE = "rnnkit_cpu"
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w")
+_BUILD_SECONDS = 300  # a build past this is abandoned (a wedged compiler must not hang training)
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def disabled() -> bool:
+    """Whether ``RNNKIT_CPU_KERNELS=0`` (or false/no/off) turns the kernels off."""
+    return os.environ.get("RNNKIT_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    if os.environ.get("RNNKIT_CACHE_DIR"):
+        return Path(os.environ["RNNKIT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rnnkit"
+
+
+def compiler() -> str | None:
+    """The C++ compiler builds use: ``$CXX``, else the first of c++, g++, clang++ on the PATH."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_flags() -> str:
+    """The processor's feature flags (``-march=native`` code must not run on another processor)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    return platform.processor() or platform.machine()
+
+
+def _key(cxx: str) -> str:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    parts = [_SOURCE.read_bytes().decode(), torch.__version__, version, _cpu_flags(), " ".join(_FLAGS),
+             str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.platform]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _command(cxx: str, out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    lib = library_paths()[0]
+    return [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            *(f"-I{p}" for p in include_paths()), str(_SOURCE), "-o", str(out),
+            f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):  # noqa: ANN202
+    """An exclusive lock on ``path`` across processes (where fcntl exists)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not Linux or macOS
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build(quiet: bool = True) -> Path:
+    """Compile the kernels for this machine if no cached build exists; return the library's path."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        raise RuntimeError(f"rnnkit builds its CPU kernels on Linux only (this is {sys.platform} {platform.machine()})")
+    if not _SOURCE.is_file():
+        raise RuntimeError(f"the kernels' source {_SOURCE} is missing from this installation")
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    folder = cache_dir() / "kernels" / _key(cxx)
+    lib = folder / "rnnkit_cpu.so"
+    if lib.is_file():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder / "build.lock"):
+        if lib.is_file():  # another process built it while this one waited
+            return lib
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            start = time.perf_counter()
+            if not quiet:
+                print(f"rnnkit: building the CPU kernels with {cxx} (once per machine)", file=sys.stderr)
+            done = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True,
+                                  timeout=_BUILD_SECONDS)
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+                raise RuntimeError(f"{cxx} failed (exit {done.returncode}): " + " | ".join(tail))
+            os.replace(tmp, lib)
+            if not quiet:
+                print(f"rnnkit: built {lib} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return lib
+
+
+def _load() -> Any:
+    if disabled():
+        raise RuntimeError("turned off by RNNKIT_CPU_KERNELS=0")
+    if not hasattr(torch.ops, _NAMESPACE) or not hasattr(getattr(torch.ops, _NAMESPACE), "lstm_forward_steps"):
+        torch.ops.load_library(str(build(quiet=False)))
+    return getattr(torch.ops, _NAMESPACE)
+
+
+def ops() -> Any | None:
+    """The loaded kernels (``torch.ops.rnnkit_cpu``), building them on first use; None if unavailable."""
+    if "ops" not in _state:
+        with _lock:
+            if "ops" not in _state:
+                try:
+                    _state["ops"], _state["why"] = _load(), None
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    _state["ops"], _state["why"] = None, str(e)
+    return _state["ops"]
+
+
+def unavailable() -> str | None:
+    """Why the C++ kernels cannot be used here, or None when they can."""
+    ops()
+    return _state["why"]
+
+
+if __name__ == "__main__":
+    try:
+        path = build(quiet=False)
+        torch.ops.load_library(str(path))
+        print(f"rnnkit: CPU kernels ready ({path})")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print(f"rnnkit: CPU kernels not built, the Python loops will be used: {e}", file=sys.stderr)

@@ -1,0 +1,319 @@
+// The time loops of the fused CPU backend's LSTM (rnnkit/backends/fused.py), in C++.
+//
+// The Python loops pay the interpreter and one dispatch per elementwise op, ten or more per step;
+// here a step is one GEMM and one pass over its gates. Layout and conventions are the Python
+// backend's, so the two paths share everything around the loops: gates in the order
+// (o, i, f, g), the g rows of the weights doubled so that tanh(a) = 2 sigmoid(2a) - 1 and one
+// sigmoid covers the whole gate row, the activated gates written over the pre-activations, masks
+// (T, N) with false where a sequence has ended (its state is then frozen).
+//
+// Built and loaded by rnnkit/backends/cext.py; every entry point is also run by the tests against
+// the Python loops and torch.nn.LSTM.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+
+// oneDNN's inner product (torch's float32 mm goes to a BLAS that stops at AVX2 on AMD processors;
+// see rnnkit/backends/gemm.py): a @ w^T.
+Tensor onednn_linear(const Tensor& a, const Tensor& w) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+                                     c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  return op.call(a, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+Tensor linear(const Tensor& a, const Tensor& w, bool onednn) {
+  return onednn ? onednn_linear(a, w) : at::mm(a, w.t());
+}
+
+// Workers of torch's thread pool do not inherit the caller's flush-to-zero mode (it is per thread):
+// each parallel chunk sets it for itself when the caller flushes, and restores it.
+class Flush {
+ public:
+  explicit Flush(bool on) {
+#if defined(__SSE__)
+    if (on) {
+      saved_ = _mm_getcsr();
+      _mm_setcsr(saved_ | 0x8040u);  // FTZ and DAZ
+      set_ = true;
+    }
+#else
+    (void)on;
+#endif
+  }
+  ~Flush() {
+#if defined(__SSE__)
+    if (set_) _mm_setcsr(saved_);
+#endif
+  }
+  Flush(const Flush&) = delete;
+  Flush& operator=(const Flush&) = delete;
+
+ private:
+  unsigned int saved_ = 0;
+  bool set_ = false;
+};
+
+// exp for float32 without branches, so the loops below vectorize: Cody-Waite range reduction and
+// a degree-5 polynomial (Cephes' expf), within 2 ulp. Inputs are clamped to the normal range.
+inline float exp_(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+inline double exp_(double x) { return std::exp(x); }
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + exp_(-x));
+}
+
+template <typename T>
+inline T tanh_(T x) {
+  return T(2) * sigmoid(x + x) - T(1);
+}
+
+// Rows n0..n1 of one forward step: pre holds the pre-activations (g doubled), G receives the
+// activations, c/tc/h the new cell, tanh(cell) and output. Frozen rows keep the previous state.
+template <typename T, bool kAdd>
+void forward_rows(const T* __restrict pre, T* __restrict G, const T* __restrict c_prev, const T* __restrict h_prev,
+                  T* __restrict c, T* __restrict tc, T* __restrict h, const bool* mask, int64_t n0, int64_t n1,
+                  int64_t H) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* __restrict p = pre + n * 4 * H;
+    T* __restrict g = G + n * 4 * H;
+    const T* __restrict cp = c_prev + n * H;
+    T* __restrict cn = c + n * H;
+    T* __restrict tcn = tc + n * H;
+    T* __restrict hn = h + n * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T o = sigmoid(kAdd ? p[j] + g[j] : p[j]);
+      const T i = sigmoid(kAdd ? p[H + j] + g[H + j] : p[H + j]);
+      const T f = sigmoid(kAdd ? p[2 * H + j] + g[2 * H + j] : p[2 * H + j]);
+      const T gg = T(2) * sigmoid(kAdd ? p[3 * H + j] + g[3 * H + j] : p[3 * H + j]) - T(1);
+      const T cc = f * cp[j] + i * gg;
+      const T t = tanh_(cc);
+      g[j] = o;
+      g[H + j] = i;
+      g[2 * H + j] = f;
+      g[3 * H + j] = gg;
+      cn[j] = cc;
+      tcn[j] = t;
+      hn[j] = o * t;
+    }
+    if (mask != nullptr && !mask[n]) {
+      std::memcpy(cn, cp, H * sizeof(T));
+      std::memcpy(hn, h_prev + n * H, H * sizeof(T));
+    }
+  }
+}
+
+// Rows n0..n1 of one backward step. G holds the step's activations, tc its tanh(c) (or, when
+// null, c itself to take tanh of), c_prev the cell before it. dh holds the outputs' gradient on
+// entry; rec, when given, the recurrent part, which is added in, so that dh leaves holding
+// d loss / d h_t in full. dc is d loss / d c_t from above on entry and d loss / d c_{t-1} on exit
+// (plus gc_prev, the gradient of the outputs' c_{t-1}, when given). dG receives the gates'
+// pre-activation gradients.
+template <typename T, bool kHaveTanh, bool kAdd>
+void backward_rows(const T* __restrict G, const T* __restrict tc_or_c, const T* __restrict c_prev,
+                   T* __restrict dh, const T* __restrict rec, T* __restrict dc, const T* __restrict gc_prev,
+                   T* __restrict dG, const bool* mask, int64_t n0, int64_t n1, int64_t H) {
+  for (int64_t n = n0; n < n1; ++n) {
+    T* __restrict d = dG + n * 4 * H;
+    T* __restrict dcn = dc + n * H;
+    T* __restrict dhn = dh + n * H;
+    if (kAdd) {
+      const T* __restrict r = rec + n * H;
+      for (int64_t j = 0; j < H; ++j) dhn[j] += r[j];
+    }
+    if (mask == nullptr || mask[n]) {
+      const T* __restrict g = G + n * 4 * H;
+      const T* __restrict tcn = tc_or_c + n * H;
+      const T* __restrict cp = c_prev + n * H;
+      for (int64_t j = 0; j < H; ++j) {
+        const T o = g[j], i = g[H + j], f = g[2 * H + j], gg = g[3 * H + j];
+        const T t = kHaveTanh ? tcn[j] : tanh_(tcn[j]);
+        const T dhv = dhn[j];
+        const T dcv = dcn[j] + dhv * o * (T(1) - t * t);
+        d[j] = dhv * t * o * (T(1) - o);
+        d[H + j] = dcv * gg * i * (T(1) - i);
+        d[2 * H + j] = dcv * cp[j] * f * (T(1) - f);
+        d[3 * H + j] = dcv * i * (T(1) - gg * gg);
+        dcn[j] = dcv * f;
+      }
+    } else {  // frozen: no gradient into the gates, dc passes through unchanged
+      std::memset(d, 0, 4 * H * sizeof(T));
+    }
+    if (gc_prev != nullptr) {
+      const T* __restrict gc = gc_prev + n * H;
+      for (int64_t j = 0; j < H; ++j) dcn[j] += gc[j];
+    }
+  }
+}
+
+template <typename T, bool kHaveTanh>
+void backward_rows_(bool add, const T* G, const T* tc_or_c, const T* c_prev, T* dh, const T* rec, T* dc,
+                    const T* gc_prev, T* dG, const bool* mask, int64_t n0, int64_t n1, int64_t H) {
+  if (add)
+    backward_rows<T, kHaveTanh, true>(G, tc_or_c, c_prev, dh, rec, dc, gc_prev, dG, mask, n0, n1, H);
+  else
+    backward_rows<T, kHaveTanh, false>(G, tc_or_c, c_prev, dh, rec, dc, gc_prev, dG, mask, n0, n1, H);
+}
+
+// Rows per parallel chunk: about 4,096 elements of state, so small batches stay on one thread.
+int64_t grain(int64_t H) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H)); }
+
+void check(const Tensor& t, const Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), "rnnkit fused LSTM: ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rnnkit fused LSTM: ", name, " has dtype ", t.scalar_type(),
+              ", expected ", like.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "rnnkit fused LSTM: ", name, " must be on the CPU");
+}
+
+const bool* mask_row(const Tensor& masks, int64_t t, int64_t full) {
+  return t >= full ? masks.data_ptr<bool>() + t * masks.size(1) : nullptr;
+}
+
+// Steps lo..hi-1 of the forward. G (T, N, 4H) holds the input projections of those steps (bias
+// and doubled g rows included) and receives their activations; hs, cs (T, N, H) receive the
+// outputs and cells; tcs is (T, N, H) to keep every step's tanh(c), or (1, N, H) scratch.
+void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, const Tensor& h0, const Tensor& c0,
+                        const Tensor& whh, const Tensor& masks, int64_t full, int64_t lo, int64_t hi, bool h0_zero,
+                        bool onednn, bool flush) {
+  for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {tcs, "tcs"}, {h0, "h0"}, {c0, "c0"}, {whh, "whh"}})
+    check(t, G, name);
+  check(G, G, "G");
+  const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
+  TORCH_CHECK(0 <= lo && lo <= hi && hi <= T, "rnnkit fused LSTM: bad step range");
+  TORCH_CHECK(full >= T || (masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.size(0) == T &&
+                            masks.size(1) == N),
+              "rnnkit fused LSTM: masks must be contiguous (T, N) bool");
+  const bool keep = tcs.size(0) == T;
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_forward_steps", [&] {
+    for (int64_t t = lo; t < hi; ++t) {
+      Tensor gt = G[t];
+      const Tensor& h_prev = t == 0 ? h0 : hs[t - 1];
+      const Tensor& c_prev = t == 0 ? c0 : cs[t - 1];
+      // The recurrent product lands in a buffer of its own, and the activations add the input
+      // projection as they read it (oneDNN's fused add costs a pass of its own); the usual zero
+      // initial state needs no product: the activations then read the projection alone.
+      const bool add = !(t == 0 && h0_zero);
+      Tensor pre = add ? linear(h_prev, whh, onednn) : gt.clone();
+      const scalar_t* p = pre.data_ptr<scalar_t>();
+      scalar_t* g = gt.data_ptr<scalar_t>();
+      const scalar_t* cp = c_prev.data_ptr<scalar_t>();
+      const scalar_t* hp = h_prev.data_ptr<scalar_t>();
+      scalar_t* c = cs.data_ptr<scalar_t>() + t * N * H;
+      scalar_t* tc = tcs.data_ptr<scalar_t>() + (keep ? t : 0) * N * H;
+      scalar_t* h = hs.data_ptr<scalar_t>() + t * N * H;
+      const bool* m = mask_row(masks, t, full);
+      at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
+        Flush f(flush);
+        if (add)
+          forward_rows<scalar_t, true>(p, g, cp, hp, c, tc, h, m, n0, n1, H);
+        else
+          forward_rows<scalar_t, false>(p, g, cp, hp, c, tc, h, m, n0, n1, H);
+      });
+    }
+  });
+}
+
+// Steps hi-1 down to lo of the backward. P (hi - lo, N, 4H) receives their gate gradients; DH
+// (hi - lo, N, H) holds the outputs' gradient of those steps with the carry from step hi already
+// added to its last row, and is overwritten with d loss / d h_t in full; tcc (hi - lo, N, H) their tanh(c), or undefined to recompute it from cs;
+// dc (N, H) is d loss / d c_{hi-1} on entry and d loss / d c_{lo-1} on exit (dc0 when lo == 0);
+// gc (T, N, H), optional, is the gradient of every step's c; carry (N, H) receives
+// d loss / d h_{lo-1} through the recurrence when lo > 0. whh_t is W_hh^T (H, 4H), contiguous.
+void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
+                         Tensor P, const Tensor& DH, Tensor dc, const std::optional<Tensor>& gc, Tensor carry,
+                         const Tensor& whh_t, const Tensor& masks, int64_t full, int64_t lo, int64_t hi, bool onednn,
+                         bool flush) {
+  for (const auto& [t, name] : {std::pair{cs, "cs"}, {c0, "c0"}, {P, "P"}, {DH, "DH"}, {dc, "dc"}, {carry, "carry"},
+                                {whh_t, "whh_t"}})
+    check(t, G, name);
+  check(G, G, "G");
+  if (tcc) check(*tcc, G, "tcc");
+  if (gc) check(*gc, G, "gc");
+  const int64_t T = G.size(0), N = G.size(1), H = cs.size(2);
+  TORCH_CHECK(0 <= lo && lo < hi && hi <= T && P.size(0) >= hi - lo && DH.size(0) >= hi - lo,
+              "rnnkit fused LSTM: bad step range");
+  TORCH_CHECK(full >= T || (masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.size(0) == T &&
+                            masks.size(1) == N),
+              "rnnkit fused LSTM: masks must be contiguous (T, N) bool");
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_backward_steps", [&] {
+    scalar_t* dcp = dc.data_ptr<scalar_t>();
+    Tensor rec;  // the recurrent part of d loss / d h_t, from the step above (a product of its own)
+    for (int64_t t = hi - 1; t >= lo; --t) {
+      const int64_t j = t - lo;
+      const bool* m = mask_row(masks, t, full);
+      const scalar_t* g = G.data_ptr<scalar_t>() + t * N * 4 * H;
+      const scalar_t* tc = tcc ? tcc->data_ptr<scalar_t>() + j * N * H : cs.data_ptr<scalar_t>() + t * N * H;
+      const scalar_t* cp = t == 0 ? c0.data_ptr<scalar_t>() : cs.data_ptr<scalar_t>() + (t - 1) * N * H;
+      scalar_t* dhp = DH.data_ptr<scalar_t>() + j * N * H;
+      const scalar_t* rp = rec.defined() ? rec.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* gcp = (gc && t > 0) ? gc->data_ptr<scalar_t>() + (t - 1) * N * H : nullptr;
+      Tensor pj = P[j];
+      scalar_t* d = pj.data_ptr<scalar_t>();
+      at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
+        Flush f(flush);
+        if (tcc)
+          backward_rows_<scalar_t, true>(rp != nullptr, g, tc, cp, dhp, rp, dcp, gcp, d, m, n0, n1, H);
+        else
+          backward_rows_<scalar_t, false>(rp != nullptr, g, tc, cp, dhp, rp, dcp, gcp, d, m, n0, n1, H);
+      });
+      if (t == 0) break;
+      rec = linear(pj, whh_t, onednn);
+      if (m != nullptr) {  // frozen rows pass their dh straight down
+        scalar_t* r = rec.data_ptr<scalar_t>();
+        for (int64_t n = 0; n < N; ++n)
+          if (!m[n])
+            for (int64_t k = 0; k < H; ++k) r[n * H + k] += dhp[n * H + k];
+      }
+      if (j == 0) carry.copy_(rec);  // the step below starts the next chunk
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rnnkit_cpu, m) {
+  m.def(
+      "lstm_forward_steps(Tensor(a!) G, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tcs, Tensor h0, Tensor c0, "
+      "Tensor whh, Tensor masks, int full, int lo, int hi, bool h0_zero, bool onednn, bool flush) -> ()");
+  m.def(
+      "lstm_backward_steps(Tensor G, Tensor cs, Tensor c0, Tensor? tcc, Tensor(a!) P, Tensor DH, Tensor(b!) dc, "
+      "Tensor? gc, Tensor(c!) carry, Tensor whh_t, Tensor masks, int full, int lo, int hi, bool onednn, "
+      "bool flush) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
+  m.impl("lstm_forward_steps", &lstm_forward_steps);
+  m.impl("lstm_backward_steps", &lstm_backward_steps);
+}
