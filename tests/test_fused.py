@@ -256,21 +256,23 @@ def test_caller_denormal_mode_is_kept(name, caller_flushes):
 
 
 def test_auto_on_cpu_picks_by_workload(monkeypatch):
-    """Small float32 training and all inference go to torch's kernel (long sequences in chunks of time);
-    training with steps too wide for useful chunks goes to the fused one."""
+    """Small float32 LSTM/RNN training and their inference go to torch's kernel (long sequences in chunks
+    of time); training with steps too wide for useful chunks goes to the fused one. GRU training always
+    does (torch's CPU GRU kernel is not oneDNN's), GRU inference does once it is not tiny."""
     monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
     tiny = torch.randn(3, 2, 4)
     for name in CELLS:
         cell = make_cell(name, 4, 5, torch.float32)
         native_ok = name != "gru_reset_before"  # torch's GRU has only reset_after=True
         want_native = "native" if native_ok else "fused"
-        assert _pick_backend(cell, tiny, 3, 2) == want_native
+        want_train = "fused" if name.startswith("gru") else want_native
+        assert _pick_backend(cell, tiny, 3, 2) == want_train
         with torch.no_grad():
             assert _pick_backend(cell, tiny, 3, 2) == want_native
         # a long sequence of narrow steps: torch's kernel, chunked over time (backends.native.chunk_steps)
         step = 2 * 4 * engine._gate_width(cell)
         T_long = native.WHOLE_GATE_BYTES // step + 1
-        assert _pick_backend(cell, tiny, T_long, 2) == want_native
+        assert _pick_backend(cell, tiny, T_long, 2) == want_train
         # ... but variable lengths run packed, in one call: the fused loop
         assert _pick_backend(cell, tiny, T_long, 2, ragged=True) == "fused"
         # steps so wide that a chunk would hold fewer than _MIN_CHUNK_STEPS of them: the fused loop
@@ -278,13 +280,14 @@ def test_auto_on_cpu_picks_by_workload(monkeypatch):
         T_wide = native.WHOLE_GATE_BYTES // (N_wide * 4 * engine._gate_width(cell)) + 1
         assert _pick_backend(cell, tiny, T_wide, N_wide) == "fused"
         with torch.no_grad():
-            assert _pick_backend(cell, tiny, T_wide, N_wide) == want_native
+            wide_gru = name == "gru" and fused.kernels_available()
+            assert _pick_backend(cell, tiny, T_wide, N_wide) == ("fused" if wide_gru else want_native)
         # every step's c: in float32 oneDNN's workspace has them, training or not; torch's kernel
-        assert _pick_backend(cell, tiny, 3, 2, return_states=True) == want_native
+        assert _pick_backend(cell, tiny, 3, 2, return_states=True) == want_train
         with torch.no_grad():
             assert _pick_backend(cell, tiny, 3, 2, return_states=True) == want_native
         # ... but packed sequences run elsewhere, so they would cost the native backend a batched matmul
-        want = "fused" if name.startswith("lstm") or not native_ok else "native"
+        want = "fused" if name.startswith(("lstm", "gru")) else "native"
         assert _pick_backend(cell, tiny, 3, 2, return_states=True, ragged=True) == want
         if name.startswith("lstm"):
             # inference would have to keep the workspace just for the states: long ones go to the fused loop
@@ -299,6 +302,19 @@ def test_auto_on_cpu_picks_by_workload(monkeypatch):
         cell.float()
         # float64 checks numerics (gradcheck, gradgradcheck): torch's kernel, which has second derivatives
         assert _pick_backend(cell.double(), tiny.double(), 3, 2) == ("native" if native_ok else "reference")
+
+
+def test_auto_gru_inference_goes_fused_from_a_few_thousand_units(monkeypatch):
+    """Without gradients the GRU's C++ loops beat torch's kernel from batch x hidden = 2048 (not below)."""
+    gru = make_cell("gru", 4, 64, torch.float32)
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        monkeypatch.setattr(fused, "kernels_available", lambda: True)
+        assert _pick_backend(gru, x, 28, 32) == "fused"  # 32 x 64 = 2048 units
+        assert _pick_backend(gru, x, 28, 31) == "native"
+        monkeypatch.setattr(fused, "kernels_available", lambda: False)  # the Python loops are not faster there
+        assert _pick_backend(gru, x, 28, 32) == "native"
+    assert _pick_backend(gru, x, 28, 1) == "fused"  # training: always
 
 
 def test_auto_with_a_tuned_allocator_runs_whole_lstm_sequences_natively(monkeypatch):

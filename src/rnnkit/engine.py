@@ -181,6 +181,14 @@ def unroll(
 # 31.6).
 _NATIVE_TRAIN_GATE_BYTES_TUNED = {LSTMCell: 256 << 20}
 _MIN_CHUNK_STEPS = 8
+# torch's GRU on the CPU is not oneDNN's kernel, and the fused backend trained faster at every
+# shape measured (2026-12-02, AMD EPYC, 2 cores; train step, ms fused / torch.nn.GRU): T16 I8 H16
+# B8 1.11 / 1.85, T28 H64 B64 3.9 / 5.1, T28 H128 B128 10.9 / 19.7, T28 H256 B128 23.1 / 42.4, T200
+# H32 B16 10.1 / 24.9 (with the C++ loops; the Python ones were slower but still ahead). Without
+# gradients the C++ loops lead from a few thousand units of batch x hidden (T28 H64 B64: 1.41 /
+# 1.59; T28 H128 B128: 2.79 / 4.89; T784 I1 H128 B128: 148 / 228), not on tiny calls (T16 H16 B8:
+# 0.32 / 0.22, where the fused Function's set-up dominates).
+_FUSED_GRU_INFERENCE_MIN_UNITS = 2048
 
 
 def _gate_width(cell: nn.Module) -> int:
@@ -194,7 +202,9 @@ def _fits_one_call(cell: nn.Module, x: Tensor, T: int, N: int) -> bool:
 
 
 def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int, ragged: bool) -> bool:
-    """Whether torch's kernel beats the fused backend for training on the CPU (see the note above)."""
+    """Whether torch's kernel beats the fused backend for training on the CPU (see the notes above)."""
+    if type(cell) is GRUCell:
+        return False
     step_bytes = N * _gate_width(cell) * x.element_size()
     if _fits_one_call(cell, x, T, N):
         return True
@@ -202,6 +212,12 @@ def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int, ragged: bo
         return T * step_bytes <= _NATIVE_TRAIN_GATE_BYTES_TUNED.get(type(cell), native.WHOLE_GATE_BYTES)
     # packed (variable-length) sequences run in one call: no chunks
     return not ragged and step_bytes * _MIN_CHUNK_STEPS <= native.CHUNK_GATE_BYTES
+
+
+def _fused_infers_faster(cell: nn.Module, N: int) -> bool:
+    """Whether the fused backend beats torch's kernel without gradients on the CPU (see the notes above)."""
+    return (type(cell) is GRUCell and N * cell.hidden_size >= _FUSED_GRU_INFERENCE_MIN_UNITS
+            and fused.kernels_available())
 
 
 def _pick_backend(
@@ -233,8 +249,13 @@ def _pick_backend(
     if exact and not native_ok:
         return "reference"  # the fused backend has no second derivatives, which float64 checks often need
     if native_ok and (exact or not (states_cost and fused_ok)):
-        # Inference: oneDNN keeps no per-step workspace and is 2-2.5x faster at every length measured.
-        if exact or not training() or not fused_ok or _native_trains_faster(cell, x, T, N, ragged):
+        # LSTM inference: oneDNN keeps no per-step workspace and is 2-2.5x faster at every length measured.
+        if exact or not fused_ok:
+            return "native"
+        if training():
+            if _native_trains_faster(cell, x, T, N, ragged):
+                return "native"
+        elif not _fused_infers_faster(cell, N):
             return "native"
     if fused_ok:
         return "fused"

@@ -268,6 +268,11 @@ def _kernels() -> Any:
     return cext.ops() if _USE_KERNELS else None
 
 
+def kernels_available() -> bool:
+    """Whether the LSTM and GRU time loops run in C++ here (else in Python)."""
+    return _kernels() is not None
+
+
 def _mask_rows(masks: Tensor | None, T: int, N: int) -> Tensor:
     """The engine's (T, N, 1) masks as the kernels take them: contiguous (T, N), or empty for none."""
     if masks is None:
@@ -442,12 +447,10 @@ class _LSTMBackwardLoop:
 
 
 def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``x`` (T, N, I) as (T*N, I), and ``x W_ih^T + bias`` as a fresh (T, N, G) buffer."""
+    """``x`` (T, N, I) as (T*N, I), and ``x W_ih^T + bias`` as a fresh (T, N, G) buffer (the GEMM's own)."""
     T, N, I = x.shape
     x2 = x.reshape(T * N, I)
-    G = x.new_empty(T, N, w_ih.shape[0])
-    linear(x2, w_ih, out=G.view(T * N, -1), bias=bias)
-    return x2, G
+    return x2, linear(x2, w_ih, bias=bias).view(T, N, -1)
 
 
 def _grad_buffer(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -591,33 +594,20 @@ class _GRUFunction(torch.autograd.Function):
             b_h = x.new_zeros(H3)
             if b_hn is not None:
                 torch.mul(b_hn, 2.0, out=b_h[H2:])
-            Hh = x.new_empty(T, N, H3)
             hs = x.new_empty(T, N, H)
             whh = _double_rows(w_hh, H2, H3)
-            rz_s, r_s, z_s, n_s = (
-                G[:, :, :H2].unbind(0),
-                G[:, :, :H].unbind(0),
-                G[:, :, H:H2].unbind(0),
-                G[:, :, H2:].unbind(0),
-            )
-            hh_s, hrz_s, s_s = Hh.unbind(0), Hh[:, :, :H2].unbind(0), Hh[:, :, H2:].unbind(0)
-            h_s = hs.unbind(0)
-            m1 = x.new_full((), -1.0)
-            lerp, add = torch.lerp, torch.add
             h0_zero = not bool(h0.any())
-            h = h0
-            for t in range(T):
-                if t or not h0_zero:
-                    linear(h, whh, out=hh_s[t], bias=b_h)
-                else:
-                    hh_s[t].copy_(b_h)
-                rz_s[t].add_(hrz_s[t]).sigmoid_()
-                n = add(m1, n_s[t].addcmul_(r_s[t], s_s[t]).sigmoid_(), alpha=2, out=n_s[t])
-                if t < full:
-                    h = lerp(n, h, z_s[t], out=h_s[t])
-                else:
-                    h = torch.where(masks[t], lerp(n, h, z_s[t]), h, out=h_s[t])
+            kernels = _kernels()
+            if kernels is not None:  # Hh keeps only the n block of h W_hh^T + b_h (2S): all the backward reads
+                h0 = h0.contiguous()
+                Hh = x.new_empty(T, N, H)
+                kernels.gru_forward_steps(G, Hh, hs, h0, whh, b_h, _mask_rows(masks, T, N), full, h0_zero,
+                                          _use_onednn(h0, whh), flush_denormals_enabled())
+            else:
+                Hh = x.new_empty(T, N, H3)
+                _gru_forward_loop(G, Hh, hs, h0, whh, b_h, masks, full, h0_zero)
         ctx.full, ctx.has_bx, ctx.has_bhn = full, b_x is not None, b_hn is not None
+        ctx.kernels = kernels is not None
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x2, h0, w_ih, w_hh, G, Hh, hs, masks)
         return hs
@@ -627,7 +617,69 @@ class _GRUFunction(torch.autograd.Function):
         _first_order_only()
         x2, h0, w_ih, w_hh, G, Hh, hs, masks = ctx.saved_tensors
         with denormals_flushed(x2.device):
+            if ctx.kernels:
+                return _gru_backward_kernels(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks)
             return _gru_backward(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks)
+
+
+def _gru_forward_loop(G, Hh, hs, h0, whh, b_h, masks, full, h0_zero):  # noqa: ANN001
+    """The GRU forward's time loop in Python (where the C++ kernels are unavailable); fills G, Hh, hs."""
+    T, N, H3 = G.shape
+    H = H3 // 3
+    H2 = 2 * H
+    rz_s, r_s, z_s, n_s = (
+        G[:, :, :H2].unbind(0),
+        G[:, :, :H].unbind(0),
+        G[:, :, H:H2].unbind(0),
+        G[:, :, H2:].unbind(0),
+    )
+    hh_s, hrz_s, s_s = Hh.unbind(0), Hh[:, :, :H2].unbind(0), Hh[:, :, H2:].unbind(0)
+    h_s = hs.unbind(0)
+    m1 = G.new_full((), -1.0)
+    lerp, add = torch.lerp, torch.add
+    h = h0
+    for t in range(T):
+        if t or not h0_zero:
+            linear(h, whh, out=hh_s[t], bias=b_h)
+        else:
+            hh_s[t].copy_(b_h)
+        rz_s[t].add_(hrz_s[t]).sigmoid_()
+        n = add(m1, n_s[t].addcmul_(r_s[t], s_s[t]).sigmoid_(), alpha=2, out=n_s[t])
+        if t < full:
+            h = lerp(n, h, z_s[t], out=h_s[t])
+        else:
+            h = torch.where(masks[t], lerp(n, h, z_s[t]), h, out=h_s[t])
+
+
+def _gru_backward_kernels(ctx, gh, x2, h0, w_ih, w_hh, G, S2, hs, masks):  # noqa: ANN001
+    """The GRU's backward with its time loop in C++; the weight gradients are a few large GEMMs after it."""
+    T, N, H = hs.shape
+    H2, H3 = 2 * H, 3 * H
+    need_x, need_h0, need_wih, need_whh, need_bx, need_bhn = ctx.needs_input_grad[:6]
+    DH = _grad_buffer(gh, hs)
+    # gradients of the input projection's pre-activations (r, z, n) and of h W_hh^T + b (r, z, S)
+    DGi, DGh = G.new_empty(T, N, H3), G.new_empty(T, N, H3)
+    dh0 = G.new_zeros(N, H)
+    whh_t = w_hh.t().contiguous()
+    _kernels().gru_backward_steps(G, S2, hs, h0, DH, DGi, DGh, dh0, whh_t, _mask_rows(masks, T, N), ctx.full,
+                                  _use_onednn(dh0, whh_t), flush_denormals_enabled())
+    dx = dwih = dwhh = dbx = dbhn = None
+    if need_h0:
+        linear_add_(dh0, DGh[0], whh_t)
+    dG = DGi.view(T * N, H3)
+    if need_x:
+        dx = mm(dG, w_ih).view(T, N, -1)
+    # The weight gradients transposed, W^T = A^T dG: oneDNN's way round (see _lstm_backward)
+    if need_wih:
+        dwih = mm(x2.t(), dG).t()
+    if need_whh:
+        h_prev = torch.cat((h0.unsqueeze(0), hs[:-1])).view(T * N, H)
+        dwhh = mm(h_prev.t(), DGh.view(T * N, H3)).t()
+    if need_bx and ctx.has_bx:
+        dbx = dG.sum(0)
+    if need_bhn and ctx.has_bhn:
+        dbhn = DGh[:, :, H2:].sum((0, 1))
+    return dx, dh0 if need_h0 else None, dwih, dwhh, dbx, dbhn, None, None
 
 
 def _gru_backward(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks):  # noqa: ANN001

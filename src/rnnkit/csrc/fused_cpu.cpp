@@ -1,4 +1,4 @@
-// The time loops of the fused CPU backend's LSTM (rnnkit/backends/fused.py), in C++.
+// The time loops of the fused CPU backend's LSTM and GRU (rnnkit/backends/fused.py), in C++.
 //
 // The Python loops pay the interpreter and one dispatch per elementwise op, ten or more per step;
 // here a step is one GEMM and one pass over its gates. Layout and conventions are the Python
@@ -187,14 +187,97 @@ void backward_rows_(bool add, const T* G, const T* tc_or_c, const T* c_prev, T* 
     backward_rows<T, kHaveTanh, false>(G, tc_or_c, c_prev, dh, rec, dc, gc_prev, dG, mask, n0, n1, H);
 }
 
+
+// GRU with torch's maths (the reset gate after the recurrent product), gates (r, z, n), the n
+// rows of the weights doubled so that tanh(a) = 2 sigmoid(2a) - 1. Rows n0..n1 of one forward
+// step: hh is h_{t-1} W_hh^T (n rows doubled), or null for a zero state, bh the recurrent bias
+// (zero but for 2 b_hn); G holds the input projections and receives the activations (r, z, n),
+// s2 receives the n block of hh + bh (2 S, which the backward needs), h the output.
+template <typename T, bool kProduct>
+void gru_forward_rows(const T* __restrict hh, const T* __restrict bh, T* __restrict G, T* __restrict s2,
+                      const T* __restrict h_prev, T* __restrict h, const bool* mask, int64_t n0, int64_t n1,
+                      int64_t H) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* __restrict p = kProduct ? hh + n * 3 * H : nullptr;
+    T* __restrict g = G + n * 3 * H;
+    T* __restrict sn = s2 + n * H;
+    const T* __restrict hp = h_prev + n * H;
+    T* __restrict hn = h + n * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T hr = (kProduct ? p[j] : T(0)) + bh[j];
+      const T hz = (kProduct ? p[H + j] : T(0)) + bh[H + j];
+      const T hs = (kProduct ? p[2 * H + j] : T(0)) + bh[2 * H + j];
+      const T r = sigmoid(g[j] + hr);
+      const T z = sigmoid(g[H + j] + hz);
+      const T nn = T(2) * sigmoid(g[2 * H + j] + r * hs) - T(1);
+      g[j] = r;
+      g[H + j] = z;
+      g[2 * H + j] = nn;
+      sn[j] = hs;
+      hn[j] = nn + z * (hp[j] - nn);
+    }
+    if (mask != nullptr && !mask[n]) std::memcpy(hn, hp, H * sizeof(T));
+  }
+}
+
+// Rows n0..n1 of one GRU backward step. dh holds the outputs' gradient of step t plus what the
+// step above passed down directly (dh_{t+1} z_{t+1}); rec, when given, the recurrent product, added
+// in. dgi receives the gradients of the input projection's pre-activations (r, z, n), dgh those of
+// h W_hh^T + b (r, z, S); dh_below (step t-1's row of the outputs' gradient, or dh0's buffer) gets
+// dh z added, the part of the gradient that bypasses the products.
+template <typename T, bool kAdd>
+void gru_backward_rows(const T* __restrict G, const T* __restrict s2, const T* __restrict h_prev,
+                       T* __restrict dh, const T* __restrict rec, T* __restrict dgi, T* __restrict dgh,
+                       T* __restrict dh_below, const bool* mask, int64_t n0, int64_t n1, int64_t H) {
+  for (int64_t n = n0; n < n1; ++n) {
+    T* __restrict dhn = dh + n * H;
+    T* __restrict di = dgi + n * 3 * H;
+    T* __restrict dr = dgh + n * 3 * H;
+    T* __restrict below = dh_below + n * H;
+    if (kAdd) {
+      const T* __restrict q = rec + n * H;
+      for (int64_t j = 0; j < H; ++j) dhn[j] += q[j];
+    }
+    if (mask != nullptr && !mask[n]) {  // frozen: h_t = h_{t-1}, so dh passes straight down
+      std::memset(di, 0, 3 * H * sizeof(T));
+      std::memset(dr, 0, 3 * H * sizeof(T));
+      for (int64_t j = 0; j < H; ++j) below[j] += dhn[j];
+      continue;
+    }
+    const T* __restrict g = G + n * 3 * H;
+    const T* __restrict sn = s2 + n * H;
+    const T* __restrict hp = h_prev + n * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T r = g[j], z = g[H + j], nn = g[2 * H + j];
+      const T d = dhn[j];
+      const T da_n = d * (T(1) - z) * (T(1) - nn * nn);
+      const T da_z = d * (hp[j] - nn) * z * (T(1) - z);
+      const T da_r = da_n * T(0.5) * sn[j] * r * (T(1) - r);
+      di[j] = da_r;
+      di[H + j] = da_z;
+      di[2 * H + j] = da_n;
+      dr[j] = da_r;
+      dr[H + j] = da_z;
+      dr[2 * H + j] = da_n * r;
+      below[j] += d * z;
+    }
+  }
+}
+
 // Rows per parallel chunk: about 4,096 elements of state, so small batches stay on one thread.
 int64_t grain(int64_t H) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H)); }
 
 void check(const Tensor& t, const Tensor& like, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), "rnnkit fused LSTM: ", name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rnnkit fused LSTM: ", name, " has dtype ", t.scalar_type(),
+  TORCH_CHECK(t.is_contiguous(), "rnnkit fused kernels: ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rnnkit fused kernels: ", name, " has dtype ", t.scalar_type(),
               ", expected ", like.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "rnnkit fused LSTM: ", name, " must be on the CPU");
+  TORCH_CHECK(t.device().is_cpu(), "rnnkit fused kernels: ", name, " must be on the CPU");
+}
+
+void check_masks(const Tensor& masks, int64_t full, int64_t T, int64_t N) {
+  TORCH_CHECK(full >= T || (masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.dim() == 2 &&
+                            masks.size(0) == T && masks.size(1) == N),
+              "rnnkit fused kernels: masks must be contiguous (T, N) bool");
 }
 
 const bool* mask_row(const Tensor& masks, int64_t t, int64_t full) {
@@ -211,10 +294,8 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, const Tensor
     check(t, G, name);
   check(G, G, "G");
   const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
-  TORCH_CHECK(0 <= lo && lo <= hi && hi <= T, "rnnkit fused LSTM: bad step range");
-  TORCH_CHECK(full >= T || (masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.size(0) == T &&
-                            masks.size(1) == N),
-              "rnnkit fused LSTM: masks must be contiguous (T, N) bool");
+  TORCH_CHECK(0 <= lo && lo <= hi && hi <= T, "rnnkit fused kernels: bad step range");
+  check_masks(masks, full, T, N);
   const bool keep = tcs.size(0) == T;
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_forward_steps", [&] {
     for (int64_t t = lo; t < hi; ++t) {
@@ -263,10 +344,8 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
   if (gc) check(*gc, G, "gc");
   const int64_t T = G.size(0), N = G.size(1), H = cs.size(2);
   TORCH_CHECK(0 <= lo && lo < hi && hi <= T && P.size(0) >= hi - lo && DH.size(0) >= hi - lo,
-              "rnnkit fused LSTM: bad step range");
-  TORCH_CHECK(full >= T || (masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.size(0) == T &&
-                            masks.size(1) == N),
-              "rnnkit fused LSTM: masks must be contiguous (T, N) bool");
+              "rnnkit fused kernels: bad step range");
+  check_masks(masks, full, T, N);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_backward_steps", [&] {
     scalar_t* dcp = dc.data_ptr<scalar_t>();
     Tensor rec;  // the recurrent part of d loss / d h_t, from the step above (a product of its own)
@@ -301,6 +380,78 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
   });
 }
 
+
+// All steps of a GRU forward. G (T, N, 3H) holds the input projections (n rows doubled, the input
+// biases included) and receives the activations; S2 (T, N, H) receives 2 S per step, hs the outputs.
+// whh is W_hh with its n rows doubled, bh the recurrent bias (zero but for 2 b_hn).
+void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, const Tensor& h0, const Tensor& whh, const Tensor& bh,
+                       const Tensor& masks, int64_t full, bool h0_zero, bool onednn, bool flush) {
+  for (const auto& [t, name] : {std::pair{S2, "S2"}, {hs, "hs"}, {h0, "h0"}, {whh, "whh"}, {bh, "bh"}})
+    check(t, G, name);
+  check(G, G, "G");
+  const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
+  check_masks(masks, full, T, N);
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "gru_forward_steps", [&] {
+    const scalar_t* b = bh.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const Tensor& h_prev = t == 0 ? h0 : hs[t - 1];
+      const bool product = !(t == 0 && h0_zero);
+      Tensor hh = product ? linear(h_prev, whh, onednn) : Tensor();
+      const scalar_t* p = product ? hh.data_ptr<scalar_t>() : nullptr;
+      scalar_t* g = G.data_ptr<scalar_t>() + t * N * 3 * H;
+      scalar_t* s2 = S2.data_ptr<scalar_t>() + t * N * H;
+      const scalar_t* hp = h_prev.data_ptr<scalar_t>();
+      scalar_t* h = hs.data_ptr<scalar_t>() + t * N * H;
+      const bool* m = mask_row(masks, t, full);
+      at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
+        Flush f(flush);
+        if (product)
+          gru_forward_rows<scalar_t, true>(p, b, g, s2, hp, h, m, n0, n1, H);
+        else
+          gru_forward_rows<scalar_t, false>(p, b, g, s2, hp, h, m, n0, n1, H);
+      });
+    }
+  });
+}
+
+// All steps of a GRU backward, from the last. DH (T, N, H) holds the outputs' gradient and is
+// overwritten; DGi, DGh (T, N, 3H) receive the gradients of the input projection (r, z, n) and of
+// h W_hh^T + b (r, z, S); dh0 (N, H, zeros on entry) receives the part of d loss / d h_0 that
+// bypasses the products (the caller adds DGh[0] W_hh). whh_t is W_hh^T (H, 3H), contiguous.
+void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, const Tensor& h0, Tensor DH,
+                        Tensor DGi, Tensor DGh, Tensor dh0, const Tensor& whh_t, const Tensor& masks, int64_t full,
+                        bool onednn, bool flush) {
+  for (const auto& [t, name] : {std::pair{S2, "S2"}, {hs, "hs"}, {h0, "h0"}, {DH, "DH"}, {DGi, "DGi"},
+                                {DGh, "DGh"}, {dh0, "dh0"}, {whh_t, "whh_t"}})
+    check(t, G, name);
+  check(G, G, "G");
+  const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
+  check_masks(masks, full, T, N);
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "gru_backward_steps", [&] {
+    Tensor rec;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const bool* m = mask_row(masks, t, full);
+      const scalar_t* g = G.data_ptr<scalar_t>() + t * N * 3 * H;
+      const scalar_t* s2 = S2.data_ptr<scalar_t>() + t * N * H;
+      const scalar_t* hp = t == 0 ? h0.data_ptr<scalar_t>() : hs.data_ptr<scalar_t>() + (t - 1) * N * H;
+      scalar_t* dh = DH.data_ptr<scalar_t>() + t * N * H;
+      const scalar_t* rp = rec.defined() ? rec.data_ptr<scalar_t>() : nullptr;
+      scalar_t* di = DGi.data_ptr<scalar_t>() + t * N * 3 * H;
+      Tensor dgh = DGh[t];
+      scalar_t* dr = dgh.data_ptr<scalar_t>();
+      scalar_t* below = t == 0 ? dh0.data_ptr<scalar_t>() : DH.data_ptr<scalar_t>() + (t - 1) * N * H;
+      at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
+        Flush f(flush);
+        if (rp != nullptr)
+          gru_backward_rows<scalar_t, true>(g, s2, hp, dh, rp, di, dr, below, m, n0, n1, H);
+        else
+          gru_backward_rows<scalar_t, false>(g, s2, hp, dh, rp, di, dr, below, m, n0, n1, H);
+      });
+      if (t > 0) rec = linear(dgh, whh_t, onednn);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkit_cpu, m) {
@@ -313,7 +464,18 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
       "bool flush) -> ()");
 }
 
+TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
+  m.def(
+      "gru_forward_steps(Tensor(a!) G, Tensor(b!) S2, Tensor(c!) hs, Tensor h0, Tensor whh, Tensor bh, "
+      "Tensor masks, int full, bool h0_zero, bool onednn, bool flush) -> ()");
+  m.def(
+      "gru_backward_steps(Tensor G, Tensor S2, Tensor hs, Tensor h0, Tensor(a!) DH, Tensor(b!) DGi, "
+      "Tensor(c!) DGh, Tensor(d!) dh0, Tensor whh_t, Tensor masks, int full, bool onednn, bool flush) -> ()");
+}
+
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
+  m.impl("gru_forward_steps", &gru_forward_steps);
+  m.impl("gru_backward_steps", &gru_backward_steps);
   m.impl("lstm_forward_steps", &lstm_forward_steps);
   m.impl("lstm_backward_steps", &lstm_backward_steps);
 }
