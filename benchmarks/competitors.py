@@ -184,6 +184,14 @@ def build_torch_lstm(shape: Shape, device: torch.device) -> Bench:
     return torch_bench(model, shape, device, scope=scope)
 
 
+def build_torch_gru(shape: Shape, device: torch.device) -> Bench:
+    """torch.nn.GRU as PyTorch ships it (the model rnnkit.GRU replaces; not an LSTM competitor)."""
+    torch.manual_seed(SEED)
+    model = Classifier(LastOutput(nn.GRU(shape.I, shape.H, batch_first=True)), shape.H)
+    scope = (lambda: flush_denormal(False)) if device.type == "cpu" else contextlib.nullcontext
+    return torch_bench(model, shape, device, scope=scope)
+
+
 def build_torch_lstm_flush(shape: Shape, device: torch.device) -> Bench:
     """torch.nn.LSTM with torch.set_flush_denormal(True) around its own steps only."""
     if device.type != "cpu":

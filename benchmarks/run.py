@@ -77,6 +77,9 @@ JAX = "JAX lax.scan, jit"
 KERAS = "Keras 3 LSTM"
 RK_LSTM = "rnnkit.LSTM"
 RK_GRU = "rnnkit.GRU"
+NN_GRU = "torch.nn.GRU"
+# rows of another model, shown beside their rnnkit counterpart but never an LSTM's best competitor
+OTHER_MODELS = frozenset({NN_GRU})
 RK_SEED000 = "Seed000Cell via rnnkit.unroll, backend=reference"
 RK_SEED000_COMPILED = "Seed000Cell via rnnkit.unroll, backend=compiled"
 RK_STATES = "rnnkit.LSTM return_states=True"
@@ -199,6 +202,7 @@ IMPLEMENTATIONS: tuple[Impl, ...] = (
     *(Impl(f"{RK_LSTM} backend={b}", functools.partial(build_rnnkit_lstm, backend=b), True)
       for b in ("fused", "native", "reference")),
     Impl(RK_GRU, build_rnnkit_gru, True),
+    Impl(NN_GRU, comp.build_torch_gru, False),
     Impl(RK_SEED000, build_seed000, True),
     Impl(RK_SEED000_COMPILED, functools.partial(build_seed000, backend="compiled"), True),
     Impl(RK_STATES, build_rnnkit_states, True),
@@ -393,8 +397,8 @@ def fmt_bytes(n: int) -> str:
 
 
 def best_competitor(results: Sequence[Result]) -> Result | None:
-    """The fastest competitor (non-rnnkit row) that was measured, by median train step."""
-    measured = [r for r in results if not r.rnnkit and r.train is not None]
+    """The fastest LSTM competitor (non-rnnkit row) that was measured, by median train step."""
+    measured = [r for r in results if not r.rnnkit and r.name not in OTHER_MODELS and r.train is not None]
     return min(measured, key=lambda r: r.train) if measured else None
 
 
@@ -467,6 +471,8 @@ def targets(by_shape: dict[Shape, list[Result]], device: torch.device) -> list[T
             for cell_row in (RK_SEED000, RK_SEED000_COMPILED):
                 out.append(Target(f"{cell_row} vs {NN_LSTM}", shape, _speedup(ms.get(cell_row), ms.get(NN_LSTM)),
                                   1.0 if cpu else None))
+        if ms.get(NN_GRU) is not None:
+            out.append(Target(f"{RK_GRU} vs {NN_GRU}", shape, _speedup(ms.get(RK_GRU), ms.get(NN_GRU))))
         slowdown = _speedup(ms.get(RK_LSTM), ms.get(RK_STATES))  # time with the states / time without
         out.append(Target("return_states overhead (time with / without)", shape, slowdown, 1.2, at_most=True))
     return out
@@ -527,7 +533,15 @@ def environment(device: torch.device, command: str) -> list[str]:
         f"- software: {', '.join(software)}",
         f"- command: `{command}`",
         f"- glibc malloc: {_allocator_line()}",
+        f"- rnnkit's C++ CPU kernels: {_kernels_line()}",
     ]
+
+
+def _kernels_line() -> str:
+    from rnnkit.backends import cext
+
+    why = cext.unavailable()
+    return "loaded (the fused backend's LSTM and GRU loops run in C++)" if why is None else f"unavailable ({why})"
 
 
 def _allocator_line() -> str:

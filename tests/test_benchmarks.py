@@ -73,10 +73,11 @@ def test_targets_table_has_every_target(bench, quick):
     headline, long = (s.name for s in bench.QUICK_SHAPES)
     expected = [
         (f"{bench.RK_LSTM} vs best competitor", headline), (f"{bench.RK_SEED000} vs {bench.NN_LSTM}", headline),
-        (f"{bench.RK_SEED000_COMPILED} vs {bench.NN_LSTM}", headline),
+        (f"{bench.RK_SEED000_COMPILED} vs {bench.NN_LSTM}", headline), (f"{bench.RK_GRU} vs {bench.NN_GRU}", headline),
         ("return_states overhead", headline), (f"{bench.RK_LSTM} vs best competitor", long),
         (f"{bench.RK_LSTM} vs {bench.NN_LSTM_FLUSH}", long), (f"{bench.RK_SEED000} vs {bench.RK_LSTM}", long),
-        (f"{bench.RK_SEED000_COMPILED} vs {bench.RK_LSTM}", long), ("return_states overhead", long),
+        (f"{bench.RK_SEED000_COMPILED} vs {bench.RK_LSTM}", long), (f"{bench.RK_GRU} vs {bench.NN_GRU}", long),
+        ("return_states overhead", long),
     ]
     rows = [line for line in section.splitlines() if line.startswith("| ")][2:]  # past the header and its rule
     assert len(rows) == len(expected)
@@ -191,3 +192,10 @@ def test_time_to_accuracy_passes_recipe_overrides(bench, monkeypatch):
     report = bench.run_time_to_accuracy(args, "cmd", log=lambda _: None)
     assert got == [["train.bf16=true"]]
     assert "The recipe ran with `train.bf16=true`." in report and "| 0 | 10.0 | 30.0 | 3.00x |" in report
+
+
+def test_another_models_row_is_never_the_lstm_best_competitor(bench):
+    rows = [bench.Result(bench.NN_GRU, False, train_ms=[1.0]), bench.Result(bench.NN_LSTM, False, train_ms=[5.0]),
+            bench.Result(bench.RK_LSTM, True, train_ms=[0.5])]
+    assert bench.best_competitor(rows).name == bench.NN_LSTM
+    assert bench.best_competitor(rows[:1]) is None
