@@ -438,3 +438,22 @@ def test_training_only_the_biases_counts_as_training(monkeypatch):
     for p in cell.parameters():
         p.requires_grad_(False)
     assert _pick_backend(cell, tiny, T_long, 2, return_states=True) == "fused"  # inference
+
+
+def test_auto_under_cpu_autocast_keeps_torchs_kernel_and_dtypes(monkeypatch):
+    """Where auto would train on the fused backend, CPU autocast keeps torch's kernel: outputs in torch's dtype."""
+    monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
+    x = torch.randn(3, 2, 4)
+    for name in ("lstm", "gru"):
+        cell = make_cell(name, 4, 5, torch.float32)
+        N_wide = native.CHUNK_GATE_BYTES // (engine._MIN_CHUNK_STEPS * 4 * engine._gate_width(cell)) + 1
+        T_wide = native.WHOLE_GATE_BYTES // (N_wide * 4 * engine._gate_width(cell)) + 1
+        assert _pick_backend(cell, x, T_wide, N_wide) == "fused"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _pick_backend(cell, x, T_wide, N_wide) == "native"
+    ref = torch.nn.LSTM(4, 8)
+    layer = rnnkit.LSTM(4, 8)
+    layer.load_state_dict(ref.state_dict())
+    monkeypatch.setattr(engine, "_native_trains_faster", lambda *a: False)  # auto would pick fused here
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(5, 3, 4))[0].dtype == ref(torch.randn(5, 3, 4))[0].dtype == torch.bfloat16

@@ -248,6 +248,10 @@ def _pick_backend(
     )
     if exact and not native_ok:
         return "reference"  # the fused backend has no second derivatives, which float64 checks often need
+    if native_ok and torch.is_autocast_enabled("cpu"):
+        # torch's kernel follows autocast (an LSTM's outputs come back in bfloat16, as torch.nn.LSTM's
+        # do); the fused backend's hand-written maths stay float32
+        return "native"
     if native_ok and (exact or not (states_cost and fused_ok)):
         # LSTM inference: oneDNN keeps no per-step workspace and is 2-2.5x faster at every length measured.
         if exact or not fused_ok:
