@@ -28,4 +28,4 @@ if ! "$vpy" -c "import torch" >/dev/null 2>&1; then
 fi
 "$vpy" -m pip install -q -e ".[dev]"
 # rnnkit's C++ CPU kernels, built once per machine into a cache (the Python loops run without them)
-"$vpy" -m rnnkit.backends.cext || true
+"$venv/bin/rnnkit" kernels || true

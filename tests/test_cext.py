@@ -6,6 +6,7 @@ LSTM's time loops in C++ and in Python.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import require_cpu_kernels
 
 from rnnkit.backends import cext
@@ -99,3 +101,89 @@ def test_concurrent_first_builds_share_one_library(tmp_path):
     built = list(tmp_path.rglob("*.so"))
     assert [str(p) for p in built] == list(paths)  # one library, no stray temporaries
     assert built[0].stat().st_size > 0
+
+
+@pytest.fixture
+def fake_builds(tmp_path, monkeypatch):
+    """cext.build() against a temporary cache with a stand-in compiler: a list of the builds it ran."""
+    class Runs(list):
+        fail: str | None = None
+
+    runs = Runs()
+    monkeypatch.setenv("RNNKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cext, "compiler", lambda: "c++")
+    monkeypatch.setattr(cext, "_key", lambda cxx: "k")
+
+    def compile_(cxx, lib, quiet):
+        runs.append(str(lib))
+        if runs.fail:
+            raise RuntimeError(runs.fail)
+        data = b"\x7fELF a library" * 100
+        cext._write_synced(lib, data)
+        cext._write_synced(lib.with_name(lib.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+
+    monkeypatch.setattr(cext, "_compile", compile_)
+    return runs
+
+
+def test_a_damaged_cached_library_is_built_again(fake_builds):
+    lib = cext.build()
+    assert len(fake_builds) == 1 and cext.build() == lib and len(fake_builds) == 1
+    lib.write_bytes(lib.read_bytes()[:50])  # truncated (a crash mid-write, a full disk)
+    assert cext.build() == lib and len(fake_builds) == 2
+    lib.with_name(lib.name + ".sha256").unlink()  # a library without its record is not trusted either
+    cext.build()
+    assert len(fake_builds) == 3
+
+
+def test_a_failed_build_is_remembered_until_retried(fake_builds):
+    fake_builds.fail = "c++ failed (exit 1): boom"
+    with pytest.raises(RuntimeError, match="boom"):
+        cext.build()
+    with pytest.raises(RuntimeError, match="an earlier build failed: c.. failed .exit 1.: boom .*rnnkit kernels"):
+        cext.build()
+    assert len(fake_builds) == 1  # the second process did not compile again
+    fake_builds.fail = None
+    lib = cext.build(retry=True)
+    assert len(fake_builds) == 2 and lib.is_file() and not (lib.parent / "failed.txt").exists()
+
+
+def test_temporaries_of_a_killed_build_are_cleared(fake_builds):
+    folder = cext.cache_dir() / "kernels" / "k"
+    folder.mkdir(parents=True)
+    (folder / ".tmp-abc.so").write_bytes(b"half")
+    cext.build()
+    assert not list(folder.glob(".tmp-*"))
+
+
+def test_a_cxx_that_is_not_a_program_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("RNNKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++") + " -O2")
+    assert cext.compiler() == str(tmp_path / "no-such-c++") + " -O2"
+    with pytest.raises(RuntimeError, match="no-such-c.. -O2.*not a program on the PATH"):
+        cext.build()
+
+
+def test_a_compiler_past_its_time_is_stopped(monkeypatch, tmp_path):
+    cxx = tmp_path / "slow-c++"
+    cxx.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo slow 1.0; exit 0; fi\nsleep 30 & wait\n")
+    cxx.chmod(0o755)
+    monkeypatch.setenv("RNNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setattr(cext, "_BUILD_SECONDS", 1)
+    with pytest.raises(RuntimeError, match="took over 1 s and was stopped"):
+        cext.build()
+    assert not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_the_kernels_check_their_arguments_sizes():
+    ops = require_cpu_kernels()
+    T, N, H = 3, 2, 4
+    G = torch.zeros(T, N, 4 * H)
+    hs, cs, h0, whh = torch.zeros(T - 1, N, H), torch.zeros(T, N, H), torch.zeros(N, H), torch.zeros(4 * H, H)
+    none = torch.empty(0, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="hs has shape \\[2, 2, 4\\], expected \\[3, 2, 4\\]"):
+        ops.lstm_forward_steps(G, hs, cs, cs, h0, h0, whh, none, T, 0, T, True, False, False)
+    with pytest.raises(RuntimeError, match="whh has shape"):
+        ops.gru_forward_steps(torch.zeros(T, N, 3 * H), cs, cs, h0, whh, torch.zeros(3 * H), none, T, True, False,
+                              False)

@@ -457,3 +457,44 @@ def test_auto_under_cpu_autocast_keeps_torchs_kernel_and_dtypes(monkeypatch):
     monkeypatch.setattr(engine, "_native_trains_faster", lambda *a: False)  # auto would pick fused here
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(torch.randn(5, 3, 4))[0].dtype == ref(torch.randn(5, 3, 4))[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_second_derivatives_recompute_the_sequence(name):
+    """create_graph=True (a gradient penalty, a Hessian): the backward recomputes the sequence with torch
+    ops, so its result is differentiable again and agrees with the reference loop's."""
+    cell = make_cell(name, 3, 4, torch.float64)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    lengths = [5, 3]
+    assert torch.autograd.gradgradcheck(lambda x: rnnkit.unroll(cell, x, backend="fused", lengths=lengths).outputs,
+                                        (x,))
+    penalties = []
+    for backend in ("fused", "reference"):
+        res = rnnkit.unroll(cell, x, backend=backend, lengths=lengths, return_states=True)
+        loss = res.outputs.square().sum() + sum(s.sin().sum() for s in tree_flatten(res.states)[0])
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        penalties.append(torch.autograd.grad(g.square().sum(), list(cell.parameters())))
+    for got, want in zip(*penalties):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_default_gru_takes_a_gradient_penalty():
+    """auto trains float32 GRUs on the fused backend, which must not refuse create_graph=True."""
+    gru = rnnkit.GRU(3, 8)
+    x = torch.randn(4, 6, 3, requires_grad=True)
+    (g,) = torch.autograd.grad(gru(x)[0].square().sum(), x, create_graph=True)
+    g.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+               for p in gru.parameters())
+
+
+def test_a_backward_runs_the_loops_its_forward_ran(monkeypatch, lstm_loops):
+    """Switching the C++ loops off between a GRU's forward and backward (their saved tensors differ)."""
+    cell = make_cell("gru", 3, 4, torch.float32)
+    x = torch.randn(5, 2, 3)
+    out = rnnkit.unroll(cell, x, backend="fused").outputs
+    monkeypatch.setattr(fused, "_USE_KERNELS", lstm_loops == "python")
+    got = torch.autograd.grad(out.sum(), list(cell.parameters()))
+    want = torch.autograd.grad(rnnkit.unroll(cell, x, backend="reference").outputs.sum(), list(cell.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])

@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--index", type=int, default=0, help="which test input (default 0)")
 
     sub.add_parser("recipes", help="list the recipes with their reported and measured figures")
+    sub.add_parser("kernels", help="build rnnkit's C++ CPU kernels for this machine (or retry a failed build)")
 
     lf = sub.add_parser("lr-find", help="learning-rate range test: loss against an exponentially rising rate")
     lf.add_argument("recipe", nargs="?", default="mnist-rows", help="recipe whose model and data to use")
@@ -208,11 +209,17 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kernels(args: argparse.Namespace) -> int:
+    from rnnkit.backends import cext
+
+    return cext.main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rnnkit`` console script."""
     args = _parser().parse_args(argv)
     command = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "inspect": _cmd_inspect,
-               "recipes": _cmd_recipes, "lr-find": _cmd_lr_find}
+               "recipes": _cmd_recipes, "lr-find": _cmd_lr_find, "kernels": _cmd_kernels}
     try:
         return command[args.command](args)
     except KeyboardInterrupt:

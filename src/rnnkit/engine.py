@@ -229,7 +229,8 @@ def _pick_backend(
     native_ok = native_ok and x.dtype in (torch.float32, torch.float64)  # torch's CPU half kernels are uneven
     fused_ok = not fused.unsupported(cell, x)
     # float64 is for checking numerics (gradcheck, gradgradcheck): torch's kernel has second
-    # derivatives and torch.func rules, the fused backend's hand-written backward neither
+    # derivatives and torch.func rules; the fused backend has no torch.func rules, and its second
+    # derivatives recompute the sequence
     exact = x.dtype == torch.float64
 
     def training() -> bool:  # only built-in cells get here: their parameters are their own (no module walk)
@@ -247,7 +248,7 @@ def _pick_backend(
         and (_fits_one_call(cell, x, T, N) or training())
     )
     if exact and not native_ok:
-        return "reference"  # the fused backend has no second derivatives, which float64 checks often need
+        return "reference"  # the fused backend's second derivatives recompute the sequence: slower for checks
     if native_ok and torch.is_autocast_enabled("cpu"):
         # torch's kernel follows autocast (an LSTM's outputs come back in bfloat16, as torch.nn.LSTM's
         # do); the fused backend's hand-written maths stay float32

@@ -5,7 +5,7 @@ available and in Python otherwise; both paths give the same results to rounding 
 against each other. The library is compiled for the processor it runs on (``-march=native``) into
 a cache directory keyed by the source, torch's version, the compiler and the processor's flags:
 ``$RNNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/rnnkit``, else ``~/.cache/rnnkit``. A build takes
-about ten seconds; ``make`` does it at set-up (``python -m rnnkit.backends.cext``), and otherwise
+about ten seconds; ``make`` does it at set-up (``rnnkit kernels``), and otherwise
 the first call that wants the kernels does it, once. Concurrent builders wait on a file lock, and
 the library is renamed into place whole, so a reader never loads a half-written file.
 
@@ -19,7 +19,9 @@ import contextlib
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,11 +57,11 @@ def cache_dir() -> Path:
 
 
 def compiler() -> str | None:
-    """The C++ compiler builds use: ``$CXX``, else the first of c++, g++, clang++ on the PATH."""
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
+    """The C++ compiler command builds use: ``$CXX`` as given (``ccache g++`` works), else the first
+    of c++, g++, clang++ on the PATH; None when there is none."""
+    if os.environ.get("CXX", "").strip():
+        return os.environ["CXX"].strip()
+    return next((name for name in ("c++", "g++", "clang++") if shutil.which(name)), None)
 
 
 def _cpu_flags() -> str:
@@ -71,8 +73,15 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _argv(cxx: str) -> list[str]:
+    argv = shlex.split(cxx)
+    if not argv or shutil.which(argv[0]) is None:
+        raise RuntimeError(f"the C++ compiler {cxx!r} (from $CXX) is not a program on the PATH")
+    return argv
+
+
 def _key(cxx: str) -> str:
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([*_argv(cxx), "--version"], capture_output=True, text=True, timeout=30).stdout
     parts = [_SOURCE.read_bytes().decode(), torch.__version__, version, _cpu_flags(), " ".join(_FLAGS),
              str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.platform]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
@@ -82,7 +91,7 @@ def _command(cxx: str, out: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     lib = library_paths()[0]
-    return [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    return [*_argv(cxx), *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             *(f"-I{p}" for p in include_paths()), str(_SOURCE), "-o", str(out),
             f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
 
@@ -103,8 +112,71 @@ def _file_lock(path: Path):  # noqa: ANN202
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build(quiet: bool = True) -> Path:
-    """Compile the kernels for this machine if no cached build exists; return the library's path."""
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` whole: written beside it, flushed to disk, renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _intact(lib: Path) -> bool:
+    """Whether ``lib`` is the library a finished build wrote (its recorded SHA-256 matches)."""
+    record = lib.with_name(lib.name + ".sha256")
+    try:
+        return lib.is_file() and record.read_text().strip() == _digest(lib)
+    except OSError:
+        return False
+
+
+def _compile(cxx: str, lib: Path, quiet: bool) -> None:
+    """Run the compiler into a temporary file, then put the library and its checksum in place."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        start = time.perf_counter()
+        if not quiet:
+            print(f"rnnkit: building the CPU kernels with {cxx} (once per machine)", file=sys.stderr)
+        # its own process group: a time-out kills the compiler's children too, not just the driver
+        proc = subprocess.Popen(_command(cxx, Path(tmp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=_BUILD_SECONDS)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(f"{cxx} took over {_BUILD_SECONDS} s and was stopped") from None
+        if proc.returncode != 0:
+            tail = (err or out).strip().splitlines()[-5:]
+            raise RuntimeError(f"{cxx} failed (exit {proc.returncode}): " + " | ".join(tail))
+        data = Path(tmp).read_bytes()
+        _write_synced(lib, data)
+        _write_synced(lib.with_name(lib.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+        if not quiet:
+            print(f"rnnkit: built {lib} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def build(quiet: bool = True, retry: bool = False, force: bool = False) -> Path:
+    """Compile the kernels for this machine unless an intact build is cached; return the library's path.
+
+    A failed build is remembered (``failed.txt`` beside it) so that later processes do not pay for
+    it again; ``retry=True`` (``rnnkit kernels``) tries again. ``force=True`` builds
+    even over an intact library (one that did not load).
+    """
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         raise RuntimeError(f"rnnkit builds its CPU kernels on Linux only (this is {sys.platform} {platform.machine()})")
     if not _SOURCE.is_file():
@@ -113,30 +185,27 @@ def build(quiet: bool = True) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     folder = cache_dir() / "kernels" / _key(cxx)
-    lib = folder / "rnnkit_cpu.so"
-    if lib.is_file():
+    lib, failed = folder / "rnnkit_cpu.so", folder / "failed.txt"
+    if not force and _intact(lib):
         return lib
     folder.mkdir(parents=True, exist_ok=True)
     with _file_lock(folder / "build.lock"):
-        if lib.is_file():  # another process built it while this one waited
+        if not force and _intact(lib):  # another process built it while this one waited
             return lib
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(fd)
+        if not (force or retry) and failed.is_file():
+            raise RuntimeError(f"an earlier build failed: {failed.read_text().strip()} "
+                               "(`rnnkit kernels` tries again)")
+        for stale in folder.glob(".tmp-*"):  # left by a build that was killed (none runs: we hold the lock)
+            with contextlib.suppress(OSError):
+                stale.unlink()
         try:
-            start = time.perf_counter()
-            if not quiet:
-                print(f"rnnkit: building the CPU kernels with {cxx} (once per machine)", file=sys.stderr)
-            done = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True,
-                                  timeout=_BUILD_SECONDS)
-            if done.returncode != 0:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-                raise RuntimeError(f"{cxx} failed (exit {done.returncode}): " + " | ".join(tail))
-            os.replace(tmp, lib)
-            if not quiet:
-                print(f"rnnkit: built {lib} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _compile(cxx, lib, quiet)
+        except RuntimeError as e:
+            with contextlib.suppress(OSError):
+                _write_synced(failed, str(e).encode())
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            failed.unlink()
     return lib
 
 
@@ -144,7 +213,11 @@ def _load() -> Any:
     if disabled():
         raise RuntimeError("turned off by RNNKIT_CPU_KERNELS=0")
     if not hasattr(torch.ops, _NAMESPACE) or not hasattr(getattr(torch.ops, _NAMESPACE), "lstm_forward_steps"):
-        torch.ops.load_library(str(build(quiet=False)))
+        lib = build(quiet=False)
+        try:
+            torch.ops.load_library(str(lib))
+        except (OSError, RuntimeError):  # a library that passed its checksum but does not load: build it anew
+            torch.ops.load_library(str(build(quiet=False, force=True)))
     return getattr(torch.ops, _NAMESPACE)
 
 
@@ -166,10 +239,15 @@ def unavailable() -> str | None:
     return _state["why"]
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """Build (or retry building) the kernels and say where they are: ``rnnkit kernels``; 0 when ready."""
+    if disabled():
+        print("rnnkit: the CPU kernels are turned off (RNNKIT_CPU_KERNELS=0); the Python loops run", file=sys.stderr)
+        return 1
     try:
-        path = build(quiet=False)
-        torch.ops.load_library(str(path))
-        print(f"rnnkit: CPU kernels ready ({path})")
+        path = build(quiet=False, retry=True)
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        print(f"rnnkit: CPU kernels not built, the Python loops will be used: {e}", file=sys.stderr)
+        print(f"rnnkit: CPU kernels not built, the Python loops will run instead: {e}", file=sys.stderr)
+        return 1
+    print(f"rnnkit: CPU kernels ready ({path})")
+    return 0

@@ -15,6 +15,15 @@ Where the time goes and what this backend does about it:
   a chunk is computed just before the chunk runs, and the backward's scratch buffers are one
   chunk long (reused), so long sequences stay in cache and need no sequence-sized scratch.
 
+Time loops. The LSTM's and GRU's run in C++ (``csrc/fused_cpu.cpp``, built by
+:mod:`rnnkit.backends.cext`): a step is one oneDNN product and one vectorised pass over its gates,
+with the input projection folded into that pass, where the Python loops pay the interpreter and
+a dispatch for each of ten or more elementwise ops. Measured 2026-12-02 on an AMD EPYC (Zen 5, 2
+cores), a train step at T28 I28 H128 B128 took 7.8-8.0 ms with the C++ loops against 9.8-10.5 ms
+with the Python ones (``torch.nn.LSTM``: 6.8-7.4 ms, oneDNN's fused RNN); the GRU 10.9 against
+12.2 ms (``torch.nn.GRU``: 15-20 ms). The Python loops remain where no kernels build, and the
+tests run every case through both. The Elman RNN and the reset-before GRU loop in Python.
+
 Variable lengths: past a sequence's end its state is frozen (``h_t = h_{t-1}``); the backward then
 passes that row's gradient straight to step t-1 and gives its gates none. Masking work is only
 done on steps where some sequence has ended (t >= lengths.min()).
@@ -29,6 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.backends import cext
@@ -119,14 +129,70 @@ def _run(
     return hs, hs[-1], (hs if return_states else None)
 
 
-def _first_order_only() -> None:
-    """The hand-written backwards compute gradients, not graphs of them: refuse ``create_graph``."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "rnnkit: backend='fused' gives first derivatives only, and this backward asked for a "
-            "differentiable one (create_graph=True, e.g. a gradient penalty or a Hessian); pass "
-            "backend='native' or backend='reference' to the layer or unroll() for second derivatives"
-        )
+def _differentiable_grads(graph: Any, inputs: tuple[Any, ...], grads_out: tuple[Tensor | None, ...]) -> tuple:
+    """The gradients of a backward with ``create_graph=True``: differentiable, by recomputing the sequence.
+
+    The hand-written backwards compute numbers, not graphs of them. For a second derivative (a
+    gradient penalty, a Hessian-vector product, MAML) ``graph`` recomputes the Function's outputs from
+    its original inputs with plain torch ops, and autograd differentiates that, keeping the graph.
+    """
+    with torch.enable_grad():
+        outs = graph(*inputs)
+        pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
+        wants = [a for a in inputs if isinstance(a, Tensor) and a.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wants, [g for _, g in pairs],
+                                       create_graph=True, allow_unused=True) if pairs and wants else ())
+    return tuple(next(got, None) if isinstance(a, Tensor) and a.requires_grad else None for a in inputs)
+
+
+def _frozen(masks: Tensor | None, t: int, full: int, new: Tensor, old: Tensor) -> Tensor:
+    """Past a sequence's end its state stays: ``new`` where step t is inside it, else ``old``."""
+    return new if t < full else torch.where(masks[t], new, old)
+
+
+def _lstm_graph(x, h0, c0, w_ih, w_hh, bias, masks, full):  # noqa: ANN001, ANN202
+    """Every step's (h, c) of an LSTM by differentiable torch ops (gates i, f, g, o as torch has them)."""
+    pre = F.linear(x, w_ih, bias)
+    h, c, hs, cs = h0, c0, [], []
+    for t in range(x.shape[0]):
+        i, f, g, o = (pre[t] + h @ w_hh.t()).chunk(4, 1)
+        cn = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = _frozen(masks, t, full, torch.sigmoid(o) * torch.tanh(cn), h)
+        c = _frozen(masks, t, full, cn, c)
+        hs.append(h)
+        cs.append(c)
+    return torch.stack(hs), torch.stack(cs)
+
+
+def _gru_graph(x, h0, w_ih, w_hh, b_x, b_hn, masks, full, reset_after=True):  # noqa: ANN001, ANN202
+    """Every step's h of a GRU by differentiable torch ops (gates r, z, n; see _run for the biases)."""
+    H = h0.shape[1]
+    pre = F.linear(x, w_ih, b_x)
+    h, hs = h0, []
+    for t in range(x.shape[0]):
+        if reset_after:
+            hr, hz, hn = (h @ w_hh.t()).chunk(3, 1)
+            if b_hn is not None:
+                hn = hn + b_hn
+        else:
+            hr, hz = (h @ w_hh[: 2 * H].t()).chunk(2, 1)
+        xr, xz, xn = pre[t].chunk(3, 1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + (r * hn if reset_after else (r * h) @ w_hh[2 * H :].t()))
+        h = _frozen(masks, t, full, n + z * (h - n), h)
+        hs.append(h)
+    return (torch.stack(hs),)
+
+
+def _rnn_graph(x, h0, w_ih, w_hh, bias, masks, full, nonlinearity):  # noqa: ANN001, ANN202
+    """Every step's h of an Elman RNN by differentiable torch ops."""
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    pre = F.linear(x, w_ih, bias)
+    h, hs = h0, []
+    for t in range(x.shape[0]):
+        h = _frozen(masks, t, full, act(pre[t] + h @ w_hh.t()), h)
+        hs.append(h)
+    return (torch.stack(hs),)
 
 
 def _chunk_steps(N: int, width: int, elem: int) -> int:
@@ -171,6 +237,7 @@ class _LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, bias, masks, full):  # type: ignore[override]
+        inputs = (x, h0, c0, w_ih, w_hh, bias)  # as given, for a differentiable backward (create_graph)
         with denormals_flushed(x.device):
             T, N, I = x.shape
             H = h0.shape[1]
@@ -207,13 +274,15 @@ class _LSTMFunction(torch.autograd.Function):
                 _lstm_forward_loop(x2, h0, c0, w_in, whh, G, hs, cs, TCs, masks, full, chunk, h0_zero)
         ctx.full, ctx.has_bias = full, bias is not None
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks)
+        ctx.save_for_backward(x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs)
         return hs, cs
 
     @staticmethod
     def backward(ctx, gh, gc):  # type: ignore[override]
-        _first_order_only()
-        x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks = ctx.saved_tensors
+        x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = _differentiable_grads(_lstm_graph, (*inputs, masks, ctx.full), (gh, gc))
+            return (*grads[:6], None, None)
         H = h0.shape[1]
         with denormals_flushed(x2.device):
             return _lstm_backward(
@@ -496,6 +565,7 @@ class _RNNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, bias, masks, full, nonlinearity):  # type: ignore[override]
+        inputs = (x, h0, w_ih, w_hh, bias)  # as given, for a differentiable backward (create_graph)
         with denormals_flushed(x.device):
             T = x.shape[0]
             is_tanh = nonlinearity == "tanh"
@@ -518,13 +588,16 @@ class _RNNFunction(torch.autograd.Function):
                 h = new if t < full else torch.where(masks[t], new, h, out=pre)
         ctx.full, ctx.tanh, ctx.has_bias, ctx.h0_zero = full, is_tanh, bias is not None, h0_zero
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, h0, w_ih, w_hh, hs, masks)
+        ctx.nonlinearity = nonlinearity
+        ctx.save_for_backward(x2, h0, w_ih, w_hh, hs, masks, *inputs)
         return hs
 
     @staticmethod
     def backward(ctx, gh):  # type: ignore[override]
-        _first_order_only()
-        x2, h0, w_ih, w_hh, hs, masks = ctx.saved_tensors
+        x2, h0, w_ih, w_hh, hs, masks, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = _differentiable_grads(_rnn_graph, (*inputs, masks, ctx.full, ctx.nonlinearity), (gh,))
+            return (*grads[:5], None, None, None)
         with denormals_flushed(x2.device):
             return _rnn_backward(ctx, gh, x2, h0, w_ih, w_hh, hs, masks)
 
@@ -584,6 +657,7 @@ class _GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_x, b_hn, masks, full):  # type: ignore[override]
+        inputs = (x, h0, w_ih, w_hh, b_x, b_hn)  # as given, for a differentiable backward (create_graph)
         with denormals_flushed(x.device):
             T, N, _ = x.shape
             H = h0.shape[1]
@@ -609,13 +683,15 @@ class _GRUFunction(torch.autograd.Function):
         ctx.full, ctx.has_bx, ctx.has_bhn = full, b_x is not None, b_hn is not None
         ctx.kernels = kernels is not None
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, h0, w_ih, w_hh, G, Hh, hs, masks)
+        ctx.save_for_backward(x2, h0, w_ih, w_hh, G, Hh, hs, masks, *inputs)
         return hs
 
     @staticmethod
     def backward(ctx, gh):  # type: ignore[override]
-        _first_order_only()
-        x2, h0, w_ih, w_hh, G, Hh, hs, masks = ctx.saved_tensors
+        x2, h0, w_ih, w_hh, G, Hh, hs, masks, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = _differentiable_grads(_gru_graph, (*inputs, masks, ctx.full), (gh,))
+            return (*grads[:6], None, None)
         with denormals_flushed(x2.device):
             if ctx.kernels:
                 return _gru_backward_kernels(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks)
@@ -661,7 +737,7 @@ def _gru_backward_kernels(ctx, gh, x2, h0, w_ih, w_hh, G, S2, hs, masks):  # noq
     DGi, DGh = G.new_empty(T, N, H3), G.new_empty(T, N, H3)
     dh0 = G.new_zeros(N, H)
     whh_t = w_hh.t().contiguous()
-    _kernels().gru_backward_steps(G, S2, hs, h0, DH, DGi, DGh, dh0, whh_t, _mask_rows(masks, T, N), ctx.full,
+    cext.ops().gru_backward_steps(G, S2, hs, h0, DH, DGi, DGh, dh0, whh_t, _mask_rows(masks, T, N), ctx.full,
                                   _use_onednn(dh0, whh_t), flush_denormals_enabled())
     dx = dwih = dwhh = dbx = dbhn = None
     if need_h0:
@@ -765,6 +841,7 @@ class _GRUResetBeforeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_x, b_hn, masks, full):  # type: ignore[override]
+        inputs = (x, h0, w_ih, w_hh, b_x, b_hn)  # as given, for a differentiable backward (create_graph)
         with denormals_flushed(x.device):
             T, N, _ = x.shape
             H = h0.shape[1]
@@ -798,13 +875,15 @@ class _GRUResetBeforeFunction(torch.autograd.Function):
                     h = torch.where(masks[t], lerp(n, h, z_s[t]), h, out=h_s[t])
         ctx.full, ctx.has_bx = full, b_x is not None
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, h0, w_ih, w_hh, G, RH, hs, masks)
+        ctx.save_for_backward(x2, h0, w_ih, w_hh, G, RH, hs, masks, *inputs)
         return hs
 
     @staticmethod
     def backward(ctx, gh):  # type: ignore[override]
-        _first_order_only()
-        x2, h0, w_ih, w_hh, G, RH, hs, masks = ctx.saved_tensors
+        x2, h0, w_ih, w_hh, G, RH, hs, masks, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = _differentiable_grads(_gru_graph, (*inputs, masks, ctx.full, False), (gh,))
+            return (*grads[:6], None, None)
         with denormals_flushed(x2.device):
             return _gru_reset_before_backward(ctx, gh, x2, h0, w_ih, w_hh, G, RH, hs, masks)
 

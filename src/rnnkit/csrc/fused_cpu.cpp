@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__SSE__)
 #include <immintrin.h>
 #endif
@@ -71,7 +72,7 @@ class Flush {
 // exp for float32 without branches, so the loops below vectorize: Cody-Waite range reduction and
 // a degree-5 polynomial (Cephes' expf), within 2 ulp. Inputs are clamped to the normal range.
 inline float exp_(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = std::min(std::max(x, -87.0f), 87.0f);  // e^87 keeps 1 / (1 + e^87) a normal float
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -274,6 +275,12 @@ void check(const Tensor& t, const Tensor& like, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "rnnkit fused kernels: ", name, " must be on the CPU");
 }
 
+// Sizes, so that a wrong call is an error rather than a write past a buffer's end.
+void expect(const Tensor& t, const char* name, std::vector<int64_t> sizes) {
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(sizes), "rnnkit fused kernels: ", name, " has shape ", t.sizes(),
+              ", expected ", c10::IntArrayRef(sizes));
+}
+
 void check_masks(const Tensor& masks, int64_t full, int64_t T, int64_t N) {
   TORCH_CHECK(full >= T || (masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.dim() == 2 &&
                             masks.size(0) == T && masks.size(1) == N),
@@ -293,7 +300,16 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, const Tensor
   for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {tcs, "tcs"}, {h0, "h0"}, {c0, "c0"}, {whh, "whh"}})
     check(t, G, name);
   check(G, G, "G");
+  TORCH_CHECK(G.dim() == 3 && hs.dim() == 3, "rnnkit fused kernels: G and hs must be (T, N, *)");
   const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
+  expect(G, "G", {T, N, 4 * H});
+  expect(hs, "hs", {T, N, H});
+  expect(cs, "cs", {T, N, H});
+  TORCH_CHECK(tcs.dim() == 3 && (tcs.size(0) == T || tcs.size(0) == 1) && tcs.size(1) == N && tcs.size(2) == H,
+              "rnnkit fused kernels: tcs must be (T, N, H) or (1, N, H), got ", tcs.sizes());
+  expect(h0, "h0", {N, H});
+  expect(c0, "c0", {N, H});
+  expect(whh, "whh", {4 * H, H});
   TORCH_CHECK(0 <= lo && lo <= hi && hi <= T, "rnnkit fused kernels: bad step range");
   check_masks(masks, full, T, N);
   const bool keep = tcs.size(0) == T;
@@ -342,9 +358,22 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
   check(G, G, "G");
   if (tcc) check(*tcc, G, "tcc");
   if (gc) check(*gc, G, "gc");
+  TORCH_CHECK(G.dim() == 3 && cs.dim() == 3, "rnnkit fused kernels: G and cs must be (T, N, *)");
   const int64_t T = G.size(0), N = G.size(1), H = cs.size(2);
-  TORCH_CHECK(0 <= lo && lo < hi && hi <= T && P.size(0) >= hi - lo && DH.size(0) >= hi - lo,
-              "rnnkit fused kernels: bad step range");
+  TORCH_CHECK(0 <= lo && lo < hi && hi <= T, "rnnkit fused kernels: bad step range");
+  const int64_t n = hi - lo;
+  expect(G, "G", {T, N, 4 * H});
+  expect(cs, "cs", {T, N, H});
+  expect(c0, "c0", {N, H});
+  if (tcc) expect(*tcc, "tcc", {n, N, H});
+  TORCH_CHECK(P.dim() == 3 && P.size(0) >= n && P.size(1) == N && P.size(2) == 4 * H,
+              "rnnkit fused kernels: P must be (at least hi - lo, N, 4H), got ", P.sizes());
+  TORCH_CHECK(DH.dim() == 3 && DH.size(0) >= n && DH.size(1) == N && DH.size(2) == H,
+              "rnnkit fused kernels: DH must be (at least hi - lo, N, H), got ", DH.sizes());
+  expect(dc, "dc", {N, H});
+  if (gc) expect(*gc, "gc", {T, N, H});
+  expect(carry, "carry", {N, H});
+  expect(whh_t, "whh_t", {H, 4 * H});
   check_masks(masks, full, T, N);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_backward_steps", [&] {
     scalar_t* dcp = dc.data_ptr<scalar_t>();
@@ -389,7 +418,13 @@ void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, const Tensor& h0, const T
   for (const auto& [t, name] : {std::pair{S2, "S2"}, {hs, "hs"}, {h0, "h0"}, {whh, "whh"}, {bh, "bh"}})
     check(t, G, name);
   check(G, G, "G");
+  TORCH_CHECK(G.dim() == 3 && hs.dim() == 3, "rnnkit fused kernels: G and hs must be (T, N, *)");
   const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
+  expect(G, "G", {T, N, 3 * H});
+  expect(S2, "S2", {T, N, H});
+  expect(h0, "h0", {N, H});
+  expect(whh, "whh", {3 * H, H});
+  expect(bh, "bh", {3 * H});
   check_masks(masks, full, T, N);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "gru_forward_steps", [&] {
     const scalar_t* b = bh.data_ptr<scalar_t>();
@@ -425,7 +460,16 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
                                 {DGh, "DGh"}, {dh0, "dh0"}, {whh_t, "whh_t"}})
     check(t, G, name);
   check(G, G, "G");
+  TORCH_CHECK(G.dim() == 3 && hs.dim() == 3, "rnnkit fused kernels: G and hs must be (T, N, *)");
   const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
+  expect(G, "G", {T, N, 3 * H});
+  expect(S2, "S2", {T, N, H});
+  expect(h0, "h0", {N, H});
+  expect(DH, "DH", {T, N, H});
+  expect(DGi, "DGi", {T, N, 3 * H});
+  expect(DGh, "DGh", {T, N, 3 * H});
+  expect(dh0, "dh0", {N, H});
+  expect(whh_t, "whh_t", {H, 3 * H});
   check_masks(masks, full, T, N);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "gru_backward_steps", [&] {
     Tensor rec;
