@@ -498,3 +498,18 @@ def test_a_backward_runs_the_loops_its_forward_ran(monkeypatch, lstm_loops):
     want = torch.autograd.grad(rnnkit.unroll(cell, x, backend="reference").outputs.sum(), list(cell.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_auto_with_the_cpu_kernels_wants_longer_chunks_for_torchs_kernel(monkeypatch):
+    """Untuned, a long LSTM sequence whose chunks of time hold 8-31 steps trains on the fused backend when its
+    loops run in C++ (faster there), and on torch's kernel in chunks when they run in Python."""
+    monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
+    cell = make_cell("lstm", 4, 5, torch.float32)
+    x = torch.randn(3, 2, 4)
+    step_bytes_per_row = 4 * engine._gate_width(cell)
+    N = native.CHUNK_GATE_BYTES // (16 * step_bytes_per_row)  # a chunk holds 16 steps
+    T = native.WHOLE_GATE_BYTES // (N * step_bytes_per_row) + 1  # too long for one call
+    monkeypatch.setattr(fused, "kernels_available", lambda: True)
+    assert _pick_backend(cell, x, T, N) == "fused"
+    monkeypatch.setattr(fused, "kernels_available", lambda: False)
+    assert _pick_backend(cell, x, T, N) == "native"

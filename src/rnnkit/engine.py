@@ -181,6 +181,11 @@ def unroll(
 # 31.6).
 _NATIVE_TRAIN_GATE_BYTES_TUNED = {LSTMCell: 256 << 20}
 _MIN_CHUNK_STEPS = 8
+# With the fused backend's loops in C++ (2026-12-02, same machine, allocator untuned, ms fused /
+# native in chunks): T784 H128 B128 219 / 240, T784 H256 B128 731 / 882, T100 H128 B128 38.4 / 49.2
+# (256-512 KB of gates a step), but T784 H64 B64 79.4 / 65.1 and T200 H128 B32 22.0 / 18.3 (64 KB a
+# step): chunks of time then need this many steps for torch's kernel to stay ahead.
+_MIN_CHUNK_STEPS_KERNELS = 32
 # torch's GRU on the CPU is not oneDNN's kernel, and the fused backend trained faster at every
 # shape measured (2026-12-02, AMD EPYC, 2 cores; train step, ms fused / torch.nn.GRU): T16 I8 H16
 # B8 1.11 / 1.85, T28 H64 B64 3.9 / 5.1, T28 H128 B128 10.9 / 19.7, T28 H256 B128 23.1 / 42.4, T200
@@ -211,7 +216,8 @@ def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int, ragged: bo
     if allocator_tuned():
         return T * step_bytes <= _NATIVE_TRAIN_GATE_BYTES_TUNED.get(type(cell), native.WHOLE_GATE_BYTES)
     # packed (variable-length) sequences run in one call: no chunks
-    return not ragged and step_bytes * _MIN_CHUNK_STEPS <= native.CHUNK_GATE_BYTES
+    min_steps = _MIN_CHUNK_STEPS_KERNELS if fused.kernels_available() else _MIN_CHUNK_STEPS
+    return not ragged and step_bytes * min_steps <= native.CHUNK_GATE_BYTES
 
 
 def _fused_infers_faster(cell: nn.Module, N: int) -> bool:

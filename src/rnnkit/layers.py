@@ -69,6 +69,11 @@ __all__ = ["LSTM", "GRU", "RNN", "LayerResult", "param_name"]
 MergeMode = Literal["concat", "sum", "mean"]
 
 
+def _stack(*parts: Tensor) -> Tensor:
+    """``torch.stack(parts)``, but one part is a view: every-step states of a long sequence are large."""
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+
+
 class LayerResult(NamedTuple):
     """``forward(..., return_states=True)``: torch's (output, hidden) plus every step's states."""
 
@@ -306,9 +311,9 @@ class _RNNBase(nn.Module):
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
 
-        hidden = tree_map(lambda *f: torch.stack(f), *finals)
+        hidden = tree_map(_stack, *finals)
         output = layer_input
-        states = tree_map(lambda *s: torch.stack(s), *every) if return_states else None
+        states = tree_map(_stack, *every) if return_states else None
         if packed and self.batch_first and states is not None:  # the layer's layout, not the packing's
             states = tree_map(lambda s: s.transpose(1, 2), states)
         if packed:
