@@ -187,3 +187,14 @@ def test_the_kernels_check_their_arguments_sizes():
     with pytest.raises(RuntimeError, match="whh has shape"):
         ops.gru_forward_steps(torch.zeros(T, N, 3 * H), cs, cs, h0, whh, torch.zeros(3 * H), none, T, True, False,
                               False)
+
+
+def test_an_unwritable_home_cache_falls_back_to_the_temporary_directory(fake_builds, monkeypatch, tmp_path):
+    monkeypatch.delenv("RNNKIT_CACHE_DIR")
+    blocked = tmp_path / "home-cache"
+    blocked.write_text("a file where the cache directory should be")  # mkdir below it fails, even as root
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr(cext.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    lib = cext.build()
+    assert lib.is_relative_to(tmp_path / "tmp") and len(fake_builds) == 1
+    assert cext.build() == lib and len(fake_builds) == 1

@@ -4,7 +4,8 @@ The fused backend's LSTM time loops (``csrc/fused_cpu.cpp``) run in C++ when the
 available and in Python otherwise; both paths give the same results to rounding and are tested
 against each other. The library is compiled for the processor it runs on (``-march=native``) into
 a cache directory keyed by the source, torch's version, the compiler and the processor's flags:
-``$RNNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/rnnkit``, else ``~/.cache/rnnkit``. A build takes
+``$RNNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/rnnkit``, else ``~/.cache/rnnkit`` (and the system's
+temporary directory when that cannot be written). A build takes
 about ten seconds; ``make`` does it at set-up (``rnnkit kernels``), and otherwise
 the first call that wants the kernels does it, once. Concurrent builders wait on a file lock, and
 the library is renamed into place whole, so a reader never loads a half-written file.
@@ -184,11 +185,23 @@ def build(quiet: bool = True, retry: bool = False, force: bool = False) -> Path:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    folder = cache_dir() / "kernels" / _key(cxx)
+    key = _key(cxx)
+    folder = cache_dir() / "kernels" / key
     lib, failed = folder / "rnnkit_cpu.so", folder / "failed.txt"
     if not force and _intact(lib):
         return lib
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "build.lock").touch()
+    except OSError:
+        if os.environ.get("RNNKIT_CACHE_DIR"):
+            raise
+        # a home directory one cannot write to (some CI runners): the system's temporary directory
+        folder = Path(tempfile.gettempdir()) / f"rnnkit-{os.getuid()}" / "kernels" / key
+        lib, failed = folder / "rnnkit_cpu.so", folder / "failed.txt"
+        if not force and _intact(lib):
+            return lib
+        folder.mkdir(parents=True, exist_ok=True)
     with _file_lock(folder / "build.lock"):
         if not force and _intact(lib):  # another process built it while this one waited
             return lib
