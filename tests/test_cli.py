@@ -536,3 +536,20 @@ def test_resume_with_nothing_left_to_train_logs_no_second_evaluation(trained, tm
     code, out, err = run(["train", "--resume", str(run_dir)])  # its checkpoint is at its last step
     assert code == 0, err
     assert (run_dir / "metrics.jsonl").read_text().splitlines() == records
+
+
+def test_kernels_command_builds_or_says_why(monkeypatch):
+    from conftest import require_cpu_kernels
+
+    from rnnkit.backends import cext
+
+    require_cpu_kernels()
+    code, out, _ = run(["kernels"])
+    assert code == 0 and out.startswith("rnnkit: CPU kernels ready (") and str(cext.build()) in out
+    monkeypatch.setenv("RNNKIT_CPU_KERNELS", "0")
+    code, out, err = run(["kernels"])
+    assert code == 1 and out == "" and "turned off (RNNKIT_CPU_KERNELS=0)" in err
+    monkeypatch.setenv("RNNKIT_CPU_KERNELS", "1")
+    monkeypatch.setattr(cext, "build", lambda **kw: (_ for _ in ()).throw(RuntimeError("c++ failed (exit 1): boom")))
+    code, out, err = run(["kernels"])
+    assert code == 1 and "not built, the Python loops will run instead: c++ failed (exit 1): boom" in err
