@@ -553,3 +553,13 @@ def test_kernels_command_builds_or_says_why(monkeypatch):
     monkeypatch.setattr(cext, "build", lambda **kw: (_ for _ in ()).throw(RuntimeError("c++ failed (exit 1): boom")))
     code, out, err = run(["kernels"])
     assert code == 1 and "not built, the Python loops will run instead: c++ failed (exit 1): boom" in err
+
+
+def test_bench_passes_every_option_to_the_harness(monkeypatch, tmp_path):
+    from rnnkit import cli
+
+    code, out, _ = run(["bench", "--help"])
+    assert code == 0 and "--shapes" in out and "--time-to-accuracy" in out  # the harness's own help
+    monkeypatch.setattr(cli, "benchmark_script", lambda: tmp_path / "benchmarks" / "run.py")
+    code, _, err = run(["bench", "--quick"])
+    assert code == 2 and "benchmark harness is not here" in err and "make bench" in err

@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 _START = time.perf_counter()  # "wall time from the command's start" includes importing torch
 
@@ -76,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the recipes with their reported and measured figures")
     sub.add_parser("kernels", help="build rnnkit's C++ CPU kernels for this machine (or retry a failed build)")
+    b = sub.add_parser("bench", add_help=False,
+                       help="side-by-side speed benchmark: benchmarks/run.py of a source checkout (--help: options)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
 
     lf = sub.add_parser("lr-find", help="learning-rate range test: loss against an exponentially rising rate")
     lf.add_argument("recipe", nargs="?", default="mnist-rows", help="recipe whose model and data to use")
@@ -209,6 +213,32 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def benchmark_script() -> Path:
+    """Where a source checkout keeps the benchmark harness (it is not part of an installed package)."""
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    script = benchmark_script()
+    if not script.is_file():
+        print(f"rnnkit bench: the benchmark harness is not here ({script}); it ships with the source "
+              "checkout: run `make bench` or `python benchmarks/run.py` there", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(script.parent))  # run.py imports competitors.py beside it
+    try:
+        spec = importlib.util.spec_from_file_location("rnnkit_benchmarks_run", script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+        module.main(args.args)
+    finally:
+        sys.path.remove(str(script.parent))
+        sys.modules.pop("rnnkit_benchmarks_run", None)
+    return 0
+
+
 def _cmd_kernels(args: argparse.Namespace) -> int:
     from rnnkit.backends import cext
 
@@ -217,9 +247,14 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rnnkit`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every option after it is the harness's (argparse would claim --help)
+        argv = ["bench", "--", *argv[1:]]
     args = _parser().parse_args(argv)
+    if args.command == "bench" and args.args[:1] == ["--"]:
+        args.args = args.args[1:]
     command = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "inspect": _cmd_inspect,
-               "recipes": _cmd_recipes, "lr-find": _cmd_lr_find, "kernels": _cmd_kernels}
+               "recipes": _cmd_recipes, "lr-find": _cmd_lr_find, "kernels": _cmd_kernels, "bench": _cmd_bench}
     try:
         return command[args.command](args)
     except KeyboardInterrupt:
