@@ -185,8 +185,8 @@ def test_the_kernels_check_their_arguments_sizes():
     with pytest.raises(RuntimeError, match="hs has shape \\[2, 2, 4\\], expected \\[3, 2, 4\\]"):
         ops.lstm_forward_steps(G, hs, cs, cs, h0, h0, whh, none, T, 0, T, True, False, False)
     with pytest.raises(RuntimeError, match="whh has shape"):
-        ops.gru_forward_steps(torch.zeros(T, N, 3 * H), cs, cs, h0, whh, torch.zeros(3 * H), none, T, True, False,
-                              False)
+        ops.gru_forward_steps(torch.zeros(T, N, 3 * H), cs, cs, cs, h0, whh, torch.zeros(3 * H), none, T, True,
+                              False, False)
 
 
 def test_an_unwritable_home_cache_falls_back_to_the_temporary_directory(fake_builds, monkeypatch, tmp_path):
@@ -198,3 +198,24 @@ def test_an_unwritable_home_cache_falls_back_to_the_temporary_directory(fake_bui
     lib = cext.build()
     assert lib.is_relative_to(tmp_path / "tmp") and len(fake_builds) == 1
     assert cext.build() == lib and len(fake_builds) == 1
+
+
+def test_the_temporary_fallback_refuses_a_folder_others_can_write(fake_builds, monkeypatch, tmp_path):
+    monkeypatch.delenv("RNNKIT_CACHE_DIR")
+    blocked = tmp_path / "home-cache"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr(cext.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    planted = tmp_path / "elsewhere"
+    planted.mkdir(mode=0o777)
+    planted.chmod(0o777)
+    (tmp_path / "tmp" / f"rnnkit-{os.getuid()}").symlink_to(planted)  # someone's trap
+    with pytest.raises(RuntimeError, match="not a directory of this user's.*RNNKIT_CACHE_DIR"):
+        cext.build()
+    (tmp_path / "tmp" / f"rnnkit-{os.getuid()}").unlink()
+    (tmp_path / "tmp" / f"rnnkit-{os.getuid()}").mkdir(mode=0o777)
+    (tmp_path / "tmp" / f"rnnkit-{os.getuid()}").chmod(0o777)
+    with pytest.raises(RuntimeError, match="group- or world-writable"):
+        cext.build()
+    assert not fake_builds

@@ -513,3 +513,63 @@ def test_auto_with_the_cpu_kernels_wants_longer_chunks_for_torchs_kernel(monkeyp
     assert _pick_backend(cell, x, T, N) == "fused"
     monkeypatch.setattr(fused, "kernels_available", lambda: False)
     assert _pick_backend(cell, x, T, N) == "native"
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "gru_reset_before", "rnn_tanh"])
+def test_vectorised_jacobians_and_hessians(name):
+    """is_grads_batched / vectorize=True send vmap-batched gradients through the backward."""
+    cell = make_cell(name, 3, 4, torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+
+    def f(x):
+        return rnnkit.unroll(cell, x, backend="fused", batch_first=False).outputs.sum(0)
+
+    def loss(x):
+        return rnnkit.unroll(cell, x, backend="fused", batch_first=False).outputs.square().sum()
+
+    torch.testing.assert_close(torch.autograd.functional.jacobian(f, x, vectorize=True),
+                               torch.autograd.functional.jacobian(f, x, vectorize=False))
+    torch.testing.assert_close(torch.autograd.functional.hessian(loss, x, vectorize=True),
+                               torch.autograd.functional.hessian(loss, x, vectorize=False))
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "gru_reset_before", "rnn_tanh"])
+def test_backward_inside_cpu_autocast_stays_float32(name):
+    """A backward called inside an autocast region runs the forward's float32 maths (and its differentiable
+    form too; only the penalty's own backward, run inside the region, is autocast, as any op there is)."""
+    cell = make_cell(name, 3, 4, torch.float32)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    grads = []
+    for autocast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = rnnkit.unroll(cell, x, backend="fused").outputs
+            (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+            grads.append([g, *torch.autograd.grad(g.square().sum(), list(cell.parameters()))])
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1:], grads[1][1:]):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_outputs_and_final_state_may_be_edited_in_place_as_torchs(kind):
+    """torch.nn.GRU's outputs may be edited in place before backward (its CPU kernel keeps none); so may
+    rnnkit's fused GRU's. Every layer's final state is a copy: editing it leaves the outputs alone."""
+    torch.manual_seed(0)
+    ref = (torch.nn.GRU if kind == "gru" else torch.nn.LSTM)(3, 5)
+    ours = (rnnkit.GRU if kind == "gru" else rnnkit.LSTM)(3, 5, backend="fused")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 3)
+    out, hidden = ours(x)
+    h = hidden if kind == "gru" else hidden[0]
+    before = out[-1].clone()
+    h.add_(1.0)
+    assert torch.equal(out[-1], before)
+    if kind == "gru":
+        grads = []
+        for m in (ours, ref):
+            o = m(x)[0]
+            o.relu_()
+            grads.append(torch.autograd.grad(o.sum(), list(m.parameters())))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

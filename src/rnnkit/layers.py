@@ -70,7 +70,8 @@ MergeMode = Literal["concat", "sum", "mean"]
 
 
 def _stack(*parts: Tensor) -> Tensor:
-    """``torch.stack(parts)``, but one part is a view: every-step states of a long sequence are large."""
+    """``torch.stack(parts)``, but one part is a view: every-step states of a long sequence are large
+    (a one-layer layer's every-step h may then share memory with its output)."""
     return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
 
 
@@ -311,7 +312,7 @@ class _RNNBase(nn.Module):
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
 
-        hidden = tree_map(_stack, *finals)
+        hidden = tree_map(lambda *f: torch.stack(f), *finals)  # a copy, as torch's: editable, and small
         output = layer_input
         states = tree_map(_stack, *every) if return_states else None
         if packed and self.batch_first and states is not None:  # the layer's layout, not the packing's

@@ -23,6 +23,7 @@ import platform
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,18 @@ def _file_lock(path: Path):  # noqa: ANN202
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _private_dir(path: Path) -> Path:
+    """``path`` as a directory of this user's that no one else can write to, made so if it is not there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{path} is not a directory of this user's that only it can write (a symlink, another "
+                           "user's, or group- or world-writable): set RNNKIT_CACHE_DIR to a directory of your own")
+    return path
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -196,8 +209,9 @@ def build(quiet: bool = True, retry: bool = False, force: bool = False) -> Path:
     except OSError:
         if os.environ.get("RNNKIT_CACHE_DIR"):
             raise
-        # a home directory one cannot write to (some CI runners): the system's temporary directory
-        folder = Path(tempfile.gettempdir()) / f"rnnkit-{os.getuid()}" / "kernels" / key
+        # a home directory one cannot write to (some CI runners): the system's temporary directory,
+        # in a folder only this user can write (anyone who can could plant a library for us to load)
+        folder = _private_dir(Path(tempfile.gettempdir()) / f"rnnkit-{os.getuid()}") / "kernels" / key
         lib, failed = folder / "rnnkit_cpu.so", folder / "failed.txt"
         if not force and _intact(lib):
             return lib

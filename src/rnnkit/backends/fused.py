@@ -35,6 +35,7 @@ run with denormals flushed (see :mod:`rnnkit.fpmode`), restoring the caller's mo
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -143,6 +144,32 @@ def _differentiable_grads(graph: Any, inputs: tuple[Any, ...], grads_out: tuple[
         got = iter(torch.autograd.grad([o for o, _ in pairs], wants, [g for _, g in pairs],
                                        create_graph=True, allow_unused=True) if pairs and wants else ())
     return tuple(next(got, None) if isinstance(a, Tensor) and a.requires_grad else None for a in inputs)
+
+
+def _graph_needed(*grads: Tensor | None) -> bool:
+    """Whether a backward must differentiate a recomputation instead of running the hand-written loops.
+
+    So it must for ``create_graph=True`` (grad mode is on inside the backward), and for gradients
+    batched by vmap (``is_grads_batched=True``, vectorised Jacobians and Hessians), which the loops'
+    in-place, out= and C++ steps do not take.
+    """
+    return torch.is_grad_enabled() or any(g is not None and _is_batched(g) for g in grads)
+
+
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by vmap: torch.func's (FuncTorchBatched) or autograd's own (Batched)."""
+    return "Batched" in str(torch._C._dispatch_keys(t))
+
+
+def _float_maths(backward: Any) -> Any:
+    """A backward in the forward's float maths even when called inside an autocast region."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, *grads: Tensor | None) -> Any:
+        with torch.autocast("cpu", enabled=False):
+            return backward(ctx, *grads)
+
+    return wrapped
 
 
 def _frozen(masks: Tensor | None, t: int, full: int, new: Tensor, old: Tensor) -> Tensor:
@@ -278,9 +305,10 @@ class _LSTMFunction(torch.autograd.Function):
         return hs, cs
 
     @staticmethod
+    @_float_maths
     def backward(ctx, gh, gc):  # type: ignore[override]
         x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if _graph_needed(gh, gc):
             grads = _differentiable_grads(_lstm_graph, (*inputs, masks, ctx.full), (gh, gc))
             return (*grads[:6], None, None)
         H = h0.shape[1]
@@ -593,9 +621,10 @@ class _RNNFunction(torch.autograd.Function):
         return hs
 
     @staticmethod
+    @_float_maths
     def backward(ctx, gh):  # type: ignore[override]
         x2, h0, w_ih, w_hh, hs, masks, *inputs = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if _graph_needed(gh):
             grads = _differentiable_grads(_rnn_graph, (*inputs, masks, ctx.full, ctx.nonlinearity), (gh,))
             return (*grads[:5], None, None, None)
         with denormals_flushed(x2.device):
@@ -672,24 +701,28 @@ class _GRUFunction(torch.autograd.Function):
             whh = _double_rows(w_hh, H2, H3)
             h0_zero = not bool(h0.any())
             kernels = _kernels()
+            # The outputs are a tensor of their own, not the states the backward keeps: torch.nn.GRU's
+            # outputs may be edited in place (its CPU kernel keeps no outputs), so these may too.
             if kernels is not None:  # Hh keeps only the n block of h W_hh^T + b_h (2S): all the backward reads
                 h0 = h0.contiguous()
-                Hh = x.new_empty(T, N, H)
-                kernels.gru_forward_steps(G, Hh, hs, h0, whh, b_h, _mask_rows(masks, T, N), full, h0_zero,
+                Hh, out = x.new_empty(T, N, H), x.new_empty(T, N, H)
+                kernels.gru_forward_steps(G, Hh, hs, out, h0, whh, b_h, _mask_rows(masks, T, N), full, h0_zero,
                                           _use_onednn(h0, whh), flush_denormals_enabled())
             else:
                 Hh = x.new_empty(T, N, H3)
                 _gru_forward_loop(G, Hh, hs, h0, whh, b_h, masks, full, h0_zero)
+                out = hs.clone()
         ctx.full, ctx.has_bx, ctx.has_bhn = full, b_x is not None, b_hn is not None
         ctx.kernels = kernels is not None
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x2, h0, w_ih, w_hh, G, Hh, hs, masks, *inputs)
-        return hs
+        return out
 
     @staticmethod
+    @_float_maths
     def backward(ctx, gh):  # type: ignore[override]
         x2, h0, w_ih, w_hh, G, Hh, hs, masks, *inputs = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if _graph_needed(gh):
             grads = _differentiable_grads(_gru_graph, (*inputs, masks, ctx.full), (gh,))
             return (*grads[:6], None, None)
         with denormals_flushed(x2.device):
@@ -876,12 +909,13 @@ class _GRUResetBeforeFunction(torch.autograd.Function):
         ctx.full, ctx.has_bx = full, b_x is not None
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x2, h0, w_ih, w_hh, G, RH, hs, masks, *inputs)
-        return hs
+        return hs.clone()  # the outputs may be edited in place, as torch.nn.GRU's may
 
     @staticmethod
+    @_float_maths
     def backward(ctx, gh):  # type: ignore[override]
         x2, h0, w_ih, w_hh, G, RH, hs, masks, *inputs = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if _graph_needed(gh):
             grads = _differentiable_grads(_gru_graph, (*inputs, masks, ctx.full, False), (gh,))
             return (*grads[:6], None, None)
         with denormals_flushed(x2.device):

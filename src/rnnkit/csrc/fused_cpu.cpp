@@ -193,17 +193,19 @@ void backward_rows_(bool add, const T* G, const T* tc_or_c, const T* c_prev, T* 
 // rows of the weights doubled so that tanh(a) = 2 sigmoid(2a) - 1. Rows n0..n1 of one forward
 // step: hh is h_{t-1} W_hh^T (n rows doubled), or null for a zero state, bh the recurrent bias
 // (zero but for 2 b_hn); G holds the input projections and receives the activations (r, z, n),
-// s2 receives the n block of hh + bh (2 S, which the backward needs), h the output.
+// s2 receives the n block of hh + bh (2 S, which the backward needs), h the state the backward
+// keeps and out the same values, for the caller (who may then edit them in place).
 template <typename T, bool kProduct>
 void gru_forward_rows(const T* __restrict hh, const T* __restrict bh, T* __restrict G, T* __restrict s2,
-                      const T* __restrict h_prev, T* __restrict h, const bool* mask, int64_t n0, int64_t n1,
-                      int64_t H) {
+                      const T* __restrict h_prev, T* __restrict h, T* __restrict out, const bool* mask, int64_t n0,
+                      int64_t n1, int64_t H) {
   for (int64_t n = n0; n < n1; ++n) {
     const T* __restrict p = kProduct ? hh + n * 3 * H : nullptr;
     T* __restrict g = G + n * 3 * H;
     T* __restrict sn = s2 + n * H;
     const T* __restrict hp = h_prev + n * H;
     T* __restrict hn = h + n * H;
+    T* __restrict on = out + n * H;
     for (int64_t j = 0; j < H; ++j) {
       const T hr = (kProduct ? p[j] : T(0)) + bh[j];
       const T hz = (kProduct ? p[H + j] : T(0)) + bh[H + j];
@@ -215,9 +217,14 @@ void gru_forward_rows(const T* __restrict hh, const T* __restrict bh, T* __restr
       g[H + j] = z;
       g[2 * H + j] = nn;
       sn[j] = hs;
-      hn[j] = nn + z * (hp[j] - nn);
+      const T hv = nn + z * (hp[j] - nn);
+      hn[j] = hv;
+      on[j] = hv;
     }
-    if (mask != nullptr && !mask[n]) std::memcpy(hn, hp, H * sizeof(T));
+    if (mask != nullptr && !mask[n]) {
+      std::memcpy(hn, hp, H * sizeof(T));
+      std::memcpy(on, hp, H * sizeof(T));
+    }
   }
 }
 
@@ -413,15 +420,17 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
 // All steps of a GRU forward. G (T, N, 3H) holds the input projections (n rows doubled, the input
 // biases included) and receives the activations; S2 (T, N, H) receives 2 S per step, hs the outputs.
 // whh is W_hh with its n rows doubled, bh the recurrent bias (zero but for 2 b_hn).
-void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, const Tensor& h0, const Tensor& whh, const Tensor& bh,
-                       const Tensor& masks, int64_t full, bool h0_zero, bool onednn, bool flush) {
-  for (const auto& [t, name] : {std::pair{S2, "S2"}, {hs, "hs"}, {h0, "h0"}, {whh, "whh"}, {bh, "bh"}})
+void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, Tensor out, const Tensor& h0, const Tensor& whh,
+                       const Tensor& bh, const Tensor& masks, int64_t full, bool h0_zero, bool onednn, bool flush) {
+  for (const auto& [t, name] :
+       {std::pair{S2, "S2"}, {hs, "hs"}, {out, "out"}, {h0, "h0"}, {whh, "whh"}, {bh, "bh"}})
     check(t, G, name);
   check(G, G, "G");
   TORCH_CHECK(G.dim() == 3 && hs.dim() == 3, "rnnkit fused kernels: G and hs must be (T, N, *)");
   const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
   expect(G, "G", {T, N, 3 * H});
   expect(S2, "S2", {T, N, H});
+  expect(out, "out", {T, N, H});
   expect(h0, "h0", {N, H});
   expect(whh, "whh", {3 * H, H});
   expect(bh, "bh", {3 * H});
@@ -437,13 +446,14 @@ void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, const Tensor& h0, const T
       scalar_t* s2 = S2.data_ptr<scalar_t>() + t * N * H;
       const scalar_t* hp = h_prev.data_ptr<scalar_t>();
       scalar_t* h = hs.data_ptr<scalar_t>() + t * N * H;
+      scalar_t* o = out.data_ptr<scalar_t>() + t * N * H;
       const bool* m = mask_row(masks, t, full);
       at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
         Flush f(flush);
         if (product)
-          gru_forward_rows<scalar_t, true>(p, b, g, s2, hp, h, m, n0, n1, H);
+          gru_forward_rows<scalar_t, true>(p, b, g, s2, hp, h, o, m, n0, n1, H);
         else
-          gru_forward_rows<scalar_t, false>(p, b, g, s2, hp, h, m, n0, n1, H);
+          gru_forward_rows<scalar_t, false>(p, b, g, s2, hp, h, o, m, n0, n1, H);
       });
     }
   });
@@ -510,8 +520,8 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
   m.def(
-      "gru_forward_steps(Tensor(a!) G, Tensor(b!) S2, Tensor(c!) hs, Tensor h0, Tensor whh, Tensor bh, "
-      "Tensor masks, int full, bool h0_zero, bool onednn, bool flush) -> ()");
+      "gru_forward_steps(Tensor(a!) G, Tensor(b!) S2, Tensor(c!) hs, Tensor(d!) out, Tensor h0, Tensor whh, "
+      "Tensor bh, Tensor masks, int full, bool h0_zero, bool onednn, bool flush) -> ()");
   m.def(
       "gru_backward_steps(Tensor G, Tensor S2, Tensor hs, Tensor h0, Tensor(a!) DH, Tensor(b!) DGi, "
       "Tensor(c!) DGh, Tensor(d!) dh0, Tensor whh_t, Tensor masks, int full, bool onednn, bool flush) -> ()");
