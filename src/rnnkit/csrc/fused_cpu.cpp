@@ -15,9 +15,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__SSE__)
 #include <immintrin.h>
@@ -179,16 +181,6 @@ void backward_rows(const T* __restrict G, const T* __restrict tc_or_c, const T* 
   }
 }
 
-template <typename T, bool kHaveTanh>
-void backward_rows_(bool add, const T* G, const T* tc_or_c, const T* c_prev, T* dh, const T* rec, T* dc,
-                    const T* gc_prev, T* dG, const bool* mask, int64_t n0, int64_t n1, int64_t H) {
-  if (add)
-    backward_rows<T, kHaveTanh, true>(G, tc_or_c, c_prev, dh, rec, dc, gc_prev, dG, mask, n0, n1, H);
-  else
-    backward_rows<T, kHaveTanh, false>(G, tc_or_c, c_prev, dh, rec, dc, gc_prev, dG, mask, n0, n1, H);
-}
-
-
 // GRU with torch's maths (the reset gate after the recurrent product), gates (r, z, n), the n
 // rows of the weights doubled so that tanh(a) = 2 sigmoid(2a) - 1. Rows n0..n1 of one forward
 // step: hh is h_{t-1} W_hh^T (n rows doubled), or null for a zero state, bh the recurrent bias
@@ -275,6 +267,24 @@ void gru_backward_rows(const T* __restrict G, const T* __restrict s2, const T* _
 // Rows per parallel chunk: about 4,096 elements of state, so small batches stay on one thread.
 int64_t grain(int64_t H) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H)); }
 
+// fn(n0, n1) over the batch's rows on torch's threads, each flushing denormals when the caller does.
+template <typename F>
+void over_rows(int64_t N, int64_t H, bool flush, const F& fn) {
+  at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
+    Flush f(flush);
+    fn(n0, n1);
+  });
+}
+
+// fn(std::true_type) or fn(std::false_type): a runtime flag as a template argument of the row kernels.
+template <typename F>
+void with_flag(bool flag, const F& fn) {
+  if (flag)
+    fn(std::true_type{});
+  else
+    fn(std::false_type{});
+}
+
 void check(const Tensor& t, const Tensor& like, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "rnnkit fused kernels: ", name, " must be contiguous");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rnnkit fused kernels: ", name, " has dtype ", t.scalar_type(),
@@ -286,6 +296,16 @@ void check(const Tensor& t, const Tensor& like, const char* name) {
 void expect(const Tensor& t, const char* name, std::vector<int64_t> sizes) {
   TORCH_CHECK(t.sizes() == c10::IntArrayRef(sizes), "rnnkit fused kernels: ", name, " has shape ", t.sizes(),
               ", expected ", c10::IntArrayRef(sizes));
+}
+
+// T, N and H of a call, from G (T, N, gates * H) and a (T, N, H) tensor of it, once both are checked.
+std::array<int64_t, 3> sizes(const Tensor& G, const Tensor& states, int64_t gates, const char* name) {
+  check(G, G, "G");
+  TORCH_CHECK(G.dim() == 3 && states.dim() == 3, "rnnkit fused kernels: G and ", name, " must be (T, N, *)");
+  const int64_t T = G.size(0), N = G.size(1), H = states.size(2);
+  expect(G, "G", {T, N, gates * H});
+  expect(states, name, {T, N, H});
+  return {T, N, H};
 }
 
 void check_masks(const Tensor& masks, int64_t full, int64_t T, int64_t N) {
@@ -306,11 +326,7 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, const Tensor
                         bool onednn, bool flush) {
   for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {tcs, "tcs"}, {h0, "h0"}, {c0, "c0"}, {whh, "whh"}})
     check(t, G, name);
-  check(G, G, "G");
-  TORCH_CHECK(G.dim() == 3 && hs.dim() == 3, "rnnkit fused kernels: G and hs must be (T, N, *)");
-  const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
-  expect(G, "G", {T, N, 4 * H});
-  expect(hs, "hs", {T, N, H});
+  const auto [T, N, H] = sizes(G, hs, 4, "hs");
   expect(cs, "cs", {T, N, H});
   TORCH_CHECK(tcs.dim() == 3 && (tcs.size(0) == T || tcs.size(0) == 1) && tcs.size(1) == N && tcs.size(2) == H,
               "rnnkit fused kernels: tcs must be (T, N, H) or (1, N, H), got ", tcs.sizes());
@@ -338,12 +354,10 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, const Tensor
       scalar_t* tc = tcs.data_ptr<scalar_t>() + (keep ? t : 0) * N * H;
       scalar_t* h = hs.data_ptr<scalar_t>() + t * N * H;
       const bool* m = mask_row(masks, t, full);
-      at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
-        Flush f(flush);
-        if (add)
-          forward_rows<scalar_t, true>(p, g, cp, hp, c, tc, h, m, n0, n1, H);
-        else
-          forward_rows<scalar_t, false>(p, g, cp, hp, c, tc, h, m, n0, n1, H);
+      with_flag(add, [&](auto k) {
+        over_rows(N, H, flush, [&](int64_t n0, int64_t n1) {
+          forward_rows<scalar_t, decltype(k)::value>(p, g, cp, hp, c, tc, h, m, n0, n1, H);
+        });
       });
     }
   });
@@ -351,10 +365,11 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, const Tensor
 
 // Steps hi-1 down to lo of the backward. P (hi - lo, N, 4H) receives their gate gradients; DH
 // (hi - lo, N, H) holds the outputs' gradient of those steps with the carry from step hi already
-// added to its last row, and is overwritten with d loss / d h_t in full; tcc (hi - lo, N, H) their tanh(c), or undefined to recompute it from cs;
-// dc (N, H) is d loss / d c_{hi-1} on entry and d loss / d c_{lo-1} on exit (dc0 when lo == 0);
-// gc (T, N, H), optional, is the gradient of every step's c; carry (N, H) receives
-// d loss / d h_{lo-1} through the recurrence when lo > 0. whh_t is W_hh^T (H, 4H), contiguous.
+// added to its last row, and is overwritten with d loss / d h_t in full; tcc (hi - lo, N, H) their
+// tanh(c), or undefined to recompute it from cs; dc (N, H) is d loss / d c_{hi-1} on entry and
+// d loss / d c_{lo-1} on exit (dc0 when lo == 0); gc (T, N, H), optional, is the gradient of every
+// step's c; carry (N, H) receives d loss / d h_{lo-1} through the recurrence when lo > 0; whh_t is
+// W_hh^T (H, 4H), contiguous.
 void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
                          Tensor P, const Tensor& DH, Tensor dc, const std::optional<Tensor>& gc, Tensor carry,
                          const Tensor& whh_t, const Tensor& masks, int64_t full, int64_t lo, int64_t hi, bool onednn,
@@ -362,15 +377,11 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
   for (const auto& [t, name] : {std::pair{cs, "cs"}, {c0, "c0"}, {P, "P"}, {DH, "DH"}, {dc, "dc"}, {carry, "carry"},
                                 {whh_t, "whh_t"}})
     check(t, G, name);
-  check(G, G, "G");
   if (tcc) check(*tcc, G, "tcc");
   if (gc) check(*gc, G, "gc");
-  TORCH_CHECK(G.dim() == 3 && cs.dim() == 3, "rnnkit fused kernels: G and cs must be (T, N, *)");
-  const int64_t T = G.size(0), N = G.size(1), H = cs.size(2);
+  const auto [T, N, H] = sizes(G, cs, 4, "cs");
   TORCH_CHECK(0 <= lo && lo < hi && hi <= T, "rnnkit fused kernels: bad step range");
   const int64_t n = hi - lo;
-  expect(G, "G", {T, N, 4 * H});
-  expect(cs, "cs", {T, N, H});
   expect(c0, "c0", {N, H});
   if (tcc) expect(*tcc, "tcc", {n, N, H});
   TORCH_CHECK(P.dim() == 3 && P.size(0) >= n && P.size(1) == N && P.size(2) == 4 * H,
@@ -396,12 +407,13 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
       const scalar_t* gcp = (gc && t > 0) ? gc->data_ptr<scalar_t>() + (t - 1) * N * H : nullptr;
       Tensor pj = P[j];
       scalar_t* d = pj.data_ptr<scalar_t>();
-      at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
-        Flush f(flush);
-        if (tcc)
-          backward_rows_<scalar_t, true>(rp != nullptr, g, tc, cp, dhp, rp, dcp, gcp, d, m, n0, n1, H);
-        else
-          backward_rows_<scalar_t, false>(rp != nullptr, g, tc, cp, dhp, rp, dcp, gcp, d, m, n0, n1, H);
+      with_flag(tcc.has_value(), [&](auto have_tanh) {
+        with_flag(rp != nullptr, [&](auto add) {
+          over_rows(N, H, flush, [&](int64_t n0, int64_t n1) {
+            backward_rows<scalar_t, decltype(have_tanh)::value, decltype(add)::value>(g, tc, cp, dhp, rp, dcp, gcp,
+                                                                                      d, m, n0, n1, H);
+          });
+        });
       });
       if (t == 0) break;
       rec = linear(pj, whh_t, onednn);
@@ -425,10 +437,7 @@ void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, Tensor out, const Tensor&
   for (const auto& [t, name] :
        {std::pair{S2, "S2"}, {hs, "hs"}, {out, "out"}, {h0, "h0"}, {whh, "whh"}, {bh, "bh"}})
     check(t, G, name);
-  check(G, G, "G");
-  TORCH_CHECK(G.dim() == 3 && hs.dim() == 3, "rnnkit fused kernels: G and hs must be (T, N, *)");
-  const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
-  expect(G, "G", {T, N, 3 * H});
+  const auto [T, N, H] = sizes(G, hs, 3, "hs");
   expect(S2, "S2", {T, N, H});
   expect(out, "out", {T, N, H});
   expect(h0, "h0", {N, H});
@@ -448,12 +457,10 @@ void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, Tensor out, const Tensor&
       scalar_t* h = hs.data_ptr<scalar_t>() + t * N * H;
       scalar_t* o = out.data_ptr<scalar_t>() + t * N * H;
       const bool* m = mask_row(masks, t, full);
-      at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
-        Flush f(flush);
-        if (product)
-          gru_forward_rows<scalar_t, true>(p, b, g, s2, hp, h, o, m, n0, n1, H);
-        else
-          gru_forward_rows<scalar_t, false>(p, b, g, s2, hp, h, o, m, n0, n1, H);
+      with_flag(product, [&](auto k) {
+        over_rows(N, H, flush, [&](int64_t n0, int64_t n1) {
+          gru_forward_rows<scalar_t, decltype(k)::value>(p, b, g, s2, hp, h, o, m, n0, n1, H);
+        });
       });
     }
   });
@@ -469,10 +476,7 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
   for (const auto& [t, name] : {std::pair{S2, "S2"}, {hs, "hs"}, {h0, "h0"}, {DH, "DH"}, {DGi, "DGi"},
                                 {DGh, "DGh"}, {dh0, "dh0"}, {whh_t, "whh_t"}})
     check(t, G, name);
-  check(G, G, "G");
-  TORCH_CHECK(G.dim() == 3 && hs.dim() == 3, "rnnkit fused kernels: G and hs must be (T, N, *)");
-  const int64_t T = G.size(0), N = G.size(1), H = hs.size(2);
-  expect(G, "G", {T, N, 3 * H});
+  const auto [T, N, H] = sizes(G, hs, 3, "hs");
   expect(S2, "S2", {T, N, H});
   expect(h0, "h0", {N, H});
   expect(DH, "DH", {T, N, H});
@@ -494,12 +498,10 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
       Tensor dgh = DGh[t];
       scalar_t* dr = dgh.data_ptr<scalar_t>();
       scalar_t* below = t == 0 ? dh0.data_ptr<scalar_t>() : DH.data_ptr<scalar_t>() + (t - 1) * N * H;
-      at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
-        Flush f(flush);
-        if (rp != nullptr)
-          gru_backward_rows<scalar_t, true>(g, s2, hp, dh, rp, di, dr, below, m, n0, n1, H);
-        else
-          gru_backward_rows<scalar_t, false>(g, s2, hp, dh, rp, di, dr, below, m, n0, n1, H);
+      with_flag(rp != nullptr, [&](auto add) {
+        over_rows(N, H, flush, [&](int64_t n0, int64_t n1) {
+          gru_backward_rows<scalar_t, decltype(add)::value>(g, s2, hp, dh, rp, di, dr, below, m, n0, n1, H);
+        });
       });
       if (t > 0) rec = linear(dgh, whh_t, onednn);
     }
