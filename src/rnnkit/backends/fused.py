@@ -11,9 +11,10 @@ Where the time goes and what this backend does about it:
   product that does not (``sigmoid'``, ``tanh'``, ``o (1 - tanh(c)^2)``, ...) is computed
   before it with a few batched ops. torch's tanh is ~3x slower than its sigmoid on the CPU, so
   tanh runs as ``2 sigmoid(2a) - 1`` with the weights that feed it doubled once per call.
-* Memory. The LSTM works through time in chunks of a few MB of gates: the input projection of
-  a chunk is computed just before the chunk runs, and the backward's scratch buffers are one
-  chunk long (reused), so long sequences stay in cache and need no sequence-sized scratch.
+* Memory. A long LSTM sequence (over 8 MB of gates) works through time in chunks of 2 MB: the
+  input projection of a chunk is computed just before the chunk runs, and the backward's scratch
+  buffers are one chunk long (reused), so long sequences stay in cache and need no sequence-sized
+  scratch.
 
 Time loops. The LSTM's and GRU's run in C++ (``csrc/fused_cpu.cpp``, built by
 :mod:`rnnkit.backends.cext`): a step is one oneDNN product and one vectorised pass over its gates,
@@ -29,8 +30,13 @@ passes that row's gradient straight to step t-1 and gives its gates none. Maskin
 done on steps where some sequence has ended (t >= lengths.min()).
 
 The Functions return every step's h (and c) as (T, N, H) tensors; the final state is their last
-step (frozen past each end), so returning the states costs nothing extra. Forward and backward
-run with denormals flushed (see :mod:`rnnkit.fpmode`), restoring the caller's mode after.
+step (frozen past each end), so returning the states costs nothing extra. The GRU's are a tensor
+of their own (written in the same pass), so they may be edited in place as ``torch.nn.GRU``'s may;
+the LSTM keeps its outputs for the backward, as ``torch.nn.LSTM`` does on the CPU. Forward and
+backward run with denormals flushed (see :mod:`rnnkit.fpmode`), restoring the caller's mode after,
+and in float32 even inside an autocast region. A backward asked for a differentiable result
+(``create_graph=True``) or given vmap-batched gradients (vectorised Jacobians and Hessians)
+recomputes the sequence with plain torch ops and differentiates that instead.
 """
 
 from __future__ import annotations
