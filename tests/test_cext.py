@@ -219,3 +219,12 @@ def test_the_temporary_fallback_refuses_a_folder_others_can_write(fake_builds, m
     with pytest.raises(RuntimeError, match="group- or world-writable"):
         cext.build()
     assert not fake_builds
+
+
+def test_openmp_only_when_torch_runs_on_gnu_openmp(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(ext, "library_paths", lambda: [str(tmp_path)])  # a torch without libgomp beside it
+    assert "-fopenmp" not in cext._flags()
+    (tmp_path / "libgomp-a34b3233.so.1").write_bytes(b"")
+    assert "-fopenmp" in cext._flags()

@@ -38,7 +38,7 @@ __all__ = ["ops", "unavailable", "build", "cache_dir", "compiler", "disabled"]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "fused_cpu.cpp"
 _NAMESPACE = "rnnkit_cpu"
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w")
+_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-w")
 _BUILD_SECONDS = 300  # a build past this is abandoned (a wedged compiler must not hang training)
 
 _lock = threading.Lock()
@@ -75,6 +75,20 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _flags() -> tuple[str, ...]:
+    """The compiler's flags: with GNU OpenMP only when torch runs on it (libgomp beside its libraries).
+
+    The kernels split a step's rows over torch's threads through ATen's OpenMP header; a torch built
+    on another OpenMP runtime (Intel's, LLVM's) would meet a second runtime in the same process, so
+    there the kernels are built without it and run each step's gate pass on one thread.
+    """
+    from torch.utils.cpp_extension import library_paths
+
+    beside = any(any(Path(d).glob("libgomp*.so*")) for d in library_paths())
+    gnu = beside and "OpenMP" in torch.__config__.parallel_info()
+    return (*_FLAGS, "-fopenmp") if gnu else _FLAGS
+
+
 def _argv(cxx: str) -> list[str]:
     argv = shlex.split(cxx)
     if not argv or shutil.which(argv[0]) is None:
@@ -84,7 +98,7 @@ def _argv(cxx: str) -> list[str]:
 
 def _key(cxx: str) -> str:
     version = subprocess.run([*_argv(cxx), "--version"], capture_output=True, text=True, timeout=30).stdout
-    parts = [_SOURCE.read_bytes().decode(), torch.__version__, version, _cpu_flags(), " ".join(_FLAGS),
+    parts = [_SOURCE.read_bytes().decode(), torch.__version__, version, _cpu_flags(), " ".join(_flags()),
              str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.platform]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
@@ -93,7 +107,7 @@ def _command(cxx: str, out: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     lib = library_paths()[0]
-    return [*_argv(cxx), *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    return [*_argv(cxx), *_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             *(f"-I{p}" for p in include_paths()), str(_SOURCE), "-o", str(out),
             f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
 
