@@ -72,8 +72,8 @@ _ONE_CHUNK_GATE_BYTES = 8 << 20
 # Up to this many bytes per (T, N, H) buffer the LSTM's forward keeps every step's tanh(c) for
 # the backward; longer sequences recompute it there chunk by chunk instead of storing more.
 _KEEP_TANH_C_BYTES = 8 << 20
-# Whether the LSTM's time loops run in C++ when the kernels build here (the tests switch it off to
-# check the Python loops, which run wherever the kernels do not).
+# Whether the LSTM's and GRU's time loops run in C++ when the kernels build here (the tests switch
+# it off to check the Python loops, which run wherever the kernels do not).
 _USE_KERNELS = True
 _NO_MASKS = torch.empty(0, dtype=torch.bool)
 
