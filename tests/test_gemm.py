@@ -11,7 +11,7 @@ from rnnkit.backends import fastcpu, gemm
 @pytest.fixture(params=[True, False], ids=["onednn", "blas"])
 def route(request, monkeypatch):
     """Run a test through oneDNN (where torch has it) and through torch's BLAS path."""
-    if request.param and not gemm._probe():
+    if request.param and not gemm._onednn_runs():
         pytest.skip("this torch build has no oneDNN inner product")  # pragma: no cover
     monkeypatch.setattr(gemm, "_ONEDNN", request.param)
     return request.param
@@ -42,6 +42,14 @@ def test_products_match_torch(route, dtype):
 def test_env_switch_turns_onednn_off(monkeypatch):
     monkeypatch.setenv("RNNKIT_GEMM", "blas")
     assert gemm._probe() is False
+
+
+def test_onednn_only_where_the_processor_has_avx512(monkeypatch):
+    monkeypatch.setattr(gemm, "_onednn_runs", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert gemm._probe() is False
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert gemm._probe() is True
 
 
 def test_linear_mode_values_and_gradients(route):

@@ -454,7 +454,8 @@ def _invariant(gm: torch.fx.GraphModule, fixed: set[torch.fx.Node]) -> set[torch
 
 
 def _narrow_sliced_products(gm: torch.fx.GraphModule, inv: set[torch.fx.Node]) -> None:
-    """``linear(a, w)[:, s:e]`` with a step-invariant ``w`` as ``linear(a, w[s:e])``: a smaller product.
+    """``linear(a, w)[:, s:e]`` with a step-invariant ``w`` as ``linear(a, w[s:e])`` (or ``mm(a, b)[:, s:e]``
+    as ``mm(a, b[:, s:e])``): a smaller product.
 
     A cell that maps ``cat([x, state])`` gets the state's gradient this way: the backward would
     compute the gradient of x too, then drop it. The contiguous copy of ``w[s:e]`` is invariant, so
@@ -466,13 +467,19 @@ def _narrow_sliced_products(gm: torch.fx.GraphModule, inv: set[torch.fx.Node]) -
                 and n.args[1] == 1 and (len(n.args) < 5 or n.args[4] == 1)):
             continue
         lin = n.args[0]
-        if not (isinstance(lin, torch.fx.Node) and lin.target is getattr(_LINEAR, "default", None)
-                and len(lin.users) == 1 and lin.args[2] is None and lin.args[1] in inv):
+        if not (isinstance(lin, torch.fx.Node) and len(lin.users) == 1 and len(lin.args) > 1 and lin.args[1] in inv):
+            continue
+        # oneDNN's a @ w.T narrows w's rows; BLAS's a @ b (where oneDNN is not used) narrows b's columns
+        if lin.target is getattr(_LINEAR, "default", None) and lin.args[2] is None:
+            dim, op, rest = 0, _LINEAR.default, (None, *lin.args[3:])
+        elif lin.target is _aten.mm.default:
+            dim, op, rest = 1, _aten.mm.default, ()
+        else:
             continue
         with g.inserting_before(n):
-            rows = g.call_function(_aten.slice.Tensor, (lin.args[1], 0, n.args[2], n.args[3]))
+            rows = g.call_function(_aten.slice.Tensor, (lin.args[1], dim, n.args[2], n.args[3]))
             w = g.call_function(_aten.clone.default, (rows,), {"memory_format": torch.contiguous_format})
-            new = g.call_function(_LINEAR.default, (lin.args[0], w, None, *lin.args[3:]))
+            new = g.call_function(op, (lin.args[0], w, *rest))
         inv.update((rows, w))
         n.replace_all_uses_with(new)
         g.erase_node(n)
