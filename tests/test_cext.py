@@ -183,10 +183,11 @@ def test_the_kernels_check_their_arguments_sizes():
     hs, cs, h0, whh = torch.zeros(T - 1, N, H), torch.zeros(T, N, H), torch.zeros(N, H), torch.zeros(4 * H, H)
     none = torch.empty(0, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="hs has shape \\[2, 2, 4\\], expected \\[3, 2, 4\\]"):
-        ops.lstm_forward_steps(G, hs, cs, cs, h0, h0, whh, none, T, 0, T, True, False, False)
+        ops.lstm_forward_steps(G, hs, cs, cs, torch.zeros(T * N, 3), h0, h0, torch.zeros(4 * H, 3), whh, none, T,
+                               True, False)
     with pytest.raises(RuntimeError, match="whh has shape"):
         ops.gru_forward_steps(torch.zeros(T, N, 3 * H), cs, cs, cs, h0, whh, torch.zeros(3 * H), none, T, True,
-                              False, False)
+                              False)
 
 
 def test_an_unwritable_home_cache_falls_back_to_the_temporary_directory(fake_builds, monkeypatch, tmp_path):

@@ -127,6 +127,24 @@ def test_chunked_time_loops(name, monkeypatch):
     assert_agree(cell, x, state, lengths=[11, 9, 10, 4])  # lengths.min() inside a later chunk
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, I, H", [(1, 1, 8), (7, 40, 20), (13, 33, 37), (2, 5, 64), (12, 9, 16), (25, 70, 3)])
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_tiles_and_their_edges(name, N, I, H, dtype, monkeypatch):
+    """The C++ loops work in tiles of rows and vectors of units: whole vectors and a vector's tail, a
+    tile's rows and the rows left over, fewer rows than threads, the LSTM's input gradients wider than
+    one tile (I up to 70) and one input, its backward in chunks of time that hand their gradient on."""
+    cell = make_cell(name, I, H, dtype)
+    x = torch.randn(N, 6, I, dtype=dtype)
+    state = random_state(cell, N, dtype)
+    assert_agree(cell, x, state)
+    lengths = [6 - k % 6 for k in range(N)]
+    assert_agree(cell, x, state, lengths=lengths, reverse=True)
+    monkeypatch.setattr(fused, "_CHUNK_GATE_BYTES", 2 * N * 4 * H * 8)
+    monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
+    assert_agree(cell, x, state, lengths=lengths)
+
+
 @pytest.mark.parametrize("name", list(CELLS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_zero_initial_state(name, dtype):
@@ -318,8 +336,10 @@ def test_auto_gru_inference_goes_fused_from_a_few_thousand_units(monkeypatch):
 
 
 def test_auto_with_a_tuned_allocator_runs_whole_lstm_sequences_natively(monkeypatch):
-    """With malloc reusing memory torch's LSTM kernel wins up to 256 MB of gates in one call; the GRU's stays 8 MB."""
+    """With malloc reusing memory torch's LSTM kernel wins up to 256 MB of gates in one call; the GRU's stays 8 MB.
+    (The rules measured on a processor with AVX-512; see the next test for the others.)"""
     monkeypatch.setattr(engine, "allocator_tuned", lambda: True)
+    monkeypatch.setattr(engine, "_AVX512", True)
     tiny = torch.randn(3, 2, 4)
     lstm, gru = make_cell("lstm", 4, 5, torch.float32), make_cell("gru", 4, 5, torch.float32)
     N = native.CHUNK_GATE_BYTES // (engine._MIN_CHUNK_STEPS * 4 * engine._gate_width(lstm)) + 1
@@ -441,22 +461,41 @@ def test_training_only_the_biases_counts_as_training(monkeypatch):
 
 
 def test_auto_under_cpu_autocast_keeps_torchs_kernel_and_dtypes(monkeypatch):
-    """Where auto would train on the fused backend, CPU autocast keeps torch's kernel: outputs in torch's dtype."""
+    """Where auto would train on the fused backend, CPU autocast keeps torch's kernel: outputs in torch's
+    dtype. Where oneDNN has no reduced-precision LSTM (processors without the instructions), the LSTM
+    takes the fused backend's float32 maths instead."""
     monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
     x = torch.randn(3, 2, 4)
-    for name in ("lstm", "gru"):
-        cell = make_cell(name, 4, 5, torch.float32)
-        N_wide = native.CHUNK_GATE_BYTES // (engine._MIN_CHUNK_STEPS * 4 * engine._gate_width(cell)) + 1
-        T_wide = native.WHOLE_GATE_BYTES // (N_wide * 4 * engine._gate_width(cell)) + 1
-        assert _pick_backend(cell, x, T_wide, N_wide) == "fused"
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert _pick_backend(cell, x, T_wide, N_wide) == "native"
+    for runs in (True, False):
+        monkeypatch.setattr(engine, "_autocast_kernel_runs", lambda cell, runs=runs: runs or type(cell) is not LSTMCell)
+        for name in ("lstm", "gru"):
+            cell = make_cell(name, 4, 5, torch.float32)
+            N_wide = native.CHUNK_GATE_BYTES // (engine._MIN_CHUNK_STEPS * 4 * engine._gate_width(cell)) + 1
+            T_wide = native.WHOLE_GATE_BYTES // (N_wide * 4 * engine._gate_width(cell)) + 1
+            assert _pick_backend(cell, x, T_wide, N_wide) == "fused"
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                want = "native" if runs or name == "gru" else "fused"
+                assert _pick_backend(cell, x, T_wide, N_wide) == want
+                assert _pick_backend(cell, x, 3, 2) == want  # small calls too
+
+
+def test_layers_run_under_cpu_autocast_where_torchs_lstm_cannot():
+    """On this processor: torch.nn.LSTM's bfloat16 outputs where oneDNN has a bfloat16 LSTM; where it has
+    none, torch.nn.LSTM fails to build its primitive and rnnkit's layer returns float32 outputs."""
+    bf16_lstm = engine._autocast_kernel_runs(make_cell("lstm", 4, 8, torch.float32))
     ref = torch.nn.LSTM(4, 8)
     layer = rnnkit.LSTM(4, 8)
     layer.load_state_dict(ref.state_dict())
-    monkeypatch.setattr(engine, "_native_trains_faster", lambda *a: False)  # auto would pick fused here
+    x = torch.randn(5, 3, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer(torch.randn(5, 3, 4))[0].dtype == ref(torch.randn(5, 3, 4))[0].dtype == torch.bfloat16
+        if bf16_lstm:
+            assert layer(x)[0].dtype == ref(x)[0].dtype == torch.bfloat16
+            return
+        with pytest.raises(RuntimeError, match="primitive descriptor"):
+            ref(x)
+        out = layer(x)[0]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref(x)[0], atol=0.03, rtol=0)  # the float32 answer, up to autocast's inputs
 
 
 @pytest.mark.parametrize("name", list(CELLS))
@@ -498,6 +537,29 @@ def test_a_backward_runs_the_loops_its_forward_ran(monkeypatch, lstm_loops):
     want = torch.autograd.grad(rnnkit.unroll(cell, x, backend="reference").outputs.sum(), list(cell.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_auto_trains_lstms_up_to_128_units_on_the_register_blocked_loops_without_avx512(monkeypatch):
+    """Without AVX-512, with the C++ loops, an LSTM of up to 128 units and 4,096 units of batch x hidden trains
+    on the fused backend at any length and allocator; not wider, not smaller, not in float64, not elsewhere."""
+    x = torch.randn(3, 2, 4)
+    monkeypatch.setattr(fused, "kernels_available", lambda: True)
+    monkeypatch.setattr(engine, "_AVX512", False)
+    for tuned in (True, False):
+        monkeypatch.setattr(engine, "allocator_tuned", lambda tuned=tuned: tuned)
+        lstm, wide = make_cell("lstm", 4, 128, torch.float32), make_cell("lstm", 4, 256, torch.float32)
+        assert _pick_backend(lstm, x, 28, 32) == "fused"  # 32 x 128 = 4,096 units
+        assert _pick_backend(make_cell("lstm", 4, 64, torch.float32), x, 28, 64) == "fused"
+        assert _pick_backend(lstm, x, 28, 31) == "native"
+        assert _pick_backend(wide, x, 28, 32) == "native"
+        with torch.no_grad():
+            assert _pick_backend(lstm, x, 28, 128) == "native"  # inference: torch's kernel
+        assert _pick_backend(lstm.double(), x.double(), 28, 128) == "native"
+    monkeypatch.setattr(engine, "_AVX512", True)
+    assert _pick_backend(make_cell("lstm", 4, 128, torch.float32), x, 28, 128) == "native"
+    monkeypatch.setattr(engine, "_AVX512", False)
+    monkeypatch.setattr(fused, "kernels_available", lambda: False)
+    assert _pick_backend(make_cell("lstm", 4, 128, torch.float32), x, 28, 128) == "native"
 
 
 def test_auto_with_the_cpu_kernels_wants_longer_chunks_for_torchs_kernel(monkeypatch):

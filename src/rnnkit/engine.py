@@ -194,6 +194,17 @@ _MIN_CHUNK_STEPS_KERNELS = 32
 # 1.59; T28 H128 B128: 2.79 / 4.89; T784 I1 H128 B128: 148 / 228), not on tiny calls (T16 H16 B8:
 # 0.32 / 0.22, where the fused Function's set-up dominates).
 _FUSED_GRU_INFERENCE_MIN_UNITS = 2048
+# The fused LSTM's C++ loops as register-blocked tiles (each thread owns rows of the batch for the
+# whole sequence, the weights packed once per call, the input projection and the input gradient
+# inside each step's product), measured 2026-12-02 on an AMD EPYC without AVX-512 (Zen 3, 2 cores,
+# tuned allocator), forward and backward, ms fused / torch.nn.LSTM: T28 I28 H64 B64 5.56 / 6.40,
+# T28 H128 B128 21.5 / 25.1, T28 H128 B32 7.05 / 7.32, T200 I8 H128 B32 31.6 / 41.4, T784 I1 H64 B64
+# 70.5 / 97.2, T784 H128 B128 469 / 581; behind where each thread's packed weights outgrow its
+# cache (T28 H256 B128 78.9 / 73.0, H512 B512 920 / 820; H192 even) and on tiny calls (T16 I8 H16
+# B8 0.92 / 0.71). Not yet measured on a processor with AVX-512, where the older rules above stand.
+_FUSED_LSTM_MAX_HIDDEN = 128
+_FUSED_LSTM_MIN_UNITS = 4096
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _gate_width(cell: nn.Module) -> int:
@@ -208,7 +219,7 @@ def _fits_one_call(cell: nn.Module, x: Tensor, T: int, N: int) -> bool:
 
 def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int, ragged: bool) -> bool:
     """Whether torch's kernel beats the fused backend for training on the CPU (see the notes above)."""
-    if type(cell) is GRUCell:
+    if type(cell) is GRUCell or _fused_lstm_trains_faster(cell, x, N):
         return False
     step_bytes = N * _gate_width(cell) * x.element_size()
     if _fits_one_call(cell, x, T, N):
@@ -220,10 +231,32 @@ def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int, ragged: bo
     return not ragged and step_bytes * min_steps <= native.CHUNK_GATE_BYTES
 
 
+def _fused_lstm_trains_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
+    """Whether the fused backend's register-blocked LSTM loops beat torch's kernel (see the notes above)."""
+    H = cell.hidden_size
+    return (type(cell) is LSTMCell and x.dtype == torch.float32 and not _AVX512 and fused.kernels_available()
+            and H <= _FUSED_LSTM_MAX_HIDDEN and N * H >= _FUSED_LSTM_MIN_UNITS)
+
+
 def _fused_infers_faster(cell: nn.Module, N: int) -> bool:
     """Whether the fused backend beats torch's kernel without gradients on the CPU (see the notes above)."""
     return (type(cell) is GRUCell and N * cell.hidden_size >= _FUSED_GRU_INFERENCE_MIN_UNITS
             and fused.kernels_available())
+
+
+def _autocast_kernel_runs(cell: nn.Module) -> bool:
+    """Whether torch's LSTM kernel runs under this CPU autocast: oneDNN has no bfloat16 or float16
+    LSTM on processors without those instructions (torch.nn.LSTM then fails to build its primitive;
+    rnnkit's layers take the fused backend's float32 maths instead)."""
+    if type(cell) is not LSTMCell:
+        return True
+    dtype = torch.get_autocast_dtype("cpu")
+    mkldnn = torch.ops.mkldnn
+    if dtype == torch.bfloat16:
+        return bool(mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(mkldnn._is_mkldnn_fp16_supported())
+    return True
 
 
 def _pick_backend(
@@ -233,6 +266,7 @@ def _pick_backend(
     if x.device.type != "cpu":
         return "native" if native_ok else "reference"
     native_ok = native_ok and x.dtype in (torch.float32, torch.float64)  # torch's CPU half kernels are uneven
+    native_ok = native_ok and not (torch.is_autocast_enabled("cpu") and not _autocast_kernel_runs(cell))
     fused_ok = not fused.unsupported(cell, x)
     # float64 is for checking numerics (gradcheck, gradgradcheck): torch's kernel has second
     # derivatives and torch.func rules; the fused backend has no torch.func rules, and its second

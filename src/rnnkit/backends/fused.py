@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.backends import cext
-from rnnkit.backends.gemm import _use_onednn, addmm_, linear, linear_add, linear_add_, mm
+from rnnkit.backends.gemm import addmm_, linear, linear_add, linear_add_, mm
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.fpmode import denormals_flushed, flush_denormals_enabled, transforming
 
@@ -288,22 +288,18 @@ class _LSTMFunction(torch.autograd.Function):
             keep_tc = T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
             TCs = x.new_empty(T, N, H) if keep_tc else None
             whh = _rotate_scale_g(w_hh, H)
-            chunk = _lstm_chunk(T, N, H, x.element_size())
             h0_zero = not bool(h0.any())  # the usual zero state: step 0 needs no recurrent GEMM
-            # One chunk (the common case) takes the projection's own result: no copy into a buffer.
-            G = linear(x2, w_in).view(T, N, H4) if chunk >= T else x.new_empty(T, N, H4)
             kernels = _kernels()
-            if kernels is not None:
-                h0, c0 = h0.contiguous(), c0.contiguous()
+            if kernels is not None:  # the input projection is part of each step's product there
+                x2 = x2.contiguous()
+                G = x.new_empty(T, N, H4)
                 tcs = TCs if keep_tc else x.new_empty(1, N, H)
-                m = _mask_rows(masks, T, N)
-                onednn, flush = _use_onednn(h0, whh), flush_denormals_enabled()
-                for lo in range(0, T, chunk):
-                    hi = min(T, lo + chunk)
-                    if chunk < T:
-                        linear(x2[lo * N : hi * N], w_in, out=G.view(T * N, H4)[lo * N : hi * N])
-                    kernels.lstm_forward_steps(G, hs, cs, tcs, h0, c0, whh, m, full, lo, hi, h0_zero, onednn, flush)
+                kernels.lstm_forward_steps(G, hs, cs, tcs, x2, h0.contiguous(), c0.contiguous(), w_in.contiguous(),
+                                           whh, _mask_rows(masks, T, N), full, h0_zero, flush_denormals_enabled())
             else:
+                chunk = _lstm_chunk(T, N, H, x.element_size())
+                # One chunk (the common case) takes the projection's own result: no copy into a buffer.
+                G = linear(x2, w_in).view(T, N, H4) if chunk >= T else x.new_empty(T, N, H4)
                 _lstm_forward_loop(x2, h0, c0, w_in, whh, G, hs, cs, TCs, masks, full, chunk, h0_zero)
         ctx.full, ctx.has_bias = full, bias is not None
         ctx.set_materialize_grads(False)
@@ -412,7 +408,7 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
     if kernels is not None:
         m = _mask_rows(masks, T, N)
         gcc = gc.contiguous() if gc is not None else None
-        onednn, flush = _use_onednn(P[0], whh_rt), flush_denormals_enabled()
+        flush = flush_denormals_enabled()
     else:
         loop = _LSTMBackwardLoop(G, cs, c0, TCs, masks, ctx.full, gc, P, DH, dc, carry, whh_rt)
     for hi in range(T, 0, -C):
@@ -427,12 +423,12 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
             dhb[n - 1].add_(carry)
         if kernels is not None:
             tcc = TCs[lo:hi] if TCs is not None else None
-            kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gcc, carry, whh_rt, m, ctx.full, lo, hi,
-                                        onednn, flush)
+            kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gcc, carry, whh_rt, dx, wih_rt, m, ctx.full, lo,
+                                        hi, flush)
         else:
             loop.chunk(lo, hi)
         dG = P[:n].view(n * N, H4)
-        if need_x:
+        if need_x and kernels is None:
             linear(dG, wih_rt, out=dx[lo:hi].view(n * N, -1))
         if need_w:
             xh = XH[: n * N]
@@ -713,7 +709,7 @@ class _GRUFunction(torch.autograd.Function):
                 h0 = h0.contiguous()
                 Hh, out = x.new_empty(T, N, H), x.new_empty(T, N, H)
                 kernels.gru_forward_steps(G, Hh, hs, out, h0, whh, b_h, _mask_rows(masks, T, N), full, h0_zero,
-                                          _use_onednn(h0, whh), flush_denormals_enabled())
+                                          flush_denormals_enabled())
             else:
                 Hh = x.new_empty(T, N, H3)
                 _gru_forward_loop(G, Hh, hs, h0, whh, b_h, masks, full, h0_zero)
@@ -777,7 +773,7 @@ def _gru_backward_kernels(ctx, gh, x2, h0, w_ih, w_hh, G, S2, hs, masks):  # noq
     dh0 = G.new_zeros(N, H)
     whh_t = w_hh.t().contiguous()
     cext.ops().gru_backward_steps(G, S2, hs, h0, DH, DGi, DGh, dh0, whh_t, _mask_rows(masks, T, N), ctx.full,
-                                  _use_onednn(dh0, whh_t), flush_denormals_enabled())
+                                  flush_denormals_enabled())
     dx = dwih = dwhh = dbx = dbhn = None
     if need_h0:
         linear_add_(dh0, DGh[0], whh_t)

@@ -1,17 +1,17 @@
 // The time loops of the fused CPU backend's LSTM and GRU (rnnkit/backends/fused.py), in C++.
 //
-// The Python loops pay the interpreter and one dispatch per elementwise op, ten or more per step;
-// here a step is one GEMM and one pass over its gates. Layout and conventions are the Python
-// backend's, so the two paths share everything around the loops: gates in the order
-// (o, i, f, g), the g rows of the weights doubled so that tanh(a) = 2 sigmoid(2a) - 1 and one
-// sigmoid covers the whole gate row, the activated gates written over the pre-activations, masks
-// (T, N) with false where a sequence has ended (its state is then frozen).
+// The Python loops pay the interpreter and one dispatch per elementwise op, ten or more per step,
+// and a library GEMM per step; here each thread runs every step for its rows of the batch, in
+// register-blocked tiles finished by their gates (see "Register-blocked time loops" below). Layout
+// and conventions are the Python backend's, so the two paths share everything around the loops:
+// gates in the order (o, i, f, g), the g rows of the weights doubled so that tanh(a) =
+// 2 sigmoid(2a) - 1, activated gates kept for the backward, masks (T, N) with false where a
+// sequence has ended (its state is then frozen).
 //
 // Built and loaded by rnnkit/backends/cext.py; every entry point is also run by the tests against
 // the Python loops and torch.nn.LSTM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,20 +28,6 @@
 namespace {
 
 using at::Tensor;
-
-// oneDNN's inner product (torch's float32 mm goes to a BLAS that stops at AVX2 on AMD processors;
-// see rnnkit/backends/gemm.py): a @ w^T.
-Tensor onednn_linear(const Tensor& a, const Tensor& w) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
-                                     c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
-  return op.call(a, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
-}
-
-Tensor linear(const Tensor& a, const Tensor& w, bool onednn) {
-  return onednn ? onednn_linear(a, w) : at::mm(a, w.t());
-}
 
 // Workers of torch's thread pool do not inherit the caller's flush-to-zero mode (it is per thread):
 // each parallel chunk sets it for itself when the caller flushes, and restores it.
@@ -70,211 +56,6 @@ class Flush {
   unsigned int saved_ = 0;
   bool set_ = false;
 };
-
-// exp for float32 without branches, so the loops below vectorize: Cody-Waite range reduction and
-// a degree-5 polynomial (Cephes' expf), within 2 ulp. Inputs are clamped to the normal range.
-inline float exp_(float x) {
-  x = std::min(std::max(x, -87.0f), 87.0f);  // e^87 keeps 1 / (1 + e^87) a normal float
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
-
-inline double exp_(double x) { return std::exp(x); }
-
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + exp_(-x));
-}
-
-template <typename T>
-inline T tanh_(T x) {
-  return T(2) * sigmoid(x + x) - T(1);
-}
-
-// Rows n0..n1 of one forward step: pre holds the pre-activations (g doubled), G receives the
-// activations, c/tc/h the new cell, tanh(cell) and output. Frozen rows keep the previous state.
-template <typename T, bool kAdd>
-void forward_rows(const T* __restrict pre, T* __restrict G, const T* __restrict c_prev, const T* __restrict h_prev,
-                  T* __restrict c, T* __restrict tc, T* __restrict h, const bool* mask, int64_t n0, int64_t n1,
-                  int64_t H) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* __restrict p = pre + n * 4 * H;
-    T* __restrict g = G + n * 4 * H;
-    const T* __restrict cp = c_prev + n * H;
-    T* __restrict cn = c + n * H;
-    T* __restrict tcn = tc + n * H;
-    T* __restrict hn = h + n * H;
-    for (int64_t j = 0; j < H; ++j) {
-      const T o = sigmoid(kAdd ? p[j] + g[j] : p[j]);
-      const T i = sigmoid(kAdd ? p[H + j] + g[H + j] : p[H + j]);
-      const T f = sigmoid(kAdd ? p[2 * H + j] + g[2 * H + j] : p[2 * H + j]);
-      const T gg = T(2) * sigmoid(kAdd ? p[3 * H + j] + g[3 * H + j] : p[3 * H + j]) - T(1);
-      const T cc = f * cp[j] + i * gg;
-      const T t = tanh_(cc);
-      g[j] = o;
-      g[H + j] = i;
-      g[2 * H + j] = f;
-      g[3 * H + j] = gg;
-      cn[j] = cc;
-      tcn[j] = t;
-      hn[j] = o * t;
-    }
-    if (mask != nullptr && !mask[n]) {
-      std::memcpy(cn, cp, H * sizeof(T));
-      std::memcpy(hn, h_prev + n * H, H * sizeof(T));
-    }
-  }
-}
-
-// Rows n0..n1 of one backward step. G holds the step's activations, tc its tanh(c) (or, when
-// null, c itself to take tanh of), c_prev the cell before it. dh holds the outputs' gradient on
-// entry; rec, when given, the recurrent part, which is added in, so that dh leaves holding
-// d loss / d h_t in full. dc is d loss / d c_t from above on entry and d loss / d c_{t-1} on exit
-// (plus gc_prev, the gradient of the outputs' c_{t-1}, when given). dG receives the gates'
-// pre-activation gradients.
-template <typename T, bool kHaveTanh, bool kAdd>
-void backward_rows(const T* __restrict G, const T* __restrict tc_or_c, const T* __restrict c_prev,
-                   T* __restrict dh, const T* __restrict rec, T* __restrict dc, const T* __restrict gc_prev,
-                   T* __restrict dG, const bool* mask, int64_t n0, int64_t n1, int64_t H) {
-  for (int64_t n = n0; n < n1; ++n) {
-    T* __restrict d = dG + n * 4 * H;
-    T* __restrict dcn = dc + n * H;
-    T* __restrict dhn = dh + n * H;
-    if (kAdd) {
-      const T* __restrict r = rec + n * H;
-      for (int64_t j = 0; j < H; ++j) dhn[j] += r[j];
-    }
-    if (mask == nullptr || mask[n]) {
-      const T* __restrict g = G + n * 4 * H;
-      const T* __restrict tcn = tc_or_c + n * H;
-      const T* __restrict cp = c_prev + n * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const T o = g[j], i = g[H + j], f = g[2 * H + j], gg = g[3 * H + j];
-        const T t = kHaveTanh ? tcn[j] : tanh_(tcn[j]);
-        const T dhv = dhn[j];
-        const T dcv = dcn[j] + dhv * o * (T(1) - t * t);
-        d[j] = dhv * t * o * (T(1) - o);
-        d[H + j] = dcv * gg * i * (T(1) - i);
-        d[2 * H + j] = dcv * cp[j] * f * (T(1) - f);
-        d[3 * H + j] = dcv * i * (T(1) - gg * gg);
-        dcn[j] = dcv * f;
-      }
-    } else {  // frozen: no gradient into the gates, dc passes through unchanged
-      std::memset(d, 0, 4 * H * sizeof(T));
-    }
-    if (gc_prev != nullptr) {
-      const T* __restrict gc = gc_prev + n * H;
-      for (int64_t j = 0; j < H; ++j) dcn[j] += gc[j];
-    }
-  }
-}
-
-// GRU with torch's maths (the reset gate after the recurrent product), gates (r, z, n), the n
-// rows of the weights doubled so that tanh(a) = 2 sigmoid(2a) - 1. Rows n0..n1 of one forward
-// step: hh is h_{t-1} W_hh^T (n rows doubled), or null for a zero state, bh the recurrent bias
-// (zero but for 2 b_hn); G holds the input projections and receives the activations (r, z, n),
-// s2 receives the n block of hh + bh (2 S, which the backward needs), h the state the backward
-// keeps and out the same values, for the caller (who may then edit them in place).
-template <typename T, bool kProduct>
-void gru_forward_rows(const T* __restrict hh, const T* __restrict bh, T* __restrict G, T* __restrict s2,
-                      const T* __restrict h_prev, T* __restrict h, T* __restrict out, const bool* mask, int64_t n0,
-                      int64_t n1, int64_t H) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* __restrict p = kProduct ? hh + n * 3 * H : nullptr;
-    T* __restrict g = G + n * 3 * H;
-    T* __restrict sn = s2 + n * H;
-    const T* __restrict hp = h_prev + n * H;
-    T* __restrict hn = h + n * H;
-    T* __restrict on = out + n * H;
-    for (int64_t j = 0; j < H; ++j) {
-      const T hr = (kProduct ? p[j] : T(0)) + bh[j];
-      const T hz = (kProduct ? p[H + j] : T(0)) + bh[H + j];
-      const T hs = (kProduct ? p[2 * H + j] : T(0)) + bh[2 * H + j];
-      const T r = sigmoid(g[j] + hr);
-      const T z = sigmoid(g[H + j] + hz);
-      const T nn = T(2) * sigmoid(g[2 * H + j] + r * hs) - T(1);
-      g[j] = r;
-      g[H + j] = z;
-      g[2 * H + j] = nn;
-      sn[j] = hs;
-      const T hv = nn + z * (hp[j] - nn);
-      hn[j] = hv;
-      on[j] = hv;
-    }
-    if (mask != nullptr && !mask[n]) {
-      std::memcpy(hn, hp, H * sizeof(T));
-      std::memcpy(on, hp, H * sizeof(T));
-    }
-  }
-}
-
-// Rows n0..n1 of one GRU backward step. dh holds the outputs' gradient of step t plus what the
-// step above passed down directly (dh_{t+1} z_{t+1}); rec, when given, the recurrent product, added
-// in. dgi receives the gradients of the input projection's pre-activations (r, z, n), dgh those of
-// h W_hh^T + b (r, z, S); dh_below (step t-1's row of the outputs' gradient, or dh0's buffer) gets
-// dh z added, the part of the gradient that bypasses the products.
-template <typename T, bool kAdd>
-void gru_backward_rows(const T* __restrict G, const T* __restrict s2, const T* __restrict h_prev,
-                       T* __restrict dh, const T* __restrict rec, T* __restrict dgi, T* __restrict dgh,
-                       T* __restrict dh_below, const bool* mask, int64_t n0, int64_t n1, int64_t H) {
-  for (int64_t n = n0; n < n1; ++n) {
-    T* __restrict dhn = dh + n * H;
-    T* __restrict di = dgi + n * 3 * H;
-    T* __restrict dr = dgh + n * 3 * H;
-    T* __restrict below = dh_below + n * H;
-    if (kAdd) {
-      const T* __restrict q = rec + n * H;
-      for (int64_t j = 0; j < H; ++j) dhn[j] += q[j];
-    }
-    if (mask != nullptr && !mask[n]) {  // frozen: h_t = h_{t-1}, so dh passes straight down
-      std::memset(di, 0, 3 * H * sizeof(T));
-      std::memset(dr, 0, 3 * H * sizeof(T));
-      for (int64_t j = 0; j < H; ++j) below[j] += dhn[j];
-      continue;
-    }
-    const T* __restrict g = G + n * 3 * H;
-    const T* __restrict sn = s2 + n * H;
-    const T* __restrict hp = h_prev + n * H;
-    for (int64_t j = 0; j < H; ++j) {
-      const T r = g[j], z = g[H + j], nn = g[2 * H + j];
-      const T d = dhn[j];
-      const T da_n = d * (T(1) - z) * (T(1) - nn * nn);
-      const T da_z = d * (hp[j] - nn) * z * (T(1) - z);
-      const T da_r = da_n * T(0.5) * sn[j] * r * (T(1) - r);
-      di[j] = da_r;
-      di[H + j] = da_z;
-      di[2 * H + j] = da_n;
-      dr[j] = da_r;
-      dr[H + j] = da_z;
-      dr[2 * H + j] = da_n * r;
-      below[j] += d * z;
-    }
-  }
-}
-
-// Rows per parallel chunk: about 4,096 elements of state, so small batches stay on one thread.
-int64_t grain(int64_t H) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H)); }
-
-// fn(n0, n1) over the batch's rows on torch's threads, each flushing denormals when the caller does.
-template <typename F>
-void over_rows(int64_t N, int64_t H, bool flush, const F& fn) {
-  at::parallel_for(0, N, grain(H), [&](int64_t n0, int64_t n1) {
-    Flush f(flush);
-    fn(n0, n1);
-  });
-}
 
 // fn(std::true_type) or fn(std::false_type): a runtime flag as a template argument of the row kernels.
 template <typename F>
@@ -318,48 +99,403 @@ const bool* mask_row(const Tensor& masks, int64_t t, int64_t full) {
   return t >= full ? masks.data_ptr<bool>() + t * masks.size(1) : nullptr;
 }
 
-// Steps lo..hi-1 of the forward. G (T, N, 4H) holds the input projections of those steps (bias
-// and doubled g rows included) and receives their activations; hs, cs (T, N, H) receive the
-// outputs and cells; tcs is (T, N, H) to keep every step's tanh(c), or (1, N, H) scratch.
-void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, const Tensor& h0, const Tensor& c0,
-                        const Tensor& whh, const Tensor& masks, int64_t full, int64_t lo, int64_t hi, bool h0_zero,
-                        bool onednn, bool flush) {
-  for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {tcs, "tcs"}, {h0, "h0"}, {c0, "c0"}, {whh, "whh"}})
+// ---- Register-blocked time loops -------------------------------------------------------------
+//
+// A step's recurrent product is small (at H 128, B 128: 128 x 128 times 128 x 512) and a library
+// GEMM pays a call, a parallel split and a barrier for each, then the gates take another pass over
+// memory. Here each thread owns a block of the batch's rows for the whole sequence (rows do not
+// interact across the recurrence, so no thread waits for another between steps), the weights are
+// packed once per call into panels that stay in cache, and each tile of the product is finished by
+// its gates while it is still in registers. Vectors are GCC's vector extensions: AVX-512, AVX2 or
+// SSE as the build's -march=native allows, always vectorised whatever the compiler's cost model.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kPass = 4;  // 32 vector registers: 6 rows x 4 vectors of accumulators and 4 operands
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+constexpr int kPass = 2;  // 16 registers: 6 x 2 accumulators, 2 operands and the broadcast
+#else
+constexpr int kVecBytes = 16;
+constexpr int kPass = 2;
+#endif
+constexpr int kRows = 6;  // rows of a tile (measured on Zen 3: 6 x 2 in registers 87 GFLOP/s a core,
+                          // 3 x 4 with operands from memory 69)
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  typedef T unaligned __attribute__((vector_size(kVecBytes), aligned(alignof(T)), may_alias));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> Int;
+  typedef Int ints __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / sizeof(T);
+};
+template <typename T>
+using V = typename Vec<T>::type;
+
+template <typename T>
+inline V<T> splat(T x) {
+  return V<T>{} + x;
+}
+
+// n lanes from p (the rest zero), or store n lanes to p: n < W where a row's units run out.
+template <typename T>
+inline V<T> load(const T* p, int n = Vec<T>::W) {
+  if (n == Vec<T>::W) return *reinterpret_cast<const typename Vec<T>::unaligned*>(p);
+  V<T> v = {};
+  std::memcpy(&v, p, n * sizeof(T));
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, V<T> v, int n = Vec<T>::W) {
+  if (n == Vec<T>::W)
+    *reinterpret_cast<typename Vec<T>::unaligned*>(p) = v;
+  else
+    std::memcpy(p, &v, n * sizeof(T));
+}
+
+// exp for float32 lane by lane without branches: Cody-Waite range reduction and a degree-5
+// polynomial (Cephes' expf), within 2 ulp. Inputs are clamped to the normal range: e^87 keeps
+// 1 / (1 + e^87) a normal float.
+inline V<float> vexp(V<float> x) {
+  using F = V<float>;
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  x = x > splat(87.0f) ? splat(87.0f) : x;
+  const F n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  F r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  F p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const F y = p * r * r + r + 1.0f;
+  const auto bits = (__builtin_convertvector(n, Vec<float>::ints) + 127) << 23;
+  return y * reinterpret_cast<const F&>(bits);
+}
+
+inline V<double> vexp(V<double> x) {  // float64 is for checking gradients: exact, not fast
+  for (int l = 0; l < Vec<double>::W; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+// 1 / d for d >= 1: the processor's estimate and one Newton step (23 bits or more), where a
+// division would cost several times as much; float64 divides.
+inline V<float> vrecip(V<float> d) {
+#if defined(__AVX512F__)
+  const V<float> r = reinterpret_cast<V<float>>(_mm512_rcp14_ps(reinterpret_cast<__m512>(d)));
+#elif defined(__AVX__)
+  const V<float> r = reinterpret_cast<V<float>>(_mm256_rcp_ps(reinterpret_cast<__m256>(d)));
+#else
+  const V<float> r = 1.0f / d;
+#endif
+  return r * (2.0f - d * r);
+}
+
+inline V<double> vrecip(V<double> d) { return 1.0 / d; }
+
+template <typename T>
+inline V<T> vsigmoid(V<T> x) {
+  return vrecip(T(1) + vexp(-x));
+}
+
+template <typename T>
+inline V<T> vtanh(V<T> x) {
+  return T(2) * vsigmoid<T>(x + x) - T(1);
+}
+
+// acc[r][V0 + v] += sum over k of a[r][k] b[k][V0 + v] for v < P: R rows of a (row stride lda)
+// times P vectors of a packed panel b (K x NV vectors). R and P are compile-time, so the
+// accumulators and operands live in registers.
+template <typename T, int R, int NV, int V0, int P>
+inline void tile_pass(const T* __restrict a, int64_t lda, const T* __restrict b, int64_t K,
+                      V<T> (&acc)[kRows][4]) {
+  constexpr int W = Vec<T>::W;
+  V<T> s[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < P; ++v) s[r][v] = acc[r][V0 + v];
+  b += V0 * W;
+  for (int64_t k = 0; k < K; ++k, b += NV * W) {
+    V<T> bv[P];
+    for (int v = 0; v < P; ++v) bv[v] = *reinterpret_cast<const V<T>*>(b + v * W);
+    for (int r = 0; r < R; ++r) {
+      const T x = a[r * lda + k];
+      for (int v = 0; v < P; ++v) s[r][v] += x * bv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < P; ++v) acc[r][V0 + v] = s[r][v];
+}
+
+// acc[r][v] += sum over k of a[r][k] b[k][v] for v < NV, in passes of kPass vectors.
+template <typename T, int R, int NV, int V0 = 0>
+inline void tile(const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4]) {
+  constexpr int P = std::min(kPass, NV - V0);
+  tile_pass<T, R, NV, V0, P>(a, lda, b, K, acc);
+  if constexpr (V0 + P < NV) tile<T, R, NV, V0 + P>(a, lda, b, K, acc);
+}
+
+// tile() for rows < kRows rows: the row count as a template argument.
+template <typename T, int NV, int R = kRows>
+inline void tile_rows(int rows, const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4]) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile_rows<T, NV, R - 1>(rows, a, lda, b, K, acc);
+  }
+  tile<T, R, NV>(a, lda, b, K, acc);
+}
+
+// Weights packed for tile(): panel p holds, for every k, the width values of units u < width,
+// where unit(p, u) gives that unit's weights as up to two runs of (pointer, length) that together
+// make its K values (a null pointer: a padding unit, zero). The panels are 64-byte aligned
+// (torch's CPU allocator), so tile() loads them aligned.
+template <typename T, typename F>
+Tensor pack(const Tensor& like, int64_t panels, int64_t width, int64_t K, const F& unit) {
+  Tensor out = at::zeros({panels, K, width}, like.options());
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t u = 0; u < width; ++u) {
+        int64_t k = 0;
+        for (const auto& [src, len] : unit(p, u)) {
+          if (src == nullptr) break;
+          for (int64_t i = 0; i < len; ++i, ++k) o[(p * K + k) * width + u] = src[i];
+        }
+      }
+  });
+  return out;
+}
+
+template <typename T>
+using Runs = std::array<std::pair<const T*, int64_t>, 2>;
+
+// fn(n0, n1) over blocks of the batch's rows, one per thread, each block a multiple of kRows rows
+// where it can be, each thread flushing denormals when the caller does.
+template <typename F>
+void over_row_blocks(int64_t N, bool flush, const F& fn) {
+  const int64_t tiles = (N + kRows - 1) / kRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
+    Flush f(flush);
+    fn(b0 * kRows, std::min(N, b1 * kRows));
+  });
+}
+
+// All steps of the forward for rows n0..n1. wp: the input and recurrent weights packed by blocks
+// of W units, each panel (I + H, 4 gates x W); the rest as lstm_forward_steps says.
+template <typename T>
+void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_t I, const T* h0, const T* c0,
+                       const T* wp, const Tensor& masks, int64_t full, bool h0_zero, int64_t T_, int64_t N,
+                       int64_t H, int64_t n0, int64_t n1) {
+  constexpr int W = Vec<T>::W;
+  const int64_t panels = (H + W - 1) / W, H4 = 4 * H, K = I + H;
+  for (int64_t t = 0; t < T_; ++t) {
+    const T* hp = t == 0 ? h0 : hs + (t - 1) * N * H;
+    const T* cp = t == 0 ? c0 : cs + (t - 1) * N * H;
+    T* g = G + t * N * H4;
+    T* c = cs + t * N * H;
+    T* tc = tcs + (keep ? t : 0) * N * H;
+    T* h = hs + t * N * H;
+    const bool* m = mask_row(masks, t, full);
+    const bool product = !(t == 0 && h0_zero);  // the usual zero initial state needs no product
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t j = p * W;
+      const int w = static_cast<int>(std::min<int64_t>(W, H - j));
+      for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+        V<T> acc[kRows][4] = {};
+        const T* b = wp + p * K * 4 * W;
+        tile_rows<T, 4>(rows, x + (t * N + r0) * I, I, b, I, acc);
+        if (product) tile_rows<T, 4>(rows, hp + r0 * H, H, b + I * 4 * W, H, acc);
+        for (int r = 0; r < rows; ++r) {
+          const int64_t n = r0 + r;
+          T* gn = g + n * H4 + j;
+          const V<T> o = vsigmoid<T>(acc[r][0]);
+          const V<T> i = vsigmoid<T>(acc[r][1]);
+          const V<T> f = vsigmoid<T>(acc[r][2]);
+          const V<T> gg = T(2) * vsigmoid<T>(acc[r][3]) - T(1);
+          const int64_t at = n * H + j;
+          const V<T> cv = f * load(cp + at, w) + i * gg;
+          const V<T> tv = vtanh<T>(cv);
+          store(gn, o, w);
+          store(gn + H, i, w);
+          store(gn + 2 * H, f, w);
+          store(gn + 3 * H, gg, w);
+          store(tc + at, tv, w);
+          if (m != nullptr && !m[n]) {  // a sequence that has ended keeps its state
+            store(c + at, load(cp + at, w), w);
+            store(h + at, load(hp + at, w), w);
+          } else {
+            store(c + at, cv, w);
+            store(h + at, o * tv, w);
+          }
+        }
+      }
+    }
+  }
+}
+
+// tile_rows() with the number of vectors per row (1 to 4) chosen at run time.
+template <typename T>
+inline void tile_vectors(int nv, int rows, const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4]) {
+  switch (nv) {
+    case 1: return tile_rows<T, 1>(rows, a, lda, b, K, acc);
+    case 2: return tile_rows<T, 2>(rows, a, lda, b, K, acc);
+    case 3: return tile_rows<T, 3>(rows, a, lda, b, K, acc);
+    default: return tile_rows<T, 4>(rows, a, lda, b, K, acc);
+  }
+}
+
+// What the LSTM backward's rows read and write (see lstm_backward_steps).
+template <typename T>
+struct LSTMBackward {
+  const T *G, *cs, *c0, *tcc, *gc, *wp, *wx;
+  T *P, *DH, *dc, *carry, *dx;
+  int64_t N, H, I, lo, hi, full;
+  int nvx;  // vectors per row in a tile of the input gradient (I may be far below 4W)
+  const Tensor* masks;
+};
+
+// Steps hi-1 down to lo of the backward for rows n0..n1. wp: W_hh packed by blocks of 4W hidden
+// units, each panel (4H, 4W); wx, when the input's gradient is asked for, W_ih packed by blocks
+// of nvx W inputs. Step t first takes the recurrent part of its dh from step t+1's gate gradients,
+// one tile at a time, and finishes those units' gates while the tile is in registers; step t+1's
+// input gradient is a product of the same rows.
+template <typename T, bool kHaveTanh>
+void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
+  constexpr int W = Vec<T>::W;
+  const int64_t N = a.N, H = a.H, H4 = 4 * H, panels = (H + 4 * W - 1) / (4 * W);
+  const V<T> one = splat(T(1));
+  auto input_grads = [&](const T* dg, int64_t s) {  // dx of step s from its gate gradients dg
+    if (a.dx == nullptr) return;
+    const int64_t width = a.nvx * W, xpanels = (a.I + width - 1) / width;
+    for (int64_t q = 0; q < xpanels; ++q)
+      for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+        V<T> acc[kRows][4] = {};
+        tile_vectors<T>(a.nvx, rows, dg + r0 * H4, H4, a.wx + q * H4 * width, H4, acc);
+        for (int r = 0; r < rows; ++r)
+          for (int v = 0; v < a.nvx; ++v) {
+            const int64_t u = q * width + v * W;
+            if (u >= a.I) break;
+            store(a.dx + (s * N + r0 + r) * a.I + u, acc[r][v], static_cast<int>(std::min<int64_t>(W, a.I - u)));
+          }
+      }
+  };
+  for (int64_t t = a.hi - 1; t >= a.lo; --t) {
+    const int64_t j = t - a.lo;
+    const bool rec = t < a.hi - 1;
+    const T* above = a.P + (j + 1) * N * H4;
+    const T* dh_above = a.DH + (j + 1) * N * H;
+    const bool* m_above = rec ? mask_row(*a.masks, t + 1, a.full) : nullptr;
+    const bool* m = mask_row(*a.masks, t, a.full);
+    const T* g = a.G + t * N * H4;
+    const T* tcp = kHaveTanh ? a.tcc + j * N * H : a.cs + t * N * H;
+    const T* cp = t == 0 ? a.c0 : a.cs + (t - 1) * N * H;
+    const T* gcp = (a.gc != nullptr && t > 0) ? a.gc + (t - 1) * N * H : nullptr;
+    T* dh = a.DH + j * N * H;
+    T* d = a.P + j * N * H4;
+    T* dc = a.dc;
+    for (int64_t q = 0; q < panels; ++q) {
+      for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+        V<T> acc[kRows][4] = {};
+        if (rec) tile_rows<T, 4>(rows, above + r0 * H4, H4, a.wp + q * H4 * 4 * W, H4, acc);
+        for (int r = 0; r < rows; ++r) {
+          const int64_t n = r0 + r;
+          const bool frozen_above = m_above != nullptr && !m_above[n];  // its dh passed straight down
+          const bool live = m == nullptr || m[n];
+          for (int v = 0; v < 4; ++v) {
+            const int64_t u = q * 4 * W + v * W;
+            if (u >= H) break;
+            const int w = static_cast<int>(std::min<int64_t>(W, H - u));
+            const int64_t at = n * H + u;
+            V<T> dhv = load(dh + at, w) + acc[r][v];
+            if (frozen_above) dhv += load(dh_above + at, w);
+            store(dh + at, dhv, w);
+            V<T> dcv = load(dc + at, w);
+            T* dn = d + n * H4 + u;
+            if (live) {
+              const T* gn = g + n * H4 + u;
+              const V<T> o = load(gn, w), i = load(gn + H, w), f = load(gn + 2 * H, w), gg = load(gn + 3 * H, w);
+              const V<T> tv = kHaveTanh ? load(tcp + at, w) : vtanh<T>(load(tcp + at, w));
+              dcv += dhv * o * (one - tv * tv);
+              store(dn, dhv * tv * o * (one - o), w);
+              store(dn + H, dcv * gg * i * (one - i), w);
+              store(dn + 2 * H, dcv * load(cp + at, w) * f * (one - f), w);
+              store(dn + 3 * H, dcv * i * (one - gg * gg), w);
+              dcv *= f;
+            } else {  // frozen: no gradient into the gates, dc passes through unchanged
+              for (int k = 0; k < 4; ++k) store(dn + k * H, V<T>{}, w);
+            }
+            if (gcp != nullptr) dcv += load(gcp + at, w);
+            store(dc + at, dcv, w);
+          }
+        }
+      }
+    }
+    if (rec) input_grads(above, t + 1);
+  }
+  input_grads(a.P, a.lo);
+  if (a.lo == 0) return;
+  // The step below starts the next chunk: d loss / d h_{lo-1} through the recurrence.
+  const bool* m = mask_row(*a.masks, a.lo, a.full);
+  for (int64_t q = 0; q < panels; ++q)
+    for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+      V<T> acc[kRows][4] = {};
+      tile_rows<T, 4>(rows, a.P + r0 * H4, H4, a.wp + q * H4 * 4 * W, H4, acc);
+      for (int r = 0; r < rows; ++r) {
+        const int64_t n = r0 + r;
+        for (int v = 0; v < 4; ++v) {
+          const int64_t u = q * 4 * W + v * W;
+          if (u >= H) break;
+          const int w = static_cast<int>(std::min<int64_t>(W, H - u));
+          const int64_t at = n * H + u;
+          store(a.carry + at, m != nullptr && !m[n] ? acc[r][v] + load(a.DH + at, w) : acc[r][v], w);
+        }
+      }
+    }
+}
+
+// All steps of the forward. x (T * N, I) holds the inputs (with a column of ones where the layer
+// has a bias), w_in (4H, I) and whh (4H, H) the weights (rows in the order o, i, f, g, the g rows
+// doubled); G (T, N, 4H) receives the activated gates, hs and cs (T, N, H) the outputs and cells,
+// tcs, (T, N, H) to keep every step's tanh(c) or (1, N, H) scratch, tanh(c).
+void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, const Tensor& x, const Tensor& h0,
+                        const Tensor& c0, const Tensor& w_in, const Tensor& whh, const Tensor& masks, int64_t full,
+                        bool h0_zero, bool flush) {
+  for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {tcs, "tcs"}, {x, "x"}, {h0, "h0"}, {c0, "c0"},
+                                {w_in, "w_in"}, {whh, "whh"}})
     check(t, G, name);
   const auto [T, N, H] = sizes(G, hs, 4, "hs");
+  TORCH_CHECK(x.dim() == 2, "rnnkit fused kernels: x must be (T * N, I)");
+  const int64_t I = x.size(1);
+  expect(x, "x", {T * N, I});
   expect(cs, "cs", {T, N, H});
   TORCH_CHECK(tcs.dim() == 3 && (tcs.size(0) == T || tcs.size(0) == 1) && tcs.size(1) == N && tcs.size(2) == H,
               "rnnkit fused kernels: tcs must be (T, N, H) or (1, N, H), got ", tcs.sizes());
   expect(h0, "h0", {N, H});
   expect(c0, "c0", {N, H});
+  expect(w_in, "w_in", {4 * H, I});
   expect(whh, "whh", {4 * H, H});
-  TORCH_CHECK(0 <= lo && lo <= hi && hi <= T, "rnnkit fused kernels: bad step range");
   check_masks(masks, full, T, N);
   const bool keep = tcs.size(0) == T;
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_forward_steps", [&] {
-    for (int64_t t = lo; t < hi; ++t) {
-      Tensor gt = G[t];
-      const Tensor& h_prev = t == 0 ? h0 : hs[t - 1];
-      const Tensor& c_prev = t == 0 ? c0 : cs[t - 1];
-      // The recurrent product lands in a buffer of its own, and the activations add the input
-      // projection as they read it (oneDNN's fused add costs a pass of its own); the usual zero
-      // initial state needs no product: the activations then read the projection alone.
-      const bool add = !(t == 0 && h0_zero);
-      Tensor pre = add ? linear(h_prev, whh, onednn) : gt.clone();
-      const scalar_t* p = pre.data_ptr<scalar_t>();
-      scalar_t* g = gt.data_ptr<scalar_t>();
-      const scalar_t* cp = c_prev.data_ptr<scalar_t>();
-      const scalar_t* hp = h_prev.data_ptr<scalar_t>();
-      scalar_t* c = cs.data_ptr<scalar_t>() + t * N * H;
-      scalar_t* tc = tcs.data_ptr<scalar_t>() + (keep ? t : 0) * N * H;
-      scalar_t* h = hs.data_ptr<scalar_t>() + t * N * H;
-      const bool* m = mask_row(masks, t, full);
-      with_flag(add, [&](auto k) {
-        over_rows(N, H, flush, [&](int64_t n0, int64_t n1) {
-          forward_rows<scalar_t, decltype(k)::value>(p, g, cp, hp, c, tc, h, m, n0, n1, H);
-        });
-      });
-    }
+    using R = Runs<scalar_t>;
+    constexpr int W = Vec<scalar_t>::W;
+    const scalar_t* wi = w_in.data_ptr<scalar_t>();
+    const scalar_t* wh = whh.data_ptr<scalar_t>();
+    // Panel p: units p W .. p W + W - 1 of the four gates, each unit's input then recurrent weights.
+    const Tensor wp = pack<scalar_t>(G, (H + W - 1) / W, 4 * W, I + H, [&](int64_t p, int64_t u) {
+      const int64_t j = p * W + u % W, row = (u / W) * H + j;
+      return j < H ? R{{{wi + row * I, I}, {wh + row * H, H}}} : R{};
+    });
+    over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
+      lstm_forward_rows<scalar_t>(G.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
+                                  tcs.data_ptr<scalar_t>(), keep, x.data_ptr<scalar_t>(), I,
+                                  h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), wp.data_ptr<scalar_t>(), masks,
+                                  full, h0_zero, T, N, H, n0, n1);
+    });
   });
 }
 
@@ -369,16 +505,17 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, const Tensor
 // tanh(c), or undefined to recompute it from cs; dc (N, H) is d loss / d c_{hi-1} on entry and
 // d loss / d c_{lo-1} on exit (dc0 when lo == 0); gc (T, N, H), optional, is the gradient of every
 // step's c; carry (N, H) receives d loss / d h_{lo-1} through the recurrence when lo > 0; whh_t is
-// W_hh^T (H, 4H), contiguous.
+// W_hh^T (H, 4H), contiguous; dx (T, N, I), when given, receives these steps' input gradient, with
+// wih_t = W_ih^T (I, 4H).
 void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
                          Tensor P, const Tensor& DH, Tensor dc, const std::optional<Tensor>& gc, Tensor carry,
-                         const Tensor& whh_t, const Tensor& masks, int64_t full, int64_t lo, int64_t hi, bool onednn,
-                         bool flush) {
+                         const Tensor& whh_t, const std::optional<Tensor>& dx, const std::optional<Tensor>& wih_t,
+                         const Tensor& masks, int64_t full, int64_t lo, int64_t hi, bool flush) {
   for (const auto& [t, name] : {std::pair{cs, "cs"}, {c0, "c0"}, {P, "P"}, {DH, "DH"}, {dc, "dc"}, {carry, "carry"},
                                 {whh_t, "whh_t"}})
     check(t, G, name);
-  if (tcc) check(*tcc, G, "tcc");
-  if (gc) check(*gc, G, "gc");
+  for (const auto& [t, name] : {std::pair{tcc, "tcc"}, {gc, "gc"}, {dx, "dx"}, {wih_t, "wih_t"}})
+    if (t) check(*t, G, name);
   const auto [T, N, H] = sizes(G, cs, 4, "cs");
   TORCH_CHECK(0 <= lo && lo < hi && hi <= T, "rnnkit fused kernels: bad step range");
   const int64_t n = hi - lo;
@@ -392,48 +529,157 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
   if (gc) expect(*gc, "gc", {T, N, H});
   expect(carry, "carry", {N, H});
   expect(whh_t, "whh_t", {H, 4 * H});
+  TORCH_CHECK(dx.has_value() == wih_t.has_value(), "rnnkit fused kernels: dx and wih_t come together");
+  const int64_t I = dx ? dx->size(2) : 0;
+  if (dx) {
+    expect(*dx, "dx", {T, N, I});
+    expect(*wih_t, "wih_t", {I, 4 * H});
+  }
   check_masks(masks, full, T, N);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_backward_steps", [&] {
-    scalar_t* dcp = dc.data_ptr<scalar_t>();
-    Tensor rec;  // the recurrent part of d loss / d h_t, from the step above (a product of its own)
-    for (int64_t t = hi - 1; t >= lo; --t) {
-      const int64_t j = t - lo;
-      const bool* m = mask_row(masks, t, full);
-      const scalar_t* g = G.data_ptr<scalar_t>() + t * N * 4 * H;
-      const scalar_t* tc = tcc ? tcc->data_ptr<scalar_t>() + j * N * H : cs.data_ptr<scalar_t>() + t * N * H;
-      const scalar_t* cp = t == 0 ? c0.data_ptr<scalar_t>() : cs.data_ptr<scalar_t>() + (t - 1) * N * H;
-      scalar_t* dhp = DH.data_ptr<scalar_t>() + j * N * H;
-      const scalar_t* rp = rec.defined() ? rec.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* gcp = (gc && t > 0) ? gc->data_ptr<scalar_t>() + (t - 1) * N * H : nullptr;
-      Tensor pj = P[j];
-      scalar_t* d = pj.data_ptr<scalar_t>();
-      with_flag(tcc.has_value(), [&](auto have_tanh) {
-        with_flag(rp != nullptr, [&](auto add) {
-          over_rows(N, H, flush, [&](int64_t n0, int64_t n1) {
-            backward_rows<scalar_t, decltype(have_tanh)::value, decltype(add)::value>(g, tc, cp, dhp, rp, dcp, gcp,
-                                                                                      d, m, n0, n1, H);
-          });
-        });
+    using R = Runs<scalar_t>;
+    constexpr int W = Vec<scalar_t>::W;
+    const int64_t H4 = 4 * H;
+    const scalar_t* wt = whh_t.data_ptr<scalar_t>();
+    const Tensor wp = pack<scalar_t>(G, (H + 4 * W - 1) / (4 * W), 4 * W, H4, [&](int64_t q, int64_t u) {
+      const int64_t k = q * 4 * W + u;
+      return k < H ? R{{{wt + k * H4, H4}}} : R{};
+    });
+    const int nvx = static_cast<int>(std::min<int64_t>(4, (I + W - 1) / W));
+    Tensor wx;
+    if (dx) {
+      const scalar_t* wi = wih_t->data_ptr<scalar_t>();
+      wx = pack<scalar_t>(G, (I + nvx * W - 1) / (nvx * W), nvx * W, H4, [&](int64_t q, int64_t u) {
+        const int64_t k = q * nvx * W + u;
+        return k < I ? R{{{wi + k * H4, H4}}} : R{};
       });
-      if (t == 0) break;
-      rec = linear(pj, whh_t, onednn);
-      if (m != nullptr) {  // frozen rows pass their dh straight down
-        scalar_t* r = rec.data_ptr<scalar_t>();
-        for (int64_t n = 0; n < N; ++n)
-          if (!m[n])
-            for (int64_t k = 0; k < H; ++k) r[n * H + k] += dhp[n * H + k];
-      }
-      if (j == 0) carry.copy_(rec);  // the step below starts the next chunk
     }
+    auto ptr = [](const std::optional<Tensor>& t) { return t ? t->data_ptr<scalar_t>() : nullptr; };
+    const LSTMBackward<scalar_t> args{G.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+                                      ptr(tcc), ptr(gc), wp.data_ptr<scalar_t>(),
+                                      dx ? wx.data_ptr<scalar_t>() : nullptr, P.data_ptr<scalar_t>(),
+                                      DH.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), carry.data_ptr<scalar_t>(),
+                                      ptr(dx), N, H, I, lo, hi, full, nvx, &masks};
+    with_flag(tcc.has_value(), [&](auto have_tanh) {
+      over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
+        lstm_backward_rows<scalar_t, decltype(have_tanh)::value>(args, n0, n1);
+      });
+    });
   });
 }
 
+
+// GRU with torch's maths (the reset gate after the recurrent product), gates (r, z, n), the n
+// rows of the weights doubled so that tanh(a) = 2 sigmoid(2a) - 1. All steps of the forward for
+// rows n0..n1: G (T, N, 3H) holds the input projections and receives the activations (r, z, n);
+// S2 receives the n block of h_{t-1} W_hh^T + b_h (2 S, which the backward needs), hs the states
+// the backward keeps and out the same values, for the caller (who may then edit them in place).
+// wp: W_hh packed by blocks of W units, each panel (H, 3 gates x W); bh the recurrent bias (zero
+// but for 2 b_hn).
+template <typename T>
+void gru_forward_rows(T* G, T* S2, T* hs, T* out, const T* h0, const T* wp, const T* bh, const Tensor& masks,
+                      int64_t full, bool h0_zero, int64_t T_, int64_t N, int64_t H, int64_t n0, int64_t n1) {
+  constexpr int W = Vec<T>::W;
+  const int64_t panels = (H + W - 1) / W, H3 = 3 * H;
+  for (int64_t t = 0; t < T_; ++t) {
+    const T* hp = t == 0 ? h0 : hs + (t - 1) * N * H;
+    const bool* m = mask_row(masks, t, full);
+    const bool product = !(t == 0 && h0_zero);  // the usual zero initial state needs no product
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t j = p * W;
+      const int w = static_cast<int>(std::min<int64_t>(W, H - j));
+      const V<T> br = load(bh + j, w), bz = load(bh + H + j, w), bn = load(bh + 2 * H + j, w);
+      for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+        V<T> acc[kRows][4] = {};
+        if (product) tile_rows<T, 3>(rows, hp + r0 * H, H, wp + p * H * 3 * W, H, acc);
+        for (int r = 0; r < rows; ++r) {
+          const int64_t n = r0 + r, at = n * H + j;
+          T* gn = G + (t * N + n) * H3 + j;
+          const V<T> rv = vsigmoid<T>(load(gn, w) + acc[r][0] + br);
+          const V<T> zv = vsigmoid<T>(load(gn + H, w) + acc[r][1] + bz);
+          const V<T> s2 = acc[r][2] + bn;
+          const V<T> nv = T(2) * vsigmoid<T>(load(gn + 2 * H, w) + rv * s2) - T(1);
+          const V<T> hpv = load(hp + at, w);
+          store(gn, rv, w);
+          store(gn + H, zv, w);
+          store(gn + 2 * H, nv, w);
+          store(S2 + t * N * H + at, s2, w);
+          const V<T> hv = m != nullptr && !m[n] ? hpv : nv + zv * (hpv - nv);  // ended: the state is kept
+          store(hs + t * N * H + at, hv, w);
+          store(out + t * N * H + at, hv, w);
+        }
+      }
+    }
+  }
+}
+
+// All steps of the GRU backward for rows n0..n1, from the last. DH (T, N, H) holds the outputs'
+// gradient and is overwritten with d loss / d h_t in full; DGi, DGh (T, N, 3H) receive the
+// gradients of the input projection (r, z, n) and of h W_hh^T + b (r, z, S); dh0 (N, H) receives
+// the part of d loss / d h_0 that bypasses the products. wp: W_hh packed by blocks of 4W hidden
+// units, each panel (3H, 4W). Step t takes the recurrent part of its dh from step t+1's DGh.
+template <typename T>
+void gru_backward_rows(const T* G, const T* S2, const T* hs, const T* h0, T* DH, T* DGi, T* DGh, T* dh0,
+                       const T* wp, const Tensor& masks, int64_t full, int64_t T_, int64_t N, int64_t H, int64_t n0,
+                       int64_t n1) {
+  constexpr int W = Vec<T>::W;
+  const int64_t H3 = 3 * H, panels = (H + 4 * W - 1) / (4 * W);
+  const V<T> one = splat(T(1));
+  for (int64_t t = T_ - 1; t >= 0; --t) {
+    const bool rec = t < T_ - 1;
+    const T* above = DGh + (t + 1) * N * H3;
+    const bool* m = mask_row(masks, t, full);
+    const T* hp = t == 0 ? h0 : hs + (t - 1) * N * H;
+    T* below = t == 0 ? dh0 : DH + (t - 1) * N * H;
+    for (int64_t q = 0; q < panels; ++q)
+      for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+        V<T> acc[kRows][4] = {};
+        if (rec) tile_rows<T, 4>(rows, above + r0 * H3, H3, wp + q * H3 * 4 * W, H3, acc);
+        for (int r = 0; r < rows; ++r) {
+          const int64_t n = r0 + r;
+          for (int v = 0; v < 4; ++v) {
+            const int64_t u = q * 4 * W + v * W;
+            if (u >= H) break;
+            const int w = static_cast<int>(std::min<int64_t>(W, H - u));
+            const int64_t at = n * H + u;
+            T* dhp = DH + t * N * H + at;
+            const V<T> d = load(dhp, w) + acc[r][v];
+            store(dhp, d, w);
+            T* di = DGi + (t * N + n) * H3 + u;
+            T* dr = DGh + (t * N + n) * H3 + u;
+            if (m != nullptr && !m[n]) {  // ended: h_t = h_{t-1}, so dh passes straight down
+              for (int k = 0; k < 3; ++k) {
+                store(di + k * H, V<T>{}, w);
+                store(dr + k * H, V<T>{}, w);
+              }
+              store(below + at, load(below + at, w) + d, w);
+              continue;
+            }
+            const T* gn = G + (t * N + n) * H3 + u;
+            const V<T> rv = load(gn, w), zv = load(gn + H, w), nv = load(gn + 2 * H, w);
+            const V<T> da_n = d * (one - zv) * (one - nv * nv);
+            const V<T> da_z = d * (load(hp + at, w) - nv) * zv * (one - zv);
+            const V<T> da_r = da_n * T(0.5) * load(S2 + t * N * H + at, w) * rv * (one - rv);
+            store(di, da_r, w);
+            store(di + H, da_z, w);
+            store(di + 2 * H, da_n, w);
+            store(dr, da_r, w);
+            store(dr + H, da_z, w);
+            store(dr + 2 * H, da_n * rv, w);
+            store(below + at, load(below + at, w) + d * zv, w);
+          }
+        }
+      }
+  }
+}
 
 // All steps of a GRU forward. G (T, N, 3H) holds the input projections (n rows doubled, the input
 // biases included) and receives the activations; S2 (T, N, H) receives 2 S per step, hs the outputs.
 // whh is W_hh with its n rows doubled, bh the recurrent bias (zero but for 2 b_hn).
 void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, Tensor out, const Tensor& h0, const Tensor& whh,
-                       const Tensor& bh, const Tensor& masks, int64_t full, bool h0_zero, bool onednn, bool flush) {
+                       const Tensor& bh, const Tensor& masks, int64_t full, bool h0_zero, bool flush) {
   for (const auto& [t, name] :
        {std::pair{S2, "S2"}, {hs, "hs"}, {out, "out"}, {h0, "h0"}, {whh, "whh"}, {bh, "bh"}})
     check(t, G, name);
@@ -445,24 +691,18 @@ void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, Tensor out, const Tensor&
   expect(bh, "bh", {3 * H});
   check_masks(masks, full, T, N);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "gru_forward_steps", [&] {
-    const scalar_t* b = bh.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < T; ++t) {
-      const Tensor& h_prev = t == 0 ? h0 : hs[t - 1];
-      const bool product = !(t == 0 && h0_zero);
-      Tensor hh = product ? linear(h_prev, whh, onednn) : Tensor();
-      const scalar_t* p = product ? hh.data_ptr<scalar_t>() : nullptr;
-      scalar_t* g = G.data_ptr<scalar_t>() + t * N * 3 * H;
-      scalar_t* s2 = S2.data_ptr<scalar_t>() + t * N * H;
-      const scalar_t* hp = h_prev.data_ptr<scalar_t>();
-      scalar_t* h = hs.data_ptr<scalar_t>() + t * N * H;
-      scalar_t* o = out.data_ptr<scalar_t>() + t * N * H;
-      const bool* m = mask_row(masks, t, full);
-      with_flag(product, [&](auto k) {
-        over_rows(N, H, flush, [&](int64_t n0, int64_t n1) {
-          gru_forward_rows<scalar_t, decltype(k)::value>(p, b, g, s2, hp, h, o, m, n0, n1, H);
-        });
-      });
-    }
+    using R = Runs<scalar_t>;
+    constexpr int W = Vec<scalar_t>::W;
+    const scalar_t* wh = whh.data_ptr<scalar_t>();
+    const Tensor wp = pack<scalar_t>(G, (H + W - 1) / W, 3 * W, H, [&](int64_t p, int64_t u) {
+      const int64_t j = p * W + u % W;  // unit j of gate u / W
+      return j < H ? R{{{wh + ((u / W) * H + j) * H, H}}} : R{};
+    });
+    over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
+      gru_forward_rows<scalar_t>(G.data_ptr<scalar_t>(), S2.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
+                                 out.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), wp.data_ptr<scalar_t>(),
+                                 bh.data_ptr<scalar_t>(), masks, full, h0_zero, T, N, H, n0, n1);
+    });
   });
 }
 
@@ -472,7 +712,7 @@ void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, Tensor out, const Tensor&
 // bypasses the products (the caller adds DGh[0] W_hh). whh_t is W_hh^T (H, 3H), contiguous.
 void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, const Tensor& h0, Tensor DH,
                         Tensor DGi, Tensor DGh, Tensor dh0, const Tensor& whh_t, const Tensor& masks, int64_t full,
-                        bool onednn, bool flush) {
+                        bool flush) {
   for (const auto& [t, name] : {std::pair{S2, "S2"}, {hs, "hs"}, {h0, "h0"}, {DH, "DH"}, {DGi, "DGi"},
                                 {DGh, "DGh"}, {dh0, "dh0"}, {whh_t, "whh_t"}})
     check(t, G, name);
@@ -486,25 +726,19 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
   expect(whh_t, "whh_t", {H, 3 * H});
   check_masks(masks, full, T, N);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "gru_backward_steps", [&] {
-    Tensor rec;
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const bool* m = mask_row(masks, t, full);
-      const scalar_t* g = G.data_ptr<scalar_t>() + t * N * 3 * H;
-      const scalar_t* s2 = S2.data_ptr<scalar_t>() + t * N * H;
-      const scalar_t* hp = t == 0 ? h0.data_ptr<scalar_t>() : hs.data_ptr<scalar_t>() + (t - 1) * N * H;
-      scalar_t* dh = DH.data_ptr<scalar_t>() + t * N * H;
-      const scalar_t* rp = rec.defined() ? rec.data_ptr<scalar_t>() : nullptr;
-      scalar_t* di = DGi.data_ptr<scalar_t>() + t * N * 3 * H;
-      Tensor dgh = DGh[t];
-      scalar_t* dr = dgh.data_ptr<scalar_t>();
-      scalar_t* below = t == 0 ? dh0.data_ptr<scalar_t>() : DH.data_ptr<scalar_t>() + (t - 1) * N * H;
-      with_flag(rp != nullptr, [&](auto add) {
-        over_rows(N, H, flush, [&](int64_t n0, int64_t n1) {
-          gru_backward_rows<scalar_t, decltype(add)::value>(g, s2, hp, dh, rp, di, dr, below, m, n0, n1, H);
-        });
-      });
-      if (t > 0) rec = linear(dgh, whh_t, onednn);
-    }
+    using R = Runs<scalar_t>;
+    constexpr int W = Vec<scalar_t>::W;
+    const scalar_t* wt = whh_t.data_ptr<scalar_t>();
+    const Tensor wp = pack<scalar_t>(G, (H + 4 * W - 1) / (4 * W), 4 * W, 3 * H, [&](int64_t q, int64_t u) {
+      const int64_t k = q * 4 * W + u;
+      return k < H ? R{{{wt + k * 3 * H, 3 * H}}} : R{};
+    });
+    over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
+      gru_backward_rows<scalar_t>(G.data_ptr<scalar_t>(), S2.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
+                                  h0.data_ptr<scalar_t>(), DH.data_ptr<scalar_t>(), DGi.data_ptr<scalar_t>(),
+                                  DGh.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>(), wp.data_ptr<scalar_t>(), masks,
+                                  full, T, N, H, n0, n1);
+    });
   });
 }
 
@@ -512,21 +746,21 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
 
 TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def(
-      "lstm_forward_steps(Tensor(a!) G, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tcs, Tensor h0, Tensor c0, "
-      "Tensor whh, Tensor masks, int full, int lo, int hi, bool h0_zero, bool onednn, bool flush) -> ()");
+      "lstm_forward_steps(Tensor(a!) G, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tcs, Tensor x, Tensor h0, "
+      "Tensor c0, Tensor w_in, Tensor whh, Tensor masks, int full, bool h0_zero, bool flush) -> ()");
   m.def(
       "lstm_backward_steps(Tensor G, Tensor cs, Tensor c0, Tensor? tcc, Tensor(a!) P, Tensor DH, Tensor(b!) dc, "
-      "Tensor? gc, Tensor(c!) carry, Tensor whh_t, Tensor masks, int full, int lo, int hi, bool onednn, "
-      "bool flush) -> ()");
+      "Tensor? gc, Tensor(c!) carry, Tensor whh_t, Tensor(d!)? dx, Tensor? wih_t, Tensor masks, int full, int lo, "
+      "int hi, bool flush) -> ()");
 }
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
   m.def(
       "gru_forward_steps(Tensor(a!) G, Tensor(b!) S2, Tensor(c!) hs, Tensor(d!) out, Tensor h0, Tensor whh, "
-      "Tensor bh, Tensor masks, int full, bool h0_zero, bool onednn, bool flush) -> ()");
+      "Tensor bh, Tensor masks, int full, bool h0_zero, bool flush) -> ()");
   m.def(
       "gru_backward_steps(Tensor G, Tensor S2, Tensor hs, Tensor h0, Tensor(a!) DH, Tensor(b!) DGi, "
-      "Tensor(c!) DGh, Tensor(d!) dh0, Tensor whh_t, Tensor masks, int full, bool onednn, bool flush) -> ()");
+      "Tensor(c!) DGh, Tensor(d!) dh0, Tensor whh_t, Tensor masks, int full, bool flush) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
