@@ -518,7 +518,8 @@ def _version(dist: str) -> str | None:
 
 def environment(device: torch.device, command: str) -> list[str]:
     """The header lines: machine, software, command."""
-    machine = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+               f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
     if device.type == "cuda":
         machine += f"; GPU {torch.cuda.get_device_name(device)}"
     software = [f"Python {platform.python_version()}", f"torch {torch.__version__}",

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import require_cpu_kernels
 
+from rnnkit import LSTMCell, engine
 from rnnkit.backends import cext
 
 # A fused LSTM forward and backward against the reference loop, and what cext says about itself.
@@ -226,6 +227,14 @@ def test_openmp_only_when_torch_runs_on_gnu_openmp(monkeypatch, tmp_path):
     import torch.utils.cpp_extension as ext
 
     monkeypatch.setattr(ext, "library_paths", lambda: [str(tmp_path)])  # a torch without libgomp beside it
-    assert "-fopenmp" not in cext._flags()
-    (tmp_path / "libgomp-a34b3233.so.1").write_bytes(b"")
-    assert "-fopenmp" in cext._flags()
+    cext._flags.cache_clear()
+    try:
+        assert "-fopenmp" not in cext._flags()
+        assert not cext.threaded()  # and the LSTM policy does not count on the kernels' threads
+        assert not engine._fused_lstm_trains_faster(LSTMCell(28, 128), torch.zeros(1), 128)
+        cext._flags.cache_clear()
+        (tmp_path / "libgomp-a34b3233.so.1").write_bytes(b"")
+        assert "-fopenmp" in cext._flags()
+        assert cext.threaded()
+    finally:
+        cext._flags.cache_clear()

@@ -33,6 +33,7 @@ Reference loop (what every backend computes)::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 
 from rnnkit import fpmode
 from rnnkit.allocator import allocator_tuned
-from rnnkit.backends import compiled, fused, native, reference
+from rnnkit.backends import cext, compiled, fused, native, reference
 from rnnkit.cells import GRUCell, LSTMCell
 from rnnkit.errors import ShapeError
 
@@ -234,8 +235,10 @@ def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int, ragged: bo
 def _fused_lstm_trains_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
     """Whether the fused backend's register-blocked LSTM loops beat torch's kernel (see the notes above)."""
     H = cell.hidden_size
-    return (type(cell) is LSTMCell and x.dtype == torch.float32 and not _AVX512 and fused.kernels_available()
-            and H <= _FUSED_LSTM_MAX_HIDDEN and N * H >= _FUSED_LSTM_MIN_UNITS)
+    # the cheap checks first: kernels_available() may build the kernels
+    return (type(cell) is LSTMCell and x.dtype == torch.float32 and not _AVX512
+            and H <= _FUSED_LSTM_MAX_HIDDEN and N * H >= _FUSED_LSTM_MIN_UNITS
+            and fused.kernels_available() and cext.threaded())
 
 
 def _fused_infers_faster(cell: nn.Module, N: int) -> bool:
@@ -245,17 +248,26 @@ def _fused_infers_faster(cell: nn.Module, N: int) -> bool:
 
 
 def _autocast_kernel_runs(cell: nn.Module) -> bool:
-    """Whether torch's LSTM kernel runs under this CPU autocast: oneDNN has no bfloat16 or float16
-    LSTM on processors without those instructions (torch.nn.LSTM then fails to build its primitive;
-    rnnkit's layers take the fused backend's float32 maths instead)."""
+    """Whether torch's kernel runs this cell under the current CPU autocast (see _torch_lstm_runs)."""
     if type(cell) is not LSTMCell:
         return True
-    dtype = torch.get_autocast_dtype("cpu")
-    mkldnn = torch.ops.mkldnn
-    if dtype == torch.bfloat16:
-        return bool(mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(mkldnn._is_mkldnn_fp16_supported())
+    return _torch_lstm_runs(torch.get_autocast_dtype("cpu"), torch.is_grad_enabled())
+
+
+@functools.cache
+def _torch_lstm_runs(dtype: torch.dtype, grad: bool) -> bool:
+    """Whether torch.nn.LSTM runs under CPU autocast to ``dtype`` here: oneDNN has no bfloat16 LSTM on
+    processors without bfloat16 instructions (seen on an AMD EPYC Zen 3 with torch 2.13: torch.nn.LSTM
+    fails to build its primitive), so rnnkit's layers take the fused backend's float32 maths there.
+    Asked of torch itself, once per dtype and grad mode, so its own rules (and their changes) decide."""
+    x, h = torch.zeros(1, 1, 2), torch.zeros(1, 1, 2)
+    weights = [torch.zeros(8, 2, requires_grad=grad), torch.zeros(8, 2, requires_grad=grad), torch.zeros(8),
+               torch.zeros(8)]  # zeros, not torch.nn.LSTM's random initialisation: the caller's RNG is untouched
+    try:
+        with torch.autocast("cpu", dtype=dtype), torch.set_grad_enabled(grad):
+            torch._VF.lstm(x, (h, h), weights, True, 1, 0.0, grad, False, False)
+    except RuntimeError:
+        return False
     return True
 
 

@@ -1,13 +1,13 @@
 """rnnkit's C++ kernels for the CPU: built once per machine with the system's C++ compiler, then loaded.
 
-The fused backend's LSTM time loops (``csrc/fused_cpu.cpp``) run in C++ when these kernels are
+The fused backend's LSTM and GRU time loops (``csrc/fused_cpu.cpp``) run in C++ when these kernels are
 available and in Python otherwise; both paths give the same results to rounding and are tested
 against each other. The library is compiled for the processor it runs on (``-march=native``) into
 a cache directory keyed by the source, torch's version, the compiler and the processor's flags:
 ``$RNNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/rnnkit``, else ``~/.cache/rnnkit`` (and the system's
-temporary directory when that cannot be written). A build takes
-about ten seconds; ``make`` does it at set-up (``rnnkit kernels``), and otherwise
-the first call that wants the kernels does it, once. Concurrent builders wait on a file lock, and
+temporary directory when that cannot be written). A build takes 10-30 seconds (8-10 on a Zen 5, 25
+on a Zen 3 with g++ 12); ``make`` does it at set-up (``rnnkit kernels``), and otherwise the first
+call that wants the kernels does it, once. Concurrent builders wait on a file lock, and
 the library is renamed into place whole, so a reader never loads a half-written file.
 
 Nothing here is required: with no compiler, an unwritable cache, a failed build or
@@ -17,6 +17,7 @@ Nothing here is required: with no compiler, an unwritable cache, a failed build 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import platform
@@ -75,18 +76,24 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def _flags() -> tuple[str, ...]:
     """The compiler's flags: with GNU OpenMP only when torch runs on it (libgomp beside its libraries).
 
-    The kernels split a step's rows over torch's threads through ATen's OpenMP header; a torch built
-    on another OpenMP runtime (Intel's, LLVM's) would meet a second runtime in the same process, so
-    there the kernels are built without it and run each step's gate pass on one thread.
+    The kernels split the batch's rows over torch's threads through ATen's OpenMP header; a torch
+    built on another OpenMP runtime (Intel's, LLVM's) would meet a second runtime in the same
+    process, so there the kernels are built without it and run whole loops on one thread.
     """
     from torch.utils.cpp_extension import library_paths
 
     beside = any(any(Path(d).glob("libgomp*.so*")) for d in library_paths())
     gnu = beside and "OpenMP" in torch.__config__.parallel_info()
     return (*_FLAGS, "-fopenmp") if gnu else _FLAGS
+
+
+def threaded() -> bool:
+    """Whether the kernels run on torch's threads (built with OpenMP) rather than on one thread."""
+    return "-fopenmp" in _flags()
 
 
 def _argv(cxx: str) -> list[str]:

@@ -12,18 +12,23 @@ Where the time goes and what this backend does about it:
   before it with a few batched ops. torch's tanh is ~3x slower than its sigmoid on the CPU, so
   tanh runs as ``2 sigmoid(2a) - 1`` with the weights that feed it doubled once per call.
 * Memory. A long LSTM sequence (over 8 MB of gates) works through time in chunks of 2 MB: the
-  input projection of a chunk is computed just before the chunk runs, and the backward's scratch
-  buffers are one chunk long (reused), so long sequences stay in cache and need no sequence-sized
-  scratch.
+  backward's scratch buffers are one chunk long (reused), and in the Python loops the input
+  projection of a chunk is computed just before the chunk runs, so long sequences stay in cache
+  and need no sequence-sized scratch.
 
 Time loops. The LSTM's and GRU's run in C++ (``csrc/fused_cpu.cpp``, built by
-:mod:`rnnkit.backends.cext`): a step is one oneDNN product and one vectorised pass over its gates,
-with the input projection folded into that pass, where the Python loops pay the interpreter and
-a dispatch for each of ten or more elementwise ops. Measured 2026-12-02 on an AMD EPYC (Zen 5, 2
-cores), a train step at T28 I28 H128 B128 took 7.8-8.0 ms with the C++ loops against 9.8-10.5 ms
-with the Python ones (``torch.nn.LSTM``: 6.8-7.4 ms, oneDNN's fused RNN); the GRU 10.9 against
-12.2 ms (``torch.nn.GRU``: 15-20 ms). The Python loops remain where no kernels build, and the
-tests run every case through both. The Elman RNN and the reset-before GRU loop in Python.
+:mod:`rnnkit.backends.cext`), where the Python loops pay the interpreter, a dispatch for each of ten
+or more elementwise ops and a library GEMM per step. Each thread there runs every step for its own
+rows of the batch (rows never interact through the recurrence, so threads never wait for each
+other), with the weights packed once per call into panels that stay in cache and each
+register-blocked tile of a step's product finished by its gates before it leaves the registers;
+the LSTM's input projection and input gradient are part of that product, so with the C++ loops the
+LSTM computes neither as a separate GEMM. Measured 2026-12-02 on an AMD EPYC without AVX-512 (Zen 3,
+2 cores), a train step at T28 I28 H128 B128 took 21.5 ms against 25.1 ms for ``torch.nn.LSTM``
+(oneDNN's fused RNN) and 39.7 ms with the previous C++ loops (a oneDNN or BLAS product per step and
+a gate pass GCC did not vectorise there); the GRU 16.4 ms against 24.8 for ``torch.nn.GRU`` (and 30.3
+before). The Python loops remain where no kernels build, and the tests run every case through both.
+The Elman RNN and the reset-before GRU loop in Python.
 
 Variable lengths: past a sequence's end its state is frozen (``h_t = h_{t-1}``); the backward then
 passes that row's gradient straight to step t-1 and gives its gates none. Masking work is only
@@ -59,15 +64,16 @@ _DTYPES = (torch.float32, torch.float64)
 # GRU and RNN: steps per chunk of the backward's batched precomputation, about this many bytes
 # of factors, so a chunk's operands stay in cache between the precomputation and the loop.
 _CHUNK_BYTES = 4 << 20
-# Bytes of gates per chunk of the LSTM's time loops. The input projection and the weight
-# gradients run as one GEMM per chunk, which is as efficient as one GEMM over all steps from
-# about a thousand rows (steps * batch), while the chunk's buffers stay in cache and long
-# sequences need no sequence-sized scratch memory in the backward.
+# Bytes of gates per chunk of the LSTM's backward (and of the Python loops' forward). The weight
+# gradients (and the Python loops' input projection) run as one GEMM per chunk, which is as
+# efficient as one GEMM over all steps from about a thousand rows (steps * batch), while the
+# chunk's buffers stay in cache and long sequences need no sequence-sized scratch memory in the
+# backward. (The C++ forward runs whole sequences: its input projection is part of each step.)
 _CHUNK_GATE_BYTES = 2 << 20
-# A sequence with at most this many bytes of gates runs as one chunk: its input projection is then
-# the GEMM's own result (no copy into a buffer) and its weight gradients one GEMM. T28 H128 B128
-# (7.3 MB) trained 8-10% faster this way than in 2 MB chunks (2026-12-02, AMD EPYC, C++ loops);
-# at T784 the 2 MB chunks were 17% faster than 16 MB ones (cache).
+# A sequence with at most this many bytes of gates runs as one chunk: its weight gradients are one
+# GEMM (and in the Python loops its input projection the GEMM's own result, no copy into a buffer).
+# T28 H128 B128 (7.3 MB) trained 8-10% faster this way than in 2 MB chunks (2026-12-02, AMD EPYC
+# Zen 5, per-step-product C++ loops); at T784 the 2 MB chunks were 17% faster than 16 MB ones (cache).
 _ONE_CHUNK_GATE_BYTES = 8 << 20
 # Up to this many bytes per (T, N, H) buffer the LSTM's forward keeps every step's tanh(c) for
 # the backward; longer sequences recompute it there chunk by chunk instead of storing more.

@@ -1,4 +1,4 @@
-"""The GEMMs of the fused CPU backend, on oneDNN where torch ships it and on BLAS otherwise.
+"""The GEMMs of the fused CPU backend: on oneDNN where torch ships it and the processor has AVX-512, on BLAS otherwise.
 
 torch's float32 ``mm`` on the CPU goes to MKL, whose kernels on AMD processors stop at AVX2;
 oneDNN (which also runs ``torch.nn.LSTM`` on the CPU) uses AVX-512 where the processor has it.

@@ -57,7 +57,7 @@ class Flush {
   bool set_ = false;
 };
 
-// fn(std::true_type) or fn(std::false_type): a runtime flag as a template argument of the row kernels.
+// fn(std::true_type) or fn(std::false_type): a runtime flag as a template argument of the row loops.
 template <typename F>
 void with_flag(bool flag, const F& fn) {
   if (flag)
@@ -113,7 +113,7 @@ constexpr int kVecBytes = 64;
 constexpr int kPass = 4;  // 32 vector registers: 6 rows x 4 vectors of accumulators and 4 operands
 #elif defined(__AVX__)
 constexpr int kVecBytes = 32;
-constexpr int kPass = 2;  // 16 registers: 6 x 2 accumulators, 2 operands and the broadcast
+constexpr int kPass = 2;  // AVX or AVX2, 16 registers: 6 x 2 accumulators, 2 operands, the broadcast
 #else
 constexpr int kVecBytes = 16;
 constexpr int kPass = 2;
@@ -172,7 +172,7 @@ inline V<float> vexp(V<float> x) {
   p = p * r + 5.0000001201e-1f;
   const F y = p * r * r + r + 1.0f;
   const auto bits = (__builtin_convertvector(n, Vec<float>::ints) + 127) << 23;
-  return y * reinterpret_cast<const F&>(bits);
+  return y * reinterpret_cast<F>(bits);  // the same bits as floats (a vector cast, no aliasing)
 }
 
 inline V<double> vexp(V<double> x) {  // float64 is for checking gradients: exact, not fast
@@ -180,16 +180,18 @@ inline V<double> vexp(V<double> x) {  // float64 is for checking gradients: exac
   return x;
 }
 
-// 1 / d for d >= 1: the processor's estimate and one Newton step (23 bits or more), where a
-// division would cost several times as much; float64 divides.
+// 1 / d for d >= 1: the processor's estimate (12 or 14 bits) and two Newton steps, within an ulp
+// or two and exactly 1 for d = 1 (so a saturated gate is exactly 1, as with a division), where a
+// division costs several times as much; elsewhere, and in float64, a division.
 inline V<float> vrecip(V<float> d) {
 #if defined(__AVX512F__)
-  const V<float> r = reinterpret_cast<V<float>>(_mm512_rcp14_ps(reinterpret_cast<__m512>(d)));
+  V<float> r = reinterpret_cast<V<float>>(_mm512_rcp14_ps(reinterpret_cast<__m512>(d)));
 #elif defined(__AVX__)
-  const V<float> r = reinterpret_cast<V<float>>(_mm256_rcp_ps(reinterpret_cast<__m256>(d)));
+  V<float> r = reinterpret_cast<V<float>>(_mm256_rcp_ps(reinterpret_cast<__m256>(d)));
 #else
-  const V<float> r = 1.0f / d;
+  return 1.0f / d;
 #endif
+  r = r * (2.0f - d * r);
   return r * (2.0f - d * r);
 }
 
@@ -218,7 +220,7 @@ inline void tile_pass(const T* __restrict a, int64_t lda, const T* __restrict b,
   b += V0 * W;
   for (int64_t k = 0; k < K; ++k, b += NV * W) {
     V<T> bv[P];
-    for (int v = 0; v < P; ++v) bv[v] = *reinterpret_cast<const V<T>*>(b + v * W);
+    for (int v = 0; v < P; ++v) bv[v] = load(b + v * W);
     for (int r = 0; r < R; ++r) {
       const T x = a[r * lda + k];
       for (int v = 0; v < P; ++v) s[r][v] += x * bv[v];
@@ -248,7 +250,7 @@ inline void tile_rows(int rows, const T* a, int64_t lda, const T* b, int64_t K, 
 // Weights packed for tile(): panel p holds, for every k, the width values of units u < width,
 // where unit(p, u) gives that unit's weights as up to two runs of (pointer, length) that together
 // make its K values (a null pointer: a padding unit, zero). The panels are 64-byte aligned
-// (torch's CPU allocator), so tile() loads them aligned.
+// (torch's CPU allocator), so tile()'s loads are aligned ones in practice.
 template <typename T, typename F>
 Tensor pack(const Tensor& like, int64_t panels, int64_t width, int64_t K, const F& unit) {
   Tensor out = at::zeros({panels, K, width}, like.options());
@@ -345,6 +347,27 @@ inline void tile_vectors(int nv, int rows, const T* a, int64_t lda, const T* b, 
   }
 }
 
+// For rows n0..n1 of a backward step, in tiles of kRows rows and 4W hidden units: the tile's
+// product of rows of a (row stride K; none when a is null) and a panel of wp (K x 4W, as pack()
+// lays W_hh^T out), then fn(n, u, w, sum) for each row n and vector of units u .. u + w - 1
+// (w < W where a row of H units ends).
+template <typename T, typename F>
+void over_unit_tiles(const T* a, const T* wp, int64_t K, int64_t H, int64_t n0, int64_t n1, const F& fn) {
+  constexpr int W = Vec<T>::W;
+  for (int64_t q = 0; q < (H + 4 * W - 1) / (4 * W); ++q)
+    for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+      V<T> acc[kRows][4] = {};
+      if (a != nullptr) tile_rows<T, 4>(rows, a + r0 * K, K, wp + q * K * 4 * W, K, acc);
+      for (int r = 0; r < rows; ++r)
+        for (int v = 0; v < 4; ++v) {
+          const int64_t u = q * 4 * W + v * W;
+          if (u >= H) break;
+          fn(r0 + r, u, static_cast<int>(std::min<int64_t>(W, H - u)), acc[r][v]);
+        }
+    }
+}
+
 // What the LSTM backward's rows read and write (see lstm_backward_steps).
 template <typename T>
 struct LSTMBackward {
@@ -363,7 +386,7 @@ struct LSTMBackward {
 template <typename T, bool kHaveTanh>
 void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
   constexpr int W = Vec<T>::W;
-  const int64_t N = a.N, H = a.H, H4 = 4 * H, panels = (H + 4 * W - 1) / (4 * W);
+  const int64_t N = a.N, H = a.H, H4 = 4 * H;
   const V<T> one = splat(T(1));
   auto input_grads = [&](const T* dg, int64_t s) {  // dx of step s from its gate gradients dg
     if (a.dx == nullptr) return;
@@ -384,8 +407,8 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
   for (int64_t t = a.hi - 1; t >= a.lo; --t) {
     const int64_t j = t - a.lo;
     const bool rec = t < a.hi - 1;
-    const T* above = a.P + (j + 1) * N * H4;
-    const T* dh_above = a.DH + (j + 1) * N * H;
+    const T* above = rec ? a.P + (j + 1) * N * H4 : nullptr;
+    const T* dh_above = rec ? a.DH + (j + 1) * N * H : nullptr;
     const bool* m_above = rec ? mask_row(*a.masks, t + 1, a.full) : nullptr;
     const bool* m = mask_row(*a.masks, t, a.full);
     const T* g = a.G + t * N * H4;
@@ -395,66 +418,39 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
     T* dh = a.DH + j * N * H;
     T* d = a.P + j * N * H4;
     T* dc = a.dc;
-    for (int64_t q = 0; q < panels; ++q) {
-      for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
-        V<T> acc[kRows][4] = {};
-        if (rec) tile_rows<T, 4>(rows, above + r0 * H4, H4, a.wp + q * H4 * 4 * W, H4, acc);
-        for (int r = 0; r < rows; ++r) {
-          const int64_t n = r0 + r;
-          const bool frozen_above = m_above != nullptr && !m_above[n];  // its dh passed straight down
-          const bool live = m == nullptr || m[n];
-          for (int v = 0; v < 4; ++v) {
-            const int64_t u = q * 4 * W + v * W;
-            if (u >= H) break;
-            const int w = static_cast<int>(std::min<int64_t>(W, H - u));
-            const int64_t at = n * H + u;
-            V<T> dhv = load(dh + at, w) + acc[r][v];
-            if (frozen_above) dhv += load(dh_above + at, w);
-            store(dh + at, dhv, w);
-            V<T> dcv = load(dc + at, w);
-            T* dn = d + n * H4 + u;
-            if (live) {
-              const T* gn = g + n * H4 + u;
-              const V<T> o = load(gn, w), i = load(gn + H, w), f = load(gn + 2 * H, w), gg = load(gn + 3 * H, w);
-              const V<T> tv = kHaveTanh ? load(tcp + at, w) : vtanh<T>(load(tcp + at, w));
-              dcv += dhv * o * (one - tv * tv);
-              store(dn, dhv * tv * o * (one - o), w);
-              store(dn + H, dcv * gg * i * (one - i), w);
-              store(dn + 2 * H, dcv * load(cp + at, w) * f * (one - f), w);
-              store(dn + 3 * H, dcv * i * (one - gg * gg), w);
-              dcv *= f;
-            } else {  // frozen: no gradient into the gates, dc passes through unchanged
-              for (int k = 0; k < 4; ++k) store(dn + k * H, V<T>{}, w);
-            }
-            if (gcp != nullptr) dcv += load(gcp + at, w);
-            store(dc + at, dcv, w);
-          }
-        }
+    over_unit_tiles(above, a.wp, H4, H, n0, n1, [&](int64_t n, int64_t u, int w, V<T> rec_dh) {
+      const int64_t at = n * H + u;
+      V<T> dhv = load(dh + at, w) + rec_dh;
+      if (m_above != nullptr && !m_above[n]) dhv += load(dh_above + at, w);  // its dh passed straight down
+      store(dh + at, dhv, w);
+      V<T> dcv = load(dc + at, w);
+      T* dn = d + n * H4 + u;
+      if (m == nullptr || m[n]) {
+        const T* gn = g + n * H4 + u;
+        const V<T> o = load(gn, w), i = load(gn + H, w), f = load(gn + 2 * H, w), gg = load(gn + 3 * H, w);
+        const V<T> tv = kHaveTanh ? load(tcp + at, w) : vtanh<T>(load(tcp + at, w));
+        dcv += dhv * o * (one - tv * tv);
+        store(dn, dhv * tv * o * (one - o), w);
+        store(dn + H, dcv * gg * i * (one - i), w);
+        store(dn + 2 * H, dcv * load(cp + at, w) * f * (one - f), w);
+        store(dn + 3 * H, dcv * i * (one - gg * gg), w);
+        dcv *= f;
+      } else {  // frozen: no gradient into the gates, dc passes through unchanged
+        for (int k = 0; k < 4; ++k) store(dn + k * H, V<T>{}, w);
       }
-    }
+      if (gcp != nullptr) dcv += load(gcp + at, w);
+      store(dc + at, dcv, w);
+    });
     if (rec) input_grads(above, t + 1);
   }
   input_grads(a.P, a.lo);
   if (a.lo == 0) return;
   // The step below starts the next chunk: d loss / d h_{lo-1} through the recurrence.
   const bool* m = mask_row(*a.masks, a.lo, a.full);
-  for (int64_t q = 0; q < panels; ++q)
-    for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
-      V<T> acc[kRows][4] = {};
-      tile_rows<T, 4>(rows, a.P + r0 * H4, H4, a.wp + q * H4 * 4 * W, H4, acc);
-      for (int r = 0; r < rows; ++r) {
-        const int64_t n = r0 + r;
-        for (int v = 0; v < 4; ++v) {
-          const int64_t u = q * 4 * W + v * W;
-          if (u >= H) break;
-          const int w = static_cast<int>(std::min<int64_t>(W, H - u));
-          const int64_t at = n * H + u;
-          store(a.carry + at, m != nullptr && !m[n] ? acc[r][v] + load(a.DH + at, w) : acc[r][v], w);
-        }
-      }
-    }
+  over_unit_tiles(a.P, a.wp, H4, H, n0, n1, [&](int64_t n, int64_t u, int w, V<T> rec_dh) {
+    const int64_t at = n * H + u;
+    store(a.carry + at, m != nullptr && !m[n] ? rec_dh + load(a.DH + at, w) : rec_dh, w);
+  });
 }
 
 // All steps of the forward. x (T * N, I) holds the inputs (with a column of ones where the layer
@@ -532,6 +528,7 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
   TORCH_CHECK(dx.has_value() == wih_t.has_value(), "rnnkit fused kernels: dx and wih_t come together");
   const int64_t I = dx ? dx->size(2) : 0;
   if (dx) {
+    TORCH_CHECK(I > 0, "rnnkit fused kernels: dx needs at least one input");
     expect(*dx, "dx", {T, N, I});
     expect(*wih_t, "wih_t", {I, 4 * H});
   }
@@ -623,55 +620,42 @@ template <typename T>
 void gru_backward_rows(const T* G, const T* S2, const T* hs, const T* h0, T* DH, T* DGi, T* DGh, T* dh0,
                        const T* wp, const Tensor& masks, int64_t full, int64_t T_, int64_t N, int64_t H, int64_t n0,
                        int64_t n1) {
-  constexpr int W = Vec<T>::W;
-  const int64_t H3 = 3 * H, panels = (H + 4 * W - 1) / (4 * W);
+  const int64_t H3 = 3 * H;
   const V<T> one = splat(T(1));
   for (int64_t t = T_ - 1; t >= 0; --t) {
     const bool rec = t < T_ - 1;
-    const T* above = DGh + (t + 1) * N * H3;
+    const T* above = rec ? DGh + (t + 1) * N * H3 : nullptr;
     const bool* m = mask_row(masks, t, full);
     const T* hp = t == 0 ? h0 : hs + (t - 1) * N * H;
     T* below = t == 0 ? dh0 : DH + (t - 1) * N * H;
-    for (int64_t q = 0; q < panels; ++q)
-      for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
-        V<T> acc[kRows][4] = {};
-        if (rec) tile_rows<T, 4>(rows, above + r0 * H3, H3, wp + q * H3 * 4 * W, H3, acc);
-        for (int r = 0; r < rows; ++r) {
-          const int64_t n = r0 + r;
-          for (int v = 0; v < 4; ++v) {
-            const int64_t u = q * 4 * W + v * W;
-            if (u >= H) break;
-            const int w = static_cast<int>(std::min<int64_t>(W, H - u));
-            const int64_t at = n * H + u;
-            T* dhp = DH + t * N * H + at;
-            const V<T> d = load(dhp, w) + acc[r][v];
-            store(dhp, d, w);
-            T* di = DGi + (t * N + n) * H3 + u;
-            T* dr = DGh + (t * N + n) * H3 + u;
-            if (m != nullptr && !m[n]) {  // ended: h_t = h_{t-1}, so dh passes straight down
-              for (int k = 0; k < 3; ++k) {
-                store(di + k * H, V<T>{}, w);
-                store(dr + k * H, V<T>{}, w);
-              }
-              store(below + at, load(below + at, w) + d, w);
-              continue;
-            }
-            const T* gn = G + (t * N + n) * H3 + u;
-            const V<T> rv = load(gn, w), zv = load(gn + H, w), nv = load(gn + 2 * H, w);
-            const V<T> da_n = d * (one - zv) * (one - nv * nv);
-            const V<T> da_z = d * (load(hp + at, w) - nv) * zv * (one - zv);
-            const V<T> da_r = da_n * T(0.5) * load(S2 + t * N * H + at, w) * rv * (one - rv);
-            store(di, da_r, w);
-            store(di + H, da_z, w);
-            store(di + 2 * H, da_n, w);
-            store(dr, da_r, w);
-            store(dr + H, da_z, w);
-            store(dr + 2 * H, da_n * rv, w);
-            store(below + at, load(below + at, w) + d * zv, w);
-          }
+    over_unit_tiles(above, wp, H3, H, n0, n1, [&](int64_t n, int64_t u, int w, V<T> rec_dh) {
+      const int64_t at = n * H + u;
+      T* dhp = DH + t * N * H + at;
+      const V<T> d = load(dhp, w) + rec_dh;
+      store(dhp, d, w);
+      T* di = DGi + (t * N + n) * H3 + u;
+      T* dr = DGh + (t * N + n) * H3 + u;
+      if (m != nullptr && !m[n]) {  // ended: h_t = h_{t-1}, so dh passes straight down
+        for (int k = 0; k < 3; ++k) {
+          store(di + k * H, V<T>{}, w);
+          store(dr + k * H, V<T>{}, w);
         }
+        store(below + at, load(below + at, w) + d, w);
+        return;
       }
+      const T* gn = G + (t * N + n) * H3 + u;
+      const V<T> rv = load(gn, w), zv = load(gn + H, w), nv = load(gn + 2 * H, w);
+      const V<T> da_n = d * (one - zv) * (one - nv * nv);
+      const V<T> da_z = d * (load(hp + at, w) - nv) * zv * (one - zv);
+      const V<T> da_r = da_n * T(0.5) * load(S2 + t * N * H + at, w) * rv * (one - rv);
+      store(di, da_r, w);
+      store(di + H, da_z, w);
+      store(di + 2 * H, da_n, w);
+      store(dr, da_r, w);
+      store(dr + H, da_z, w);
+      store(dr + 2 * H, da_n * rv, w);
+      store(below + at, load(below + at, w) + d * zv, w);
+    });
   }
 }
 
@@ -749,7 +733,7 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
       "lstm_forward_steps(Tensor(a!) G, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tcs, Tensor x, Tensor h0, "
       "Tensor c0, Tensor w_in, Tensor whh, Tensor masks, int full, bool h0_zero, bool flush) -> ()");
   m.def(
-      "lstm_backward_steps(Tensor G, Tensor cs, Tensor c0, Tensor? tcc, Tensor(a!) P, Tensor DH, Tensor(b!) dc, "
+      "lstm_backward_steps(Tensor G, Tensor cs, Tensor c0, Tensor? tcc, Tensor(a!) P, Tensor(e!) DH, Tensor(b!) dc, "
       "Tensor? gc, Tensor(c!) carry, Tensor whh_t, Tensor(d!)? dx, Tensor? wih_t, Tensor masks, int full, int lo, "
       "int hi, bool flush) -> ()");
 }
