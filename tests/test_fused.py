@@ -485,6 +485,18 @@ def test_auto_under_cpu_autocast_keeps_torchs_kernel_and_dtypes(monkeypatch):
                 assert _pick_backend(cell, x, 3, 2) == want  # small calls too
 
 
+def test_the_autocast_probe_asks_torch_without_touching_the_random_stream():
+    """auto asks torch whether its LSTM runs under autocast by running one; zero weights, so the caller's
+    random numbers stay as they were; float32 autocast always runs."""
+    engine._torch_lstm_runs.cache_clear()
+    before = torch.random.get_rng_state()
+    engine._torch_lstm_runs(torch.bfloat16, True)
+    engine._torch_lstm_runs(torch.float16, False)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert engine._torch_lstm_runs(torch.float32, True)
+    assert engine._autocast_kernel_runs(make_cell("gru", 2, 3, torch.float32))  # only the LSTM is asked
+
+
 def test_layers_run_under_cpu_autocast_where_torchs_lstm_cannot():
     """On this processor: torch.nn.LSTM's bfloat16 outputs where oneDNN has a bfloat16 LSTM; where it has
     none, torch.nn.LSTM fails to build its primitive and rnnkit's layer returns float32 outputs."""

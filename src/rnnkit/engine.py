@@ -260,6 +260,8 @@ def _torch_lstm_runs(dtype: torch.dtype, grad: bool) -> bool:
     processors without bfloat16 instructions (seen on an AMD EPYC Zen 3 with torch 2.13: torch.nn.LSTM
     fails to build its primitive), so rnnkit's layers take the fused backend's float32 maths there.
     Asked of torch itself, once per dtype and grad mode, so its own rules (and their changes) decide."""
+    if dtype not in (torch.bfloat16, torch.float16):  # the only dtypes CPU autocast takes
+        return True
     x, h = torch.zeros(1, 1, 2), torch.zeros(1, 1, 2)
     weights = [torch.zeros(8, 2, requires_grad=grad), torch.zeros(8, 2, requires_grad=grad), torch.zeros(8),
                torch.zeros(8)]  # zeros, not torch.nn.LSTM's random initialisation: the caller's RNG is untouched
