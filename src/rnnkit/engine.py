@@ -256,9 +256,10 @@ def _autocast_kernel_runs(cell: nn.Module) -> bool:
 
 @functools.cache
 def _torch_lstm_runs(dtype: torch.dtype, grad: bool) -> bool:
-    """Whether torch.nn.LSTM runs under CPU autocast to ``dtype`` here: oneDNN has no bfloat16 LSTM on
-    processors without bfloat16 instructions (seen on an AMD EPYC Zen 3 with torch 2.13: torch.nn.LSTM
-    fails to build its primitive), so rnnkit's layers take the fused backend's float32 maths there.
+    """Whether torch.nn.LSTM runs under CPU autocast to ``dtype`` here: oneDNN has no bfloat16 or float16
+    LSTM on processors without those instructions (seen on an AMD EPYC Zen 3 with torch 2.13:
+    torch.nn.LSTM fails to build its primitive), so rnnkit's layers take the fused backend's float32
+    maths there.
     Asked of torch itself, once per dtype and grad mode, so its own rules (and their changes) decide."""
     if dtype not in (torch.bfloat16, torch.float16):  # the only dtypes CPU autocast takes
         return True

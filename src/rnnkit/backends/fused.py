@@ -25,9 +25,10 @@ register-blocked tile of a step's product finished by its gates before it leaves
 the LSTM's input projection and input gradient are part of that product, so with the C++ loops the
 LSTM computes neither as a separate GEMM. Measured 2026-12-02 on an AMD EPYC without AVX-512 (Zen 3,
 2 cores), a train step at T28 I28 H128 B128 took 21.5 ms against 25.1 ms for ``torch.nn.LSTM``
-(oneDNN's fused RNN) and 39.7 ms with the previous C++ loops (a oneDNN or BLAS product per step and
-a gate pass GCC did not vectorise there); the GRU 16.4 ms against 24.8 for ``torch.nn.GRU`` (and 30.3
-before). The Python loops remain where no kernels build, and the tests run every case through both.
+(oneDNN's fused RNN; ad-hoc, allocator tuned); with the previous C++ loops (a oneDNN or BLAS
+product per step and a gate pass GCC did not vectorise there) the benchmark had measured 39.7 ms
+against 26.6 (allocator untuned). The GRU: 16.4 ms against 24.8 for ``torch.nn.GRU``, and 30.3
+before (ad-hoc, tuned). The Python loops remain where no kernels build, and the tests run every case through both.
 The Elman RNN and the reset-before GRU loop in Python.
 
 Variable lengths: past a sequence's end its state is frozen (``h_t = h_{t-1}``); the backward then
