@@ -347,23 +347,24 @@ inline void tile_vectors(int nv, int rows, const T* a, int64_t lda, const T* b, 
   }
 }
 
-// For rows n0..n1 of a backward step, in tiles of kRows rows and 4W hidden units: the tile's
-// product of rows of a (row stride K; none when a is null) and a panel of wp (K x 4W, as pack()
-// lays W_hh^T out), then fn(n, u, w, sum) for each row n and vector of units u .. u + w - 1
-// (w < W where a row of H units ends).
+// For rows n0..n1 of a backward step, in tiles of kRows rows and nv W units (of H): the tile's
+// product of rows of a (row stride K; none when a is null) and a panel of wp (K x nv W, as pack()
+// lays W_hh^T or W_ih^T out), then fn(n, u, w, sum) for each row n and vector of units
+// u .. u + w - 1 (w < W where a row of H units ends).
 template <typename T, typename F>
-void over_unit_tiles(const T* a, const T* wp, int64_t K, int64_t H, int64_t n0, int64_t n1, const F& fn) {
-  constexpr int W = Vec<T>::W;
-  for (int64_t q = 0; q < (H + 4 * W - 1) / (4 * W); ++q)
+void over_unit_tiles(const T* a, const T* wp, int64_t K, int64_t H, int64_t n0, int64_t n1, const F& fn,
+                     int nv = 4) {
+  const int64_t width = nv * Vec<T>::W;
+  for (int64_t q = 0; q < (H + width - 1) / width; ++q)
     for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
       V<T> acc[kRows][4] = {};
-      if (a != nullptr) tile_rows<T, 4>(rows, a + r0 * K, K, wp + q * K * 4 * W, K, acc);
+      if (a != nullptr) tile_vectors<T>(nv, rows, a + r0 * K, K, wp + q * K * width, K, acc);
       for (int r = 0; r < rows; ++r)
-        for (int v = 0; v < 4; ++v) {
-          const int64_t u = q * 4 * W + v * W;
+        for (int v = 0; v < nv; ++v) {
+          const int64_t u = q * width + v * Vec<T>::W;
           if (u >= H) break;
-          fn(r0 + r, u, static_cast<int>(std::min<int64_t>(W, H - u)), acc[r][v]);
+          fn(r0 + r, u, static_cast<int>(std::min<int64_t>(Vec<T>::W, H - u)), acc[r][v]);
         }
     }
 }
@@ -385,24 +386,13 @@ struct LSTMBackward {
 // input gradient is a product of the same rows.
 template <typename T, bool kHaveTanh>
 void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
-  constexpr int W = Vec<T>::W;
   const int64_t N = a.N, H = a.H, H4 = 4 * H;
   const V<T> one = splat(T(1));
   auto input_grads = [&](const T* dg, int64_t s) {  // dx of step s from its gate gradients dg
     if (a.dx == nullptr) return;
-    const int64_t width = a.nvx * W, xpanels = (a.I + width - 1) / width;
-    for (int64_t q = 0; q < xpanels; ++q)
-      for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
-        V<T> acc[kRows][4] = {};
-        tile_vectors<T>(a.nvx, rows, dg + r0 * H4, H4, a.wx + q * H4 * width, H4, acc);
-        for (int r = 0; r < rows; ++r)
-          for (int v = 0; v < a.nvx; ++v) {
-            const int64_t u = q * width + v * W;
-            if (u >= a.I) break;
-            store(a.dx + (s * N + r0 + r) * a.I + u, acc[r][v], static_cast<int>(std::min<int64_t>(W, a.I - u)));
-          }
-      }
+    over_unit_tiles(dg, a.wx, H4, a.I, n0, n1, [&](int64_t n, int64_t u, int w, V<T> sum) {
+      store(a.dx + (s * N + n) * a.I + u, sum, w);
+    }, a.nvx);
   };
   for (int64_t t = a.hi - 1; t >= a.lo; --t) {
     const int64_t j = t - a.lo;
