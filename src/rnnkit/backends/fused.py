@@ -23,7 +23,9 @@ rows of the batch (rows never interact through the recurrence, so threads never 
 other), with the weights packed once per call into panels that stay in cache and each
 register-blocked tile of a step's product finished by its gates before it leaves the registers;
 the LSTM's input projection and input gradient are part of that product, so with the C++ loops the
-LSTM computes neither as a separate GEMM. Measured 2026-12-02 on an AMD EPYC without AVX-512 (Zen 3,
+LSTM computes neither as a separate GEMM, and its loops take the weights as torch lays them out (no
+reordered or transposed copies per call) and lay out the weight gradients' operand
+``[x_t, 1, h_{t-1}]`` as they go. Measured 2026-12-02 on an AMD EPYC without AVX-512 (Zen 3,
 2 cores), a train step at T28 I28 H128 B128 took 21.5 ms against 25.1 ms for ``torch.nn.LSTM``
 (oneDNN's fused RNN; ad-hoc, allocator tuned); with the previous C++ loops (a oneDNN or BLAS
 product per step and a gate pass GCC did not vectorise there) the benchmark had measured 39.7 ms
@@ -264,67 +266,93 @@ def _rotate_scale_g(w: Tensor, H: int) -> Tensor:
 
 
 class _LSTMFunction(torch.autograd.Function):
-    """Every step's (h, c) of an LSTM; gates are kept in the order (o, i, f, g) internally.
+    """Every step's (h, c) of an LSTM.
 
-    torch's tanh is ~3x slower than its sigmoid on the CPU, so the forward uses
-    ``tanh(a) = 2 sigmoid(2a) - 1``: the g rows of the weights are doubled once per call, one
-    in-place sigmoid then covers a step's whole (contiguous) gate row, and tanh(c) is three cheap
-    ops. The order (o, i, f, g) also makes the gates fed by dc (i, f, g) one block in the backward.
+    With the C++ loops (:func:`_lstm_forward_kernels`) the gates keep torch's order (i, f, g, o) and
+    the weights are used as given. The Python loops keep them in the order (o, i, f, g), which
+    makes the gates fed by dc (i, f, g) one block in the backward, and, as torch's tanh is ~3x
+    slower than its sigmoid on the CPU, use ``tanh(a) = 2 sigmoid(2a) - 1``: the g rows of the
+    weights are doubled once per call, one in-place sigmoid then covers a step's whole
+    (contiguous) gate row, and tanh(c) is three cheap ops.
 
     Saved for the backward: the activated gates G (T, N, 4H), the outputs and, unless the
-    sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c).
+    sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c); with the C++ loops, every
+    step's [x_t, 1, h_{t-1}] as well (the weight gradients' operand, laid out by the forward).
     """
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, bias, masks, full):  # type: ignore[override]
         inputs = (x, h0, c0, w_ih, w_hh, bias)  # as given, for a differentiable backward (create_graph)
         with denormals_flushed(x.device):
-            T, N, I = x.shape
+            T, N, _ = x.shape
             H = h0.shape[1]
-            H4 = 4 * H
-            if bias is None:
-                x2 = x.reshape(T * N, I)
-                w_in = _rotate_scale_g(w_ih, H)
-            else:  # a column of ones carries the bias: no bias copy here, no separate sum for db
-                x2 = x.new_empty(T, N, I + 1)
-                x2[:, :, :I].copy_(x)
-                x2[:, :, I].fill_(1.0)
-                x2 = x2.view(T * N, I + 1)
-                w_in = torch.cat((_rotate_scale_g(w_ih, H), _rotate_scale_g(bias, H).unsqueeze(1)), 1)
             hs, cs = x.new_empty(T, N, H), x.new_empty(T, N, H)
             keep_tc = T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
             TCs = x.new_empty(T, N, H) if keep_tc else None
-            whh = _rotate_scale_g(w_hh, H)
             h0_zero = not bool(h0.any())  # the usual zero state: step 0 needs no recurrent GEMM
             kernels = _kernels()
-            if kernels is not None:  # the input projection is part of each step's product there
-                x2 = x2.contiguous()
-                G = x.new_empty(T, N, H4)
-                tcs = TCs if keep_tc else x.new_empty(1, N, H)
-                kernels.lstm_forward_steps(G, hs, cs, tcs, x2, h0.contiguous(), c0.contiguous(), w_in.contiguous(),
-                                           whh, _mask_rows(masks, T, N), full, h0_zero, flush_denormals_enabled())
+            if kernels is not None:
+                G, XH = _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
             else:
-                chunk = _lstm_chunk(T, N, H, x.element_size())
-                # One chunk (the common case) takes the projection's own result: no copy into a buffer.
-                G = linear(x2, w_in).view(T, N, H4) if chunk >= T else x.new_empty(T, N, H4)
-                _lstm_forward_loop(x2, h0, c0, w_in, whh, G, hs, cs, TCs, masks, full, chunk, h0_zero)
-        ctx.full, ctx.has_bias = full, bias is not None
+                G, XH = _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
+        ctx.full, ctx.has_bias, ctx.kernels = full, bias is not None, kernels is not None
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs)
+        ctx.save_for_backward(XH, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs)
         return hs, cs
 
     @staticmethod
     @_float_maths
     def backward(ctx, gh, gc):  # type: ignore[override]
-        x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs = ctx.saved_tensors
+        XH, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs = ctx.saved_tensors
         if _graph_needed(gh, gc):
             grads = _differentiable_grads(_lstm_graph, (*inputs, masks, ctx.full), (gh, gc))
             return (*grads[:6], None, None)
         H = h0.shape[1]
-        with denormals_flushed(x2.device):
-            return _lstm_backward(
-                ctx, gh, gc, x2, h0, c0, _rotate(w_ih, H), _rotate(w_hh, H), G, hs, cs, TCs, masks
-            )
+        x = inputs[0]
+        with denormals_flushed(G.device):
+            if ctx.kernels:
+                return _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks)
+            return _lstm_backward(ctx, gh, gc, XH, h0, c0, _rotate(w_ih, H), _rotate(w_hh, H), G, hs, cs, TCs, masks)
+
+
+def _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero):  # noqa: ANN001, ANN202
+    """The forward's time loop in C++: (G, XH), XH every step's [x_t, 1, h_{t-1}] (None if long)."""
+    T, N, I = x.shape
+    H = h0.shape[1]
+    K = I + (bias is not None) + H
+    # Kept where it is about as large as the tanh(c) the forward keeps; else the backward lays it out
+    # chunk by chunk.
+    keep_xh = T * N * K * x.element_size() <= _KEEP_TANH_C_BYTES + _KEEP_TANH_C_BYTES // 4
+    XH = x.new_empty(T if keep_xh else 1, N, K)
+    G = x.new_empty(T, N, 4 * H)
+    tcs = TCs if TCs is not None else x.new_empty(1, N, H)
+    kernels.lstm_forward_steps(
+        G, hs, cs, tcs, XH, x.reshape(T * N, I).contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(),
+        w_hh.contiguous(), None if bias is None else bias.contiguous(), _mask_rows(masks, T, N), full, h0_zero,
+        flush_denormals_enabled(),
+    )
+    return G, (XH.view(T * N, K) if keep_xh else None)
+
+
+def _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero):  # noqa: ANN001, ANN202
+    """The forward's time loop in Python: (G, x2), x2 the inputs (T * N, Ix) with a column of ones for a bias."""
+    T, N, I = x.shape
+    H = h0.shape[1]
+    if bias is None:
+        x2 = x.reshape(T * N, I)
+        w_in = _rotate_scale_g(w_ih, H)
+    else:  # a column of ones carries the bias: no bias copy here, no separate sum for db
+        x2 = x.new_empty(T, N, I + 1)
+        x2[:, :, :I].copy_(x)
+        x2[:, :, I].fill_(1.0)
+        x2 = x2.view(T * N, I + 1)
+        w_in = torch.cat((_rotate_scale_g(w_ih, H), _rotate_scale_g(bias, H).unsqueeze(1)), 1)
+    whh = _rotate_scale_g(w_hh, H)
+    chunk = _lstm_chunk(T, N, H, x.element_size())
+    # One chunk (the common case) takes the projection's own result: no copy into a buffer.
+    G = linear(x2, w_in).view(T, N, 4 * H) if chunk >= T else x.new_empty(T, N, 4 * H)
+    _lstm_forward_loop(x2, h0, c0, w_in, whh, G, hs, cs, TCs, masks, full, chunk, h0_zero)
+    return G, x2
 
 
 def _lstm_forward_loop(x2, h0, c0, w_in, whh, G, hs, cs, TCs, masks, full, chunk, h0_zero):  # noqa: ANN001
@@ -386,8 +414,71 @@ def _mask_rows(masks: Tensor | None, T: int, N: int) -> Tensor:
     return masks.reshape(T, N).contiguous()
 
 
+def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks):  # noqa: ANN001
+    """The backward with its time loop in C++ (gates in torch's order): chunks of steps from the last,
+    the loop computing the input gradient as it goes, then the chunk's weight GEMM."""
+    T, N, H4 = G.shape
+    H = H4 // 4
+    need_x, need_h0, need_c0, need_wih, need_whh, need_b = ctx.needs_input_grad[:6]
+    need_b = need_b and ctx.has_bias
+    need_w = need_wih or need_whh or need_b
+    I = w_ih.shape[1]
+    Ix = I + ctx.has_bias
+    C = min(T, _lstm_chunk(T, N, H, G.element_size()))
+    P, DH, carry = G.new_empty(C, N, H4), G.new_empty(C, N, H), G.new_empty(N, H)
+    dc = gc[T - 1].clone(memory_format=torch.contiguous_format) if gc is not None else G.new_zeros(N, H)
+    dx = G.new_empty(T, N, I) if need_x else None
+    dW = None
+    # A long sequence's forward kept no [x_t, 1, h_{t-1}] rows: they are laid out here chunk by chunk.
+    buf = G.new_empty(C * N, Ix + H) if need_w and XH is None else None
+    kernels = _kernels()
+    args = dict(masks=_mask_rows(masks, T, N), full=ctx.full, flush=flush_denormals_enabled())
+    w_hh, c0 = w_hh.contiguous(), c0.contiguous()
+    w_ih = w_ih.contiguous() if need_x else None
+    gh = gh.contiguous() if gh is not None else None
+    gc = gc.contiguous() if gc is not None else None
+    for hi in range(T, 0, -C):
+        lo = max(0, hi - C)
+        n = hi - lo
+        tcc = TCs[lo:hi] if TCs is not None else None
+        kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gc, gh, carry, w_hh, dx, w_ih, lo=lo, hi=hi, **args)
+        if need_w:
+            if XH is not None:
+                xh = XH[lo * N : hi * N]
+            else:
+                xh = _weight_operand(buf, x.reshape(T * N, I), ctx.has_bias, hs, h0, lo, hi)
+            dG = P[:n].view(n * N, H4)
+            # faster this way round than dG^T xh
+            dW = mm(xh.t(), dG) if dW is None else linear_add_(dW, xh.t(), dG.t())
+    return (
+        dx,
+        mm(P[0], w_hh) if need_h0 else None,
+        dc if need_c0 else None,
+        dW[:I].t() if need_wih else None,
+        dW[Ix:].t() if need_whh else None,
+        dW[I] if need_b else None,
+        None,
+        None,
+    )
+
+
+def _weight_operand(buf: Tensor, x2: Tensor, ones: bool, hs: Tensor, h0: Tensor, lo: int, hi: int) -> Tensor:
+    """Steps lo..hi-1's rows of [x_t, 1, h_{t-1}] laid out in ``buf`` (x2: (T N, I), or I + 1 with the ones)."""
+    N, H = h0.shape
+    n = hi - lo
+    xh = buf[: n * N]
+    I = x2.shape[1]
+    xh[:, :I].copy_(x2[lo * N : hi * N])
+    if ones:
+        xh[:, I].fill_(1.0)
+    for rows, prev in _with_prev(hs, h0, lo, hi):
+        xh.view(n, N, -1)[rows, :, -H:].copy_(prev)
+    return xh
+
+
 def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, masks):  # noqa: ANN001
-    """Chunks of steps from the last: the recurrent loop, then the chunk's weight GEMMs."""
+    """The backward with its time loop in Python: chunks of steps from the last, the recurrent loop,
+    then the chunk's GEMMs (input gradient and weights)."""
     T, N, H4 = G.shape
     H = H4 // 4
     need_x, need_h0, need_c0, need_wih, need_whh, need_b = ctx.needs_input_grad[:6]
@@ -411,13 +502,7 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
     need_w = need_wih or need_whh or need_b
     XH = G.new_empty(C * N, Ix + H) if need_w else None
     dW = G.new_zeros(Ix + H, H4) if need_w else None
-    kernels = _kernels()
-    if kernels is not None:
-        m = _mask_rows(masks, T, N)
-        gcc = gc.contiguous() if gc is not None else None
-        flush = flush_denormals_enabled()
-    else:
-        loop = _LSTMBackwardLoop(G, cs, c0, TCs, masks, ctx.full, gc, P, DH, dc, carry, whh_rt)
+    loop = _LSTMBackwardLoop(G, cs, c0, TCs, masks, ctx.full, gc, P, DH, dc, carry, whh_rt)
     for hi in range(T, 0, -C):
         lo = max(0, hi - C)
         n = hi - lo
@@ -428,27 +513,16 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
             dhb.copy_(gh[lo:hi])
         if hi < T:
             dhb[n - 1].add_(carry)
-        if kernels is not None:
-            tcc = TCs[lo:hi] if TCs is not None else None
-            kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gcc, carry, whh_rt, dx, wih_rt, m, ctx.full, lo,
-                                        hi, flush)
-        else:
-            loop.chunk(lo, hi)
+        loop.chunk(lo, hi)
         dG = P[:n].view(n * N, H4)
-        if need_x and kernels is None:
+        if need_x:
             linear(dG, wih_rt, out=dx[lo:hi].view(n * N, -1))
         if need_w:
-            xh = XH[: n * N]
-            xh[:, :Ix].copy_(x2[lo * N : hi * N])
-            for rows, prev in _with_prev(hs, h0, lo, hi):
-                xh.view(n, N, -1)[rows, :, Ix:].copy_(prev)
-            linear_add_(dW, xh.t(), dG.t())  # faster this way round than dG^T xh
-    dh0 = linear(P[0], whh_rt) if need_h0 else None
-    dc0 = (dc if kernels is not None else loop.dc0()) if need_c0 else None
+            linear_add_(dW, _weight_operand(XH, x2, False, hs, h0, lo, hi).t(), dG.t())
     return (
         dx,
-        dh0,
-        dc0,
+        linear(P[0], whh_rt) if need_h0 else None,
+        loop.dc0() if need_c0 else None,
         _unrotate(dW[:I].t(), H) if need_wih else None,
         _unrotate(dW[Ix:].t(), H) if need_whh else None,
         _unrotate(dW[I], H) if need_b else None,
@@ -778,12 +852,12 @@ def _gru_backward_kernels(ctx, gh, x2, h0, w_ih, w_hh, G, S2, hs, masks):  # noq
     # gradients of the input projection's pre-activations (r, z, n) and of h W_hh^T + b (r, z, S)
     DGi, DGh = G.new_empty(T, N, H3), G.new_empty(T, N, H3)
     dh0 = G.new_zeros(N, H)
-    whh_t = w_hh.t().contiguous()
-    cext.ops().gru_backward_steps(G, S2, hs, h0, DH, DGi, DGh, dh0, whh_t, _mask_rows(masks, T, N), ctx.full,
+    w_hh = w_hh.contiguous()
+    cext.ops().gru_backward_steps(G, S2, hs, h0, DH, DGi, DGh, dh0, w_hh, _mask_rows(masks, T, N), ctx.full,
                                   flush_denormals_enabled())
     dx = dwih = dwhh = dbx = dbhn = None
     if need_h0:
-        linear_add_(dh0, DGh[0], whh_t)
+        addmm_(dh0, DGh[0], w_hh)
     dG = DGi.view(T * N, H3)
     if need_x:
         dx = mm(dG, w_ih).view(T, N, -1)

@@ -2,11 +2,11 @@
 //
 // The Python loops pay the interpreter and one dispatch per elementwise op, ten or more per step,
 // and a library GEMM per step; here each thread runs every step for its rows of the batch, in
-// register-blocked tiles finished by their gates (see "Register-blocked time loops" below). Layout
-// and conventions are the Python backend's, so the two paths share everything around the loops:
-// gates in the order (o, i, f, g), the g rows of the weights doubled so that tanh(a) =
-// 2 sigmoid(2a) - 1, activated gates kept for the backward, masks (T, N) with false where a
-// sequence has ended (its state is then frozen).
+// register-blocked tiles finished by their gates (see "Register-blocked time loops" below). The
+// LSTM's loops take the weights in torch's layout (gates i, f, g, o) and pack them themselves;
+// the GRU's follow the Python loops' conventions (the n rows of the weights doubled so that
+// tanh(a) = 2 sigmoid(2a) - 1). Activated gates are kept for the backward; masks (T, N) are false
+// where a sequence has ended (its state is then frozen).
 //
 // Built and loaded by rnnkit/backends/cext.py; every entry point is also run by the tests against
 // the Python loops and torch.nn.LSTM.
@@ -253,7 +253,7 @@ inline void tile_rows(int rows, const T* a, int64_t lda, const T* b, int64_t K, 
 // (torch's CPU allocator), so tile()'s loads are aligned ones in practice.
 template <typename T, typename F>
 Tensor pack(const Tensor& like, int64_t panels, int64_t width, int64_t K, const F& unit) {
-  Tensor out = at::zeros({panels, K, width}, like.options());
+  Tensor out = at::empty({panels, K, width}, like.options());
   T* o = out.data_ptr<T>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
@@ -263,13 +263,32 @@ Tensor pack(const Tensor& like, int64_t panels, int64_t width, int64_t K, const 
           if (src == nullptr) break;
           for (int64_t i = 0; i < len; ++i, ++k) o[(p * K + k) * width + u] = src[i];
         }
+        for (; k < K; ++k) o[(p * K + k) * width + u] = T(0);
       }
   });
   return out;
 }
 
 template <typename T>
-using Runs = std::array<std::pair<const T*, int64_t>, 2>;
+using Runs = std::array<std::pair<const T*, int64_t>, 3>;
+
+// Weights packed for tile() from a matrix's rows: out[p][k][u] = row(k)[p width + u], zero from
+// unit n on; each k copies runs of a row (W^T of a row-major W, without transposing it first).
+template <typename T, typename F>
+Tensor pack_rows(const Tensor& like, int64_t panels, int64_t width, int64_t K, int64_t n, const F& row) {
+  Tensor out = at::empty({panels, K, width}, like.options());
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t len = std::clamp<int64_t>(n - p * width, 0, width);
+        T* dst = o + (p * K + k) * width;
+        std::memcpy(dst, row(k) + p * width, len * sizeof(T));
+        std::fill(dst + len, dst + width, T(0));
+      }
+  });
+  return out;
+}
 
 // fn(n0, n1) over blocks of the batch's rows, one per thread, each block a multiple of kRows rows
 // where it can be, each thread flushing denormals when the caller does.
@@ -282,14 +301,17 @@ void over_row_blocks(int64_t N, bool flush, const F& fn) {
   });
 }
 
-// All steps of the forward for rows n0..n1. wp: the input and recurrent weights packed by blocks
-// of W units, each panel (I + H, 4 gates x W); the rest as lstm_forward_steps says.
+// All steps of the forward for rows n0..n1. wp: the weights packed by blocks of W units, each
+// panel (K, 4 gates x W) with K = Ix + H: a unit's input weights, its bias where the layer has one
+// (Ix = I + 1), then its recurrent weights. Each step first lays its rows out as [x_t, 1, h_{t-1}]
+// in xh (every step's, for the weight gradients, or one step's scratch), then multiplies them in
+// one pass; the rest as lstm_forward_steps says.
 template <typename T>
-void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_t I, const T* h0, const T* c0,
-                       const T* wp, const Tensor& masks, int64_t full, bool h0_zero, int64_t T_, int64_t N,
-                       int64_t H, int64_t n0, int64_t n1) {
+void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, T* xh, bool keep_xh, const T* x, int64_t I,
+                       int64_t Ix, const T* h0, const T* c0, const T* wp, const Tensor& masks, int64_t full,
+                       bool h0_zero, int64_t T_, int64_t N, int64_t H, int64_t n0, int64_t n1) {
   constexpr int W = Vec<T>::W;
-  const int64_t panels = (H + W - 1) / W, H4 = 4 * H, K = I + H;
+  const int64_t panels = (H + W - 1) / W, H4 = 4 * H, K = Ix + H;
   for (int64_t t = 0; t < T_; ++t) {
     const T* hp = t == 0 ? h0 : hs + (t - 1) * N * H;
     const T* cp = t == 0 ? c0 : cs + (t - 1) * N * H;
@@ -297,31 +319,36 @@ void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_
     T* c = cs + t * N * H;
     T* tc = tcs + (keep ? t : 0) * N * H;
     T* h = hs + t * N * H;
+    T* a = xh + (keep_xh ? t : 0) * N * K;
     const bool* m = mask_row(masks, t, full);
     const bool product = !(t == 0 && h0_zero);  // the usual zero initial state needs no product
+    for (int64_t n = n0; n < n1; ++n) {
+      T* row = a + n * K;
+      std::memcpy(row, x + (t * N + n) * I, I * sizeof(T));
+      if (Ix > I) row[I] = T(1);
+      std::memcpy(row + Ix, hp + n * H, H * sizeof(T));
+    }
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t j = p * W;
       const int w = static_cast<int>(std::min<int64_t>(W, H - j));
       for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
         V<T> acc[kRows][4] = {};
-        const T* b = wp + p * K * 4 * W;
-        tile_rows<T, 4>(rows, x + (t * N + r0) * I, I, b, I, acc);
-        if (product) tile_rows<T, 4>(rows, hp + r0 * H, H, b + I * 4 * W, H, acc);
+        tile_rows<T, 4>(rows, a + r0 * K, K, wp + p * K * 4 * W, product ? K : Ix, acc);
         for (int r = 0; r < rows; ++r) {
           const int64_t n = r0 + r;
           T* gn = g + n * H4 + j;
-          const V<T> o = vsigmoid<T>(acc[r][0]);
-          const V<T> i = vsigmoid<T>(acc[r][1]);
-          const V<T> f = vsigmoid<T>(acc[r][2]);
-          const V<T> gg = T(2) * vsigmoid<T>(acc[r][3]) - T(1);
+          const V<T> i = vsigmoid<T>(acc[r][0]);
+          const V<T> f = vsigmoid<T>(acc[r][1]);
+          const V<T> gg = vtanh<T>(acc[r][2]);
+          const V<T> o = vsigmoid<T>(acc[r][3]);
           const int64_t at = n * H + j;
           const V<T> cv = f * load(cp + at, w) + i * gg;
           const V<T> tv = vtanh<T>(cv);
-          store(gn, o, w);
-          store(gn + H, i, w);
-          store(gn + 2 * H, f, w);
-          store(gn + 3 * H, gg, w);
+          store(gn, i, w);
+          store(gn + H, f, w);
+          store(gn + 2 * H, gg, w);
+          store(gn + 3 * H, o, w);
           store(tc + at, tv, w);
           if (m != nullptr && !m[n]) {  // a sequence that has ended keeps its state
             store(c + at, load(cp + at, w), w);
@@ -372,18 +399,18 @@ void over_unit_tiles(const T* a, const T* wp, int64_t K, int64_t H, int64_t n0, 
 // What the LSTM backward's rows read and write (see lstm_backward_steps).
 template <typename T>
 struct LSTMBackward {
-  const T *G, *cs, *c0, *tcc, *gc, *wp, *wx;
+  const T *G, *cs, *c0, *tcc, *gc, *gh, *wp, *wx;
   T *P, *DH, *dc, *carry, *dx;
-  int64_t N, H, I, lo, hi, full;
+  int64_t N, H, I, lo, hi, steps, full;
   int nvx;  // vectors per row in a tile of the input gradient (I may be far below 4W)
   const Tensor* masks;
 };
 
-// Steps hi-1 down to lo of the backward for rows n0..n1. wp: W_hh packed by blocks of 4W hidden
-// units, each panel (4H, 4W); wx, when the input's gradient is asked for, W_ih packed by blocks
+// Steps hi-1 down to lo of the backward for rows n0..n1. wp: W_hh^T packed by blocks of 4W hidden
+// units, each panel (4H, 4W); wx, when the input's gradient is asked for, W_ih^T packed by blocks
 // of nvx W inputs. Step t first takes the recurrent part of its dh from step t+1's gate gradients,
 // one tile at a time, and finishes those units' gates while the tile is in registers; step t+1's
-// input gradient is a product of the same rows.
+// input gradient is a product of the same rows. Gates in torch's order (i, f, g, o).
 template <typename T, bool kHaveTanh>
 void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
   const int64_t N = a.N, H = a.H, H4 = 4 * H;
@@ -408,22 +435,26 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
     T* dh = a.DH + j * N * H;
     T* d = a.P + j * N * H4;
     T* dc = a.dc;
+    const T* ghp = a.gh != nullptr ? a.gh + t * N * H : nullptr;
+    const T* carry_in = !rec && a.hi < a.steps ? a.carry : nullptr;  // the chunk above's d loss / d h_{hi-1}
     over_unit_tiles(above, a.wp, H4, H, n0, n1, [&](int64_t n, int64_t u, int w, V<T> rec_dh) {
       const int64_t at = n * H + u;
-      V<T> dhv = load(dh + at, w) + rec_dh;
+      V<T> dhv = rec_dh;
+      if (ghp != nullptr) dhv += load(ghp + at, w);
+      if (carry_in != nullptr) dhv += load(carry_in + at, w);
       if (m_above != nullptr && !m_above[n]) dhv += load(dh_above + at, w);  // its dh passed straight down
       store(dh + at, dhv, w);
       V<T> dcv = load(dc + at, w);
       T* dn = d + n * H4 + u;
       if (m == nullptr || m[n]) {
         const T* gn = g + n * H4 + u;
-        const V<T> o = load(gn, w), i = load(gn + H, w), f = load(gn + 2 * H, w), gg = load(gn + 3 * H, w);
+        const V<T> i = load(gn, w), f = load(gn + H, w), gg = load(gn + 2 * H, w), o = load(gn + 3 * H, w);
         const V<T> tv = kHaveTanh ? load(tcp + at, w) : vtanh<T>(load(tcp + at, w));
         dcv += dhv * o * (one - tv * tv);
-        store(dn, dhv * tv * o * (one - o), w);
-        store(dn + H, dcv * gg * i * (one - i), w);
-        store(dn + 2 * H, dcv * load(cp + at, w) * f * (one - f), w);
-        store(dn + 3 * H, dcv * i * (one - gg * gg), w);
+        store(dn, dcv * gg * i * (one - i), w);
+        store(dn + H, dcv * load(cp + at, w) * f * (one - f), w);
+        store(dn + 2 * H, dcv * i * (one - gg * gg), w);
+        store(dn + 3 * H, dhv * tv * o * (one - o), w);
         dcv *= f;
       } else {  // frozen: no gradient into the gates, dc passes through unchanged
         for (int k = 0; k < 4; ++k) store(dn + k * H, V<T>{}, w);
@@ -443,64 +474,74 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
   });
 }
 
-// All steps of the forward. x (T * N, I) holds the inputs (with a column of ones where the layer
-// has a bias), w_in (4H, I) and whh (4H, H) the weights (rows in the order o, i, f, g, the g rows
-// doubled); G (T, N, 4H) receives the activated gates, hs and cs (T, N, H) the outputs and cells,
-// tcs, (T, N, H) to keep every step's tanh(c) or (1, N, H) scratch, tanh(c).
-void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, const Tensor& x, const Tensor& h0,
-                        const Tensor& c0, const Tensor& w_in, const Tensor& whh, const Tensor& masks, int64_t full,
-                        bool h0_zero, bool flush) {
-  for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {tcs, "tcs"}, {x, "x"}, {h0, "h0"}, {c0, "c0"},
-                                {w_in, "w_in"}, {whh, "whh"}})
+// All steps of the forward. x (T * N, I) holds the inputs, w_ih (4H, I), w_hh (4H, H) and bias
+// (4H, optional) the weights in torch's layout (gates i, f, g, o); G (T, N, 4H) receives the
+// activated gates (i, f, g, o), hs and cs (T, N, H) the outputs and cells, tcs, (T, N, H) to keep
+// every step's tanh(c) or (1, N, H) scratch, tanh(c); xh, (T, N, Ix + H) to keep or (1, N, Ix + H)
+// scratch, each step's [x_t, 1, h_{t-1}] (the 1 only with a bias: Ix = I + 1).
+void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, const Tensor& x, const Tensor& h0,
+                        const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& bias,
+                        const Tensor& masks, int64_t full, bool h0_zero, bool flush) {
+  for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {tcs, "tcs"}, {xh, "xh"}, {x, "x"}, {h0, "h0"},
+                                {c0, "c0"}, {w_ih, "w_ih"}, {w_hh, "w_hh"}})
     check(t, G, name);
+  if (bias) check(*bias, G, "bias");
   const auto [T, N, H] = sizes(G, hs, 4, "hs");
   TORCH_CHECK(x.dim() == 2, "rnnkit fused kernels: x must be (T * N, I)");
-  const int64_t I = x.size(1);
+  const int64_t I = x.size(1), Ix = I + (bias ? 1 : 0);
   expect(x, "x", {T * N, I});
   expect(cs, "cs", {T, N, H});
   TORCH_CHECK(tcs.dim() == 3 && (tcs.size(0) == T || tcs.size(0) == 1) && tcs.size(1) == N && tcs.size(2) == H,
               "rnnkit fused kernels: tcs must be (T, N, H) or (1, N, H), got ", tcs.sizes());
+  TORCH_CHECK(xh.dim() == 3 && (xh.size(0) == T || xh.size(0) == 1) && xh.size(1) == N && xh.size(2) == Ix + H,
+              "rnnkit fused kernels: xh must be (T, N, Ix + H) or (1, N, Ix + H), got ", xh.sizes());
   expect(h0, "h0", {N, H});
   expect(c0, "c0", {N, H});
-  expect(w_in, "w_in", {4 * H, I});
-  expect(whh, "whh", {4 * H, H});
+  expect(w_ih, "w_ih", {4 * H, I});
+  expect(w_hh, "w_hh", {4 * H, H});
+  if (bias) expect(*bias, "bias", {4 * H});
   check_masks(masks, full, T, N);
-  const bool keep = tcs.size(0) == T;
+  const bool keep = tcs.size(0) == T, keep_xh = xh.size(0) == T;
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_forward_steps", [&] {
     using R = Runs<scalar_t>;
     constexpr int W = Vec<scalar_t>::W;
-    const scalar_t* wi = w_in.data_ptr<scalar_t>();
-    const scalar_t* wh = whh.data_ptr<scalar_t>();
-    // Panel p: units p W .. p W + W - 1 of the four gates, each unit's input then recurrent weights.
-    const Tensor wp = pack<scalar_t>(G, (H + W - 1) / W, 4 * W, I + H, [&](int64_t p, int64_t u) {
+    const scalar_t* wi = w_ih.data_ptr<scalar_t>();
+    const scalar_t* wh = w_hh.data_ptr<scalar_t>();
+    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    // Panel p: units p W .. p W + W - 1 of the four gates, each unit's input weights, bias, then
+    // recurrent weights.
+    const Tensor wp = pack<scalar_t>(G, (H + W - 1) / W, 4 * W, Ix + H, [&](int64_t p, int64_t u) {
       const int64_t j = p * W + u % W, row = (u / W) * H + j;
-      return j < H ? R{{{wi + row * I, I}, {wh + row * H, H}}} : R{};
+      if (j >= H) return R{};
+      if (b == nullptr) return R{{{wi + row * I, I}, {wh + row * H, H}}};
+      return R{{{wi + row * I, I}, {b + row, 1}, {wh + row * H, H}}};
     });
     over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
       lstm_forward_rows<scalar_t>(G.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
-                                  tcs.data_ptr<scalar_t>(), keep, x.data_ptr<scalar_t>(), I,
-                                  h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), wp.data_ptr<scalar_t>(), masks,
-                                  full, h0_zero, T, N, H, n0, n1);
+                                  tcs.data_ptr<scalar_t>(), keep, xh.data_ptr<scalar_t>(), keep_xh,
+                                  x.data_ptr<scalar_t>(), I, Ix, h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+                                  wp.data_ptr<scalar_t>(), masks, full, h0_zero, T, N, H, n0, n1);
     });
   });
 }
 
-// Steps hi-1 down to lo of the backward. P (hi - lo, N, 4H) receives their gate gradients; DH
-// (hi - lo, N, H) holds the outputs' gradient of those steps with the carry from step hi already
-// added to its last row, and is overwritten with d loss / d h_t in full; tcc (hi - lo, N, H) their
-// tanh(c), or undefined to recompute it from cs; dc (N, H) is d loss / d c_{hi-1} on entry and
-// d loss / d c_{lo-1} on exit (dc0 when lo == 0); gc (T, N, H), optional, is the gradient of every
-// step's c; carry (N, H) receives d loss / d h_{lo-1} through the recurrence when lo > 0; whh_t is
-// W_hh^T (H, 4H), contiguous; dx (T, N, I), when given, receives these steps' input gradient, with
-// wih_t = W_ih^T (I, 4H).
+// Steps hi-1 down to lo of the backward, gates in torch's order (i, f, g, o). P (hi - lo, N, 4H)
+// receives their gate gradients and DH (hi - lo, N, H) d loss / d h_t in full; gh (T, N, H),
+// optional, is the outputs' gradient; tcc (hi - lo, N, H) their tanh(c), or undefined to
+// recompute it from cs; dc (N, H) is d loss / d c_{hi-1} on entry and d loss / d c_{lo-1} on exit
+// (dc0 when lo == 0); gc (T, N, H), optional, is the gradient of every step's c; carry (N, H)
+// holds d loss / d h_{hi-1} through the recurrence on entry when hi < T (from the chunk above)
+// and receives d loss / d h_{lo-1} when lo > 0; w_hh (4H, H); dx (T, N, I), when given, receives
+// these steps' input gradient, with w_ih (4H, I).
 void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
-                         Tensor P, const Tensor& DH, Tensor dc, const std::optional<Tensor>& gc, Tensor carry,
-                         const Tensor& whh_t, const std::optional<Tensor>& dx, const std::optional<Tensor>& wih_t,
-                         const Tensor& masks, int64_t full, int64_t lo, int64_t hi, bool flush) {
+                         Tensor P, Tensor DH, Tensor dc, const std::optional<Tensor>& gc,
+                         const std::optional<Tensor>& gh, Tensor carry, const Tensor& w_hh,
+                         const std::optional<Tensor>& dx, const std::optional<Tensor>& w_ih, const Tensor& masks,
+                         int64_t full, int64_t lo, int64_t hi, bool flush) {
   for (const auto& [t, name] : {std::pair{cs, "cs"}, {c0, "c0"}, {P, "P"}, {DH, "DH"}, {dc, "dc"}, {carry, "carry"},
-                                {whh_t, "whh_t"}})
+                                {w_hh, "w_hh"}})
     check(t, G, name);
-  for (const auto& [t, name] : {std::pair{tcc, "tcc"}, {gc, "gc"}, {dx, "dx"}, {wih_t, "wih_t"}})
+  for (const auto& [t, name] : {std::pair{tcc, "tcc"}, {gc, "gc"}, {gh, "gh"}, {dx, "dx"}, {w_ih, "w_ih"}})
     if (t) check(*t, G, name);
   const auto [T, N, H] = sizes(G, cs, 4, "cs");
   TORCH_CHECK(0 <= lo && lo < hi && hi <= T, "rnnkit fused kernels: bad step range");
@@ -513,40 +554,35 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
               "rnnkit fused kernels: DH must be (at least hi - lo, N, H), got ", DH.sizes());
   expect(dc, "dc", {N, H});
   if (gc) expect(*gc, "gc", {T, N, H});
+  if (gh) expect(*gh, "gh", {T, N, H});
   expect(carry, "carry", {N, H});
-  expect(whh_t, "whh_t", {H, 4 * H});
-  TORCH_CHECK(dx.has_value() == wih_t.has_value(), "rnnkit fused kernels: dx and wih_t come together");
+  expect(w_hh, "w_hh", {4 * H, H});
+  TORCH_CHECK(dx.has_value() == w_ih.has_value(), "rnnkit fused kernels: dx and w_ih come together");
   const int64_t I = dx ? dx->size(2) : 0;
   if (dx) {
     TORCH_CHECK(I > 0, "rnnkit fused kernels: dx needs at least one input");
     expect(*dx, "dx", {T, N, I});
-    expect(*wih_t, "wih_t", {I, 4 * H});
+    expect(*w_ih, "w_ih", {4 * H, I});
   }
   check_masks(masks, full, T, N);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_backward_steps", [&] {
-    using R = Runs<scalar_t>;
     constexpr int W = Vec<scalar_t>::W;
     const int64_t H4 = 4 * H;
-    const scalar_t* wt = whh_t.data_ptr<scalar_t>();
-    const Tensor wp = pack<scalar_t>(G, (H + 4 * W - 1) / (4 * W), 4 * W, H4, [&](int64_t q, int64_t u) {
-      const int64_t k = q * 4 * W + u;
-      return k < H ? R{{{wt + k * H4, H4}}} : R{};
-    });
+    const scalar_t* wh = w_hh.data_ptr<scalar_t>();
+    const Tensor wp = pack_rows<scalar_t>(G, (H + 4 * W - 1) / (4 * W), 4 * W, H4, H,
+                                          [&](int64_t k) { return wh + k * H; });
     const int nvx = static_cast<int>(std::min<int64_t>(4, (I + W - 1) / W));
     Tensor wx;
     if (dx) {
-      const scalar_t* wi = wih_t->data_ptr<scalar_t>();
-      wx = pack<scalar_t>(G, (I + nvx * W - 1) / (nvx * W), nvx * W, H4, [&](int64_t q, int64_t u) {
-        const int64_t k = q * nvx * W + u;
-        return k < I ? R{{{wi + k * H4, H4}}} : R{};
-      });
+      const scalar_t* wi = w_ih->data_ptr<scalar_t>();
+      wx = pack_rows<scalar_t>(G, (I + nvx * W - 1) / (nvx * W), nvx * W, H4, I, [&](int64_t k) { return wi + k * I; });
     }
     auto ptr = [](const std::optional<Tensor>& t) { return t ? t->data_ptr<scalar_t>() : nullptr; };
     const LSTMBackward<scalar_t> args{G.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
-                                      ptr(tcc), ptr(gc), wp.data_ptr<scalar_t>(),
+                                      ptr(tcc), ptr(gc), ptr(gh), wp.data_ptr<scalar_t>(),
                                       dx ? wx.data_ptr<scalar_t>() : nullptr, P.data_ptr<scalar_t>(),
                                       DH.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), carry.data_ptr<scalar_t>(),
-                                      ptr(dx), N, H, I, lo, hi, full, nvx, &masks};
+                                      ptr(dx), N, H, I, lo, hi, T, full, nvx, &masks};
     with_flag(tcc.has_value(), [&](auto have_tanh) {
       over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
         lstm_backward_rows<scalar_t, decltype(have_tanh)::value>(args, n0, n1);
@@ -683,12 +719,12 @@ void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, Tensor out, const Tensor&
 // All steps of a GRU backward, from the last. DH (T, N, H) holds the outputs' gradient and is
 // overwritten; DGi, DGh (T, N, 3H) receive the gradients of the input projection (r, z, n) and of
 // h W_hh^T + b (r, z, S); dh0 (N, H, zeros on entry) receives the part of d loss / d h_0 that
-// bypasses the products (the caller adds DGh[0] W_hh). whh_t is W_hh^T (H, 3H), contiguous.
+// bypasses the products (the caller adds DGh[0] W_hh). w_hh is W_hh (3H, H), not doubled.
 void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, const Tensor& h0, Tensor DH,
-                        Tensor DGi, Tensor DGh, Tensor dh0, const Tensor& whh_t, const Tensor& masks, int64_t full,
+                        Tensor DGi, Tensor DGh, Tensor dh0, const Tensor& w_hh, const Tensor& masks, int64_t full,
                         bool flush) {
   for (const auto& [t, name] : {std::pair{S2, "S2"}, {hs, "hs"}, {h0, "h0"}, {DH, "DH"}, {DGi, "DGi"},
-                                {DGh, "DGh"}, {dh0, "dh0"}, {whh_t, "whh_t"}})
+                                {DGh, "DGh"}, {dh0, "dh0"}, {w_hh, "w_hh"}})
     check(t, G, name);
   const auto [T, N, H] = sizes(G, hs, 3, "hs");
   expect(S2, "S2", {T, N, H});
@@ -697,16 +733,13 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
   expect(DGi, "DGi", {T, N, 3 * H});
   expect(DGh, "DGh", {T, N, 3 * H});
   expect(dh0, "dh0", {N, H});
-  expect(whh_t, "whh_t", {H, 3 * H});
+  expect(w_hh, "w_hh", {3 * H, H});
   check_masks(masks, full, T, N);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "gru_backward_steps", [&] {
-    using R = Runs<scalar_t>;
     constexpr int W = Vec<scalar_t>::W;
-    const scalar_t* wt = whh_t.data_ptr<scalar_t>();
-    const Tensor wp = pack<scalar_t>(G, (H + 4 * W - 1) / (4 * W), 4 * W, 3 * H, [&](int64_t q, int64_t u) {
-      const int64_t k = q * 4 * W + u;
-      return k < H ? R{{{wt + k * 3 * H, 3 * H}}} : R{};
-    });
+    const scalar_t* wh = w_hh.data_ptr<scalar_t>();
+    const Tensor wp = pack_rows<scalar_t>(G, (H + 4 * W - 1) / (4 * W), 4 * W, 3 * H, H,
+                                          [&](int64_t k) { return wh + k * H; });
     over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
       gru_backward_rows<scalar_t>(G.data_ptr<scalar_t>(), S2.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
                                   h0.data_ptr<scalar_t>(), DH.data_ptr<scalar_t>(), DGi.data_ptr<scalar_t>(),
@@ -720,12 +753,13 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
 
 TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def(
-      "lstm_forward_steps(Tensor(a!) G, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tcs, Tensor x, Tensor h0, "
-      "Tensor c0, Tensor w_in, Tensor whh, Tensor masks, int full, bool h0_zero, bool flush) -> ()");
+      "lstm_forward_steps(Tensor(a!) G, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tcs, Tensor(e!) xh, Tensor x, "
+      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor masks, int full, bool h0_zero, "
+      "bool flush) -> ()");
   m.def(
       "lstm_backward_steps(Tensor G, Tensor cs, Tensor c0, Tensor? tcc, Tensor(a!) P, Tensor(e!) DH, Tensor(b!) dc, "
-      "Tensor? gc, Tensor(c!) carry, Tensor whh_t, Tensor(d!)? dx, Tensor? wih_t, Tensor masks, int full, int lo, "
-      "int hi, bool flush) -> ()");
+      "Tensor? gc, Tensor? gh, Tensor(c!) carry, Tensor w_hh, Tensor(d!)? dx, Tensor? w_ih, Tensor masks, int full, "
+      "int lo, int hi, bool flush) -> ()");
 }
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
@@ -734,7 +768,7 @@ TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
       "Tensor bh, Tensor masks, int full, bool h0_zero, bool flush) -> ()");
   m.def(
       "gru_backward_steps(Tensor G, Tensor S2, Tensor hs, Tensor h0, Tensor(a!) DH, Tensor(b!) DGi, "
-      "Tensor(c!) DGh, Tensor(d!) dh0, Tensor whh_t, Tensor masks, int full, bool flush) -> ()");
+      "Tensor(c!) DGh, Tensor(d!) dh0, Tensor w_hh, Tensor masks, int full, bool flush) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
