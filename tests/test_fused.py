@@ -115,9 +115,11 @@ def test_chunked_time_loops(name, monkeypatch):
     # GRU's precomputed factors, all run a few steps at a time.
     N, H = 4, 8
     monkeypatch.setattr(fused, "_CHUNK_GATE_BYTES", 3 * N * 4 * H * 8)
+    monkeypatch.setattr(fused, "_KERNEL_CHUNK_SCALE", 1)
     monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
     monkeypatch.setattr(fused, "_CHUNK_BYTES", 3 * N * 4 * H * 8)
     monkeypatch.setattr(fused, "_KEEP_TANH_C_BYTES", 0)  # the LSTM's backward recomputes tanh(c)
+    assert fused._lstm_chunk(11, N, H, 8, fused._KERNEL_CHUNK_SCALE) == 3  # the C++ loops' chunks too
     dtype = torch.float64
     cell = make_cell(name, 3, H, dtype)
     x = torch.randn(N, 11, 3, dtype=dtype)
@@ -143,6 +145,7 @@ def test_tiles_and_their_edges(name, N, I, H, dtype, monkeypatch):
     assert_agree(cell, x, tree_flatten(cell.init_state(N, dtype=dtype))[1](
         [torch.zeros_like(s) for s in tree_flatten(cell.init_state(N, dtype=dtype))[0]]))  # step 0 skips its product
     monkeypatch.setattr(fused, "_CHUNK_GATE_BYTES", 2 * N * 4 * H * 8)
+    monkeypatch.setattr(fused, "_KERNEL_CHUNK_SCALE", 1)
     monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
     monkeypatch.setattr(fused, "_KEEP_TANH_C_BYTES", 0)  # the LSTM's backward recomputes tanh(c)
     assert_agree(cell, x, state, lengths=lengths)
@@ -280,7 +283,7 @@ def test_auto_on_cpu_picks_by_workload(monkeypatch):
     """Small float32 LSTM/RNN training and their inference go to torch's kernel (long sequences in chunks
     of time); training with steps too wide for useful chunks goes to the fused one. GRU training always
     does (torch's CPU GRU kernel is not oneDNN's), GRU inference does once it is not tiny. (The rules
-    measured with AVX-512; test_auto_trains_lstms_up_to_128_units... has the others.)"""
+    measured with AVX-512; test_auto_trains_lstms_up_to_256_units... has the others.)"""
     monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
     monkeypatch.setattr(engine, "_AVX512", True)
     tiny = torch.randn(3, 2, 4)
@@ -559,23 +562,23 @@ def test_a_backward_runs_the_loops_its_forward_ran(monkeypatch, lstm_loops):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
-def test_auto_trains_lstms_up_to_128_units_on_the_register_blocked_loops_without_avx512(monkeypatch):
-    """Without AVX-512, with the C++ loops, an LSTM of up to 128 units and 4,096 units of batch x hidden trains
+def test_auto_trains_lstms_up_to_256_units_on_the_register_blocked_loops_without_avx512(monkeypatch):
+    """Without AVX-512, with the C++ loops, an LSTM of up to 256 units and 4,096 units of batch x hidden trains
     on the fused backend at any length and allocator; not wider, not smaller, not in float64, not elsewhere."""
     x = torch.randn(3, 2, 4)
     monkeypatch.setattr(fused, "kernels_available", lambda: True)
     monkeypatch.setattr(engine, "_AVX512", False)
     for tuned in (True, False):
         monkeypatch.setattr(engine, "allocator_tuned", lambda tuned=tuned: tuned)
-        lstm, wide = make_cell("lstm", 4, 128, torch.float32), make_cell("lstm", 4, 256, torch.float32)
+        lstm, wide = make_cell("lstm", 4, 128, torch.float32), make_cell("lstm", 4, 257, torch.float32)
         assert _pick_backend(lstm, x, 28, 32) == "fused"  # 32 x 128 = 4,096 units
+        assert _pick_backend(make_cell("lstm", 4, 256, torch.float32), x, 28, 16) == "fused"
         assert _pick_backend(make_cell("lstm", 4, 64, torch.float32), x, 28, 64) == "fused"
         assert _pick_backend(lstm, x, 28, 31) == "native"
         assert _pick_backend(wide, x, 28, 32) == "native"
         with torch.no_grad():
             assert _pick_backend(lstm, x, 28, 128) == "native"  # inference: torch's kernel
         assert _pick_backend(lstm.double(), x.double(), 28, 128) == "native"
-        assert _pick_backend(make_cell("lstm", 4, 129, torch.float32), x, 28, 32) == "native"
     monkeypatch.setattr(engine, "_AVX512", True)
     assert _pick_backend(make_cell("lstm", 4, 128, torch.float32), x, 28, 128) == "native"
     monkeypatch.setattr(engine, "_AVX512", False)

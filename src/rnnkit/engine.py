@@ -203,7 +203,10 @@ _FUSED_GRU_INFERENCE_MIN_UNITS = 2048
 # 70.5 / 97.2, T784 H128 B128 469 / 581; behind where each thread's packed weights outgrow its
 # cache (T28 H256 B128 78.9 / 73.0, H512 B512 920 / 820; H192 even) and on tiny calls (T16 I8 H16
 # B8 0.92 / 0.71). Not yet measured on a processor with AVX-512, where the older rules above stand.
-_FUSED_LSTM_MAX_HIDDEN = 128
+# Later the same day, with the weights taken as torch lays them out (no copies per call) and the
+# backward in larger chunks (see fused._KERNEL_CHUNK_SCALE), interleaved, untuned: T28 H128 B256
+# 44.9 / 52.2, H192 B128 39.8 / 47.1, H256 B128 60.5 / 66.6, H384 B128 132 / 142, H512 B512 988 / 925.
+_FUSED_LSTM_MAX_HIDDEN = 256
 _FUSED_LSTM_MIN_UNITS = 4096
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
