@@ -437,17 +437,17 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
     dW = None
     # A long sequence's forward kept no [x_t, 1, h_{t-1}] rows: they are laid out here chunk by chunk.
     buf = G.new_empty(C * N, Ix + H) if need_w and XH is None else None
-    kernels = _kernels()
+    kernels = cext.ops()  # as the forward found them (whatever _USE_KERNELS says now)
     args = dict(masks=_mask_rows(masks, T, N), full=ctx.full, flush=flush_denormals_enabled())
     w_hh, c0 = w_hh.contiguous(), c0.contiguous()
     w_ih = w_ih.contiguous() if need_x else None
-    gh = gh.contiguous() if gh is not None else None
     gc = gc.contiguous() if gc is not None else None
     for hi in range(T, 0, -C):
         lo = max(0, hi - C)
         n = hi - lo
         tcc = TCs[lo:hi] if TCs is not None else None
-        kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gc, gh, carry, w_hh, dx, w_ih, lo=lo, hi=hi, **args)
+        ghc = gh[lo:hi].contiguous() if gh is not None else None  # a strided gradient: a chunk's copy at a time
+        kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gc, ghc, carry, w_hh, dx, w_ih, lo=lo, hi=hi, **args)
         if need_w:
             if XH is not None:
                 xh = XH[lo * N : hi * N]

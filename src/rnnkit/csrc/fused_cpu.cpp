@@ -435,7 +435,7 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
     T* dh = a.DH + j * N * H;
     T* d = a.P + j * N * H4;
     T* dc = a.dc;
-    const T* ghp = a.gh != nullptr ? a.gh + t * N * H : nullptr;
+    const T* ghp = a.gh != nullptr ? a.gh + j * N * H : nullptr;
     const T* carry_in = !rec && a.hi < a.steps ? a.carry : nullptr;  // the chunk above's d loss / d h_{hi-1}
     over_unit_tiles(above, a.wp, H4, H, n0, n1, [&](int64_t n, int64_t u, int w, V<T> rec_dh) {
       const int64_t at = n * H + u;
@@ -526,8 +526,8 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, c
 }
 
 // Steps hi-1 down to lo of the backward, gates in torch's order (i, f, g, o). P (hi - lo, N, 4H)
-// receives their gate gradients and DH (hi - lo, N, H) d loss / d h_t in full; gh (T, N, H),
-// optional, is the outputs' gradient; tcc (hi - lo, N, H) their tanh(c), or undefined to
+// receives their gate gradients and DH (hi - lo, N, H) d loss / d h_t in full; gh (hi - lo, N, H),
+// optional, is these steps' outputs' gradient; tcc (hi - lo, N, H) their tanh(c), or undefined to
 // recompute it from cs; dc (N, H) is d loss / d c_{hi-1} on entry and d loss / d c_{lo-1} on exit
 // (dc0 when lo == 0); gc (T, N, H), optional, is the gradient of every step's c; carry (N, H)
 // holds d loss / d h_{hi-1} through the recurrence on entry when hi < T (from the chunk above)
@@ -554,7 +554,7 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
               "rnnkit fused kernels: DH must be (at least hi - lo, N, H), got ", DH.sizes());
   expect(dc, "dc", {N, H});
   if (gc) expect(*gc, "gc", {T, N, H});
-  if (gh) expect(*gh, "gh", {T, N, H});
+  if (gh) expect(*gh, "gh", {n, N, H});
   expect(carry, "carry", {N, H});
   expect(w_hh, "w_hh", {4 * H, H});
   TORCH_CHECK(dx.has_value() == w_ih.has_value(), "rnnkit fused kernels: dx and w_ih come together");
