@@ -109,16 +109,19 @@ def test_time_major_and_full_lengths(name):
     assert_agree(cell, x, random_state(cell, 2, dtype), batch_first=False, lengths=[6, 6])
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("name", list(CELLS))
-def test_chunked_time_loops(name, monkeypatch):
+def test_chunked_time_loops(name, keep, monkeypatch):
     # Tiny chunks: the LSTM's input projection, backward loop and weight gradients, and the
-    # GRU's precomputed factors, all run a few steps at a time.
+    # GRU's precomputed factors, all run a few steps at a time; the LSTM's forward keeps tanh(c) and
+    # the weight gradients' rows [x_t, 1, h_{t-1}] (sliced per chunk), or the backward recomputes them.
     N, H = 4, 8
     monkeypatch.setattr(fused, "_CHUNK_GATE_BYTES", 3 * N * 4 * H * 8)
     monkeypatch.setattr(fused, "_KERNEL_CHUNK_SCALE", 1)
     monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
     monkeypatch.setattr(fused, "_CHUNK_BYTES", 3 * N * 4 * H * 8)
-    monkeypatch.setattr(fused, "_KEEP_TANH_C_BYTES", 0)  # the LSTM's backward recomputes tanh(c)
+    if not keep:
+        monkeypatch.setattr(fused, "_KEEP_TANH_C_BYTES", 0)
     assert fused._lstm_chunk(11, N, H, 8, fused._KERNEL_CHUNK_SCALE) == 3  # the C++ loops' chunks too
     dtype = torch.float64
     cell = make_cell(name, 3, H, dtype)
@@ -149,6 +152,37 @@ def test_tiles_and_their_edges(name, N, I, H, dtype, monkeypatch):
     monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
     monkeypatch.setattr(fused, "_KEEP_TANH_C_BYTES", 0)  # the LSTM's backward recomputes tanh(c)
     assert_agree(cell, x, state, lengths=lengths)
+
+
+def test_lstm_with_frozen_weights_and_the_bias_gradient_on_its_own(monkeypatch):
+    """Weights that need no gradient: the forward keeps no rows for them, and the input's and bias's
+    gradients are still right. The bias gradient owns its memory (a view would keep the weight GEMM's
+    buffer alive as .grad)."""
+    dtype = torch.float64
+    cell = make_cell("lstm", 3, 5, dtype)
+    x = torch.randn(4, 6, 3, dtype=dtype)
+    kept = []
+    real = fused._lstm_forward_kernels
+    monkeypatch.setattr(fused, "_lstm_forward_kernels", lambda *a: kept.append(a[-1]) or real(*a))
+
+    def grads(backend, wrt):
+        xx = x.clone().requires_grad_()
+        out = rnnkit.unroll(cell, xx, lengths=[6, 2, 5, 6], backend=backend).outputs
+        return torch.autograd.grad(out.pow(2).sum(), [xx, *wrt])
+
+    for p in cell.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        rnnkit.unroll(cell, x, backend="fused")
+    for a, b in zip(grads("fused", []), grads("reference", [])):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    cell.bias_ih.requires_grad_(True)
+    for a, b in zip(grads("fused", [cell.bias_ih]), grads("reference", [cell.bias_ih])):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    if fused.kernels_available():
+        assert kept == [False, False, True]
+    rnnkit.unroll(cell, x, backend="fused").outputs.sum().backward()
+    assert cell.bias_ih.grad.untyped_storage().nbytes() == cell.bias_ih.grad.numel() * 8
 
 
 @pytest.mark.parametrize("name", list(CELLS))

@@ -10,11 +10,13 @@ Where the time goes and what this backend does about it:
   backward loop does only the chain that depends on the recurrence: every local derivative and
   product that does not (``sigmoid'``, ``tanh'``, ``o (1 - tanh(c)^2)``, ...) is computed
   before it with a few batched ops. torch's tanh is ~3x slower than its sigmoid on the CPU, so
-  tanh runs as ``2 sigmoid(2a) - 1`` with the weights that feed it doubled once per call.
-* Memory. A long LSTM sequence (over 8 MB of gates) works through time in chunks of 2 MB: the
-  backward's scratch buffers are one chunk long (reused), and in the Python loops the input
-  projection of a chunk is computed just before the chunk runs, so long sequences stay in cache
-  and need no sequence-sized scratch.
+  tanh runs as ``2 sigmoid(2a) - 1`` with the weights that feed it doubled once per call (the C++
+  LSTM loops compute theirs directly from the weights as given).
+* Memory. A long LSTM sequence (over 8 MB of gates; 64 MB with the C++ loops) works through time
+  in chunks of 2 MB (16 MB): the backward's scratch buffers are one chunk long (reused), and in the
+  Python loops the input projection of a chunk is computed just before the chunk runs, so long
+  sequences stay in cache and need no sequence-sized scratch (the C++ LSTM forward keeps each step's
+  ``[x_t, 1, h_{t-1}]`` for the weight gradients only while that takes at most 10 MB).
 
 Time loops. The LSTM's and GRU's run in C++ (``csrc/fused_cpu.cpp``, built by
 :mod:`rnnkit.backends.cext`), where the Python loops pay the interpreter, a dispatch for each of ten
@@ -130,9 +132,10 @@ def _run(
     T = x.shape[0]
     full = T if lengths is None else int(lengths.min())
     if type(cell) is LSTMCell:
-        hs, cs = _LSTMFunction.apply(
-            x, state.h, state.c, cell.weight_ih, cell.weight_hh, cell.fused_bias(), masks, full
-        )
+        bias = cell.fused_bias()
+        grad_w = torch.is_grad_enabled() and any(w is not None and w.requires_grad
+                                                 for w in (cell.weight_ih, cell.weight_hh, bias))
+        hs, cs = _LSTMFunction.apply(x, state.h, state.c, cell.weight_ih, cell.weight_hh, bias, masks, full, grad_w)
         return hs, LSTMState(hs[-1], cs[-1]), (LSTMState(hs, cs) if return_states else None)
     H = cell.hidden_size
     if type(cell) is GRUCell:
@@ -282,12 +285,15 @@ class _LSTMFunction(torch.autograd.Function):
     (contiguous) gate row, and tanh(c) is three cheap ops.
 
     Saved for the backward: the activated gates G (T, N, 4H), the outputs and, unless the
-    sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c); with the C++ loops, every
-    step's [x_t, 1, h_{t-1}] as well (the weight gradients' operand, laid out by the forward).
+    sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c); with the C++ loops, when a weight
+    gradient may be asked for and they take at most 1.25 x _KEEP_TANH_C_BYTES, every step's
+    [x_t, 1, h_{t-1}] as well (the weight gradients' operand, laid out by the forward).
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, bias, masks, full):  # type: ignore[override]
+    def forward(ctx, x, h0, c0, w_ih, w_hh, bias, masks, full, grad_w):  # type: ignore[override]
+        # grad_w: whether a weight gradient may be asked for (the caller's grad mode: inside forward,
+        # grad mode is off and ctx.needs_input_grad ignores the caller's no_grad)
         inputs = (x, h0, c0, w_ih, w_hh, bias)  # as given, for a differentiable backward (create_graph)
         with denormals_flushed(x.device):
             T, N, _ = x.shape
@@ -298,7 +304,9 @@ class _LSTMFunction(torch.autograd.Function):
             h0_zero = not bool(h0.any())  # the usual zero state: step 0 needs no recurrent GEMM
             kernels = _kernels()
             if kernels is not None:
-                G, XH = _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
+                G, XH = _lstm_forward_kernels(
+                    kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero, grad_w
+                )
             else:
                 G, XH = _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
         ctx.full, ctx.has_bias, ctx.kernels = full, bias is not None, kernels is not None
@@ -312,23 +320,26 @@ class _LSTMFunction(torch.autograd.Function):
         XH, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs = ctx.saved_tensors
         if _graph_needed(gh, gc):
             grads = _differentiable_grads(_lstm_graph, (*inputs, masks, ctx.full), (gh, gc))
-            return (*grads[:6], None, None)
+            return (*grads[:6], None, None, None)
         H = h0.shape[1]
         x = inputs[0]
         with denormals_flushed(G.device):
             if ctx.kernels:
-                return _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks)
-            return _lstm_backward(ctx, gh, gc, XH, h0, c0, _rotate(w_ih, H), _rotate(w_hh, H), G, hs, cs, TCs, masks)
+                grads = _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks)
+            else:
+                grads = _lstm_backward(ctx, gh, gc, XH, h0, c0, _rotate(w_ih, H), _rotate(w_hh, H), G, hs, cs, TCs,
+                                       masks)
+            return (*grads, None, None, None)
 
 
-def _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero):  # noqa: ANN001, ANN202
+def _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero, keep):  # noqa: ANN001, ANN202
     """The forward's time loop in C++: (G, XH), XH every step's [x_t, 1, h_{t-1}] (None if long)."""
     T, N, I = x.shape
     H = h0.shape[1]
     K = I + (bias is not None) + H
-    # Kept where it is about as large as the tanh(c) the forward keeps; else the backward lays it out
-    # chunk by chunk.
-    keep_xh = T * N * K * x.element_size() <= _KEEP_TANH_C_BYTES + _KEEP_TANH_C_BYTES // 4
+    # Kept for a weight gradient where they take at most 1.25 x _KEEP_TANH_C_BYTES; else (or with no
+    # weight gradient to compute) the backward lays them out chunk by chunk when it needs them.
+    keep_xh = keep and T * N * K * x.element_size() <= _KEEP_TANH_C_BYTES + _KEEP_TANH_C_BYTES // 4
     XH = x.new_empty(T if keep_xh else 1, N, K)
     G = x.new_empty(T, N, 4 * H)
     tcs = TCs if TCs is not None else x.new_empty(1, N, H)
@@ -452,7 +463,7 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
             if XH is not None:
                 xh = XH[lo * N : hi * N]
             else:
-                xh = _weight_operand(buf, x.reshape(T * N, I), ctx.has_bias, hs, h0, lo, hi)
+                xh = _weight_operand(buf, x[lo:hi].reshape(n * N, I), ctx.has_bias, hs, h0, lo, hi)
             dG = P[:n].view(n * N, H4)
             # faster this way round than dG^T xh
             dW = mm(xh.t(), dG) if dW is None else linear_add_(dW, xh.t(), dG.t())
@@ -462,19 +473,18 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
         dc if need_c0 else None,
         dW[:I].t() if need_wih else None,
         dW[Ix:].t() if need_whh else None,
-        dW[I] if need_b else None,
-        None,
-        None,
+        dW[I].clone() if need_b else None,  # not a view: autograd would keep all of dW alive as bias.grad
     )
 
 
-def _weight_operand(buf: Tensor, x2: Tensor, ones: bool, hs: Tensor, h0: Tensor, lo: int, hi: int) -> Tensor:
-    """Steps lo..hi-1's rows of [x_t, 1, h_{t-1}] laid out in ``buf`` (x2: (T N, I), or I + 1 with the ones)."""
+def _weight_operand(buf: Tensor, x_rows: Tensor, ones: bool, hs: Tensor, h0: Tensor, lo: int, hi: int) -> Tensor:
+    """Steps lo..hi-1's rows of [x_t, 1, h_{t-1}] laid out in ``buf`` (x_rows: their ((hi - lo) N, I) inputs,
+    or I + 1 with the ones)."""
     N, H = h0.shape
     n = hi - lo
     xh = buf[: n * N]
-    I = x2.shape[1]
-    xh[:, :I].copy_(x2[lo * N : hi * N])
+    I = x_rows.shape[1]
+    xh[:, :I].copy_(x_rows)
     if ones:
         xh[:, I].fill_(1.0)
     for rows, prev in _with_prev(hs, h0, lo, hi):
@@ -524,7 +534,7 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
         if need_x:
             linear(dG, wih_rt, out=dx[lo:hi].view(n * N, -1))
         if need_w:
-            linear_add_(dW, _weight_operand(XH, x2, False, hs, h0, lo, hi).t(), dG.t())
+            linear_add_(dW, _weight_operand(XH, x2[lo * N : hi * N], False, hs, h0, lo, hi).t(), dG.t())
     return (
         dx,
         linear(P[0], whh_rt) if need_h0 else None,
@@ -532,8 +542,6 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
         _unrotate(dW[:I].t(), H) if need_wih else None,
         _unrotate(dW[Ix:].t(), H) if need_whh else None,
         _unrotate(dW[I], H) if need_b else None,
-        None,
-        None,
     )
 
 

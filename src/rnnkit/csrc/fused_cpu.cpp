@@ -248,7 +248,7 @@ inline void tile_rows(int rows, const T* a, int64_t lda, const T* b, int64_t K, 
 }
 
 // Weights packed for tile(): panel p holds, for every k, the width values of units u < width,
-// where unit(p, u) gives that unit's weights as up to two runs of (pointer, length) that together
+// where unit(p, u) gives that unit's weights as up to three runs of (pointer, length) that together
 // make its K values (a null pointer: a padding unit, zero). The panels are 64-byte aligned
 // (torch's CPU allocator), so tile()'s loads are aligned ones in practice.
 template <typename T, typename F>
@@ -375,9 +375,9 @@ inline void tile_vectors(int nv, int rows, const T* a, int64_t lda, const T* b, 
 }
 
 // For rows n0..n1 of a backward step, in tiles of kRows rows and nv W units (of H): the tile's
-// product of rows of a (row stride K; none when a is null) and a panel of wp (K x nv W, as pack()
-// lays W_hh^T or W_ih^T out), then fn(n, u, w, sum) for each row n and vector of units
-// u .. u + w - 1 (w < W where a row of H units ends).
+// product of rows of a (row stride K; none when a is null) and a panel of wp (K x nv W: a block of
+// nv W columns of W_hh or W_ih as pack_rows() lays it out), then fn(n, u, w, sum) for each row n
+// and vector of units u .. u + w - 1 (w < W where a row of H units ends).
 template <typename T, typename F>
 void over_unit_tiles(const T* a, const T* wp, int64_t K, int64_t H, int64_t n0, int64_t n1, const F& fn,
                      int nv = 4) {
@@ -406,8 +406,8 @@ struct LSTMBackward {
   const Tensor* masks;
 };
 
-// Steps hi-1 down to lo of the backward for rows n0..n1. wp: W_hh^T packed by blocks of 4W hidden
-// units, each panel (4H, 4W); wx, when the input's gradient is asked for, W_ih^T packed by blocks
+// Steps hi-1 down to lo of the backward for rows n0..n1. wp: W_hh's columns packed by blocks of 4W
+// hidden units, each panel (4H, 4W); wx, when the input's gradient is asked for, W_ih's by blocks
 // of nvx W inputs. Step t first takes the recurrent part of its dh from step t+1's gate gradients,
 // one tile at a time, and finishes those units' gates while the tile is in registers; step t+1's
 // input gradient is a product of the same rows. Gates in torch's order (i, f, g, o).
