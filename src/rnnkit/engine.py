@@ -205,7 +205,8 @@ _FUSED_GRU_INFERENCE_MIN_UNITS = 2048
 # B8 0.92 / 0.71). Not yet measured on a processor with AVX-512, where the older rules above stand.
 # Later the same day, with the weights taken as torch lays them out (no copies per call) and the
 # backward in larger chunks (see fused._KERNEL_CHUNK_SCALE), interleaved, untuned: T28 H128 B256
-# 44.9 / 52.2, H192 B128 39.8 / 47.1, H256 B128 60.5 / 66.6, H384 B128 132 / 142, H512 B512 988 / 925.
+# 44.9 / 52.2, H192 B128 39.8 / 47.1, H256 B128 60.5 / 66.6, H320 B128 94.9 / 105.6, H384 B128 132 / 142
+# (twice), H384 B64 77.2 / 78.6, H512 B512 988 / 925: past 256 units the margin is within the noise.
 _FUSED_LSTM_MAX_HIDDEN = 256
 _FUSED_LSTM_MIN_UNITS = 4096
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
