@@ -244,3 +244,31 @@ def test_openmp_only_when_torch_runs_on_gnu_openmp(monkeypatch, tmp_path):
         assert cext.threaded()
     finally:
         cext._flags.cache_clear()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sse", "plain"])
+def test_the_kernels_without_avx_build_and_agree(variant, tmp_path):
+    """The kernels' other vector paths, built here without AVX: SSE (4 floats a vector, the reciprocal
+    estimate, which needs FMA, replaced by a division) and plain C++ vectors (no intrinsics, as on AArch64).
+    They must build, load, and pass the fused tests of tiles, chunks and partial losses."""
+    require_cpu_kernels()
+    cxx = cext.compiler()
+    lib = tmp_path / "cache" / "kernels" / cext._key(cxx) / "rnnkit_cpu.so"
+    lib.parent.mkdir(parents=True)
+    extra = ["-mno-avx", "-mno-avx2", "-mno-fma", "-mno-avx512f"]
+    if variant == "plain":
+        extra += ["-U__SSE__", "-U__SSE2__"]
+    built = subprocess.run([*cext._command(cxx, lib), *extra], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    lib.with_name(lib.name + ".sha256").write_text(cext._digest(lib))
+    env = {**os.environ, "RNNKIT_CACHE_DIR": str(tmp_path / "cache")}
+    where = subprocess.run([sys.executable, "-c", "from rnnkit.backends import cext; print(cext.build())"],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert where.stdout.strip() == str(lib), where.stderr  # these tests load this build, not the usual one
+    tests = Path(__file__).with_name("test_fused.py")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k",
+                          "tiles or chunked or partial or zero_initial or frozen"],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=tests.parent.parent)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout.splitlines()[-1]

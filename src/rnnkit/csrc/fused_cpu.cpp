@@ -182,17 +182,23 @@ inline V<double> vexp(V<double> x) {  // float64 is for checking gradients: exac
 
 // 1 / d for d >= 1: the processor's estimate (12 or 14 bits) and two Newton steps, within an ulp
 // or two and exactly 1 for d = 1 (so a saturated gate is exactly 1, as with a division), where a
-// division costs several times as much; elsewhere, and in float64, a division.
+// division costs several times as much and fused multiply-adds keep the steps that accurate;
+// elsewhere (without FMA the steps drifted past the tests' float32 tolerance in an SSE build),
+// and in float64, a division.
 inline V<float> vrecip(V<float> d) {
+#if defined(__AVX512F__) || ((defined(__AVX__) || defined(__SSE__)) && defined(__FMA__))
 #if defined(__AVX512F__)
   V<float> r = reinterpret_cast<V<float>>(_mm512_rcp14_ps(reinterpret_cast<__m512>(d)));
 #elif defined(__AVX__)
   V<float> r = reinterpret_cast<V<float>>(_mm256_rcp_ps(reinterpret_cast<__m256>(d)));
 #else
-  return 1.0f / d;
+  V<float> r = reinterpret_cast<V<float>>(_mm_rcp_ps(reinterpret_cast<__m128>(d)));
 #endif
   r = r * (2.0f - d * r);
   return r * (2.0f - d * r);
+#else  // no estimate instruction (AArch64, say) or no FMA: a division
+  return 1.0f / d;
+#endif
 }
 
 inline V<double> vrecip(V<double> d) { return 1.0 / d; }
