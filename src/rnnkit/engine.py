@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from rnnkit import fpmode
 from rnnkit.allocator import allocator_tuned
-from rnnkit.backends import cext, compiled, fused, native, reference
+from rnnkit.backends import cext, compiled, fused, gemm, native, reference
 from rnnkit.cells import GRUCell, LSTMCell
 from rnnkit.errors import ShapeError
 
@@ -209,7 +209,7 @@ _FUSED_GRU_INFERENCE_MIN_UNITS = 2048
 # (twice), H384 B64 77.2 / 78.6, H512 B512 988 / 925: past 256 units the margin is within the noise.
 _FUSED_LSTM_MAX_HIDDEN = 256
 _FUSED_LSTM_MIN_UNITS = 4096
-_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+_AVX512 = gemm.avx512()
 
 
 def _gate_width(cell: nn.Module) -> int:

@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["addmm_", "linear", "linear_add", "linear_add_", "mm", "onednn_available"]
+__all__ = ["addmm_", "avx512", "linear", "linear_add", "linear_add_", "mm", "onednn_available"]
 
 
 def _onednn_runs() -> bool:
@@ -37,6 +37,12 @@ def _onednn_runs() -> bool:
         return False
 
 
+def avx512() -> bool:
+    """Whether torch's CPU kernels run AVX-512 code here (the rules of this module and of engine's
+    backend choice were measured on both kinds of processor)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _probe() -> bool:
     """Whether the float32 GEMMs go to oneDNN here: where it runs and the processor has AVX-512.
 
@@ -44,7 +50,7 @@ def _probe() -> bool:
     oneDNN copies them first (measured 2026-12-02 on an AMD EPYC Zen 3: the LSTM weight gradient's
     transposed 2.2 MB operand took 2 ms to copy before a 5 ms product).
     """
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and _onednn_runs()
+    return avx512() and _onednn_runs()
 
 
 _ONEDNN = _probe()
