@@ -197,6 +197,24 @@ def test_the_kernels_check_their_arguments_sizes():
                               False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transpose_into_matches_torch_and_checks_its_arguments(dtype):
+    """The weight gradient's operand transposed in blocks of 16: whole blocks, edges, a single row or column."""
+    ops = require_cpu_kernels()
+    for R, C in [(16, 16), (37, 53), (1, 5), (5, 1), (300, 157), (0, 4)]:
+        src = torch.randn(R, C, dtype=dtype)
+        dst = torch.full((C, R), float("nan"), dtype=dtype)
+        ops.transpose_into(src, dst)
+        assert torch.equal(dst, src.t())
+    src = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="src must be a contiguous matrix"):
+        ops.transpose_into(src.t(), torch.empty(4, 6))
+    with pytest.raises(RuntimeError, match="dst must be a contiguous \\(6, 4\\) matrix"):
+        ops.transpose_into(src, torch.empty(4, 6))
+    with pytest.raises(RuntimeError, match="dst and src differ in dtype"):
+        ops.transpose_into(src, torch.empty(6, 4, dtype=torch.float64))
+
+
 def test_an_unwritable_home_cache_falls_back_to_the_temporary_directory(fake_builds, monkeypatch, tmp_path):
     monkeypatch.delenv("RNNKIT_CACHE_DIR")
     blocked = tmp_path / "home-cache"

@@ -7,7 +7,7 @@ import torch
 
 import rnnkit
 from rnnkit import GRUCell, LayerNormLSTMCell, LSTMCell, LSTMState, RNNCell, engine
-from rnnkit.backends import fused, native
+from rnnkit.backends import cext, fused, gemm, native
 from rnnkit.engine import _pick_backend, tree_flatten
 from rnnkit.fpmode import denormals_are_flushed
 
@@ -185,6 +185,31 @@ def test_lstm_with_frozen_weights_and_the_bias_gradient_on_its_own(monkeypatch):
     assert cell.bias_ih.grad.untyped_storage().nbytes() == cell.bias_ih.grad.numel() * 8
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one_chunk", "chunks"])
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+def test_lstm_weight_gradients_on_either_gemm(onednn, chunked, monkeypatch):
+    """With oneDNN's GEMMs (processors with AVX-512) the C++ loops' backward transposes the weight
+    gradient's rows [x_t, 1, h_{t-1}] into a contiguous operand, a chunk at a time (the last one shorter);
+    with BLAS the transpose is read in place. Both agree with the reference loop, in float32."""
+    if onednn and not gemm._onednn_runs():
+        pytest.skip("torch's oneDNN inner product does not run in this torch build")
+    monkeypatch.setattr(gemm, "_ONEDNN", onednn)
+    N, H = 7, 20
+    if chunked:  # chunks of 3 steps: 3, 3, 3 and 2 of the 11
+        monkeypatch.setattr(fused, "_CHUNK_GATE_BYTES", 3 * N * 4 * H * 4)
+        monkeypatch.setattr(fused, "_KERNEL_CHUNK_SCALE", 1)
+        monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
+        assert fused._lstm_chunk(11, N, H, 4, fused._KERNEL_CHUNK_SCALE) == 3
+    dtype = torch.float32
+    for keep in (True, False):  # the forward's rows kept, or laid out again by the backward
+        if not keep:
+            monkeypatch.setattr(fused, "_KEEP_TANH_C_BYTES", 0)
+        cell = make_cell("lstm", 5, H, dtype)
+        x = torch.randn(N, 11, 5, dtype=dtype)
+        assert_agree(cell, x, random_state(cell, N, dtype), lengths=[11, 2, 7, 5, 11, 9, 1])
+        assert gemm.onednn_available() == onednn
+
+
 @pytest.mark.parametrize("name", list(CELLS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_zero_initial_state(name, dtype):
@@ -317,9 +342,9 @@ def test_auto_on_cpu_picks_by_workload(monkeypatch):
     """Small float32 LSTM/RNN training and their inference go to torch's kernel (long sequences in chunks
     of time); training with steps too wide for useful chunks goes to the fused one. GRU training always
     does (torch's CPU GRU kernel is not oneDNN's), GRU inference does once it is not tiny. (The rules
-    measured with AVX-512; test_auto_trains_lstms_up_to_256_units... has the others.)"""
+    where the LSTM's register-blocked loops do not run; test_auto_trains_lstms_up_to_256_units... has theirs.)"""
     monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
-    monkeypatch.setattr(engine, "_AVX512", True)
+    monkeypatch.setattr(cext, "threaded", lambda: False)
     tiny = torch.randn(3, 2, 4)
     for name in CELLS:
         cell = make_cell(name, 4, 5, torch.float32)
@@ -379,9 +404,9 @@ def test_auto_gru_inference_goes_fused_from_a_few_thousand_units(monkeypatch):
 
 def test_auto_with_a_tuned_allocator_runs_whole_lstm_sequences_natively(monkeypatch):
     """With malloc reusing memory torch's LSTM kernel wins up to 256 MB of gates in one call; the GRU's stays 8 MB.
-    (The rules measured on a processor with AVX-512; see the next test for the others.)"""
+    (The rules where the LSTM's register-blocked loops do not run; see the next test for theirs.)"""
     monkeypatch.setattr(engine, "allocator_tuned", lambda: True)
-    monkeypatch.setattr(engine, "_AVX512", True)
+    monkeypatch.setattr(cext, "threaded", lambda: False)
     tiny = torch.randn(3, 2, 4)
     lstm, gru = make_cell("lstm", 4, 5, torch.float32), make_cell("gru", 4, 5, torch.float32)
     N = native.CHUNK_GATE_BYTES // (engine._MIN_CHUNK_STEPS * 4 * engine._gate_width(lstm)) + 1
@@ -507,7 +532,7 @@ def test_auto_under_cpu_autocast_keeps_torchs_kernel_and_dtypes(monkeypatch):
     dtype. Where oneDNN has no reduced-precision LSTM (processors without the instructions), the LSTM
     takes the fused backend's float32 maths instead."""
     monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
-    monkeypatch.setattr(engine, "_AVX512", True)
+    monkeypatch.setattr(cext, "threaded", lambda: False)
     x = torch.randn(3, 2, 4)
     for runs in (True, False):
         monkeypatch.setattr(engine, "_autocast_kernel_runs", lambda cell, runs=runs: runs or type(cell) is not LSTMCell)
@@ -596,12 +621,12 @@ def test_a_backward_runs_the_loops_its_forward_ran(monkeypatch, lstm_loops):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
-def test_auto_trains_lstms_up_to_256_units_on_the_register_blocked_loops_without_avx512(monkeypatch):
-    """Without AVX-512, with the C++ loops, an LSTM of up to 256 units and 4,096 units of batch x hidden trains
-    on the fused backend at any length and allocator; not wider, not smaller, not in float64, not elsewhere."""
+def test_auto_trains_lstms_up_to_256_units_on_the_register_blocked_loops(monkeypatch):
+    """With the C++ loops threaded, an LSTM of up to 256 units and 4,096 units of batch x hidden trains on the
+    fused backend at any length and allocator; not wider, not smaller, not in float64, not elsewhere."""
     x = torch.randn(3, 2, 4)
     monkeypatch.setattr(fused, "kernels_available", lambda: True)
-    monkeypatch.setattr(engine, "_AVX512", False)
+    monkeypatch.setattr(cext, "threaded", lambda: True)
     for tuned in (True, False):
         monkeypatch.setattr(engine, "allocator_tuned", lambda tuned=tuned: tuned)
         lstm, wide = make_cell("lstm", 4, 128, torch.float32), make_cell("lstm", 4, 257, torch.float32)
@@ -613,9 +638,9 @@ def test_auto_trains_lstms_up_to_256_units_on_the_register_blocked_loops_without
         with torch.no_grad():
             assert _pick_backend(lstm, x, 28, 128) == "native"  # inference: torch's kernel
         assert _pick_backend(lstm.double(), x.double(), 28, 128) == "native"
-    monkeypatch.setattr(engine, "_AVX512", True)
+    monkeypatch.setattr(cext, "threaded", lambda: False)  # one thread: torch's kernel
     assert _pick_backend(make_cell("lstm", 4, 128, torch.float32), x, 28, 128) == "native"
-    monkeypatch.setattr(engine, "_AVX512", False)
+    monkeypatch.setattr(cext, "threaded", lambda: True)
     monkeypatch.setattr(fused, "kernels_available", lambda: False)
     assert _pick_backend(make_cell("lstm", 4, 128, torch.float32), x, 28, 128) == "native"
 
@@ -629,7 +654,7 @@ def test_auto_trains_lstms_up_to_256_units_on_the_register_blocked_loops_without
 def test_auto_with_the_cpu_kernels_wants_longer_chunks_for_torchs_kernel(monkeypatch):
     """Untuned, a long LSTM sequence whose chunks of time hold 8-31 steps trains on the fused backend when its
     loops run in C++ (faster there), and on torch's kernel in chunks when they run in Python."""
-    monkeypatch.setattr(engine, "_AVX512", True)  # the rules measured there
+    monkeypatch.setattr(cext, "threaded", lambda: False)  # the LSTM's register-blocked loops are off
     monkeypatch.setattr(engine, "allocator_tuned", lambda: False)
     cell = make_cell("lstm", 4, 5, torch.float32)
     x = torch.randn(3, 2, 4)

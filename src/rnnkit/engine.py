@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from rnnkit import fpmode
 from rnnkit.allocator import allocator_tuned
-from rnnkit.backends import cext, compiled, fused, gemm, native, reference
+from rnnkit.backends import cext, compiled, fused, native, reference
 from rnnkit.cells import GRUCell, LSTMCell
 from rnnkit.errors import ShapeError
 
@@ -202,14 +202,20 @@ _FUSED_GRU_INFERENCE_MIN_UNITS = 2048
 # T28 H128 B128 21.5 / 25.1, T28 H128 B32 7.05 / 7.32, T200 I8 H128 B32 31.6 / 41.4, T784 I1 H64 B64
 # 70.5 / 97.2, T784 H128 B128 469 / 581; behind where each thread's packed weights outgrow its
 # cache (T28 H256 B128 78.9 / 73.0, H512 B512 920 / 820; H192 even) and on tiny calls (T16 I8 H16
-# B8 0.92 / 0.71). Not yet measured on a processor with AVX-512, where the older rules above stand.
+# B8 0.92 / 0.71).
 # Later the same day, with the weights taken as torch lays them out (no copies per call) and the
 # backward in larger chunks (see fused._KERNEL_CHUNK_SCALE), interleaved, untuned: T28 H128 B256
 # 44.9 / 52.2, H192 B128 39.8 / 47.1, H256 B128 60.5 / 66.6, H320 B128 94.9 / 105.6, H384 B128 132 / 142
 # (twice), H384 B64 77.2 / 78.6, H512 B512 988 / 925: past 256 units the margin is within the noise.
+# With AVX-512 (AMD EPYC Zen 5, 2 cores, 2026-12-02 evening, benchmarks/micro_fused.py, 30 interleaved
+# rounds, untuned) the same loops (6 x 4 register tiles there) against torch's oneDNN kernel:
+# T28 H128 B128 7.74 / 7.88, H64 B64 2.02 / 2.02, H128 B32 3.01 / 2.96 (even), H64 B128 4.68 / 5.18,
+# H32 B128 3.39 / 3.98, H128 B256 16.4 / 25.6, H192 B128 16.5 / 29.0, H256 B128 21.3 / 32.0, T100 H128
+# B128 30.8 / 46.4, T200 I8 H128 B32 13.5 / 25.7, T784 I1 H64 B64 65.2 / 110, T784 H128 B128 308 / 470;
+# past 256 units again close: H384 B128 64.6 / 68.0, H384 B64 25.4 / 35.7, H512 B128 102 / 104, H512
+# B512 425 / 403. So one rule for both kinds of processor.
 _FUSED_LSTM_MAX_HIDDEN = 256
 _FUSED_LSTM_MIN_UNITS = 4096
-_AVX512 = gemm.avx512()
 
 
 def _gate_width(cell: nn.Module) -> int:
@@ -240,7 +246,7 @@ def _fused_lstm_trains_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
     """Whether the fused backend's register-blocked LSTM loops beat torch's kernel (see the notes above)."""
     H = cell.hidden_size
     # the cheap checks first: kernels_available() may build the kernels
-    return (type(cell) is LSTMCell and x.dtype == torch.float32 and not _AVX512
+    return (type(cell) is LSTMCell and x.dtype == torch.float32
             and H <= _FUSED_LSTM_MAX_HIDDEN and N * H >= _FUSED_LSTM_MIN_UNITS
             and fused.kernels_available() and cext.threaded())
 

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.backends import cext
-from rnnkit.backends.gemm import addmm_, linear, linear_add, linear_add_, mm
+from rnnkit.backends.gemm import addmm_, linear, linear_add, linear_add_, mm, onednn_available
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.fpmode import denormals_flushed, flush_denormals_enabled, transforming
 
@@ -448,6 +448,9 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
     dW = None
     # A long sequence's forward kept no [x_t, 1, h_{t-1}] rows: they are laid out here chunk by chunk.
     buf = G.new_empty(C * N, Ix + H) if need_w and XH is None else None
+    # oneDNN (the GEMMs with AVX-512) takes only a contiguous left operand: the kernels transpose the
+    # rows into one, twice as fast as torch's copy would; BLAS reads the transpose in place.
+    xt = G.new_empty((Ix + H) * C * N) if need_w and onednn_available() and G.dtype == torch.float32 else None
     kernels = cext.ops()  # as the forward found them (whatever _USE_KERNELS says now)
     args = dict(masks=_mask_rows(masks, T, N), full=ctx.full, flush=flush_denormals_enabled())
     w_hh, c0 = w_hh.contiguous(), c0.contiguous()
@@ -465,8 +468,13 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
             else:
                 xh = _weight_operand(buf, x[lo:hi].reshape(n * N, I), ctx.has_bias, hs, h0, lo, hi)
             dG = P[:n].view(n * N, H4)
+            if xt is not None:
+                a = xt[: (Ix + H) * n * N].view(Ix + H, n * N)
+                kernels.transpose_into(xh, a)
+            else:
+                a = xh.t()
             # faster this way round than dG^T xh
-            dW = mm(xh.t(), dG) if dW is None else linear_add_(dW, xh.t(), dG.t())
+            dW = mm(a, dG) if dW is None else linear_add_(dW, a, dG.t())
     return (
         dx,
         mm(P[0], w_hh) if need_h0 else None,

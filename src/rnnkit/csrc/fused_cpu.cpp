@@ -755,6 +755,31 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
   });
 }
 
+// dst = src^T for a contiguous (R, C) src and a contiguous (C, R) dst, in square blocks that stay in
+// L1 on both sides. torch's copy of a transposed matrix walks one side a column at a time (measured at
+// 0.40 ms for the 2.2 MB operand of the LSTM's weight gradient at T28 H128 B128 on a Zen 5), and
+// oneDNN's inner product, which computes that gradient, takes only a contiguous left operand.
+void transpose_into(const Tensor& src, Tensor dst) {
+  TORCH_CHECK(src.dim() == 2 && src.is_contiguous(), "transpose_into: src must be a contiguous matrix");
+  TORCH_CHECK(dst.dim() == 2 && dst.is_contiguous() && dst.size(0) == src.size(1) && dst.size(1) == src.size(0),
+              "transpose_into: dst must be a contiguous (", src.size(1), ", ", src.size(0), ") matrix");
+  TORCH_CHECK(dst.scalar_type() == src.scalar_type(), "transpose_into: dst and src differ in dtype");
+  const int64_t R = src.size(0), C = src.size(1);
+  constexpr int64_t B = 16;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "transpose_into", [&] {
+    const scalar_t* s = src.data_ptr<scalar_t>();
+    scalar_t* d = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, (C + B - 1) / B, 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t r0 = 0; r0 < R; r0 += B)
+        for (int64_t c0 = b0 * B; c0 < std::min(C, b1 * B); c0 += B) {
+          const int64_t rn = std::min(B, R - r0), cn = std::min(B, C - c0);
+          for (int64_t c = 0; c < cn; ++c)
+            for (int64_t r = 0; r < rn; ++r) d[(c0 + c) * R + r0 + r] = s[(r0 + r) * C + c0 + c];
+        }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkit_cpu, m) {
@@ -769,6 +794,7 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
+  m.def("transpose_into(Tensor src, Tensor(a!) dst) -> ()");
   m.def(
       "gru_forward_steps(Tensor(a!) G, Tensor(b!) S2, Tensor(c!) hs, Tensor(d!) out, Tensor h0, Tensor whh, "
       "Tensor bh, Tensor masks, int full, bool h0_zero, bool flush) -> ()");
@@ -778,6 +804,7 @@ TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
+  m.impl("transpose_into", &transpose_into);
   m.impl("gru_forward_steps", &gru_forward_steps);
   m.impl("gru_backward_steps", &gru_backward_steps);
   m.impl("lstm_forward_steps", &lstm_forward_steps);
