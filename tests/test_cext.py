@@ -184,11 +184,17 @@ def test_the_kernels_check_their_arguments_sizes():
     hs, cs, h0, whh = torch.zeros(T - 1, N, H), torch.zeros(T, N, H), torch.zeros(N, H), torch.zeros(4 * H, H)
     none = torch.empty(0, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="hs has shape \\[2, 2, 4\\], expected \\[3, 2, 4\\]"):
-        ops.lstm_forward_steps(G, hs, cs, cs, torch.zeros(T, N, 3 + H), torch.zeros(T * N, 3), h0, h0,
+        ops.lstm_forward_steps(G, hs, cs, cs, torch.zeros(T, N, 3 + H), torch.zeros(T, N, 3), h0, h0,
                                torch.zeros(4 * H, 3), whh, None, none, T, True, False)
     with pytest.raises(RuntimeError, match="xh must be"):
-        ops.lstm_forward_steps(G, cs, cs, cs, torch.zeros(T, N, 3 + H), torch.zeros(T * N, 3), h0, h0,
+        ops.lstm_forward_steps(G, cs, cs, cs, torch.zeros(T, N, 3 + H), torch.zeros(T, N, 3), h0, h0,
                                torch.zeros(4 * H, 3), whh, torch.zeros(4 * H), none, T, True, False)
+    with pytest.raises(RuntimeError, match="x must be a \\(T, N, I\\) CPU tensor .* features are contiguous"):
+        ops.lstm_forward_steps(G, cs, cs, cs, torch.zeros(T, N, 1 + 3 + H), torch.zeros(T, 3, N).transpose(1, 2),
+                               h0, h0, torch.zeros(4 * H, 3), whh, torch.zeros(4 * H), none, T, True, False)
+    with pytest.raises(RuntimeError, match="gh must be a CPU tensor of G's dtype whose units are contiguous"):
+        ops.lstm_backward_steps(G, cs, h0, None, G, cs, h0, None, torch.zeros(T, H, N).transpose(1, 2), h0, whh,
+                                None, None, none, T, 0, T, False)
     with pytest.raises(RuntimeError, match="w_hh has shape"):
         ops.lstm_backward_steps(G, cs, h0, None, G, cs, h0, None, None, h0, torch.zeros(H, 4 * H), None, None, none,
                                 T, 0, T, False)

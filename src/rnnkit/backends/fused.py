@@ -343,10 +343,10 @@ def _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, mas
     XH = x.new_empty(T if keep_xh else 1, N, K)
     G = x.new_empty(T, N, 4 * H)
     tcs = TCs if TCs is not None else x.new_empty(1, N, H)
-    kernels.lstm_forward_steps(
-        G, hs, cs, tcs, XH, x.reshape(T * N, I).contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(),
-        w_hh.contiguous(), None if bias is None else bias.contiguous(), _mask_rows(masks, T, N), full, h0_zero,
-        flush_denormals_enabled(),
+    kernels.lstm_forward_steps(  # a batch-first x is read in place
+        G, hs, cs, tcs, XH, x if x.stride(-1) == 1 else x.contiguous(), h0.contiguous(), c0.contiguous(),
+        w_ih.contiguous(), w_hh.contiguous(), None if bias is None else bias.contiguous(), _mask_rows(masks, T, N),
+        full, h0_zero, flush_denormals_enabled(),
     )
     return G, (XH.view(T * N, K) if keep_xh else None)
 
@@ -442,7 +442,7 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
     I = w_ih.shape[1]
     Ix = I + ctx.has_bias
     C = min(T, _lstm_chunk(T, N, H, G.element_size(), _KERNEL_CHUNK_SCALE))
-    P, DH, carry = G.new_empty(C, N, H4), G.new_empty(C, N, H), G.new_empty(N, H)
+    P, DH, carry = G.new_empty(C, N, H4), G.new_empty(2, N, H), G.new_empty(N, H)
     dc = gc[T - 1].clone(memory_format=torch.contiguous_format) if gc is not None else G.new_zeros(N, H)
     dx = G.new_empty(T, N, I) if need_x else None
     dW = None
@@ -460,7 +460,7 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
         lo = max(0, hi - C)
         n = hi - lo
         tcc = TCs[lo:hi] if TCs is not None else None
-        ghc = gh[lo:hi].contiguous() if gh is not None else None  # a strided gradient: a chunk's copy at a time
+        ghc = None if gh is None else gh[lo:hi] if gh.stride(-1) == 1 else gh[lo:hi].contiguous()
         kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gc, ghc, carry, w_hh, dx, w_ih, lo=lo, hi=hi, **args)
         if need_w:
             if XH is not None:

@@ -313,7 +313,8 @@ void over_row_blocks(int64_t N, bool flush, const F& fn) {
 // in xh (every step's, for the weight gradients, or one step's scratch), then multiplies them in
 // one pass; the rest as lstm_forward_steps says.
 template <typename T>
-void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, T* xh, bool keep_xh, const T* x, int64_t I,
+void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, T* xh, bool keep_xh, const T* x, int64_t x_t,
+                       int64_t x_n, int64_t I,
                        int64_t Ix, const T* h0, const T* c0, const T* wp, const Tensor& masks, int64_t full,
                        bool h0_zero, int64_t T_, int64_t N, int64_t H, int64_t n0, int64_t n1) {
   constexpr int W = Vec<T>::W;
@@ -330,7 +331,7 @@ void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, T* xh, bool keep_x
     const bool product = !(t == 0 && h0_zero);  // the usual zero initial state needs no product
     for (int64_t n = n0; n < n1; ++n) {
       T* row = a + n * K;
-      std::memcpy(row, x + (t * N + n) * I, I * sizeof(T));
+      std::memcpy(row, x + t * x_t + n * x_n, I * sizeof(T));
       if (Ix > I) row[I] = T(1);
       std::memcpy(row + Ix, hp + n * H, H * sizeof(T));
     }
@@ -408,6 +409,7 @@ struct LSTMBackward {
   const T *G, *cs, *c0, *tcc, *gc, *gh, *wp, *wx;
   T *P, *DH, *dc, *carry, *dx;
   int64_t N, H, I, lo, hi, steps, full;
+  int64_t gh_t, gh_n;  // gh's strides: the outputs' gradient as the caller has it (batch-first, say)
   int nvx;  // vectors per row in a tile of the input gradient (I may be far below 4W)
   const Tensor* masks;
 };
@@ -431,22 +433,24 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
     const int64_t j = t - a.lo;
     const bool rec = t < a.hi - 1;
     const T* above = rec ? a.P + (j + 1) * N * H4 : nullptr;
-    const T* dh_above = rec ? a.DH + (j + 1) * N * H : nullptr;
+    // DH holds two steps, this one's dh and the step above's: only the rows of a sequence that ended
+    // there read it (their dh passes straight down), and the chunk's end (the carry)
+    const T* dh_above = rec ? a.DH + ((j + 1) & 1) * N * H : nullptr;
     const bool* m_above = rec ? mask_row(*a.masks, t + 1, a.full) : nullptr;
     const bool* m = mask_row(*a.masks, t, a.full);
     const T* g = a.G + t * N * H4;
     const T* tcp = kHaveTanh ? a.tcc + j * N * H : a.cs + t * N * H;
     const T* cp = t == 0 ? a.c0 : a.cs + (t - 1) * N * H;
     const T* gcp = (a.gc != nullptr && t > 0) ? a.gc + (t - 1) * N * H : nullptr;
-    T* dh = a.DH + j * N * H;
+    T* dh = a.DH + (j & 1) * N * H;
     T* d = a.P + j * N * H4;
     T* dc = a.dc;
-    const T* ghp = a.gh != nullptr ? a.gh + j * N * H : nullptr;
+    const T* ghp = a.gh != nullptr ? a.gh + j * a.gh_t : nullptr;
     const T* carry_in = !rec && a.hi < a.steps ? a.carry : nullptr;  // the chunk above's d loss / d h_{hi-1}
     over_unit_tiles(above, a.wp, H4, H, n0, n1, [&](int64_t n, int64_t u, int w, V<T> rec_dh) {
       const int64_t at = n * H + u;
       V<T> dhv = rec_dh;
-      if (ghp != nullptr) dhv += load(ghp + at, w);
+      if (ghp != nullptr) dhv += load(ghp + n * a.gh_n + u, w);
       if (carry_in != nullptr) dhv += load(carry_in + at, w);
       if (m_above != nullptr && !m_above[n]) dhv += load(dh_above + at, w);  // its dh passed straight down
       store(dh + at, dhv, w);
@@ -480,22 +484,25 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
   });
 }
 
-// All steps of the forward. x (T * N, I) holds the inputs, w_ih (4H, I), w_hh (4H, H) and bias
-// (4H, optional) the weights in torch's layout (gates i, f, g, o); G (T, N, 4H) receives the
-// activated gates (i, f, g, o), hs and cs (T, N, H) the outputs and cells, tcs, (T, N, H) to keep
+// All steps of the forward. x (T, N, I) holds the inputs (any strides but the features': a
+// batch-first input is read in place), w_ih (4H, I), w_hh (4H, H) and bias (4H, optional) the
+// weights in torch's layout (gates i, f, g, o); G (T, N, 4H) receives the activated gates (i, f, g, o), hs and cs (T, N, H) the outputs and cells, tcs, (T, N, H) to keep
 // every step's tanh(c) or (1, N, H) scratch, tanh(c); xh, (T, N, Ix + H) to keep or (1, N, Ix + H)
 // scratch, each step's [x_t, 1, h_{t-1}] (the 1 only with a bias: Ix = I + 1).
 void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, const Tensor& x, const Tensor& h0,
                         const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& bias,
                         const Tensor& masks, int64_t full, bool h0_zero, bool flush) {
-  for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {tcs, "tcs"}, {xh, "xh"}, {x, "x"}, {h0, "h0"},
+  for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {tcs, "tcs"}, {xh, "xh"}, {h0, "h0"},
                                 {c0, "c0"}, {w_ih, "w_ih"}, {w_hh, "w_hh"}})
     check(t, G, name);
   if (bias) check(*bias, G, "bias");
   const auto [T, N, H] = sizes(G, hs, 4, "hs");
-  TORCH_CHECK(x.dim() == 2, "rnnkit fused kernels: x must be (T * N, I)");
-  const int64_t I = x.size(1), Ix = I + (bias ? 1 : 0);
-  expect(x, "x", {T * N, I});
+  // x: any strides but the features' (a batch-first input is read where it lies)
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == G.scalar_type() && x.device().is_cpu() &&
+                  (x.stride(2) == 1 || x.size(2) <= 1),
+              "rnnkit fused kernels: x must be a (T, N, I) CPU tensor of G's dtype whose features are contiguous");
+  const int64_t I = x.size(2), Ix = I + (bias ? 1 : 0);
+  expect(x, "x", {T, N, I});
   expect(cs, "cs", {T, N, H});
   TORCH_CHECK(tcs.dim() == 3 && (tcs.size(0) == T || tcs.size(0) == 1) && tcs.size(1) == N && tcs.size(2) == H,
               "rnnkit fused kernels: tcs must be (T, N, H) or (1, N, H), got ", tcs.sizes());
@@ -525,15 +532,16 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, c
     over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
       lstm_forward_rows<scalar_t>(G.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
                                   tcs.data_ptr<scalar_t>(), keep, xh.data_ptr<scalar_t>(), keep_xh,
-                                  x.data_ptr<scalar_t>(), I, Ix, h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+                                  x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), I, Ix, h0.data_ptr<scalar_t>(),
+                                  c0.data_ptr<scalar_t>(),
                                   wp.data_ptr<scalar_t>(), masks, full, h0_zero, T, N, H, n0, n1);
     });
   });
 }
 
 // Steps hi-1 down to lo of the backward, gates in torch's order (i, f, g, o). P (hi - lo, N, 4H)
-// receives their gate gradients and DH (hi - lo, N, H) d loss / d h_t in full; gh (hi - lo, N, H),
-// optional, is these steps' outputs' gradient; tcc (hi - lo, N, H) their tanh(c), or undefined to
+// receives their gate gradients; DH (2, N, H) is scratch for two steps' d loss / d h_t; gh (hi - lo,
+// N, H), optional and with any strides but contiguous units, is these steps' outputs' gradient; tcc (hi - lo, N, H) their tanh(c), or undefined to
 // recompute it from cs; dc (N, H) is d loss / d c_{hi-1} on entry and d loss / d c_{lo-1} on exit
 // (dc0 when lo == 0); gc (T, N, H), optional, is the gradient of every step's c; carry (N, H)
 // holds d loss / d h_{hi-1} through the recurrence on entry when hi < T (from the chunk above)
@@ -547,8 +555,13 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
   for (const auto& [t, name] : {std::pair{cs, "cs"}, {c0, "c0"}, {P, "P"}, {DH, "DH"}, {dc, "dc"}, {carry, "carry"},
                                 {w_hh, "w_hh"}})
     check(t, G, name);
-  for (const auto& [t, name] : {std::pair{tcc, "tcc"}, {gc, "gc"}, {gh, "gh"}, {dx, "dx"}, {w_ih, "w_ih"}})
+  for (const auto& [t, name] : {std::pair{tcc, "tcc"}, {gc, "gc"}, {dx, "dx"}, {w_ih, "w_ih"}})
     if (t) check(*t, G, name);
+  if (gh) {  // any strides but the units': a batch-first gradient is read where it lies
+    TORCH_CHECK(gh->scalar_type() == G.scalar_type() && gh->device().is_cpu() && gh->dim() == 3 &&
+                    (gh->stride(2) == 1 || gh->size(2) <= 1),
+                "rnnkit fused kernels: gh must be a CPU tensor of G's dtype whose units are contiguous");
+  }
   const auto [T, N, H] = sizes(G, cs, 4, "cs");
   TORCH_CHECK(0 <= lo && lo < hi && hi <= T, "rnnkit fused kernels: bad step range");
   const int64_t n = hi - lo;
@@ -556,8 +569,8 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
   if (tcc) expect(*tcc, "tcc", {n, N, H});
   TORCH_CHECK(P.dim() == 3 && P.size(0) >= n && P.size(1) == N && P.size(2) == 4 * H,
               "rnnkit fused kernels: P must be (at least hi - lo, N, 4H), got ", P.sizes());
-  TORCH_CHECK(DH.dim() == 3 && DH.size(0) >= n && DH.size(1) == N && DH.size(2) == H,
-              "rnnkit fused kernels: DH must be (at least hi - lo, N, H), got ", DH.sizes());
+  TORCH_CHECK(DH.dim() == 3 && DH.size(0) >= 2 && DH.size(1) == N && DH.size(2) == H,
+              "rnnkit fused kernels: DH must be (2, N, H), got ", DH.sizes());
   expect(dc, "dc", {N, H});
   if (gc) expect(*gc, "gc", {T, N, H});
   if (gh) expect(*gh, "gh", {n, N, H});
@@ -588,7 +601,8 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
                                       ptr(tcc), ptr(gc), ptr(gh), wp.data_ptr<scalar_t>(),
                                       dx ? wx.data_ptr<scalar_t>() : nullptr, P.data_ptr<scalar_t>(),
                                       DH.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), carry.data_ptr<scalar_t>(),
-                                      ptr(dx), N, H, I, lo, hi, T, full, nvx, &masks};
+                                      ptr(dx), N, H, I, lo, hi, T, full,
+                                      gh ? gh->stride(0) : 0, gh ? gh->stride(1) : 0, nvx, &masks};
     with_flag(tcc.has_value(), [&](auto have_tanh) {
       over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
         lstm_backward_rows<scalar_t, decltype(have_tanh)::value>(args, n0, n1);
