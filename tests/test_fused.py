@@ -120,7 +120,9 @@ def test_chunked_time_loops(name, keep, monkeypatch):
     monkeypatch.setattr(fused, "_KERNEL_CHUNK_SCALE", 1)
     monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
     monkeypatch.setattr(fused, "_CHUNK_BYTES", 3 * N * 4 * H * 8)
-    if not keep:
+    if keep:
+        monkeypatch.setattr(fused, "_KERNELS_KEEP_TANH_C", True)  # the C++ loops' other way (they recompute it)
+    else:
         monkeypatch.setattr(fused, "_KEEP_TANH_C_BYTES", 0)
     assert fused._lstm_chunk(11, N, H, 8, fused._KERNEL_CHUNK_SCALE) == 3  # the C++ loops' chunks too
     dtype = torch.float64
@@ -201,7 +203,8 @@ def test_lstm_weight_gradients_on_either_gemm(onednn, chunked, monkeypatch):
         monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
         assert fused._lstm_chunk(11, N, H, 4, fused._KERNEL_CHUNK_SCALE) == 3
     dtype = torch.float32
-    for keep in (True, False):  # the forward's rows kept, or laid out again by the backward
+    for keep in (True, False):  # the forward's rows (and tanh(c)) kept, or laid out again by the backward
+        monkeypatch.setattr(fused, "_KERNELS_KEEP_TANH_C", keep)
         if not keep:
             monkeypatch.setattr(fused, "_KEEP_TANH_C_BYTES", 0)
         cell = make_cell("lstm", 5, H, dtype)

@@ -89,6 +89,12 @@ _KERNEL_CHUNK_SCALE = 8
 # Up to this many bytes per (T, N, H) buffer the LSTM's forward keeps every step's tanh(c) for
 # the backward; longer sequences recompute it there chunk by chunk instead of storing more.
 _KEEP_TANH_C_BYTES = 8 << 20
+# The C++ loops recompute tanh(c) in the backward instead (one tanh per unit and step against a
+# (T, N, H) buffer written and read again; measured 2026-12-02 on a Zen 5, interleaved train steps,
+# medians ms kept / recomputed: T28 H64 B64 1.98 / 1.84, 1.85 / 1.81, 3.77 / 3.69; H128 B128 8.00 /
+# 7.95, 9.80 / 9.63; H128 B256 18.2 / 17.9; H256 B128 26.7 / 27.1; T200 I8 H128 B32 18.7 / 18.9:
+# even or better, and a step's memory smaller by the buffer, 1.8 MB at T28 H128 B128).
+_KERNELS_KEEP_TANH_C = False
 # Whether the LSTM's and GRU's time loops run in C++ when the kernels build here (the tests switch
 # it off to check the Python loops, which run wherever the kernels do not).
 _USE_KERNELS = True
@@ -284,8 +290,8 @@ class _LSTMFunction(torch.autograd.Function):
     weights are doubled once per call, one in-place sigmoid then covers a step's whole
     (contiguous) gate row, and tanh(c) is three cheap ops.
 
-    Saved for the backward: the activated gates G (T, N, 4H), the outputs and, unless the
-    sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c); with the C++ loops, when a weight
+    Saved for the backward: the activated gates G (T, N, 4H), the outputs and, with the Python loops
+    unless the sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c); with the C++ loops, when a weight
     gradient may be asked for and they take at most 1.25 x _KEEP_TANH_C_BYTES, every step's
     [x_t, 1, h_{t-1}] as well (the weight gradients' operand, laid out by the forward).
     """
@@ -299,10 +305,10 @@ class _LSTMFunction(torch.autograd.Function):
             T, N, _ = x.shape
             H = h0.shape[1]
             hs, cs = x.new_empty(T, N, H), x.new_empty(T, N, H)
-            keep_tc = T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
+            kernels = _kernels()
+            keep_tc = (kernels is None or _KERNELS_KEEP_TANH_C) and T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
             TCs = x.new_empty(T, N, H) if keep_tc else None
             h0_zero = not bool(h0.any())  # the usual zero state: step 0 needs no recurrent GEMM
-            kernels = _kernels()
             if kernels is not None:
                 G, XH = _lstm_forward_kernels(
                     kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero, grad_w
