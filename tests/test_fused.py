@@ -188,6 +188,34 @@ def test_lstm_with_frozen_weights_and_the_bias_gradient_on_its_own(monkeypatch):
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["one_chunk", "chunks"])
+def test_lstm_backward_twice_through_a_retained_graph(chunked, monkeypatch):
+    """The C++ backward writes the gate gradients over the saved gates: a second backward through the
+    same graph (retain_graph=True) computes the gates again, and both agree with the reference loop."""
+    if chunked:
+        monkeypatch.setattr(fused, "_CHUNK_GATE_BYTES", 3 * 4 * 4 * 6 * 8)
+        monkeypatch.setattr(fused, "_KERNEL_CHUNK_SCALE", 1)
+        monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
+    dtype = torch.float64
+    cell = make_cell("lstm", 3, 6, dtype)
+    x = torch.randn(4, 9, 3, dtype=dtype, requires_grad=True)
+    state = tree_flatten(random_state(cell, 4, dtype))[1]([s.requires_grad_() for s in tree_flatten(
+        random_state(cell, 4, dtype))[0]])
+    wrt = [x, *cell.parameters(), *tree_flatten(state)[0]]
+
+    def loss(backend):
+        res = rnnkit.unroll(cell, x, state, lengths=[9, 4, 7, 9], backend=backend)
+        return res.outputs.pow(2).sum() + res.final_state.c.sum()
+
+    want = torch.autograd.grad(loss("reference"), wrt)
+    fused_loss = loss("fused")
+    first = torch.autograd.grad(fused_loss, wrt, retain_graph=True)
+    second = torch.autograd.grad(fused_loss, wrt)
+    for a, b, c in zip(first, second, want):
+        torch.testing.assert_close(a, c, **TOL[dtype])
+        torch.testing.assert_close(b, c, **TOL[dtype])
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one_chunk", "chunks"])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
 def test_lstm_weight_gradients_on_either_gemm(onednn, chunked, monkeypatch):
     """With oneDNN's GEMMs (processors with AVX-512) the C++ loops' backward transposes the weight

@@ -316,6 +316,7 @@ class _LSTMFunction(torch.autograd.Function):
             else:
                 G, XH = _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
         ctx.full, ctx.has_bias, ctx.kernels = full, bias is not None, kernels is not None
+        ctx.gates_spent = False  # the C++ backward writes the gate gradients over G (see backward)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(XH, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs)
         return hs, cs
@@ -331,6 +332,9 @@ class _LSTMFunction(torch.autograd.Function):
         x = inputs[0]
         with denormals_flushed(G.device):
             if ctx.kernels:
+                if ctx.gates_spent:  # a second backward through a retained graph: the first wrote over G
+                    G = _lstm_gates_again(ctx, inputs, masks)
+                ctx.gates_spent = True
                 grads = _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks)
             else:
                 grads = _lstm_backward(ctx, gh, gc, XH, h0, c0, _rotate(w_ih, H), _rotate(w_hh, H), G, hs, cs, TCs,
@@ -437,9 +441,25 @@ def _mask_rows(masks: Tensor | None, T: int, N: int) -> Tensor:
     return masks.reshape(T, N).contiguous()
 
 
+def _lstm_gates_again(ctx: Any, inputs: list[Tensor], masks: Tensor | None) -> Tensor:
+    """The forward's activated gates G, computed again by the same (deterministic) C++ loop."""
+    x, h0, c0, w_ih, w_hh, bias = inputs
+    T, N, _ = x.shape
+    H = h0.shape[1]
+    hs, cs = x.new_empty(T, N, H), x.new_empty(T, N, H)  # not the saved ones: they are the caller's outputs
+    G, _ = _lstm_forward_kernels(cext.ops(), x, h0, c0, w_ih, w_hh, bias, hs, cs, None, masks, ctx.full,
+                                 not bool(h0.any()), False)
+    return G
+
+
 def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks):  # noqa: ANN001
     """The backward with its time loop in C++ (gates in torch's order): chunks of steps from the last,
-    the loop computing the input gradient as it goes, then the chunk's weight GEMM."""
+    the loop computing the input gradient as it goes, then the chunk's weight GEMM.
+
+    The gate gradients are written over the gates G, step by step (each step reads its gates before
+    it writes their gradients): no buffer as large as G, whose lines are in cache as they are written
+    (measured on a Zen 5, interleaved train steps, ms separate buffer / in place: T28 H64 B64 2.16 /
+    1.98 and 2.27 / 2.12, H128 B128 7.84 / 7.47 and 9.25 / 8.97)."""
     T, N, H4 = G.shape
     H = H4 // 4
     need_x, need_h0, need_c0, need_wih, need_whh, need_b = ctx.needs_input_grad[:6]
@@ -448,7 +468,7 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
     I = w_ih.shape[1]
     Ix = I + ctx.has_bias
     C = min(T, _lstm_chunk(T, N, H, G.element_size(), _KERNEL_CHUNK_SCALE))
-    P, DH, carry = G.new_empty(C, N, H4), G.new_empty(2, N, H), G.new_empty(N, H)
+    DH, carry = G.new_empty(2, N, H), G.new_empty(N, H)
     dc = gc[T - 1].clone(memory_format=torch.contiguous_format) if gc is not None else G.new_zeros(N, H)
     dx = G.new_empty(T, N, I) if need_x else None
     dW = None
@@ -467,13 +487,14 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
         n = hi - lo
         tcc = TCs[lo:hi] if TCs is not None else None
         ghc = None if gh is None else gh[lo:hi] if gh.stride(-1) == 1 else gh[lo:hi].contiguous()
+        P = G[lo:hi]  # receives the steps' gate gradients in place of their gates
         kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gc, ghc, carry, w_hh, dx, w_ih, lo=lo, hi=hi, **args)
         if need_w:
             if XH is not None:
                 xh = XH[lo * N : hi * N]
             else:
                 xh = _weight_operand(buf, x[lo:hi].reshape(n * N, I), ctx.has_bias, hs, h0, lo, hi)
-            dG = P[:n].view(n * N, H4)
+            dG = P.view(n * N, H4)
             if xt is not None:
                 a = xt[: (Ix + H) * n * N].view(Ix + H, n * N)
                 kernels.transpose_into(xh, a)
@@ -483,7 +504,7 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
             dW = mm(a, dG) if dW is None else linear_add_(dW, a, dG.t())
     return (
         dx,
-        mm(P[0], w_hh) if need_h0 else None,
+        mm(G[0], w_hh) if need_h0 else None,
         dc if need_c0 else None,
         dW[:I].t() if need_wih else None,
         dW[Ix:].t() if need_whh else None,

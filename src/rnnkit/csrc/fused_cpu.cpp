@@ -541,7 +541,8 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, c
 }
 
 // Steps hi-1 down to lo of the backward, gates in torch's order (i, f, g, o). P (hi - lo, N, 4H)
-// receives their gate gradients; DH (2, N, H) is scratch for two steps' d loss / d h_t; gh (hi - lo,
+// receives their gate gradients (it may be G's rows lo..hi-1: each step reads a row's gates before
+// it writes their gradients there); DH (2, N, H) is scratch for two steps' d loss / d h_t; gh (hi - lo,
 // N, H), optional and with any strides but contiguous units, is these steps' outputs' gradient; tcc (hi - lo, N, H) their tanh(c), or undefined to
 // recompute it from cs; dc (N, H) is d loss / d c_{hi-1} on entry and d loss / d c_{lo-1} on exit
 // (dc0 when lo == 0); gc (T, N, H), optional, is the gradient of every step's c; carry (N, H)
