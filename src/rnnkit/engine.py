@@ -213,7 +213,9 @@ _FUSED_GRU_INFERENCE_MIN_UNITS = 2048
 # H32 B128 3.39 / 3.98, H128 B256 16.4 / 25.6, H192 B128 16.5 / 29.0, H256 B128 21.3 / 32.0, T100 H128
 # B128 30.8 / 46.4, T200 I8 H128 B32 13.5 / 25.7, T784 I1 H64 B64 65.2 / 110, T784 H128 B128 308 / 470;
 # past 256 units again close: H384 B128 64.6 / 68.0, H384 B64 25.4 / 35.7, H512 B128 102 / 104, H512
-# B512 425 / 403. So one rule for both kinds of processor.
+# B512 425 / 403. So one rule for both kinds of processor. Later that evening (gate gradients written
+# over the gates, tanh(c) recomputed, rows split evenly among threads): T28 H128 B128 7.60 / 8.72, H64
+# B64 2.03 / 2.49, H128 B32 4.62 / 5.25, H128 B256 16.6 / 33.5, T784 H128 B128 338 / 602.
 _FUSED_LSTM_MAX_HIDDEN = 256
 _FUSED_LSTM_MIN_UNITS = 4096
 
