@@ -52,6 +52,7 @@ recomputes the sequence with plain torch ops and differentiates that instead.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import torch
@@ -86,8 +87,9 @@ _ONE_CHUNK_GATE_BYTES = 8 << 20
 # 2 MB chunks and T28 H256 B128 6% faster; at T784 H128 B128 a step took 647 ms in 2 MB chunks, 595 in
 # 4, 582 in 8, 570 in 16 and 559 in 32. (The Python loops were 19% slower at T28 B256 in 16 MB chunks.)
 _KERNEL_CHUNK_SCALE = 8
-# Up to this many bytes per (T, N, H) buffer the LSTM's forward keeps every step's tanh(c) for
-# the backward; longer sequences recompute it there chunk by chunk instead of storing more.
+# Up to this many bytes per (T, N, H) buffer the LSTM's Python forward keeps every step's tanh(c) for
+# the backward (longer sequences recompute it there chunk by chunk), and the C++ forward keeps every
+# step's [x_t, 1, h_{t-1}] rows (up to 1.25 times as many bytes).
 _KEEP_TANH_C_BYTES = 8 << 20
 # The C++ loops recompute tanh(c) in the backward instead (one tanh per unit and step against a
 # (T, N, H) buffer written and read again; measured 2026-12-02 on a Zen 5, interleaved train steps,
@@ -95,6 +97,7 @@ _KEEP_TANH_C_BYTES = 8 << 20
 # 7.95, 9.80 / 9.63; H128 B256 18.2 / 17.9; H256 B128 26.7 / 27.1; T200 I8 H128 B32 18.7 / 18.9:
 # even or better, and a step's memory smaller by the buffer, 1.8 MB at T28 H128 B128).
 _KERNELS_KEEP_TANH_C = False
+_GATES_SPENT_LOCK = threading.Lock()
 # Whether the LSTM's and GRU's time loops run in C++ when the kernels build here (the tests switch
 # it off to check the Python loops, which run wherever the kernels do not).
 _USE_KERNELS = True
@@ -294,6 +297,11 @@ class _LSTMFunction(torch.autograd.Function):
     unless the sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c); with the C++ loops, when a weight
     gradient may be asked for and they take at most 1.25 x _KEEP_TANH_C_BYTES, every step's
     [x_t, 1, h_{t-1}] as well (the weight gradients' operand, laid out by the forward).
+
+    The C++ backward writes the gate gradients over G (see :func:`_lstm_backward_kernels`): a saved
+    tensor that then no longer holds the gates. A later backward through the same graph
+    (``retain_graph=True``; ``torch.autograd.functional.jacobian`` without ``vectorize``) runs the forward
+    loop again for them, which costs about a forward per extra backward.
     """
 
     @staticmethod
@@ -332,9 +340,10 @@ class _LSTMFunction(torch.autograd.Function):
         x = inputs[0]
         with denormals_flushed(G.device):
             if ctx.kernels:
-                if ctx.gates_spent:  # a second backward through a retained graph: the first wrote over G
+                with _GATES_SPENT_LOCK:  # two threads' backwards through one retained graph: one may use G
+                    spent, ctx.gates_spent = ctx.gates_spent, True
+                if spent:  # a later backward through a retained graph: an earlier one wrote over G
                     G = _lstm_gates_again(ctx, inputs, masks)
-                ctx.gates_spent = True
                 grads = _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks)
             else:
                 grads = _lstm_backward(ctx, gh, gc, XH, h0, c0, _rotate(w_ih, H), _rotate(w_hh, H), G, hs, cs, TCs,

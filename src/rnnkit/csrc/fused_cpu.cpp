@@ -296,10 +296,10 @@ Tensor pack_rows(const Tensor& like, int64_t panels, int64_t width, int64_t K, i
   return out;
 }
 
-// fn(n0, n1) over blocks of the batch's rows, one per thread (at least kRows rows each), each
-// thread flushing denormals when the caller does. The rows are split evenly, so each block may end
-// in a short tile: split by whole tiles, the slowest thread (which sets the pace) had a tile more
-// at N 64 (36 rows against 28).
+// fn(n0, n1) over blocks of the batch's rows, one per thread (no more threads than N / kRows,
+// rounded up), each thread flushing denormals when the caller does. The rows are split evenly, so
+// a block may end in a short tile: split by whole tiles, the slowest thread (which sets the pace)
+// had a tile more at N 64 (36 rows against 28).
 template <typename F>
 void over_row_blocks(int64_t N, bool flush, const F& fn) {
   at::parallel_for(0, N, kRows, [&](int64_t n0, int64_t n1) {
