@@ -191,16 +191,17 @@ def test_lstm_with_frozen_weights_and_the_bias_gradient_on_its_own(monkeypatch):
 def test_lstm_backward_twice_through_a_retained_graph(chunked, monkeypatch):
     """The C++ backward writes the gate gradients over the saved gates: a second backward through the
     same graph (retain_graph=True) computes the gates again, and both agree with the reference loop."""
-    if chunked:
-        monkeypatch.setattr(fused, "_CHUNK_GATE_BYTES", 3 * 4 * 4 * 6 * 8)
+    N, H = 4, 6
+    if chunked:  # chunks of 3 steps
+        monkeypatch.setattr(fused, "_CHUNK_GATE_BYTES", 3 * N * 4 * H * 8)
         monkeypatch.setattr(fused, "_KERNEL_CHUNK_SCALE", 1)
         monkeypatch.setattr(fused, "_ONE_CHUNK_GATE_BYTES", 0)
     dtype = torch.float64
-    cell = make_cell("lstm", 3, 6, dtype)
-    x = torch.randn(4, 9, 3, dtype=dtype, requires_grad=True)
-    state = tree_flatten(random_state(cell, 4, dtype))[1]([s.requires_grad_() for s in tree_flatten(
-        random_state(cell, 4, dtype))[0]])
-    wrt = [x, *cell.parameters(), *tree_flatten(state)[0]]
+    cell = make_cell("lstm", 3, H, dtype)
+    x = torch.randn(N, 9, 3, dtype=dtype, requires_grad=True)
+    leaves, unflatten = tree_flatten(random_state(cell, N, dtype))
+    state = unflatten([s.requires_grad_() for s in leaves])
+    wrt = [x, *cell.parameters(), *leaves]
 
     def loss(backend):
         res = rnnkit.unroll(cell, x, state, lengths=[9, 4, 7, 9], backend=backend)

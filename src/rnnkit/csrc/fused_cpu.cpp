@@ -73,6 +73,15 @@ void check(const Tensor& t, const Tensor& like, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "rnnkit fused kernels: ", name, " must be on the CPU");
 }
 
+// check() for a (T, N, *) tensor the loops read with its own step and row strides (a batch-first
+// input or outputs' gradient, read where it lies): only its last dimension must be contiguous.
+void check_strided(const Tensor& t, const Tensor& like, const char* name, const char* shape, const char* last) {
+  TORCH_CHECK(t.dim() == 3 && t.scalar_type() == like.scalar_type() && t.device().is_cpu() &&
+                  (t.stride(2) == 1 || t.size(2) <= 1),
+              "rnnkit fused kernels: ", name, " must be a ", shape, "CPU tensor of G's dtype whose ", last,
+              " are contiguous");
+}
+
 // Sizes, so that a wrong call is an error rather than a write past a buffer's end.
 void expect(const Tensor& t, const char* name, std::vector<int64_t> sizes) {
   TORCH_CHECK(t.sizes() == c10::IntArrayRef(sizes), "rnnkit fused kernels: ", name, " has shape ", t.sizes(),
@@ -487,8 +496,9 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
 
 // All steps of the forward. x (T, N, I) holds the inputs (any strides but the features': a
 // batch-first input is read in place), w_ih (4H, I), w_hh (4H, H) and bias (4H, optional) the
-// weights in torch's layout (gates i, f, g, o); G (T, N, 4H) receives the activated gates (i, f, g, o), hs and cs (T, N, H) the outputs and cells, tcs, (T, N, H) to keep
-// every step's tanh(c) or (1, N, H) scratch, tanh(c); xh, (T, N, Ix + H) to keep or (1, N, Ix + H)
+// weights in torch's layout (gates i, f, g, o); G (T, N, 4H) receives the activated gates (i, f,
+// g, o), hs and cs (T, N, H) the outputs and cells, tcs, (T, N, H) to keep every step's tanh(c) or
+// (1, N, H) scratch, tanh(c); xh, (T, N, Ix + H) to keep or (1, N, Ix + H)
 // scratch, each step's [x_t, 1, h_{t-1}] (the 1 only with a bias: Ix = I + 1).
 void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, const Tensor& x, const Tensor& h0,
                         const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& bias,
@@ -498,10 +508,7 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, c
     check(t, G, name);
   if (bias) check(*bias, G, "bias");
   const auto [T, N, H] = sizes(G, hs, 4, "hs");
-  // x: any strides but the features' (a batch-first input is read where it lies)
-  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == G.scalar_type() && x.device().is_cpu() &&
-                  (x.stride(2) == 1 || x.size(2) <= 1),
-              "rnnkit fused kernels: x must be a (T, N, I) CPU tensor of G's dtype whose features are contiguous");
+  check_strided(x, G, "x", "(T, N, I) ", "features");
   const int64_t I = x.size(2), Ix = I + (bias ? 1 : 0);
   expect(x, "x", {T, N, I});
   expect(cs, "cs", {T, N, H});
@@ -541,14 +548,14 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, c
 }
 
 // Steps hi-1 down to lo of the backward, gates in torch's order (i, f, g, o). P (hi - lo, N, 4H)
-// receives their gate gradients (it may be G's rows lo..hi-1: each step reads a row's gates before
-// it writes their gradients there); DH (2, N, H) is scratch for two steps' d loss / d h_t; gh (hi - lo,
-// N, H), optional and with any strides but contiguous units, is these steps' outputs' gradient; tcc (hi - lo, N, H) their tanh(c), or undefined to
-// recompute it from cs; dc (N, H) is d loss / d c_{hi-1} on entry and d loss / d c_{lo-1} on exit
-// (dc0 when lo == 0); gc (T, N, H), optional, is the gradient of every step's c; carry (N, H)
-// holds d loss / d h_{hi-1} through the recurrence on entry when hi < T (from the chunk above)
-// and receives d loss / d h_{lo-1} when lo > 0; w_hh (4H, H); dx (T, N, I), when given, receives
-// these steps' input gradient, with w_ih (4H, I).
+// receives their gate gradients (it may be G's rows lo..hi-1: each step reads a row's gates before it
+// writes their gradients there); DH (2, N, H) is scratch for two steps' d loss / d h_t; gh (hi - lo,
+// N, H), optional and with any strides but contiguous units, is these steps' outputs' gradient; tcc
+// (hi - lo, N, H) their tanh(c), or undefined to recompute it from cs; dc (N, H) is d loss / d
+// c_{hi-1} on entry and d loss / d c_{lo-1} on exit (dc0 when lo == 0); gc (T, N, H), optional, is the
+// gradient of every step's c; carry (N, H) holds d loss / d h_{hi-1} through the recurrence on entry
+// when hi < T (from the chunk above) and receives d loss / d h_{lo-1} when lo > 0; w_hh (4H, H); dx
+// (T, N, I), when given, receives these steps' input gradient, with w_ih (4H, I).
 void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
                          Tensor P, Tensor DH, Tensor dc, const std::optional<Tensor>& gc,
                          const std::optional<Tensor>& gh, Tensor carry, const Tensor& w_hh,
@@ -559,11 +566,7 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
     check(t, G, name);
   for (const auto& [t, name] : {std::pair{tcc, "tcc"}, {gc, "gc"}, {dx, "dx"}, {w_ih, "w_ih"}})
     if (t) check(*t, G, name);
-  if (gh) {  // any strides but the units': a batch-first gradient is read where it lies
-    TORCH_CHECK(gh->scalar_type() == G.scalar_type() && gh->device().is_cpu() && gh->dim() == 3 &&
-                    (gh->stride(2) == 1 || gh->size(2) <= 1),
-                "rnnkit fused kernels: gh must be a CPU tensor of G's dtype whose units are contiguous");
-  }
+  if (gh) check_strided(*gh, G, "gh", "", "units");
   const auto [T, N, H] = sizes(G, cs, 4, "cs");
   TORCH_CHECK(0 <= lo && lo < hi && hi <= T, "rnnkit fused kernels: bad step range");
   const int64_t n = hi - lo;
