@@ -184,14 +184,21 @@ def test_the_kernels_check_their_arguments_sizes():
     hs, cs, h0, whh = torch.zeros(T - 1, N, H), torch.zeros(T, N, H), torch.zeros(N, H), torch.zeros(4 * H, H)
     none = torch.empty(0, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="hs has shape \\[2, 2, 4\\], expected \\[3, 2, 4\\]"):
-        ops.lstm_forward_steps(G, hs, cs, cs, torch.zeros(T, N, 3 + H), torch.zeros(T, N, 3), h0, h0,
-                               torch.zeros(4 * H, 3), whh, None, none, T, True, False)
-    with pytest.raises(RuntimeError, match="xh must be"):
-        ops.lstm_forward_steps(G, cs, cs, cs, torch.zeros(T, N, 3 + H), torch.zeros(T, N, 3), h0, h0,
-                               torch.zeros(4 * H, 3), whh, torch.zeros(4 * H), none, T, True, False)
+        ops.lstm_forward_steps(G, hs, cs, cs, torch.zeros(T, N, 3), h0, h0, torch.zeros(4 * H, 3), whh, None, none,
+                               T, True, False)
+    with pytest.raises(RuntimeError, match="tcs has shape \\[2, 2, 4\\]"):
+        ops.lstm_forward_steps(G, cs, cs, hs, torch.zeros(T, N, 3), h0, h0, torch.zeros(4 * H, 3), whh,
+                               torch.zeros(4 * H), none, T, True, False)
     with pytest.raises(RuntimeError, match="x must be a \\(T, N, I\\) CPU tensor .* features are contiguous"):
-        ops.lstm_forward_steps(G, cs, cs, cs, torch.zeros(T, N, 1 + 3 + H), torch.zeros(T, 3, N).transpose(1, 2),
-                               h0, h0, torch.zeros(4 * H, 3), whh, torch.zeros(4 * H), none, T, True, False)
+        ops.lstm_forward_steps(G, cs, cs, None, torch.zeros(T, 3, N).transpose(1, 2), h0, h0, torch.zeros(4 * H, 3),
+                               whh, torch.zeros(4 * H), none, T, True, False)
+    x = torch.zeros(T, N, 3)
+    with pytest.raises(RuntimeError, match="x, hs, h0 and dW come together"):
+        ops.lstm_backward_steps(G, cs, h0, None, G, cs, h0, None, None, h0, whh, None, None, none, T, 0, T, False,
+                                x=x, hs=cs, h0=h0)
+    with pytest.raises(RuntimeError, match="dW must be \\(at least 1 blocks, I \\(\\+ 1 with a bias\\) \\+ H, 4H\\)"):
+        ops.lstm_backward_steps(G, cs, h0, None, G, cs, h0, None, None, h0, whh, None, None, none, T, 0, T, False,
+                                x=x, hs=cs, h0=h0, dW=torch.zeros(1, 3 + 2 + H, 4 * H))
     with pytest.raises(RuntimeError, match="gh must be a CPU tensor of G's dtype whose units are contiguous"):
         ops.lstm_backward_steps(G, cs, h0, None, G, cs, h0, None, torch.zeros(T, H, N).transpose(1, 2), h0, whh,
                                 None, None, none, T, 0, T, False)
@@ -203,22 +210,45 @@ def test_the_kernels_check_their_arguments_sizes():
                               False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_transpose_into_matches_torch_and_checks_its_arguments(dtype):
-    """The weight gradient's operand transposed in blocks of 16: whole blocks, edges, a single row or column."""
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "N, I, H, bias, chunk",
+    [(300, 5, 3, True, 6), (7, 1, 20, False, 2), (64, 28, 64, True, 4), (13, 40, 37, True, 5)],
+    ids=["deep_blocks_all_tail", "no_bias_chunks", "whole_vectors_chunks", "tails"],
+)
+def test_the_backward_sums_the_weight_gradient_as_it_goes(N, I, H, bias, chunk, threads):
+    """The LSTM backward's weight gradient, summed by each block of rows a few steps at a time and added
+    up at the end, is [x_t, 1, h_{t-1}]^T dG_t over all steps: blocks deeper than one group (300 rows),
+    4H below a vector (every column one by one) and past whole vectors, chunks of steps that carry the
+    sums on, no bias, one thread and two, an input read in place from a batch-first tensor."""
     ops = require_cpu_kernels()
-    for R, C in [(16, 16), (37, 53), (1, 5), (5, 1), (300, 157), (0, 4)]:
-        src = torch.randn(R, C, dtype=dtype)
-        dst = torch.full((C, R), float("nan"), dtype=dtype)
-        ops.transpose_into(src, dst)
-        assert torch.equal(dst, src.t())
-    src = torch.randn(4, 6)
-    with pytest.raises(RuntimeError, match="src must be a contiguous matrix"):
-        ops.transpose_into(src.t(), torch.empty(4, 6))
-    with pytest.raises(RuntimeError, match="dst must be a contiguous \\(6, 4\\) matrix"):
-        ops.transpose_into(src, torch.empty(4, 6))
-    with pytest.raises(RuntimeError, match="dst and src differ in dtype"):
-        ops.transpose_into(src, torch.empty(6, 4, dtype=torch.float64))
+    T, dtype = 6, torch.float64
+    torch.manual_seed(0)
+    x = torch.randn(N, T, I, dtype=dtype).transpose(0, 1)  # batch-first, read in place
+    h0, c0 = torch.randn(N, H, dtype=dtype), torch.randn(N, H, dtype=dtype)
+    w_ih, w_hh = torch.randn(4 * H, I, dtype=dtype) * 0.3, torch.randn(4 * H, H, dtype=dtype) * 0.3
+    b = torch.randn(4 * H, dtype=dtype) if bias else None
+    G = torch.empty(T, N, 4 * H, dtype=dtype)
+    hs, cs = torch.empty(T, N, H, dtype=dtype), torch.empty(T, N, H, dtype=dtype)
+    none = torch.empty(0, dtype=torch.bool)
+    K = I + bias + H
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ops.lstm_forward_steps(G, hs, cs, None, x, h0, c0, w_ih, w_hh, b, none, T, False, False)
+        gh = torch.randn(T, N, H, dtype=dtype)
+        dc, carry = torch.zeros(N, H, dtype=dtype), torch.empty(N, H, dtype=dtype)
+        DH = torch.empty(2, N, H, dtype=dtype)
+        dW = torch.full((threads, K, 4 * H), float("nan"), dtype=dtype)
+        for hi in range(T, 0, -chunk):
+            lo = max(0, hi - chunk)
+            ops.lstm_backward_steps(G, cs, c0, None, G[lo:hi], DH, dc, None, gh[lo:hi], carry, w_hh, None, None, none,
+                                    T, lo, hi, False, x=x, hs=hs, h0=h0, dW=dW)
+    finally:
+        torch.set_num_threads(before)
+    rows = [x, *([torch.ones(T, N, 1, dtype=dtype)] if bias else []), torch.cat((h0[None], hs[:-1]))]
+    xh = torch.cat(rows, 2).reshape(T * N, K)
+    torch.testing.assert_close(dW[0], xh.t() @ G.reshape(T * N, 4 * H), rtol=1e-10, atol=1e-10)
 
 
 def test_an_unwritable_home_cache_falls_back_to_the_temporary_directory(fake_builds, monkeypatch, tmp_path):

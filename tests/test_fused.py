@@ -72,7 +72,11 @@ def assert_agree(cell, x, state, loss_fn=everything, **kw):
         torch.testing.assert_close(b, a, **tol, msg=lambda m, i=i: f"value {i}: {m}")
     names = ["x", *[f"state{i}" for i in range(len(tree_flatten(state)[0]))], *dict(cell.named_parameters())]
     for name, a, b in zip(names, ref_grads, got_grads):
-        torch.testing.assert_close(b, a, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
+        # A weight's gradient sums T N terms, in another order here than in the reference: its
+        # rounding error scales with the gradient's size, not with each element's (where terms
+        # cancel, both loops are off by as much in float32, measured against float64)
+        atol = tol["atol"] * max(1.0, a.abs().max().item())
+        torch.testing.assert_close(b, a, rtol=tol["rtol"], atol=atol, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -157,15 +161,24 @@ def test_tiles_and_their_edges(name, N, I, H, dtype, monkeypatch):
 
 
 def test_lstm_with_frozen_weights_and_the_bias_gradient_on_its_own(monkeypatch):
-    """Weights that need no gradient: the forward keeps no rows for them, and the input's and bias's
-    gradients are still right. The bias gradient owns its memory (a view would keep the weight GEMM's
+    """Weights that need no gradient: the C++ backward computes no weight gradient for them, and the
+    input's and bias's gradients are still right. The bias gradient owns its memory (a view would keep the weight GEMM's
     buffer alive as .grad)."""
     dtype = torch.float64
     cell = make_cell("lstm", 3, 5, dtype)
     x = torch.randn(4, 6, 3, dtype=dtype)
-    kept = []
-    real = fused._lstm_forward_kernels
-    monkeypatch.setattr(fused, "_lstm_forward_kernels", lambda *a: kept.append(a[-1]) or real(*a))
+    with_dw = []  # for each C++ backward, whether it computed a weight gradient
+    ops = cext.ops() if fused.kernels_available() else None
+
+    class Spy:
+        def __getattr__(self, name):  # noqa: ANN001, ANN204
+            return getattr(ops, name)
+
+        def lstm_backward_steps(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+            with_dw.append(kwargs.get("dW") is not None)
+            return ops.lstm_backward_steps(*args, **kwargs)
+
+    monkeypatch.setattr(cext, "ops", Spy)
 
     def grads(backend, wrt):
         xx = x.clone().requires_grad_()
@@ -181,8 +194,8 @@ def test_lstm_with_frozen_weights_and_the_bias_gradient_on_its_own(monkeypatch):
     cell.bias_ih.requires_grad_(True)
     for a, b in zip(grads("fused", [cell.bias_ih]), grads("reference", [cell.bias_ih])):
         torch.testing.assert_close(a, b, **TOL[dtype])
-    if fused.kernels_available():
-        assert kept == [False, False, True]
+    if ops is not None:
+        assert with_dw == [False, True]
     rnnkit.unroll(cell, x, backend="fused").outputs.sum().backward()
     assert cell.bias_ih.grad.untyped_storage().nbytes() == cell.bias_ih.grad.numel() * 8
 

@@ -26,8 +26,9 @@ other), with the weights packed once per call into panels that stay in cache and
 register-blocked tile of a step's product finished by its gates before it leaves the registers;
 the LSTM's input projection and input gradient are part of that product, so with the C++ loops the
 LSTM computes neither as a separate GEMM, and its loops take the weights as torch lays them out (no
-reordered or transposed copies per call) and lay out the weight gradients' operand
-``[x_t, 1, h_{t-1}]`` as they go. Measured 2026-12-02 on an AMD EPYC without AVX-512 (Zen 3,
+reordered or transposed copies per call). Its backward sums the weight gradient too, each thread its
+own rows' part a few steps at a time while their gate gradients are in cache, from the inputs and
+outputs where they lie. Measured 2026-12-02 on an AMD EPYC without AVX-512 (Zen 3,
 2 cores), a train step at T28 I28 H128 B128 took 21.5 ms against 25.1 ms for ``torch.nn.LSTM``
 (oneDNN's fused RNN; ad-hoc, allocator tuned); with the previous C++ loops (a oneDNN or BLAS
 product per step and a gate pass GCC did not vectorise there) the benchmark had measured 39.7 ms
@@ -60,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.backends import cext
-from rnnkit.backends.gemm import addmm_, linear, linear_add, linear_add_, mm, onednn_available
+from rnnkit.backends.gemm import addmm_, linear, linear_add, linear_add_, mm
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.fpmode import denormals_flushed, flush_denormals_enabled, transforming
 
@@ -88,8 +89,7 @@ _ONE_CHUNK_GATE_BYTES = 8 << 20
 # 4, 582 in 8, 570 in 16 and 559 in 32. (The Python loops were 19% slower at T28 B256 in 16 MB chunks.)
 _KERNEL_CHUNK_SCALE = 8
 # Up to this many bytes per (T, N, H) buffer the LSTM's Python forward keeps every step's tanh(c) for
-# the backward (longer sequences recompute it there chunk by chunk), and the C++ forward keeps every
-# step's [x_t, 1, h_{t-1}] rows (up to 1.25 times as many bytes).
+# the backward (longer sequences recompute it there chunk by chunk).
 _KEEP_TANH_C_BYTES = 8 << 20
 # The C++ loops recompute tanh(c) in the backward instead (one tanh per unit and step against a
 # (T, N, H) buffer written and read again; measured 2026-12-02 on a Zen 5, interleaved train steps,
@@ -142,9 +142,7 @@ def _run(
     full = T if lengths is None else int(lengths.min())
     if type(cell) is LSTMCell:
         bias = cell.fused_bias()
-        grad_w = torch.is_grad_enabled() and any(w is not None and w.requires_grad
-                                                 for w in (cell.weight_ih, cell.weight_hh, bias))
-        hs, cs = _LSTMFunction.apply(x, state.h, state.c, cell.weight_ih, cell.weight_hh, bias, masks, full, grad_w)
+        hs, cs = _LSTMFunction.apply(x, state.h, state.c, cell.weight_ih, cell.weight_hh, bias, masks, full)
         return hs, LSTMState(hs[-1], cs[-1]), (LSTMState(hs, cs) if return_states else None)
     H = cell.hidden_size
     if type(cell) is GRUCell:
@@ -294,9 +292,9 @@ class _LSTMFunction(torch.autograd.Function):
     (contiguous) gate row, and tanh(c) is three cheap ops.
 
     Saved for the backward: the activated gates G (T, N, 4H), the outputs and, with the Python loops
-    unless the sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c); with the C++ loops, when a weight
-    gradient may be asked for and they take at most 1.25 x _KEEP_TANH_C_BYTES, every step's
-    [x_t, 1, h_{t-1}] as well (the weight gradients' operand, laid out by the forward).
+    unless the sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c). The C++ backward reads
+    the weight gradients' operand [x_t, 1, h_{t-1}] where it lies (the input and the outputs); the
+    Python loops' keep the inputs with a column of ones for the bias.
 
     The C++ backward writes the gate gradients over G (see :func:`_lstm_backward_kernels`): a saved
     tensor that then no longer holds the gates. A later backward through the same graph
@@ -305,9 +303,7 @@ class _LSTMFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, bias, masks, full, grad_w):  # type: ignore[override]
-        # grad_w: whether a weight gradient may be asked for (the caller's grad mode: inside forward,
-        # grad mode is off and ctx.needs_input_grad ignores the caller's no_grad)
+    def forward(ctx, x, h0, c0, w_ih, w_hh, bias, masks, full):  # type: ignore[override]
         inputs = (x, h0, c0, w_ih, w_hh, bias)  # as given, for a differentiable backward (create_graph)
         with denormals_flushed(x.device):
             T, N, _ = x.shape
@@ -318,24 +314,23 @@ class _LSTMFunction(torch.autograd.Function):
             TCs = x.new_empty(T, N, H) if keep_tc else None
             h0_zero = not bool(h0.any())  # the usual zero state: step 0 needs no recurrent GEMM
             if kernels is not None:
-                G, XH = _lstm_forward_kernels(
-                    kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero, grad_w
-                )
+                G = _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
+                x2 = None
             else:
-                G, XH = _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
+                G, x2 = _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
         ctx.full, ctx.has_bias, ctx.kernels = full, bias is not None, kernels is not None
         ctx.gates_spent = False  # the C++ backward writes the gate gradients over G (see backward)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(XH, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs)
+        ctx.save_for_backward(x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs)
         return hs, cs
 
     @staticmethod
     @_float_maths
     def backward(ctx, gh, gc):  # type: ignore[override]
-        XH, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs = ctx.saved_tensors
+        x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs = ctx.saved_tensors
         if _graph_needed(gh, gc):
             grads = _differentiable_grads(_lstm_graph, (*inputs, masks, ctx.full), (gh, gc))
-            return (*grads[:6], None, None, None)
+            return (*grads[:6], None, None)
         H = h0.shape[1]
         x = inputs[0]
         with denormals_flushed(G.device):
@@ -344,30 +339,27 @@ class _LSTMFunction(torch.autograd.Function):
                     spent, ctx.gates_spent = ctx.gates_spent, True
                 if spent:  # a later backward through a retained graph: an earlier one wrote over G
                     G = _lstm_gates_again(ctx, inputs, masks)
-                grads = _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks)
+                grads = _lstm_backward_kernels(ctx, gh, gc, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks)
             else:
-                grads = _lstm_backward(ctx, gh, gc, XH, h0, c0, _rotate(w_ih, H), _rotate(w_hh, H), G, hs, cs, TCs,
+                grads = _lstm_backward(ctx, gh, gc, x2, h0, c0, _rotate(w_ih, H), _rotate(w_hh, H), G, hs, cs, TCs,
                                        masks)
-            return (*grads, None, None, None)
+            return (*grads, None, None)
 
 
-def _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero, keep):  # noqa: ANN001, ANN202
-    """The forward's time loop in C++: (G, XH), XH every step's [x_t, 1, h_{t-1}] (None if long)."""
-    T, N, I = x.shape
-    H = h0.shape[1]
-    K = I + (bias is not None) + H
-    # Kept for a weight gradient where they take at most 1.25 x _KEEP_TANH_C_BYTES; else (or with no
-    # weight gradient to compute) the backward lays them out chunk by chunk when it needs them.
-    keep_xh = keep and T * N * K * x.element_size() <= _KEEP_TANH_C_BYTES + _KEEP_TANH_C_BYTES // 4
-    XH = x.new_empty(T if keep_xh else 1, N, K)
-    G = x.new_empty(T, N, 4 * H)
-    tcs = TCs if TCs is not None else x.new_empty(1, N, H)
+def _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero):  # noqa: ANN001, ANN202
+    """The forward's time loop in C++: the activated gates G (T, N, 4H)."""
+    T, N, _ = x.shape
+    G = x.new_empty(T, N, 4 * h0.shape[1])
     kernels.lstm_forward_steps(  # a batch-first x is read in place
-        G, hs, cs, tcs, XH, x if x.stride(-1) == 1 else x.contiguous(), h0.contiguous(), c0.contiguous(),
-        w_ih.contiguous(), w_hh.contiguous(), None if bias is None else bias.contiguous(), _mask_rows(masks, T, N),
-        full, h0_zero, flush_denormals_enabled(),
+        G, hs, cs, TCs, _rows_in_place(x), h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+        None if bias is None else bias.contiguous(), _mask_rows(masks, T, N), full, h0_zero, flush_denormals_enabled(),
     )
-    return G, (XH.view(T * N, K) if keep_xh else None)
+    return G
+
+
+def _rows_in_place(x: Tensor) -> Tensor:
+    """x as the kernels read it: any strides but a contiguous last dimension."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero):  # noqa: ANN001, ANN202
@@ -456,19 +448,21 @@ def _lstm_gates_again(ctx: Any, inputs: list[Tensor], masks: Tensor | None) -> T
     T, N, _ = x.shape
     H = h0.shape[1]
     hs, cs = x.new_empty(T, N, H), x.new_empty(T, N, H)  # not the saved ones: they are the caller's outputs
-    G, _ = _lstm_forward_kernels(cext.ops(), x, h0, c0, w_ih, w_hh, bias, hs, cs, None, masks, ctx.full,
-                                 not bool(h0.any()), False)
-    return G
+    return _lstm_forward_kernels(cext.ops(), x, h0, c0, w_ih, w_hh, bias, hs, cs, None, masks, ctx.full,
+                                 not bool(h0.any()))
 
 
-def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks):  # noqa: ANN001
+def _lstm_backward_kernels(ctx, gh, gc, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks):  # noqa: ANN001
     """The backward with its time loop in C++ (gates in torch's order): chunks of steps from the last,
-    the loop computing the input gradient as it goes, then the chunk's weight GEMM.
+    the loop computing the input and weight gradients as it goes.
 
     The gate gradients are written over the gates G, step by step (each step reads its gates before
     it writes their gradients): no buffer as large as G, whose lines are in cache as they are written
     (measured on a Zen 5, interleaved train steps, ms separate buffer / in place: T28 H64 B64 2.16 /
-    1.98 and 2.27 / 2.12, H128 B128 7.84 / 7.47 and 9.25 / 8.97)."""
+    1.98 and 2.27 / 2.12, H128 B128 7.84 / 7.47 and 9.25 / 8.97). Each thread sums its rows' part of
+    the weight gradient [x_t, 1, h_{t-1}]^T dG_t a few steps at a time, while those gate gradients are
+    in its cache, reading x and the outputs where they lie; the partial sums of the threads (dW, one
+    (Ix + H, 4H) block each) are added at the end."""
     T, N, H4 = G.shape
     H = H4 // 4
     need_x, need_h0, need_c0, need_wih, need_whh, need_b = ctx.needs_input_grad[:6]
@@ -480,37 +474,20 @@ def _lstm_backward_kernels(ctx, gh, gc, XH, x, h0, c0, w_ih, w_hh, G, hs, cs, TC
     DH, carry = G.new_empty(2, N, H), G.new_empty(N, H)
     dc = gc[T - 1].clone(memory_format=torch.contiguous_format) if gc is not None else G.new_zeros(N, H)
     dx = G.new_empty(T, N, I) if need_x else None
-    dW = None
-    # A long sequence's forward kept no [x_t, 1, h_{t-1}] rows: they are laid out here chunk by chunk.
-    buf = G.new_empty(C * N, Ix + H) if need_w and XH is None else None
-    # oneDNN (the GEMMs with AVX-512) takes only a contiguous left operand: the kernels transpose the
-    # rows into one, twice as fast as torch's copy would; BLAS reads the transpose in place.
-    xt = G.new_empty((Ix + H) * C * N) if need_w and onednn_available() and G.dtype == torch.float32 else None
+    dW = G.new_empty(torch.get_num_threads(), Ix + H, H4) if need_w else None
+    weights = dict(x=_rows_in_place(x), hs=hs, h0=h0.contiguous(), dW=dW) if need_w else {}
     kernels = cext.ops()  # as the forward found them (whatever _USE_KERNELS says now)
-    args = dict(masks=_mask_rows(masks, T, N), full=ctx.full, flush=flush_denormals_enabled())
+    args = dict(masks=_mask_rows(masks, T, N), full=ctx.full, flush=flush_denormals_enabled(), **weights)
     w_hh, c0 = w_hh.contiguous(), c0.contiguous()
     w_ih = w_ih.contiguous() if need_x else None
     gc = gc.contiguous() if gc is not None else None
     for hi in range(T, 0, -C):
         lo = max(0, hi - C)
-        n = hi - lo
         tcc = TCs[lo:hi] if TCs is not None else None
         ghc = None if gh is None else gh[lo:hi] if gh.stride(-1) == 1 else gh[lo:hi].contiguous()
         P = G[lo:hi]  # receives the steps' gate gradients in place of their gates
         kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gc, ghc, carry, w_hh, dx, w_ih, lo=lo, hi=hi, **args)
-        if need_w:
-            if XH is not None:
-                xh = XH[lo * N : hi * N]
-            else:
-                xh = _weight_operand(buf, x[lo:hi].reshape(n * N, I), ctx.has_bias, hs, h0, lo, hi)
-            dG = P.view(n * N, H4)
-            if xt is not None:
-                a = xt[: (Ix + H) * n * N].view(Ix + H, n * N)
-                kernels.transpose_into(xh, a)
-            else:
-                a = xh.t()
-            # faster this way round than dG^T xh
-            dW = mm(a, dG) if dW is None else linear_add_(dW, a, dG.t())
+    dW = dW[0] if need_w else None  # the threads' partial sums, added up
     return (
         dx,
         mm(G[0], w_hh) if need_h0 else None,

@@ -127,6 +127,7 @@ constexpr int kPass = 2;  // AVX or AVX2, 16 registers: 6 x 2 accumulators, 2 op
 constexpr int kVecBytes = 16;
 constexpr int kPass = 2;
 #endif
+constexpr int64_t kDepth = 128;  // rows of a and b at a time in a product a^T b (see at_b_block)
 constexpr int kRows = 6;  // rows of a tile (measured on Zen 3: 6 x 2 in registers 87 GFLOP/s a core,
                           // 3 x 4 with operands from memory 69)
 
@@ -222,22 +223,22 @@ inline V<T> vtanh(V<T> x) {
   return T(2) * vsigmoid<T>(x + x) - T(1);
 }
 
-// acc[r][V0 + v] += sum over k of a[r][k] b[k][V0 + v] for v < P: R rows of a (row stride lda)
-// times P vectors of a packed panel b (K x NV vectors). R and P are compile-time, so the
-// accumulators and operands live in registers.
+// acc[r][V0 + v] += sum over k of a[r lda + k ak] b[k ldb + (V0 + v) W] for v < P: R rows of a
+// times P vectors of b, by default a packed panel (K x NV vectors, ldb NV W) and rows of a (ak 1).
+// R and P are compile-time, so the accumulators and operands live in registers.
 template <typename T, int R, int NV, int V0, int P>
 inline void tile_pass(const T* __restrict a, int64_t lda, const T* __restrict b, int64_t K,
-                      V<T> (&acc)[kRows][4]) {
+                      V<T> (&acc)[kRows][4], int64_t ak, int64_t ldb) {
   constexpr int W = Vec<T>::W;
   V<T> s[R][P];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < P; ++v) s[r][v] = acc[r][V0 + v];
   b += V0 * W;
-  for (int64_t k = 0; k < K; ++k, b += NV * W) {
+  for (int64_t k = 0; k < K; ++k, b += ldb, a += ak) {
     V<T> bv[P];
     for (int v = 0; v < P; ++v) bv[v] = load(b + v * W);
     for (int r = 0; r < R; ++r) {
-      const T x = a[r * lda + k];
+      const T x = a[r * lda];
       for (int v = 0; v < P; ++v) s[r][v] += x * bv[v];
     }
   }
@@ -245,21 +246,24 @@ inline void tile_pass(const T* __restrict a, int64_t lda, const T* __restrict b,
     for (int v = 0; v < P; ++v) acc[r][V0 + v] = s[r][v];
 }
 
-// acc[r][v] += sum over k of a[r][k] b[k][v] for v < NV, in passes of kPass vectors.
+// acc[r][v] += sum over k of a[r][k] b[k][v] for v < NV, in passes of kPass vectors (strides as
+// tile_pass() takes them).
 template <typename T, int R, int NV, int V0 = 0>
-inline void tile(const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4]) {
+inline void tile(const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4], int64_t ak = 1,
+                 int64_t ldb = NV * Vec<T>::W) {
   constexpr int P = std::min(kPass, NV - V0);
-  tile_pass<T, R, NV, V0, P>(a, lda, b, K, acc);
-  if constexpr (V0 + P < NV) tile<T, R, NV, V0 + P>(a, lda, b, K, acc);
+  tile_pass<T, R, NV, V0, P>(a, lda, b, K, acc, ak, ldb);
+  if constexpr (V0 + P < NV) tile<T, R, NV, V0 + P>(a, lda, b, K, acc, ak, ldb);
 }
 
 // tile() for rows < kRows rows: the row count as a template argument.
 template <typename T, int NV, int R = kRows>
-inline void tile_rows(int rows, const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4]) {
+inline void tile_rows(int rows, const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4],
+                      int64_t ak = 1, int64_t ldb = NV * Vec<T>::W) {
   if constexpr (R > 1) {
-    if (rows < R) return tile_rows<T, NV, R - 1>(rows, a, lda, b, K, acc);
+    if (rows < R) return tile_rows<T, NV, R - 1>(rows, a, lda, b, K, acc, ak, ldb);
   }
-  tile<T, R, NV>(a, lda, b, K, acc);
+  tile<T, R, NV>(a, lda, b, K, acc, ak, ldb);
 }
 
 // Weights packed for tile(): panel p holds, for every k, the width values of units u < width,
@@ -305,26 +309,31 @@ Tensor pack_rows(const Tensor& like, int64_t panels, int64_t width, int64_t K, i
   return out;
 }
 
-// fn(n0, n1) over blocks of the batch's rows, one per thread (no more threads than N / kRows,
-// rounded up), each thread flushing denormals when the caller does. The rows are split evenly, so
-// a block may end in a short tile: split by whole tiles, the slowest thread (which sets the pace)
-// had a tile more at N 64 (36 rows against 28).
+// How many blocks over_row_blocks() splits N rows into: one per thread, no more than N / kRows
+// (rounded up).
+int64_t row_blocks(int64_t N) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + kRows - 1) / kRows));
+}
+
+// fn(block, n0, n1) over the row_blocks(N) blocks of the batch's rows, one per thread, each thread
+// flushing denormals when the caller does. The rows are split evenly, so a block may end in a short
+// tile: split by whole tiles, the slowest thread (which sets the pace) had a tile more at N 64 (36
+// rows against 28).
 template <typename F>
 void over_row_blocks(int64_t N, bool flush, const F& fn) {
-  at::parallel_for(0, N, kRows, [&](int64_t n0, int64_t n1) {
+  const int64_t blocks = row_blocks(N);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     Flush f(flush);
-    fn(n0, n1);
+    for (int64_t b = b0; b < b1; ++b) fn(b, N * b / blocks, N * (b + 1) / blocks);
   });
 }
 
 // All steps of the forward for rows n0..n1. wp: the weights packed by blocks of W units, each
 // panel (K, 4 gates x W) with K = Ix + H: a unit's input weights, its bias where the layer has one
-// (Ix = I + 1), then its recurrent weights. Each step first lays its rows out as [x_t, 1, h_{t-1}]
-// in xh (every step's, for the weight gradients, or one step's scratch), then multiplies them in
-// one pass; the rest as lstm_forward_steps says.
+// (Ix = I + 1), then its recurrent weights. A tile of a step's gates starts from the bias and adds
+// the products of x_t's rows, where they lie, and h_{t-1}'s; the rest as lstm_forward_steps says.
 template <typename T>
-void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, T* xh, bool keep_xh, const T* x, int64_t x_t,
-                       int64_t x_n, int64_t I,
+void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_t x_t, int64_t x_n, int64_t I,
                        int64_t Ix, const T* h0, const T* c0, const T* wp, const Tensor& masks, int64_t full,
                        bool h0_zero, int64_t T_, int64_t N, int64_t H, int64_t n0, int64_t n1) {
   constexpr int W = Vec<T>::W;
@@ -332,26 +341,25 @@ void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, T* xh, bool keep_x
   for (int64_t t = 0; t < T_; ++t) {
     const T* hp = t == 0 ? h0 : hs + (t - 1) * N * H;
     const T* cp = t == 0 ? c0 : cs + (t - 1) * N * H;
+    const T* xt = x + t * x_t;
     T* g = G + t * N * H4;
     T* c = cs + t * N * H;
-    T* tc = tcs + (keep ? t : 0) * N * H;
+    T* tc = keep ? tcs + t * N * H : nullptr;
     T* h = hs + t * N * H;
-    T* a = xh + (keep_xh ? t : 0) * N * K;
     const bool* m = mask_row(masks, t, full);
     const bool product = !(t == 0 && h0_zero);  // the usual zero initial state needs no product
-    for (int64_t n = n0; n < n1; ++n) {
-      T* row = a + n * K;
-      std::memcpy(row, x + t * x_t + n * x_n, I * sizeof(T));
-      if (Ix > I) row[I] = T(1);
-      std::memcpy(row + Ix, hp + n * H, H * sizeof(T));
-    }
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t j = p * W;
       const int w = static_cast<int>(std::min<int64_t>(W, H - j));
+      const T* panel = wp + p * K * 4 * W;
       for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
         V<T> acc[kRows][4] = {};
-        tile_rows<T, 4>(rows, a + r0 * K, K, wp + p * K * 4 * W, product ? K : Ix, acc);
+        if (Ix > I)
+          for (int r = 0; r < rows; ++r)
+            for (int v = 0; v < 4; ++v) acc[r][v] = load(panel + I * 4 * W + v * W);
+        tile_rows<T, 4>(rows, xt + r0 * x_n, x_n, panel, I, acc);
+        if (product) tile_rows<T, 4>(rows, hp + r0 * H, H, panel + Ix * 4 * W, H, acc);
         for (int r = 0; r < rows; ++r) {
           const int64_t n = r0 + r;
           T* gn = g + n * H4 + j;
@@ -366,7 +374,7 @@ void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, T* xh, bool keep_x
           store(gn + H, f, w);
           store(gn + 2 * H, gg, w);
           store(gn + 3 * H, o, w);
-          store(tc + at, tv, w);
+          if (keep) store(tc + at, tv, w);
           if (m != nullptr && !m[n]) {  // a sequence that has ended keeps its state
             store(c + at, load(cp + at, w), w);
             store(h + at, load(hp + at, w), w);
@@ -380,14 +388,75 @@ void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, T* xh, bool keep_x
   }
 }
 
-// tile_rows() with the number of vectors per row (1 to 4) chosen at run time.
+// tile_rows() with the number of vectors per row (1 to 4) chosen at run time; ldb 0: a packed panel.
 template <typename T>
-inline void tile_vectors(int nv, int rows, const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4]) {
+inline void tile_vectors(int nv, int rows, const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4],
+                         int64_t ak = 1, int64_t ldb = 0) {
+  const int64_t step = ldb != 0 ? ldb : nv * Vec<T>::W;
   switch (nv) {
-    case 1: return tile_rows<T, 1>(rows, a, lda, b, K, acc);
-    case 2: return tile_rows<T, 2>(rows, a, lda, b, K, acc);
-    case 3: return tile_rows<T, 3>(rows, a, lda, b, K, acc);
-    default: return tile_rows<T, 4>(rows, a, lda, b, K, acc);
+    case 1: return tile_rows<T, 1>(rows, a, lda, b, K, acc, ak, step);
+    case 2: return tile_rows<T, 2>(rows, a, lda, b, K, acc, ak, step);
+    case 3: return tile_rows<T, 3>(rows, a, lda, b, K, acc, ak, step);
+    default: return tile_rows<T, 4>(rows, a, lda, b, K, acc, ak, step);
+  }
+}
+
+// A product a^T b whose a is made of parts side by side (an LSTM's [x_t, 1, h_{t-1}], each where it
+// lies): part p is cols columns with row stride lda (0 with one column of ones: b's column sums),
+// rows row .. row + cols - 1 of the product.
+struct Part {
+  int64_t lda, cols, row;
+};
+
+// depth rows of the operands of a^T b: a's parts at a[p], b's at b.
+template <typename T>
+struct Rows {
+  std::array<const T*, 3> a;
+  const T* b;
+  int64_t depth;
+};
+
+// out (.., Nc) = (or +=, unless fresh) a^T b over the rows of each of segs (at most kDepth in all),
+// for the columns of b in the blocks q0..q1 of 4W: the weight gradient of a few steps' rows. b's rows
+// of each block of columns are first copied to panel (kDepth x 4W): they are often a power of two
+// apart (4H floats), and read in place, a block's lines fall into a few sets of the L1 cache and
+// evict each other. The columns past the last whole vector go one by one.
+template <typename T>
+void at_b_block(const Rows<T>* segs, int nsegs, const std::array<Part, 3>& parts, int nparts, int64_t ldb, T* out,
+                int64_t Nc, bool fresh, int64_t q0, int64_t q1, T* panel) {
+  constexpr int W = Vec<T>::W;
+  const int64_t nvec = Nc / W;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t j = q * 4 * W;
+    const int nv = static_cast<int>(std::clamp<int64_t>(nvec - q * 4, 0, 4));
+    for (int p = 0; p < nparts; ++p)
+      for (int64_t c = 0; c < parts[p].cols; ++c)
+        for (int64_t col = j + nv * W; col < std::min(Nc, j + 4 * W); ++col) {
+          T* o = out + (parts[p].row + c) * Nc + col;
+          T sum = fresh ? T(0) : *o;
+          for (int i = 0; i < nsegs; ++i)
+            for (int64_t m = 0; m < segs[i].depth; ++m) sum += segs[i].a[p][m * parts[p].lda + c] * segs[i].b[m * ldb + col];
+          *o = sum;
+        }
+    if (nv == 0) continue;
+    T* dst = panel;
+    for (int i = 0; i < nsegs; ++i)
+      for (int64_t m = 0; m < segs[i].depth; ++m, dst += nv * W)
+        std::memcpy(dst, segs[i].b + m * ldb + j, nv * W * sizeof(T));
+    for (int p = 0; p < nparts; ++p)
+      for (int64_t c0 = 0; c0 < parts[p].cols; c0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, parts[p].cols - c0));
+        T* o = out + (parts[p].row + c0) * Nc + j;
+        V<T> acc[kRows][4] = {};
+        if (!fresh)
+          for (int r = 0; r < rows; ++r)
+            for (int v = 0; v < nv; ++v) acc[r][v] = load(o + r * Nc + v * W);
+        const T* b = panel;
+        for (int i = 0; i < nsegs; b += segs[i].depth * nv * W, ++i)
+          tile_vectors<T>(nv, rows, segs[i].a[p] + c0, 1, b, segs[i].depth, acc, parts[p].lda);
+        for (int r = 0; r < rows; ++r)
+          for (int v = 0; v < nv; ++v) store(o + r * Nc + v * W, acc[r][v]);
+      }
   }
 }
 
@@ -422,6 +491,12 @@ struct LSTMBackward {
   int64_t gh_t, gh_n;  // gh's strides: the outputs' gradient as the caller has it (batch-first, say)
   int nvx;  // vectors per row in a tile of the input gradient (I may be far below 4W)
   const Tensor* masks;
+  // For the weight gradient (x null: none), the rows [x_t, 1, h_{t-1}]: x (T, N, xI) with strides
+  // x_t and x_n, the 1 where Ix > xI, hs (T, N, H) and h0 (N, H); dw, (K, 4H) partial sums for each
+  // block of rows (K = Ix + H).
+  const T *x, *hs, *h0;
+  int64_t x_t, x_n, xI, Ix;
+  T* dw;
 };
 
 // Steps hi-1 down to lo of the backward for rows n0..n1. wp: W_hh's columns packed by blocks of 4W
@@ -430,9 +505,35 @@ struct LSTMBackward {
 // one tile at a time, and finishes those units' gates while the tile is in registers; step t+1's
 // input gradient is a product of the same rows. Gates in torch's order (i, f, g, o).
 template <typename T, bool kHaveTanh>
-void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
+void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int64_t n1) {
   const int64_t N = a.N, H = a.H, H4 = 4 * H;
   const V<T> one = splat(T(1));
+  alignas(64) T panel[kDepth * 4 * Vec<T>::W];
+  // The block's dW += [x, 1, h]^T dG for steps t .. t + steps - 1 (all still in cache), in groups of up to
+  // kDepth rows: each group reads and writes the partial sums once (at batch 32 two threads had 16
+  // rows a step, and a step at a time the sums' traffic took longer than the products).
+  const int64_t rows = n1 - n0, group = std::max<int64_t>(1, kDepth / std::max<int64_t>(1, rows));
+  const int64_t nq = (H4 + 4 * Vec<T>::W - 1) / (4 * Vec<T>::W);
+  // a's parts: x_t, h_{t-1}, and the ones of the bias where there is one
+  const std::array<Part, 3> parts{{{a.x_n, a.xI, 0}, {H, H, a.Ix}, {0, 1, a.xI}}};
+  const int nparts = a.Ix > a.xI ? 3 : 2;
+  const T ones = T(1);
+  auto weight_grads = [&](int64_t t, int64_t steps) {
+    if (a.x == nullptr) return;
+    const int64_t K = a.Ix + H;
+    T* out = a.dw + block * K * H4;
+    std::array<Rows<T>, kDepth> segs;
+    for (int64_t m0 = n0; m0 < n1; m0 += kDepth) {
+      const int64_t depth = std::min(kDepth, n1 - m0);
+      int nsegs = 0;
+      for (int64_t s = t + steps - 1; s >= t; --s) {
+        const T* hp = s == 0 ? a.h0 : a.hs + (s - 1) * N * H;
+        segs[nsegs++] = {{a.x + s * a.x_t + m0 * a.x_n, hp + m0 * H, &ones}, a.P + ((s - a.lo) * N + m0) * H4, depth};
+      }
+      const bool fresh = a.hi == a.steps && t + steps == a.hi && m0 == n0;  // the block's first rows
+      at_b_block<T>(segs.data(), nsegs, parts, nparts, H4, out, H4, fresh, 0, nq, panel);
+    }
+  };
   auto input_grads = [&](const T* dg, int64_t s) {  // dx of step s from its gate gradients dg
     if (a.dx == nullptr) return;
     over_unit_tiles(dg, a.wx, H4, a.I, n0, n1, [&](int64_t n, int64_t u, int w, V<T> sum) {
@@ -482,6 +583,8 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
       if (gcp != nullptr) dcv += load(gcp + at, w);
       store(dc + at, dcv, w);
     });
+    const int64_t done = a.hi - t;  // steps of this call whose gate gradients are in
+    if (done % group == 0 || t == a.lo) weight_grads(t, done % group == 0 ? group : done % group);
     if (rec) input_grads(above, t + 1);
   }
   input_grads(a.P, a.lo);
@@ -497,32 +600,28 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t n0, int64_t n1) {
 // All steps of the forward. x (T, N, I) holds the inputs (any strides but the features': a
 // batch-first input is read in place), w_ih (4H, I), w_hh (4H, H) and bias (4H, optional) the
 // weights in torch's layout (gates i, f, g, o); G (T, N, 4H) receives the activated gates (i, f,
-// g, o), hs and cs (T, N, H) the outputs and cells, tcs, (T, N, H) to keep every step's tanh(c) or
-// (1, N, H) scratch, tanh(c); xh, (T, N, Ix + H) to keep or (1, N, Ix + H)
-// scratch, each step's [x_t, 1, h_{t-1}] (the 1 only with a bias: Ix = I + 1).
-void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, const Tensor& x, const Tensor& h0,
-                        const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& bias,
-                        const Tensor& masks, int64_t full, bool h0_zero, bool flush) {
-  for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {tcs, "tcs"}, {xh, "xh"}, {h0, "h0"},
-                                {c0, "c0"}, {w_ih, "w_ih"}, {w_hh, "w_hh"}})
+// g, o), hs and cs (T, N, H) the outputs and cells, tcs (T, N, H), when given, every step's tanh(c).
+void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, const std::optional<Tensor>& tcs, const Tensor& x,
+                        const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                        const std::optional<Tensor>& bias, const Tensor& masks, int64_t full, bool h0_zero,
+                        bool flush) {
+  for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {h0, "h0"}, {c0, "c0"}, {w_ih, "w_ih"},
+                                {w_hh, "w_hh"}})
     check(t, G, name);
-  if (bias) check(*bias, G, "bias");
+  for (const auto& [t, name] : {std::pair{bias, "bias"}, {tcs, "tcs"}})
+    if (t) check(*t, G, name);
   const auto [T, N, H] = sizes(G, hs, 4, "hs");
   check_strided(x, G, "x", "(T, N, I) ", "features");
   const int64_t I = x.size(2), Ix = I + (bias ? 1 : 0);
   expect(x, "x", {T, N, I});
   expect(cs, "cs", {T, N, H});
-  TORCH_CHECK(tcs.dim() == 3 && (tcs.size(0) == T || tcs.size(0) == 1) && tcs.size(1) == N && tcs.size(2) == H,
-              "rnnkit fused kernels: tcs must be (T, N, H) or (1, N, H), got ", tcs.sizes());
-  TORCH_CHECK(xh.dim() == 3 && (xh.size(0) == T || xh.size(0) == 1) && xh.size(1) == N && xh.size(2) == Ix + H,
-              "rnnkit fused kernels: xh must be (T, N, Ix + H) or (1, N, Ix + H), got ", xh.sizes());
+  if (tcs) expect(*tcs, "tcs", {T, N, H});
   expect(h0, "h0", {N, H});
   expect(c0, "c0", {N, H});
   expect(w_ih, "w_ih", {4 * H, I});
   expect(w_hh, "w_hh", {4 * H, H});
   if (bias) expect(*bias, "bias", {4 * H});
   check_masks(masks, full, T, N);
-  const bool keep = tcs.size(0) == T, keep_xh = xh.size(0) == T;
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_forward_steps", [&] {
     using R = Runs<scalar_t>;
     constexpr int W = Vec<scalar_t>::W;
@@ -537,11 +636,10 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, c
       if (b == nullptr) return R{{{wi + row * I, I}, {wh + row * H, H}}};
       return R{{{wi + row * I, I}, {b + row, 1}, {wh + row * H, H}}};
     });
-    over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
+    over_row_blocks(N, flush, [&](int64_t, int64_t n0, int64_t n1) {
       lstm_forward_rows<scalar_t>(G.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
-                                  tcs.data_ptr<scalar_t>(), keep, xh.data_ptr<scalar_t>(), keep_xh,
-                                  x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), I, Ix, h0.data_ptr<scalar_t>(),
-                                  c0.data_ptr<scalar_t>(),
+                                  tcs ? tcs->data_ptr<scalar_t>() : nullptr, tcs.has_value(), x.data_ptr<scalar_t>(),
+                                  x.stride(0), x.stride(1), I, Ix, h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
                                   wp.data_ptr<scalar_t>(), masks, full, h0_zero, T, N, H, n0, n1);
     });
   });
@@ -555,12 +653,18 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, Tensor tcs, Tensor xh, c
 // c_{hi-1} on entry and d loss / d c_{lo-1} on exit (dc0 when lo == 0); gc (T, N, H), optional, is the
 // gradient of every step's c; carry (N, H) holds d loss / d h_{hi-1} through the recurrence on entry
 // when hi < T (from the chunk above) and receives d loss / d h_{lo-1} when lo > 0; w_hh (4H, H); dx
-// (T, N, I), when given, receives these steps' input gradient, with w_ih (4H, I).
+// (T, N, I), when given, receives these steps' input gradient, with w_ih (4H, I). dW, when given
+// with the forward's x (T, N, I; strided as there), hs and h0, receives the weight gradient
+// [x_t, 1, h_{t-1}]^T dG_t (the 1 with a bias: K = I + 1 + H) of these steps: (blocks, K, 4H), one
+// block of partial sums for each block of rows, started by the call with hi == T, added on by later
+// chunks and summed into dW[0] by the call with lo == 0.
 void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
                          Tensor P, Tensor DH, Tensor dc, const std::optional<Tensor>& gc,
                          const std::optional<Tensor>& gh, Tensor carry, const Tensor& w_hh,
                          const std::optional<Tensor>& dx, const std::optional<Tensor>& w_ih, const Tensor& masks,
-                         int64_t full, int64_t lo, int64_t hi, bool flush) {
+                         int64_t full, int64_t lo, int64_t hi, bool flush, const std::optional<Tensor>& x,
+                         const std::optional<Tensor>& hs, const std::optional<Tensor>& h0,
+                         const std::optional<Tensor>& dW) {
   for (const auto& [t, name] : {std::pair{cs, "cs"}, {c0, "c0"}, {P, "P"}, {DH, "DH"}, {dc, "dc"}, {carry, "carry"},
                                 {w_hh, "w_hh"}})
     check(t, G, name);
@@ -589,6 +693,22 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
     expect(*w_ih, "w_ih", {4 * H, I});
   }
   check_masks(masks, full, T, N);
+  TORCH_CHECK(x.has_value() == dW.has_value() && hs.has_value() == dW.has_value() && h0.has_value() == dW.has_value(),
+              "rnnkit fused kernels: x, hs, h0 and dW come together");
+  const int64_t K = dW ? dW->size(1) : 0, blocks = row_blocks(N);
+  if (dW) {
+    for (const auto& [t, name] : {std::pair{*hs, "hs"}, {*h0, "h0"}, {*dW, "dW"}})
+      check(t, G, name);
+    check_strided(*x, G, "x", "(T, N, I) ", "features");
+    TORCH_CHECK(x->dim() == 3 && x->size(0) == T && x->size(1) == N,
+                "rnnkit fused kernels: x must be (T, N, I), got ", x->sizes());
+    expect(*hs, "hs", {T, N, H});
+    expect(*h0, "h0", {N, H});
+    TORCH_CHECK(dW->dim() == 3 && dW->size(0) >= blocks && dW->size(2) == 4 * H &&
+                    (K == x->size(2) + H || K == x->size(2) + 1 + H),
+                "rnnkit fused kernels: dW must be (at least ", blocks, " blocks, I (+ 1 with a bias) + H, 4H), got ",
+                dW->sizes());
+  }
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_backward_steps", [&] {
     constexpr int W = Vec<scalar_t>::W;
     const int64_t H4 = 4 * H;
@@ -607,12 +727,22 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
                                       dx ? wx.data_ptr<scalar_t>() : nullptr, P.data_ptr<scalar_t>(),
                                       DH.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), carry.data_ptr<scalar_t>(),
                                       ptr(dx), N, H, I, lo, hi, T, full,
-                                      gh ? gh->stride(0) : 0, gh ? gh->stride(1) : 0, nvx, &masks};
+                                      gh ? gh->stride(0) : 0, gh ? gh->stride(1) : 0, nvx, &masks,
+                                      ptr(x), ptr(hs), ptr(h0), x ? x->stride(0) : 0, x ? x->stride(1) : 0,
+                                      x ? x->size(2) : 0, K - H, ptr(dW)};
     with_flag(tcc.has_value(), [&](auto have_tanh) {
-      over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
-        lstm_backward_rows<scalar_t, decltype(have_tanh)::value>(args, n0, n1);
+      over_row_blocks(N, flush, [&](int64_t block, int64_t n0, int64_t n1) {
+        lstm_backward_rows<scalar_t, decltype(have_tanh)::value>(args, block, n0, n1);
       });
     });
+    if (dW && lo == 0 && blocks > 1) {  // the blocks' partial sums into the first
+      scalar_t* w = dW->data_ptr<scalar_t>();
+      const int64_t size = K * 4 * H;
+      at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+        for (int64_t b = 1; b < blocks; ++b)
+          for (int64_t i = i0; i < i1; ++i) w[i] += w[b * size + i];
+      });
+    }
   });
 }
 
@@ -733,7 +863,7 @@ void gru_forward_steps(Tensor G, Tensor S2, Tensor hs, Tensor out, const Tensor&
       const int64_t j = p * W + u % W;  // unit j of gate u / W
       return j < H ? R{{{wh + ((u / W) * H + j) * H, H}}} : R{};
     });
-    over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
+    over_row_blocks(N, flush, [&](int64_t, int64_t n0, int64_t n1) {
       gru_forward_rows<scalar_t>(G.data_ptr<scalar_t>(), S2.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
                                  out.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), wp.data_ptr<scalar_t>(),
                                  bh.data_ptr<scalar_t>(), masks, full, h0_zero, T, N, H, n0, n1);
@@ -765,7 +895,7 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
     const scalar_t* wh = w_hh.data_ptr<scalar_t>();
     const Tensor wp = pack_rows<scalar_t>(G, (H + 4 * W - 1) / (4 * W), 4 * W, 3 * H, H,
                                           [&](int64_t k) { return wh + k * H; });
-    over_row_blocks(N, flush, [&](int64_t n0, int64_t n1) {
+    over_row_blocks(N, flush, [&](int64_t, int64_t n0, int64_t n1) {
       gru_backward_rows<scalar_t>(G.data_ptr<scalar_t>(), S2.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
                                   h0.data_ptr<scalar_t>(), DH.data_ptr<scalar_t>(), DGi.data_ptr<scalar_t>(),
                                   DGh.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>(), wp.data_ptr<scalar_t>(), masks,
@@ -774,46 +904,20 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
   });
 }
 
-// dst = src^T for a contiguous (R, C) src and a contiguous (C, R) dst, in square blocks that stay in
-// L1 on both sides. torch's copy of a transposed matrix walks one side a column at a time (measured at
-// 0.40 ms for the 2.2 MB operand of the LSTM's weight gradient at T28 H128 B128 on a Zen 5), and
-// oneDNN's inner product, which computes that gradient, takes only a contiguous left operand.
-void transpose_into(const Tensor& src, Tensor dst) {
-  TORCH_CHECK(src.dim() == 2 && src.is_contiguous(), "transpose_into: src must be a contiguous matrix");
-  TORCH_CHECK(dst.dim() == 2 && dst.is_contiguous() && dst.size(0) == src.size(1) && dst.size(1) == src.size(0),
-              "transpose_into: dst must be a contiguous (", src.size(1), ", ", src.size(0), ") matrix");
-  TORCH_CHECK(dst.scalar_type() == src.scalar_type(), "transpose_into: dst and src differ in dtype");
-  const int64_t R = src.size(0), C = src.size(1);
-  constexpr int64_t B = 16;
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "transpose_into", [&] {
-    const scalar_t* s = src.data_ptr<scalar_t>();
-    scalar_t* d = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, (C + B - 1) / B, 4, [&](int64_t b0, int64_t b1) {
-      for (int64_t r0 = 0; r0 < R; r0 += B)
-        for (int64_t c0 = b0 * B; c0 < std::min(C, b1 * B); c0 += B) {
-          const int64_t rn = std::min(B, R - r0), cn = std::min(B, C - c0);
-          for (int64_t c = 0; c < cn; ++c)
-            for (int64_t r = 0; r < rn; ++r) d[(c0 + c) * R + r0 + r] = s[(r0 + r) * C + c0 + c];
-        }
-    });
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def(
-      "lstm_forward_steps(Tensor(a!) G, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tcs, Tensor(e!) xh, Tensor x, "
+      "lstm_forward_steps(Tensor(a!) G, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!)? tcs, Tensor x, "
       "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor masks, int full, bool h0_zero, "
       "bool flush) -> ()");
   m.def(
       "lstm_backward_steps(Tensor G, Tensor cs, Tensor c0, Tensor? tcc, Tensor(a!) P, Tensor(e!) DH, Tensor(b!) dc, "
       "Tensor? gc, Tensor? gh, Tensor(c!) carry, Tensor w_hh, Tensor(d!)? dx, Tensor? w_ih, Tensor masks, int full, "
-      "int lo, int hi, bool flush) -> ()");
+      "int lo, int hi, bool flush, Tensor? x=None, Tensor? hs=None, Tensor? h0=None, Tensor(f!)? dW=None) -> ()");
 }
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
-  m.def("transpose_into(Tensor src, Tensor(a!) dst) -> ()");
   m.def(
       "gru_forward_steps(Tensor(a!) G, Tensor(b!) S2, Tensor(c!) hs, Tensor(d!) out, Tensor h0, Tensor whh, "
       "Tensor bh, Tensor masks, int full, bool h0_zero, bool flush) -> ()");
@@ -823,7 +927,6 @@ TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
-  m.impl("transpose_into", &transpose_into);
   m.impl("gru_forward_steps", &gru_forward_steps);
   m.impl("gru_backward_steps", &gru_backward_steps);
   m.impl("lstm_forward_steps", &lstm_forward_steps);
