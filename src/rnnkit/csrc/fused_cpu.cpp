@@ -165,11 +165,15 @@ inline void store(T* p, V<T> v, int n = Vec<T>::W) {
 }
 
 // exp for float32 lane by lane without branches: Cody-Waite range reduction and a degree-5
-// polynomial (Cephes' expf), within 2 ulp. Inputs are clamped to the normal range: e^87 keeps
-// 1 / (1 + e^87) a normal float.
+// polynomial (Cephes' expf), within 2 ulp. Inputs are clamped to e^87 at most, which keeps
+// 1 / (1 + e^87) a normal float (and the reciprocal's Newton step away from inf x 0); with AVX-512,
+// scalef applies the power of two (to zero far below the normal range), else the exponent's bits do,
+// from e^-87 on.
 inline V<float> vexp(V<float> x) {
   using F = V<float>;
+#if !defined(__AVX512F__)
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
+#endif
   x = x > splat(87.0f) ? splat(87.0f) : x;
   const F n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   F r = x - n * 0.693359375f;
@@ -181,8 +185,12 @@ inline V<float> vexp(V<float> x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const F y = p * r * r + r + 1.0f;
+#if defined(__AVX512F__)
+  return reinterpret_cast<F>(_mm512_scalef_ps(reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(n)));
+#else
   const auto bits = (__builtin_convertvector(n, Vec<float>::ints) + 127) << 23;
   return y * reinterpret_cast<F>(bits);  // the same bits as floats (a vector cast, no aliasing)
+#endif
 }
 
 inline V<double> vexp(V<double> x) {  // float64 is for checking gradients: exact, not fast
@@ -190,21 +198,23 @@ inline V<double> vexp(V<double> x) {  // float64 is for checking gradients: exac
   return x;
 }
 
-// 1 / d for d >= 1: the processor's estimate (12 or 14 bits) and two Newton steps, within an ulp
-// or two and exactly 1 for d = 1 (so a saturated gate is exactly 1, as with a division), where a
-// division costs several times as much and fused multiply-adds keep the steps that accurate;
-// elsewhere (without FMA the steps drifted past the tests' float32 tolerance in an SSE build),
-// and in float64, a division.
+// 1 / d for d >= 1: the processor's estimate and Newton steps, within an ulp or two and exactly 1
+// for d = 1 (so a saturated gate is exactly 1, as with a division), where a division costs several
+// times as much and fused multiply-adds keep the steps that accurate: AVX-512's estimate has 14
+// bits and one step makes 28, AVX's and SSE's 12 and need two; elsewhere (without FMA the steps
+// drifted past the tests' float32 tolerance in an SSE build), and in float64, a division.
 inline V<float> vrecip(V<float> d) {
 #if defined(__AVX512F__) || ((defined(__AVX__) || defined(__SSE__)) && defined(__FMA__))
 #if defined(__AVX512F__)
-  V<float> r = reinterpret_cast<V<float>>(_mm512_rcp14_ps(reinterpret_cast<__m512>(d)));
-#elif defined(__AVX__)
+  const V<float> r = reinterpret_cast<V<float>>(_mm512_rcp14_ps(reinterpret_cast<__m512>(d)));
+#else
+#if defined(__AVX__)
   V<float> r = reinterpret_cast<V<float>>(_mm256_rcp_ps(reinterpret_cast<__m256>(d)));
 #else
   V<float> r = reinterpret_cast<V<float>>(_mm_rcp_ps(reinterpret_cast<__m128>(d)));
 #endif
   r = r * (2.0f - d * r);
+#endif
   return r * (2.0f - d * r);
 #else  // no estimate instruction (AArch64, say) or no FMA: a division
   return 1.0f / d;
