@@ -666,20 +666,23 @@ def test_a_backward_runs_the_loops_its_forward_ran(monkeypatch, lstm_loops):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
-def test_auto_trains_lstms_up_to_256_units_on_the_register_blocked_loops(monkeypatch):
-    """With the C++ loops threaded, an LSTM of up to 256 units and 4,096 units of batch x hidden trains on the
-    fused backend at any length and allocator; not wider, not smaller, not in float64, not elsewhere."""
+def test_auto_trains_lstms_up_to_512_units_on_the_register_blocked_loops(monkeypatch):
+    """With the C++ loops threaded, an LSTM of up to 512 units, a batch of at least an eighth of them and
+    1,024 units of batch x hidden trains on the fused backend at any length and allocator; not wider, not
+    smaller, not in float64, not elsewhere."""
     x = torch.randn(3, 2, 4)
     monkeypatch.setattr(fused, "kernels_available", lambda: True)
     monkeypatch.setattr(cext, "threaded", lambda: True)
     for tuned in (True, False):
         monkeypatch.setattr(engine, "allocator_tuned", lambda tuned=tuned: tuned)
-        lstm, wide = make_cell("lstm", 4, 128, torch.float32), make_cell("lstm", 4, 257, torch.float32)
-        assert _pick_backend(lstm, x, 28, 32) == "fused"  # 32 x 128 = 4,096 units
-        assert _pick_backend(make_cell("lstm", 4, 256, torch.float32), x, 28, 16) == "fused"
-        assert _pick_backend(make_cell("lstm", 4, 64, torch.float32), x, 28, 64) == "fused"
-        assert _pick_backend(lstm, x, 28, 31) == "native"
-        assert _pick_backend(wide, x, 28, 32) == "native"
+        lstm, wide = make_cell("lstm", 4, 128, torch.float32), make_cell("lstm", 4, 513, torch.float32)
+        assert _pick_backend(lstm, x, 28, 16) == "fused"  # a batch of an eighth of the units
+        assert _pick_backend(lstm, x, 28, 15) == "native"
+        assert _pick_backend(make_cell("lstm", 4, 512, torch.float32), x, 28, 64) == "fused"
+        assert _pick_backend(make_cell("lstm", 4, 256, torch.float32), x, 28, 31) == "native"
+        assert _pick_backend(make_cell("lstm", 4, 32, torch.float32), x, 28, 32) == "fused"  # 1,024 units
+        assert _pick_backend(make_cell("lstm", 4, 32, torch.float32), x, 28, 31) == "native"
+        assert _pick_backend(wide, x, 2, 128) == "native"
         with torch.no_grad():
             assert _pick_backend(lstm, x, 28, 128) == "native"  # inference: torch's kernel
         assert _pick_backend(lstm.double(), x.double(), 28, 128) == "native"

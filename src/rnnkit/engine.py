@@ -216,8 +216,18 @@ _FUSED_GRU_INFERENCE_MIN_UNITS = 2048
 # B512 425 / 403. So one rule for both kinds of processor. Later that evening (gate gradients written
 # over the gates, tanh(c) recomputed, rows split evenly among threads): T28 H128 B128 7.60 / 8.72, H64
 # B64 2.03 / 2.49, H128 B32 4.62 / 5.25, H128 B256 16.6 / 33.5, T784 H128 B128 338 / 602.
-_FUSED_LSTM_MAX_HIDDEN = 256
-_FUSED_LSTM_MIN_UNITS = 4096
+# With the weight gradient summed inside the backward loop and cheaper activations (2026-12-02,
+# late evening, Zen 5, micro_fused, one process each, speed-up over torch.nn.LSTM): T28 H16 B128
+# 1.87x, H32 B32 1.29x, H64 B16 1.53x, T16 I8 H16 B8 1.31x, H128 B8 1.25x, H384 B64 1.36x, H384 B128
+# 1.35x, H512 B64 1.25x, H512 B128 1.28x, H512 B256 1.25x, H512 B512 1.21x, T1 H128 B32 1.07x, T2
+# H128 B128 1.22x; behind or even where a batch is small for the width, each thread's rows too few
+# for the packed weights and partial weight gradients it goes through: H192 B16 1.08x, H256 B32
+# 1.04x, H256 B16 0.98x, H256 B8 0.93x, T4 H256 B8 0.90x, H512 B32 0.90x. So: up to 512 units with
+# a batch of at least an eighth of them, and, as tiny calls lost on the Zen 3 (T16 H16 B8 above),
+# 1,024 units of batch x hidden.
+_FUSED_LSTM_MAX_HIDDEN = 512
+_FUSED_LSTM_MIN_UNITS = 1024
+_FUSED_LSTM_MIN_ROWS_PER_UNIT = 1 / 8
 
 
 def _gate_width(cell: nn.Module) -> int:
@@ -250,6 +260,7 @@ def _fused_lstm_trains_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
     # the cheap checks first: kernels_available() may build the kernels
     return (type(cell) is LSTMCell and x.dtype == torch.float32
             and H <= _FUSED_LSTM_MAX_HIDDEN and N * H >= _FUSED_LSTM_MIN_UNITS
+            and N >= H * _FUSED_LSTM_MIN_ROWS_PER_UNIT
             and fused.kernels_available() and cext.threaded())
 
 
