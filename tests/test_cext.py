@@ -193,7 +193,7 @@ def test_the_kernels_check_their_arguments_sizes():
         ops.lstm_forward_steps(G, cs, cs, None, torch.zeros(T, 3, N).transpose(1, 2), h0, h0, torch.zeros(4 * H, 3),
                                whh, torch.zeros(4 * H), none, T, True, False)
     x = torch.zeros(T, N, 3)
-    with pytest.raises(RuntimeError, match="x, hs, h0 and dW come together"):
+    with pytest.raises(RuntimeError, match="x, hs and dW come together \\(and h0 only with them\\)"):
         ops.lstm_backward_steps(G, cs, h0, None, G, cs, h0, None, None, h0, whh, None, None, none, T, 0, T, False,
                                 x=x, hs=cs, h0=h0)
     with pytest.raises(RuntimeError, match="dW must be \\(at least 1 blocks, I \\(\\+ 1 with a bias\\) \\+ H, 4H\\)"):
@@ -210,22 +210,24 @@ def test_the_kernels_check_their_arguments_sizes():
                               False)
 
 
+@pytest.mark.parametrize("state", ["given", "zero"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "N, I, H, bias, chunk",
     [(300, 5, 3, True, 6), (7, 1, 20, False, 2), (64, 28, 64, True, 4), (13, 40, 37, True, 5)],
     ids=["deep_blocks_all_tail", "no_bias_chunks", "whole_vectors_chunks", "tails"],
 )
-def test_the_backward_sums_the_weight_gradient_as_it_goes(N, I, H, bias, chunk, threads):
+def test_the_backward_sums_the_weight_gradient_as_it_goes(N, I, H, bias, chunk, threads, state):
     """The LSTM backward's weight gradient, summed by each block of rows a few steps at a time and added
     up at the end, is [x_t, 1, h_{t-1}]^T dG_t over all steps: blocks deeper than one group (300 rows),
     4H below a vector (every column one by one) and past whole vectors, chunks of steps that carry the
-    sums on, no bias, one thread and two, an input read in place from a batch-first tensor."""
+    sums on, no bias, one thread and two, an input read in place from a batch-first tensor, and a zero
+    initial state passed as none (its step then adds nothing to W_hh's part)."""
     ops = require_cpu_kernels()
     T, dtype = 6, torch.float64
     torch.manual_seed(0)
     x = torch.randn(N, T, I, dtype=dtype).transpose(0, 1)  # batch-first, read in place
-    h0, c0 = torch.randn(N, H, dtype=dtype), torch.randn(N, H, dtype=dtype)
+    h0, c0 = torch.randn(N, H, dtype=dtype) * (state == "given"), torch.randn(N, H, dtype=dtype)
     w_ih, w_hh = torch.randn(4 * H, I, dtype=dtype) * 0.3, torch.randn(4 * H, H, dtype=dtype) * 0.3
     b = torch.randn(4 * H, dtype=dtype) if bias else None
     G = torch.empty(T, N, 4 * H, dtype=dtype)
@@ -235,7 +237,7 @@ def test_the_backward_sums_the_weight_gradient_as_it_goes(N, I, H, bias, chunk, 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ops.lstm_forward_steps(G, hs, cs, None, x, h0, c0, w_ih, w_hh, b, none, T, False, False)
+        ops.lstm_forward_steps(G, hs, cs, None, x, h0, c0, w_ih, w_hh, b, none, T, state == "zero", False)
         gh = torch.randn(T, N, H, dtype=dtype)
         dc, carry = torch.zeros(N, H, dtype=dtype), torch.empty(N, H, dtype=dtype)
         DH = torch.empty(2, N, H, dtype=dtype)
@@ -243,7 +245,7 @@ def test_the_backward_sums_the_weight_gradient_as_it_goes(N, I, H, bias, chunk, 
         for hi in range(T, 0, -chunk):
             lo = max(0, hi - chunk)
             ops.lstm_backward_steps(G, cs, c0, None, G[lo:hi], DH, dc, None, gh[lo:hi], carry, w_hh, None, None, none,
-                                    T, lo, hi, False, x=x, hs=hs, h0=h0, dW=dW)
+                                    T, lo, hi, False, x=x, hs=hs, h0=h0 if state == "given" else None, dW=dW)
     finally:
         torch.set_num_threads(before)
     rows = [x, *([torch.ones(T, N, 1, dtype=dtype)] if bias else []), torch.cat((h0[None], hs[:-1]))]

@@ -318,7 +318,7 @@ class _LSTMFunction(torch.autograd.Function):
                 x2 = None
             else:
                 G, x2 = _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
-        ctx.full, ctx.has_bias, ctx.kernels = full, bias is not None, kernels is not None
+        ctx.full, ctx.has_bias, ctx.kernels, ctx.h0_zero = full, bias is not None, kernels is not None, h0_zero
         ctx.gates_spent = False  # the C++ backward writes the gate gradients over G (see backward)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs)
@@ -475,7 +475,8 @@ def _lstm_backward_kernels(ctx, gh, gc, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, m
     dc = gc[T - 1].clone(memory_format=torch.contiguous_format) if gc is not None else G.new_zeros(N, H)
     dx = G.new_empty(T, N, I) if need_x else None
     dW = G.new_empty(torch.get_num_threads(), Ix + H, H4) if need_w else None
-    weights = dict(x=_rows_in_place(x), hs=hs, h0=h0.contiguous(), dW=dW) if need_w else {}
+    # h0 None: the usual zero state, whose step adds nothing to W_hh's gradient
+    weights = dict(x=_rows_in_place(x), hs=hs, h0=None if ctx.h0_zero else h0.contiguous(), dW=dW) if need_w else {}
     kernels = cext.ops()  # as the forward found them (whatever _USE_KERNELS says now)
     args = dict(masks=_mask_rows(masks, T, N), full=ctx.full, flush=flush_denormals_enabled(), **weights)
     w_hh, c0 = w_hh.contiguous(), c0.contiguous()

@@ -418,7 +418,7 @@ struct Part {
   int64_t lda, cols, row;
 };
 
-// depth rows of the operands of a^T b: a's parts at a[p], b's at b.
+// depth rows of the operands of a^T b: a's parts at a[p] (null: zeros, nothing to add), b's at b.
 template <typename T>
 struct Rows {
   std::array<const T*, 3> a;
@@ -445,7 +445,8 @@ void at_b_block(const Rows<T>* segs, int nsegs, const std::array<Part, 3>& parts
           T* o = out + (parts[p].row + c) * Nc + col;
           T sum = fresh ? T(0) : *o;
           for (int i = 0; i < nsegs; ++i)
-            for (int64_t m = 0; m < segs[i].depth; ++m) sum += segs[i].a[p][m * parts[p].lda + c] * segs[i].b[m * ldb + col];
+            for (int64_t m = 0; segs[i].a[p] != nullptr && m < segs[i].depth; ++m)
+              sum += segs[i].a[p][m * parts[p].lda + c] * segs[i].b[m * ldb + col];
           *o = sum;
         }
     if (nv == 0) continue;
@@ -463,7 +464,7 @@ void at_b_block(const Rows<T>* segs, int nsegs, const std::array<Part, 3>& parts
             for (int v = 0; v < nv; ++v) acc[r][v] = load(o + r * Nc + v * W);
         const T* b = panel;
         for (int i = 0; i < nsegs; b += segs[i].depth * nv * W, ++i)
-          tile_vectors<T>(nv, rows, segs[i].a[p] + c0, 1, b, segs[i].depth, acc, parts[p].lda);
+          if (segs[i].a[p] != nullptr) tile_vectors<T>(nv, rows, segs[i].a[p] + c0, 1, b, segs[i].depth, acc, parts[p].lda);
         for (int r = 0; r < rows; ++r)
           for (int v = 0; v < nv; ++v) store(o + r * Nc + v * W, acc[r][v]);
       }
@@ -537,8 +538,9 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
       const int64_t depth = std::min(kDepth, n1 - m0);
       int nsegs = 0;
       for (int64_t s = t + steps - 1; s >= t; --s) {
-        const T* hp = s == 0 ? a.h0 : a.hs + (s - 1) * N * H;
-        segs[nsegs++] = {{a.x + s * a.x_t + m0 * a.x_n, hp + m0 * H, &ones}, a.P + ((s - a.lo) * N + m0) * H4, depth};
+        const T* hp = s == 0 ? a.h0 : a.hs + (s - 1) * N * H;  // null: a zero state, no product
+        segs[nsegs++] = {{a.x + s * a.x_t + m0 * a.x_n, hp == nullptr ? nullptr : hp + m0 * H, &ones},
+                         a.P + ((s - a.lo) * N + m0) * H4, depth};
       }
       const bool fresh = a.hi == a.steps && t + steps == a.hi && m0 == n0;  // the block's first rows
       at_b_block<T>(segs.data(), nsegs, parts, nparts, H4, out, H4, fresh, 0, nq, panel);
@@ -555,7 +557,8 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
     const bool rec = t < a.hi - 1;
     const T* above = rec ? a.P + (j + 1) * N * H4 : nullptr;
     // DH holds two steps, this one's dh and the step above's: only the rows of a sequence that ended
-    // there read it (their dh passes straight down), and the chunk's end (the carry)
+    // there read it (their dh passes straight down), and the chunk's end (the carry); so a step is
+    // kept only where it has a mask (with none, steps t < full, nothing reads it)
     const T* dh_above = rec ? a.DH + ((j + 1) & 1) * N * H : nullptr;
     const bool* m_above = rec ? mask_row(*a.masks, t + 1, a.full) : nullptr;
     const bool* m = mask_row(*a.masks, t, a.full);
@@ -574,7 +577,7 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
       if (ghp != nullptr) dhv += load(ghp + n * a.gh_n + u, w);
       if (carry_in != nullptr) dhv += load(carry_in + at, w);
       if (m_above != nullptr && !m_above[n]) dhv += load(dh_above + at, w);  // its dh passed straight down
-      store(dh + at, dhv, w);
+      if (m != nullptr) store(dh + at, dhv, w);
       V<T> dcv = load(dc + at, w);
       T* dn = d + n * H4 + u;
       if (m == nullptr || m[n]) {
@@ -664,7 +667,7 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, const std::optional<Tens
 // gradient of every step's c; carry (N, H) holds d loss / d h_{hi-1} through the recurrence on entry
 // when hi < T (from the chunk above) and receives d loss / d h_{lo-1} when lo > 0; w_hh (4H, H); dx
 // (T, N, I), when given, receives these steps' input gradient, with w_ih (4H, I). dW, when given
-// with the forward's x (T, N, I; strided as there), hs and h0, receives the weight gradient
+// with the forward's x (T, N, I; strided as there), hs and h0 (none: a zero state), receives the weight gradient
 // [x_t, 1, h_{t-1}]^T dG_t (the 1 with a bias: K = I + 1 + H) of these steps: (blocks, K, 4H), one
 // block of partial sums for each block of rows, started by the call with hi == T, added on by later
 // chunks and summed into dW[0] by the call with lo == 0.
@@ -703,17 +706,20 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
     expect(*w_ih, "w_ih", {4 * H, I});
   }
   check_masks(masks, full, T, N);
-  TORCH_CHECK(x.has_value() == dW.has_value() && hs.has_value() == dW.has_value() && h0.has_value() == dW.has_value(),
-              "rnnkit fused kernels: x, hs, h0 and dW come together");
+  TORCH_CHECK(x.has_value() == dW.has_value() && hs.has_value() == dW.has_value() && (dW || !h0),
+              "rnnkit fused kernels: x, hs and dW come together (and h0 only with them)");
   const int64_t K = dW ? dW->size(1) : 0, blocks = row_blocks(N);
   if (dW) {
-    for (const auto& [t, name] : {std::pair{*hs, "hs"}, {*h0, "h0"}, {*dW, "dW"}})
+    for (const auto& [t, name] : {std::pair{*hs, "hs"}, {*dW, "dW"}})
       check(t, G, name);
     check_strided(*x, G, "x", "(T, N, I) ", "features");
     TORCH_CHECK(x->dim() == 3 && x->size(0) == T && x->size(1) == N,
                 "rnnkit fused kernels: x must be (T, N, I), got ", x->sizes());
     expect(*hs, "hs", {T, N, H});
-    expect(*h0, "h0", {N, H});
+    if (h0) {
+      check(*h0, G, "h0");
+      expect(*h0, "h0", {N, H});
+    }
     TORCH_CHECK(dW->dim() == 3 && dW->size(0) >= blocks && dW->size(2) == 4 * H &&
                     (K == x->size(2) + H || K == x->size(2) + 1 + H),
                 "rnnkit fused kernels: dW must be (at least ", blocks, " blocks, I (+ 1 with a bias) + H, 4H), got ",
