@@ -15,8 +15,8 @@ Where the time goes and what this backend does about it:
 * Memory. A long LSTM sequence (over 8 MB of gates; 64 MB with the C++ loops) works through time
   in chunks of 2 MB (16 MB): the backward's scratch buffers are one chunk long (reused), and in the
   Python loops the input projection of a chunk is computed just before the chunk runs, so long
-  sequences stay in cache and need no sequence-sized scratch (the C++ LSTM forward keeps each step's
-  ``[x_t, 1, h_{t-1}]`` for the weight gradients only while that takes at most 10 MB).
+  sequences stay in cache and need no sequence-sized scratch (the C++ LSTM backward sums the weight
+  gradients from the inputs and outputs where they lie: no copy of ``[x_t, 1, h_{t-1}]``).
 
 Time loops. The LSTM's and GRU's run in C++ (``csrc/fused_cpu.cpp``, built by
 :mod:`rnnkit.backends.cext`), where the Python loops pay the interpreter, a dispatch for each of ten
@@ -83,7 +83,9 @@ _CHUNK_GATE_BYTES = 2 << 20
 # Zen 5, per-step-product C++ loops); at T784 the 2 MB chunks were 17% faster than 16 MB ones (cache).
 _ONE_CHUNK_GATE_BYTES = 8 << 20
 # The C++ loops' backward takes chunks this many times larger: each chunk repacks the weights and
-# starts its threads, and its GEMM over more rows is more efficient. With the register-blocked
+# starts its threads (the measurements below were made when a weight GEMM followed each chunk; the
+# loops now sum the weight gradient themselves and write the gate gradients over the gates, so a
+# chunk holds no more memory than the forward already does). With the register-blocked
 # loops on Zen 3 (2026-12-02), one chunk trained T28 H128 B256 (14.7 MB of gates) 7-10% faster than
 # 2 MB chunks and T28 H256 B128 6% faster; at T784 H128 B128 a step took 647 ms in 2 MB chunks, 595 in
 # 4, 582 in 8, 570 in 16 and 559 in 32. (The Python loops were 19% slower at T28 B256 in 16 MB chunks.)
@@ -294,7 +296,7 @@ class _LSTMFunction(torch.autograd.Function):
     Saved for the backward: the activated gates G (T, N, 4H), the outputs and, with the Python loops
     unless the sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c). The C++ backward reads
     the weight gradients' operand [x_t, 1, h_{t-1}] where it lies (the input and the outputs); the
-    Python loops' keep the inputs with a column of ones for the bias.
+    Python loops keep the inputs with a column of ones for the bias.
 
     The C++ backward writes the gate gradients over G (see :func:`_lstm_backward_kernels`): a saved
     tensor that then no longer holds the gates. A later backward through the same graph
@@ -489,13 +491,15 @@ def _lstm_backward_kernels(ctx, gh, gc, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, m
         P = G[lo:hi]  # receives the steps' gate gradients in place of their gates
         kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gc, ghc, carry, w_hh, dx, w_ih, lo=lo, hi=hi, **args)
     dW = dW[0] if need_w else None  # the threads' partial sums, added up
+    # Copies in torch's layout, not views: a view would keep every thread's partial sums alive with
+    # the gradient (torch.autograd.grad, hooks), and AccumulateGrad would copy a transposed one anyway.
     return (
         dx,
         mm(G[0], w_hh) if need_h0 else None,
         dc if need_c0 else None,
-        dW[:I].t() if need_wih else None,
-        dW[Ix:].t() if need_whh else None,
-        dW[I].clone() if need_b else None,  # not a view: autograd would keep all of dW alive as bias.grad
+        dW[:I].t().contiguous() if need_wih else None,
+        dW[Ix:].t().contiguous() if need_whh else None,
+        dW[I].clone() if need_b else None,
     )
 
 

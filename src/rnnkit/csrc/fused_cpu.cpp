@@ -165,15 +165,13 @@ inline void store(T* p, V<T> v, int n = Vec<T>::W) {
 }
 
 // exp for float32 lane by lane without branches: Cody-Waite range reduction and a degree-5
-// polynomial (Cephes' expf), within 2 ulp. Inputs are clamped to e^87 at most, which keeps
-// 1 / (1 + e^87) a normal float (and the reciprocal's Newton step away from inf x 0); with AVX-512,
-// scalef applies the power of two (to zero far below the normal range), else the exponent's bits do,
-// from e^-87 on.
+// polynomial (Cephes' expf), within 2 ulp. Inputs are clamped to [-87, 87]: e^87 keeps 1 / (1 + e^87)
+// a normal float (and the reciprocal's Newton step away from inf x 0), and below -87 the reduction
+// itself breaks down (from about -1e13 it gave infinities); with AVX-512, scalef applies the power
+// of two, else the exponent's bits do.
 inline V<float> vexp(V<float> x) {
   using F = V<float>;
-#if !defined(__AVX512F__)
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
-#endif
   x = x > splat(87.0f) ? splat(87.0f) : x;
   const F n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   F r = x - n * 0.693359375f;
