@@ -451,7 +451,7 @@ def _lstm_gates_again(ctx: Any, inputs: list[Tensor], masks: Tensor | None) -> T
     H = h0.shape[1]
     hs, cs = x.new_empty(T, N, H), x.new_empty(T, N, H)  # not the saved ones: they are the caller's outputs
     return _lstm_forward_kernels(cext.ops(), x, h0, c0, w_ih, w_hh, bias, hs, cs, None, masks, ctx.full,
-                                 not bool(h0.any()))
+                                 ctx.h0_zero)
 
 
 def _lstm_backward_kernels(ctx, gh, gc, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks):  # noqa: ANN001

@@ -231,18 +231,18 @@ inline V<T> vtanh(V<T> x) {
   return T(2) * vsigmoid<T>(x + x) - T(1);
 }
 
-// acc[r][V0 + v] += sum over k of a[r lda + k ak] b[k ldb + (V0 + v) W] for v < P: R rows of a
-// times P vectors of b, by default a packed panel (K x NV vectors, ldb NV W) and rows of a (ak 1).
-// R and P are compile-time, so the accumulators and operands live in registers.
+// acc[r][V0 + v] += sum over k of a[r lda + k ak] b[k][V0 + v] for v < P: R rows of a (by default
+// k runs along a row: ak 1) times P vectors of a packed panel b (K x NV vectors). R and P are
+// compile-time, so the accumulators and operands live in registers.
 template <typename T, int R, int NV, int V0, int P>
 inline void tile_pass(const T* __restrict a, int64_t lda, const T* __restrict b, int64_t K,
-                      V<T> (&acc)[kRows][4], int64_t ak, int64_t ldb) {
+                      V<T> (&acc)[kRows][4], int64_t ak) {
   constexpr int W = Vec<T>::W;
   V<T> s[R][P];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < P; ++v) s[r][v] = acc[r][V0 + v];
   b += V0 * W;
-  for (int64_t k = 0; k < K; ++k, b += ldb, a += ak) {
+  for (int64_t k = 0; k < K; ++k, b += NV * W, a += ak) {
     V<T> bv[P];
     for (int v = 0; v < P; ++v) bv[v] = load(b + v * W);
     for (int r = 0; r < R; ++r) {
@@ -254,24 +254,23 @@ inline void tile_pass(const T* __restrict a, int64_t lda, const T* __restrict b,
     for (int v = 0; v < P; ++v) acc[r][V0 + v] = s[r][v];
 }
 
-// acc[r][v] += sum over k of a[r][k] b[k][v] for v < NV, in passes of kPass vectors (strides as
+// acc[r][v] += sum over k of a[r][k] b[k][v] for v < NV, in passes of kPass vectors (a's strides as
 // tile_pass() takes them).
 template <typename T, int R, int NV, int V0 = 0>
-inline void tile(const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4], int64_t ak = 1,
-                 int64_t ldb = NV * Vec<T>::W) {
+inline void tile(const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4], int64_t ak = 1) {
   constexpr int P = std::min(kPass, NV - V0);
-  tile_pass<T, R, NV, V0, P>(a, lda, b, K, acc, ak, ldb);
-  if constexpr (V0 + P < NV) tile<T, R, NV, V0 + P>(a, lda, b, K, acc, ak, ldb);
+  tile_pass<T, R, NV, V0, P>(a, lda, b, K, acc, ak);
+  if constexpr (V0 + P < NV) tile<T, R, NV, V0 + P>(a, lda, b, K, acc, ak);
 }
 
 // tile() for rows < kRows rows: the row count as a template argument.
 template <typename T, int NV, int R = kRows>
 inline void tile_rows(int rows, const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4],
-                      int64_t ak = 1, int64_t ldb = NV * Vec<T>::W) {
+                      int64_t ak = 1) {
   if constexpr (R > 1) {
-    if (rows < R) return tile_rows<T, NV, R - 1>(rows, a, lda, b, K, acc, ak, ldb);
+    if (rows < R) return tile_rows<T, NV, R - 1>(rows, a, lda, b, K, acc, ak);
   }
-  tile<T, R, NV>(a, lda, b, K, acc, ak, ldb);
+  tile<T, R, NV>(a, lda, b, K, acc, ak);
 }
 
 // Weights packed for tile(): panel p holds, for every k, the width values of units u < width,
@@ -396,16 +395,15 @@ void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_
   }
 }
 
-// tile_rows() with the number of vectors per row (1 to 4) chosen at run time; ldb 0: a packed panel.
+// tile_rows() with the number of vectors per row (1 to 4) chosen at run time.
 template <typename T>
 inline void tile_vectors(int nv, int rows, const T* a, int64_t lda, const T* b, int64_t K, V<T> (&acc)[kRows][4],
-                         int64_t ak = 1, int64_t ldb = 0) {
-  const int64_t step = ldb != 0 ? ldb : nv * Vec<T>::W;
+                         int64_t ak = 1) {
   switch (nv) {
-    case 1: return tile_rows<T, 1>(rows, a, lda, b, K, acc, ak, step);
-    case 2: return tile_rows<T, 2>(rows, a, lda, b, K, acc, ak, step);
-    case 3: return tile_rows<T, 3>(rows, a, lda, b, K, acc, ak, step);
-    default: return tile_rows<T, 4>(rows, a, lda, b, K, acc, ak, step);
+    case 1: return tile_rows<T, 1>(rows, a, lda, b, K, acc, ak);
+    case 2: return tile_rows<T, 2>(rows, a, lda, b, K, acc, ak);
+    case 3: return tile_rows<T, 3>(rows, a, lda, b, K, acc, ak);
+    default: return tile_rows<T, 4>(rows, a, lda, b, K, acc, ak);
   }
 }
 
@@ -425,16 +423,16 @@ struct Rows {
 };
 
 // out (.., Nc) = (or +=, unless fresh) a^T b over the rows of each of segs (at most kDepth in all),
-// for the columns of b in the blocks q0..q1 of 4W: the weight gradient of a few steps' rows. b's rows
+// in blocks of 4W columns: the weight gradient of a few steps' rows. b's rows
 // of each block of columns are first copied to panel (kDepth x 4W): they are often a power of two
 // apart (4H floats), and read in place, a block's lines fall into a few sets of the L1 cache and
 // evict each other. The columns past the last whole vector go one by one.
 template <typename T>
 void at_b_block(const Rows<T>* segs, int nsegs, const std::array<Part, 3>& parts, int nparts, int64_t ldb, T* out,
-                int64_t Nc, bool fresh, int64_t q0, int64_t q1, T* panel) {
+                int64_t Nc, bool fresh, T* panel) {
   constexpr int W = Vec<T>::W;
   const int64_t nvec = Nc / W;
-  for (int64_t q = q0; q < q1; ++q) {
+  for (int64_t q = 0; q < (Nc + 4 * W - 1) / (4 * W); ++q) {
     const int64_t j = q * 4 * W;
     const int nv = static_cast<int>(std::clamp<int64_t>(nvec - q * 4, 0, 4));
     for (int p = 0; p < nparts; ++p)
@@ -522,7 +520,6 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
   // kDepth rows: each group reads and writes the partial sums once (at batch 32 two threads had 16
   // rows a step, and a step at a time the sums' traffic took longer than the products).
   const int64_t rows = n1 - n0, group = std::max<int64_t>(1, kDepth / std::max<int64_t>(1, rows));
-  const int64_t nq = (H4 + 4 * Vec<T>::W - 1) / (4 * Vec<T>::W);
   // a's parts: x_t, h_{t-1}, and the ones of the bias where there is one
   const std::array<Part, 3> parts{{{a.x_n, a.xI, 0}, {H, H, a.Ix}, {0, 1, a.xI}}};
   const int nparts = a.Ix > a.xI ? 3 : 2;
@@ -541,7 +538,7 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
                          a.P + ((s - a.lo) * N + m0) * H4, depth};
       }
       const bool fresh = a.hi == a.steps && t + steps == a.hi && m0 == n0;  // the block's first rows
-      at_b_block<T>(segs.data(), nsegs, parts, nparts, H4, out, H4, fresh, 0, nq, panel);
+      at_b_block<T>(segs.data(), nsegs, parts, nparts, H4, out, H4, fresh, panel);
     }
   };
   auto input_grads = [&](const T* dg, int64_t s) {  // dx of step s from its gate gradients dg
