@@ -82,6 +82,7 @@ NN_GRU = "torch.nn.GRU"
 OTHER_MODELS = frozenset({NN_GRU})
 RK_SEED000 = "Seed000Cell via rnnkit.unroll, backend=reference"
 RK_SEED000_COMPILED = "Seed000Cell via rnnkit.unroll, backend=compiled"
+RK_SEED000_TRACED = "Seed000Cell via rnnkit.unroll, backend=traced"
 RK_STATES = "rnnkit.LSTM return_states=True"
 RK_NO_FLUSH = "rnnkit.LSTM, set_flush_denormals(False)"
 
@@ -205,6 +206,7 @@ IMPLEMENTATIONS: tuple[Impl, ...] = (
     Impl(NN_GRU, comp.build_torch_gru, False),
     Impl(RK_SEED000, build_seed000, True),
     Impl(RK_SEED000_COMPILED, functools.partial(build_seed000, backend="compiled"), True),
+    Impl(RK_SEED000_TRACED, functools.partial(build_seed000, backend="traced"), True),
     Impl(RK_STATES, build_rnnkit_states, True),
     Impl(RK_NO_FLUSH, build_rnnkit_no_flush, True),
 )
@@ -460,7 +462,7 @@ def targets(by_shape: dict[Shape, list[Result]], device: torch.device) -> list[T
         if shape.role == "long":
             out.append(Target(f"{RK_LSTM} vs {NN_LSTM_FLUSH}", shape, _speedup(ms.get(RK_LSTM), ms.get(NN_LSTM_FLUSH)),
                               1.0 if cpu else None))
-            for cell_row in (RK_SEED000, RK_SEED000_COMPILED):
+            for cell_row in (RK_SEED000, RK_SEED000_COMPILED, RK_SEED000_TRACED):
                 out.append(Target(f"{cell_row} vs {RK_LSTM}", shape, _speedup(ms.get(cell_row), ms.get(RK_LSTM)),
                                   0.8 if cpu else None))
             for peer in (JAX, KERAS):  # only when importable in the benchmark's environment
@@ -468,7 +470,7 @@ def targets(by_shape: dict[Shape, list[Result]], device: torch.device) -> list[T
                     out.append(Target(f"{RK_LSTM} vs {peer}", shape, _speedup(ms.get(RK_LSTM), ms.get(peer)),
                                       1.2 if cpu else None))
         if shape.role == "headline":
-            for cell_row in (RK_SEED000, RK_SEED000_COMPILED):
+            for cell_row in (RK_SEED000, RK_SEED000_COMPILED, RK_SEED000_TRACED):
                 out.append(Target(f"{cell_row} vs {NN_LSTM}", shape, _speedup(ms.get(cell_row), ms.get(NN_LSTM)),
                                   1.0 if cpu else None))
         if ms.get(NN_GRU) is not None:

@@ -54,7 +54,7 @@ def _row(section: str, name: str) -> list[str]:
 def test_every_implementation_has_a_row_at_every_shape(bench, quick):
     report, _, _ = quick
     measured_here = [bench.NN_LSTM, bench.NN_LSTM_FLUSH, bench.LOOP, bench.RK_LSTM, bench.RK_GRU,
-                     bench.RK_SEED000, bench.RK_STATES, bench.RK_NO_FLUSH]
+                     bench.RK_SEED000, bench.RK_SEED000_TRACED, bench.RK_STATES, bench.RK_NO_FLUSH]
     for shape in bench.QUICK_SHAPES:
         section = _section(report, shape.name)
         for impl in bench.IMPLEMENTATIONS:
@@ -73,10 +73,12 @@ def test_targets_table_has_every_target(bench, quick):
     headline, long = (s.name for s in bench.QUICK_SHAPES)
     expected = [
         (f"{bench.RK_LSTM} vs best competitor", headline), (f"{bench.RK_SEED000} vs {bench.NN_LSTM}", headline),
-        (f"{bench.RK_SEED000_COMPILED} vs {bench.NN_LSTM}", headline), (f"{bench.RK_GRU} vs {bench.NN_GRU}", headline),
+        (f"{bench.RK_SEED000_COMPILED} vs {bench.NN_LSTM}", headline),
+        (f"{bench.RK_SEED000_TRACED} vs {bench.NN_LSTM}", headline), (f"{bench.RK_GRU} vs {bench.NN_GRU}", headline),
         ("return_states overhead", headline), (f"{bench.RK_LSTM} vs best competitor", long),
         (f"{bench.RK_LSTM} vs {bench.NN_LSTM_FLUSH}", long), (f"{bench.RK_SEED000} vs {bench.RK_LSTM}", long),
-        (f"{bench.RK_SEED000_COMPILED} vs {bench.RK_LSTM}", long), (f"{bench.RK_GRU} vs {bench.NN_GRU}", long),
+        (f"{bench.RK_SEED000_COMPILED} vs {bench.RK_LSTM}", long),
+        (f"{bench.RK_SEED000_TRACED} vs {bench.RK_LSTM}", long), (f"{bench.RK_GRU} vs {bench.NN_GRU}", long),
         ("return_states overhead", long),
     ]
     rows = [line for line in section.splitlines() if line.startswith("| ")][2:]  # past the header and its rule

@@ -10,6 +10,8 @@ backend      what runs
 reference    a plain Python loop over ``cell.step`` (or ``cell(x_t, state)``): any cell
 native       PyTorch's fused LSTM/GRU/RNN kernels (cuDNN on a GPU), built-in cells only
 fused        rnnkit's own CPU LSTM/GRU/RNN: hoisted GEMMs and a hand-written backward
+traced       a cell whose step is products of the input and a state plus elementwise maths,
+             on the CPU: traced once (no compiling) into rnnkit's C++ time loops; opt-in
 compiled     any cell on the CPU, traced once: Inductor-compiled elementwise maths, oneDNN GEMMs;
              "auto" picks it for other cells on 256 steps or more
 ===========  ==========================================================================
@@ -42,14 +44,14 @@ from torch import Tensor, nn
 
 from rnnkit import fpmode
 from rnnkit.allocator import allocator_tuned
-from rnnkit.backends import cext, compiled, fused, native, reference
+from rnnkit.backends import cext, compiled, fused, native, reference, traced
 from rnnkit.cells import GRUCell, LSTMCell
 from rnnkit.errors import ShapeError
 
 __all__ = ["unroll", "UnrollResult", "BACKENDS", "tree_map", "tree_flatten", "tree_unflatten"]
 
-Backend = Literal["auto", "reference", "native", "fused", "compiled"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "native", "fused", "compiled")
+Backend = Literal["auto", "reference", "native", "fused", "compiled", "traced"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "native", "fused", "compiled", "traced")
 
 
 class UnrollResult(NamedTuple):
@@ -117,8 +119,8 @@ def unroll(
         backend, picked = "reference", False
     elif picked:
         backend = _pick_backend(cell, x, T, N, return_states, ragged=lengths is not None)
-    elif backend in ("native", "fused", "compiled"):
-        module = {"native": native, "fused": fused, "compiled": compiled}[backend]
+    elif backend in ("native", "fused", "compiled", "traced"):
+        module = {"native": native, "fused": fused, "compiled": compiled, "traced": traced}[backend]
         reason = module.unsupported(cell, x)
         if reason:
             raise ShapeError(f"unroll: backend={backend!r} cannot run this cell: {reason}; use 'auto'")
@@ -137,7 +139,8 @@ def unroll(
         # would turn the zero gradient of those steps into NaN (0 * NaN) inside the cell's backward
         x_tm = x_tm.masked_fill(~masks, 0)
 
-    runner = {"reference": reference.run, "native": native.run, "fused": fused.run, "compiled": compiled.run}[backend]
+    runner = {"reference": reference.run, "native": native.run, "fused": fused.run, "compiled": compiled.run,
+              "traced": traced.run}[backend]
     if picked and backend == "compiled":
         runner = compiled.run_quietly  # chosen for the caller: fall back without a warning
     leaves, unflatten = tree_flatten(state)

@@ -673,16 +673,16 @@ def _fresh_args(slots: _Slots, x_t: Tensor, leaves: list[Tensor], training: bool
     return args
 
 
-def _trace_cell(cell: nn.Module, step: Callable, args: list[Tensor], check: Callable[[], None]
-                ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule | None]:
-    """``check()`` and :func:`_trace`, refusing cells whose forward changes their own attributes (after
-    undoing that) or draws random numbers."""
+def _trace_cell(cell: nn.Module, step: Callable, args: list[Tensor], check: Callable[[], None],
+                tracer: Callable | None = None) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule | None]:
+    """``check()`` and :func:`_trace` (or ``tracer(step)(*args)``, a forward graph only), refusing cells
+    whose forward changes their own attributes (after undoing that) or draws random numbers."""
     before = _attrs(cell)
     snapshot = [(m, _own(m)) for m in cell.modules()]
     failure: Exception | None = None
     try:
         check()
-        fw, bw = _trace(step, args)
+        fw, bw = (tracer(step)(*args), None) if tracer is not None else _trace(step, args)
     except Exception as e:  # noqa: BLE001 - reported below, after the cell is put back
         failure = e
     if _attrs(cell) != before:

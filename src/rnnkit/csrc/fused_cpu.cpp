@@ -915,6 +915,395 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
   });
 }
 
+// ---- Traced cells: the recurrent product and a program of elementwise steps -------------------
+//
+// A user's cell traced by rnnkit/backends/traced.py: its products of the input and of one state
+// by weights, and elementwise maths on their H-wide slices ("slots"), the states and per-unit
+// parameter vectors. The input's share of every product (and the biases) is one GEMM before the
+// loop (Z); here each step adds the recurrent state's product to the recurrent slots tile by tile
+// and runs the program on the tile while it is in cache. The program is a list of instructions
+// (op, destination, a, b) over registers of kRows vectors: slots first, then the old states, the
+// parameter vectors and temporaries. The backward recomputes the forward's values it needs from the
+// saved pre-activations and runs the adjoint program Python derived from the forward's.
+enum CellOp : int32_t {
+  kAdd, kSub, kMul, kDiv, kNeg, kSigmoid, kTanh, kRelu, kExp, kAddC, kMulC, kRSubC, kPositive, kCopy, kZero, kDivC,
+  kDSigmoid, kDTanh, kOps
+};
+
+// A register holds a tile: kRows rows by 4 vectors of units (the lane of row r, vector v is v kRows
+// + r), so that each instruction's dispatch is paid once per 4 kRows vectors.
+constexpr int kLanes = 4 * kRows;
+template <typename T>
+using Reg = V<T>[kLanes];
+
+// Runs n instructions on the registers; b of an instruction ending in C indexes consts.
+template <typename T>
+void run_cell_program(const int32_t* code, int64_t n, const T* consts, Reg<T>* R) {
+  for (int64_t i = 0; i < n; ++i, code += 4) {
+    V<T>* d = R[code[1]];
+    const V<T>* a = R[code[2]];
+    const V<T>* b = R[code[3] < 0 ? 0 : code[3]];
+    switch (code[0]) {
+      case kAdd: for (int r = 0; r < kLanes; ++r) d[r] = a[r] + b[r]; break;
+      case kSub: for (int r = 0; r < kLanes; ++r) d[r] = a[r] - b[r]; break;
+      case kMul: for (int r = 0; r < kLanes; ++r) d[r] = a[r] * b[r]; break;
+      case kDiv: for (int r = 0; r < kLanes; ++r) d[r] = a[r] / b[r]; break;
+      case kNeg: for (int r = 0; r < kLanes; ++r) d[r] = -a[r]; break;
+      case kSigmoid: for (int r = 0; r < kLanes; ++r) d[r] = vsigmoid<T>(a[r]); break;
+      case kTanh: for (int r = 0; r < kLanes; ++r) d[r] = vtanh<T>(a[r]); break;
+      case kRelu: {
+        const V<T> zero{};
+        for (int r = 0; r < kLanes; ++r) d[r] = a[r] > zero ? a[r] : zero;
+        break;
+      }
+      case kExp: for (int r = 0; r < kLanes; ++r) d[r] = vexp(a[r]); break;
+      case kAddC: { const T c = consts[code[3]]; for (int r = 0; r < kLanes; ++r) d[r] = a[r] + c; break; }
+      case kMulC: { const T c = consts[code[3]]; for (int r = 0; r < kLanes; ++r) d[r] = a[r] * c; break; }
+      case kRSubC: { const T c = consts[code[3]]; for (int r = 0; r < kLanes; ++r) d[r] = c - a[r]; break; }
+      case kDivC: { const T c = consts[code[3]]; for (int r = 0; r < kLanes; ++r) d[r] = c / a[r]; break; }
+      case kPositive: {  // 1 where a > 0, else 0 (relu's derivative)
+        const V<T> zero{}, one = splat(T(1));
+        for (int r = 0; r < kLanes; ++r) d[r] = a[r] > zero ? one : zero;
+        break;
+      }
+      case kDSigmoid:  // a sigmoid's gradient a b (1 - b) from its output b and the output's gradient a
+        for (int r = 0; r < kLanes; ++r) d[r] = a[r] * b[r] * (T(1) - b[r]);
+        break;
+      case kDTanh:  // a tanh's: a (1 - b b)
+        for (int r = 0; r < kLanes; ++r) d[r] = a[r] * (T(1) - b[r] * b[r]);
+        break;
+      case kCopy: for (int r = 0; r < kLanes; ++r) d[r] = a[r]; break;
+      case kZero: for (int r = 0; r < kLanes; ++r) d[r] = V<T>{}; break;
+      default: break;
+    }
+  }
+}
+
+// A traced cell's shapes and programs: G slots (Gs recurrent ones first) of H units, S states
+// (state kr feeds the product), P parameter vectors.
+struct CellShape {
+  int64_t T, N, H, G, Gs, S, P, kr, nregs;
+};
+
+void check_program(const Tensor& code, int64_t nregs, int64_t nconsts) {
+  TORCH_CHECK(code.scalar_type() == at::kInt && code.is_contiguous() && code.dim() == 2 && code.size(1) == 4,
+              "rnnkit fused kernels: a cell program must be contiguous (n, 4) int32");
+  const int32_t* c = code.data_ptr<int32_t>();
+  for (int64_t i = 0; i < code.size(0); ++i, c += 4) {
+    TORCH_CHECK(c[0] >= 0 && c[0] < kOps && c[1] >= 0 && c[1] < nregs && c[2] >= 0 && c[2] < nregs,
+                "rnnkit fused kernels: instruction ", i, " of a cell program is out of range");
+    const bool scalar = c[0] == kAddC || c[0] == kMulC || c[0] == kRSubC || c[0] == kDivC;
+    TORCH_CHECK(scalar ? (c[3] >= 0 && c[3] < nconsts) : (c[3] >= -1 && c[3] < nregs),
+                "rnnkit fused kernels: operand b of instruction ", i, " of a cell program is out of range");
+  }
+}
+
+// Forward panels: for unit vector p and pass q (up to four slots), (I + 1 + H, nv W) holding for
+// column v W + w (slot 4q + v, unit p W + w; zero past H) the input weights wx, the bias b, then the
+// recurrent weights ws (zero for slots past Gs).
+template <typename T>
+Tensor pack_cell_forward(const Tensor& wx, const Tensor& b, const Tensor& ws, int64_t H, int64_t G, int64_t Gs) {
+  constexpr int W = Vec<T>::W;
+  const int64_t I = wx.size(1), K = I + 1 + H, panels = (H + W - 1) / W, passes = (G + 3) / 4;
+  Tensor out = at::zeros({panels, passes, K, 4 * W}, ws.options());
+  const T *x = wx.data_ptr<T>(), *bb = b.data_ptr<T>(), *w = ws.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t q = 0; q < passes; ++q) {
+      const int64_t nv = std::min<int64_t>(4, G - 4 * q);
+      T* panel = o + (p * passes + q) * K * 4 * W;
+      for (int64_t v = 0; v < nv; ++v)
+        for (int64_t u = 0; u < W && p * W + u < H; ++u) {
+          const int64_t col = (4 * q + v) * H + p * W + u;
+          T* at = panel + v * W + u;
+          for (int64_t k = 0; k < I; ++k) at[k * nv * W] = x[col * I + k];
+          at[I * nv * W] = bb[col];
+          if (4 * q + v < Gs)
+            for (int64_t k = 0; k < H; ++k) at[(I + 1 + k) * nv * W] = w[col * H + k];
+        }
+    }
+  return out;
+}
+
+void check_cell(const CellShape& s, const Tensor& Z, const Tensor& S, const Tensor& S0, const Tensor& ws,
+                const Tensor& pv, const Tensor& io, int64_t nio) {
+  for (const auto& [t, name] : {std::pair{S, "S"}, {S0, "S0"}, {ws, "ws"}, {pv, "pv"}}) check(t, Z, name);
+  check(Z, Z, "Z");
+  expect(Z, "Z", {s.T, s.N, s.G * s.H});
+  expect(S, "S", {s.S, s.T, s.N, s.H});
+  expect(S0, "S0", {s.S, s.N, s.H});
+  expect(ws, "ws", {s.Gs * s.H, s.H});
+  expect(pv, "pv", {s.P, s.H});
+  TORCH_CHECK(s.G >= 1 && s.Gs >= 0 && s.Gs <= s.G && s.S >= 1 && s.kr >= 0 && s.kr < s.S && s.P >= 0 &&
+                  s.nregs >= s.G + s.S + s.P && s.nregs <= 256,
+              "rnnkit fused kernels: inconsistent cell shape");
+  TORCH_CHECK(io.scalar_type() == at::kInt && io.is_contiguous() && io.numel() == nio,
+              "rnnkit fused kernels: a cell's register map must be ", nio, " int32");
+  const int32_t* m = io.data_ptr<int32_t>();
+  for (int64_t i = 0; i < nio; ++i)
+    TORCH_CHECK(m[i] >= 0 && m[i] < s.nregs, "rnnkit fused kernels: a cell's register map is out of range");
+}
+
+// Loads a tile's registers: slots (from Z, whose recurrent slots the forward has completed), old
+// states and parameter vectors, at rows r0 .. r0 + rows - 1 and the nvec vectors of units from u0.
+template <typename T>
+void load_cell_tile(const CellShape& s, Reg<T>* R, const T* z, const T* const* olds, const T* pv, int64_t r0,
+                    int rows, int64_t u0, int nvec) {
+  constexpr int W = Vec<T>::W;
+  const int64_t M = s.G * s.H;
+  for (int v = 0; v < nvec; ++v) {
+    const int64_t u = u0 + v * W;
+    const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
+    V<T>* lanes = nullptr;
+    for (int64_t g = 0; g < s.G; ++g)
+      for (int r = 0; r < rows; ++r) R[g][v * kRows + r] = load(z + (r0 + r) * M + g * s.H + u, w);
+    for (int64_t k = 0; k < s.S; ++k)
+      for (int r = 0; r < rows; ++r) R[s.G + k][v * kRows + r] = load(olds[k] + (r0 + r) * s.H + u, w);
+    for (int64_t i = 0; i < s.P; ++i) {
+      const V<T> x = load(pv + i * s.H + u, w);
+      lanes = R[s.G + s.S + i] + v * kRows;
+      for (int r = 0; r < kRows; ++r) lanes[r] = x;
+    }
+  }
+}
+
+// All steps of a traced cell's forward. Z (T, N, G H) receives the slots' pre-activations, b +
+// x_t wx^T (+ s_{t-1} ws^T for the Gs recurrent slots); S (S, T, N, H) every step's states; io the
+// registers of the new states.
+void cell_forward_steps(Tensor Z, Tensor S, const Tensor& x, const Tensor& S0, const Tensor& wx, const Tensor& b,
+                        const Tensor& ws, const Tensor& pv, const Tensor& code, const Tensor& consts,
+                        const Tensor& io, int64_t Gs, int64_t kr, int64_t nregs, const Tensor& masks, int64_t full,
+                        bool s0_zero, bool flush) {
+  TORCH_CHECK(Z.dim() == 3 && S.dim() == 4 && pv.dim() == 2, "rnnkit fused kernels: Z, S or pv has the wrong rank");
+  const CellShape s{Z.size(0), Z.size(1), S.size(3), S.size(3) ? Z.size(2) / S.size(3) : 0, Gs, S.size(0),
+                    pv.size(0), kr, nregs};
+  check_cell(s, Z, S, S0, ws, pv, io, s.S);
+  check_program(code, nregs, consts.numel());
+  check_masks(masks, full, s.T, s.N);
+  for (const auto& [t, name] : {std::pair{x, "x"}, {wx, "wx"}, {b, "b"}}) check(t, Z, name);
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == s.T && x.size(1) == s.N, "rnnkit fused kernels: x must be (T, N, I)");
+  const int64_t I = x.size(2);
+  expect(wx, "wx", {s.G * s.H, I});
+  expect(b, "b", {s.G * s.H});
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "cell_forward_steps", [&] {
+    using T = scalar_t;
+    constexpr int W = Vec<T>::W;
+    const Tensor fwp = pack_cell_forward<T>(wx, b, ws, s.H, s.G, s.Gs);
+    const Tensor kc = consts.to(Z.scalar_type()).contiguous();
+    const int64_t M = s.G * s.H, passes = (s.G + 3) / 4, panels = (s.H + W - 1) / W, K = I + 1 + s.H;
+    over_row_blocks(s.N, flush, [&](int64_t, int64_t n0, int64_t n1) {
+      std::vector<Reg<T>> regs(nregs);
+      std::memset(static_cast<void*>(regs.data()), 0, nregs * sizeof(Reg<T>));
+      std::vector<const T*> olds(s.S);
+      const int32_t* outs = io.data_ptr<int32_t>();
+      for (int64_t t = 0; t < s.T; ++t) {
+        for (int64_t k = 0; k < s.S; ++k)
+          olds[k] = t == 0 ? S0.data_ptr<T>() + k * s.N * s.H : S.data_ptr<T>() + (k * s.T + t - 1) * s.N * s.H;
+        T* z = Z.data_ptr<T>() + t * s.N * M;
+        const T* xt = x.data_ptr<T>() + t * s.N * I;
+        const bool* m = mask_row(masks, t, full);
+        const bool product = s.Gs > 0 && !(t == 0 && s0_zero);
+        for (int64_t q4 = 0; q4 < (panels + 3) / 4; ++q4)
+          for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+            const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+            const int nvec = static_cast<int>(std::min<int64_t>(4, panels - 4 * q4));
+            for (int64_t p = 4 * q4; p < 4 * q4 + nvec; ++p) {
+              const int64_t u = p * W;
+              const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
+              for (int64_t q = 0; q < passes; ++q) {  // the slots' pre-activations: b + x_t wx^T + s_{t-1} ws^T
+                const int nv = static_cast<int>(std::min<int64_t>(4, s.G - 4 * q));
+                const T* panel = fwp.data_ptr<T>() + (p * passes + q) * K * 4 * W;
+                V<T> acc[kRows][4];
+                for (int r = 0; r < rows; ++r)
+                  for (int v = 0; v < 4; ++v) acc[r][v] = v < nv ? load(panel + I * nv * W + v * W) : V<T>{};
+                tile_vectors<T>(nv, rows, xt + r0 * I, I, panel, I, acc);
+                if (product && 4 * q < s.Gs)
+                  tile_vectors<T>(nv, rows, olds[kr] + r0 * s.H, s.H, panel + (I + 1) * nv * W, s.H, acc);
+                for (int r = 0; r < rows; ++r)
+                  for (int v = 0; v < nv; ++v) store(z + (r0 + r) * M + (4 * q + v) * s.H + u, acc[r][v], w);
+              }
+            }
+            load_cell_tile<T>(s, regs.data(), z, olds.data(), pv.data_ptr<T>(), r0, rows, 4 * q4 * W, nvec);
+            run_cell_program<T>(code.data_ptr<int32_t>(), code.size(0), kc.data_ptr<T>(), regs.data());
+            for (int v = 0; v < nvec; ++v) {
+              const int64_t u = (4 * q4 + v) * W;
+              const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
+              for (int64_t k = 0; k < s.S; ++k) {
+                T* dst = S.data_ptr<T>() + (k * s.T + t) * s.N * s.H;
+                for (int r = 0; r < rows; ++r) {
+                  const int64_t at = (r0 + r) * s.H + u;
+                  store(dst + at, m != nullptr && !m[r0 + r] ? load(olds[k] + at, w) : regs[outs[k]][v * kRows + r], w);
+                }
+              }
+            }
+          }
+      }
+    });
+  });
+}
+
+// All steps of a traced cell's backward, from the last. A (S, N, H) holds d loss / d final states on
+// entry and receives d loss / d initial states; go (T, N, H, any step and row strides), when given,
+// the outputs' (state 0's) gradient, gs (S, T, N, H), when given, every step's states' gradients.
+// P (T, N, G H) receives the slots' gradients, dpv (P, H) the parameter vectors', dwx (I + 1, G H)
+// the sums of [x_t, 1]^T P_t (the input weights' and biases' gradients; x (T, N, I)), dws (H, Gs H)
+// those of s_{t-1}^T P_t over the recurrent slots (the recurrent weights'). code recomputes what adjoint needs; io: the adjoint's seeds (the new states'
+// gradients), then the registers holding the slots', old states' and parameter vectors' gradients.
+void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& S0, Tensor A, const std::optional<Tensor>& go,
+                         const std::optional<Tensor>& gs, Tensor P, Tensor dpv, const Tensor& ws, const Tensor& pv,
+                         const Tensor& code, const Tensor& adjoint, const Tensor& consts, const Tensor& io,
+                         int64_t Gs, int64_t kr, int64_t nregs, const Tensor& masks, int64_t full, bool flush,
+                         const Tensor& x, Tensor dwx, Tensor dws) {
+  TORCH_CHECK(Z.dim() == 3 && S.dim() == 4 && pv.dim() == 2, "rnnkit fused kernels: Z, S or pv has the wrong rank");
+  const CellShape s{Z.size(0), Z.size(1), S.size(3), S.size(3) ? Z.size(2) / S.size(3) : 0, Gs, S.size(0),
+                    pv.size(0), kr, nregs};
+  check_cell(s, Z, S, S0, ws, pv, io, 2 * s.S + s.G + s.P);
+  check(A, Z, "A");
+  check(P, Z, "P");
+  check(dpv, Z, "dpv");
+  expect(A, "A", {s.S, s.N, s.H});
+  expect(P, "P", {s.T, s.N, s.G * s.H});
+  expect(dpv, "dpv", {s.P, s.H});
+  if (go) {
+    check_strided(*go, Z, "go", "(T, N, H) ", "units");
+    expect(*go, "go", {s.T, s.N, s.H});
+  }
+  if (gs) {
+    check(*gs, Z, "gs");
+    expect(*gs, "gs", {s.S, s.T, s.N, s.H});
+  }
+  check_program(code, nregs, consts.numel());
+  check_program(adjoint, nregs, consts.numel());
+  check(x, Z, "x");
+  check(dwx, Z, "dwx");
+  check(dws, Z, "dws");
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == s.T && x.size(1) == s.N, "rnnkit fused kernels: x must be (T, N, I)");
+  const int64_t I = x.size(2);
+  expect(dwx, "dwx", {I + 1, s.G * s.H});
+  expect(dws, "dws", {s.H, s.Gs * s.H});
+  check_masks(masks, full, s.T, s.N);
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "cell_backward_steps", [&] {
+    using T = scalar_t;
+    constexpr int W = Vec<T>::W;
+    const int64_t M = s.G * s.H, Ms = s.Gs * s.H, width = 4 * W, blocks4 = (s.H + width - 1) / width;
+    const T* wsd = ws.data_ptr<T>();
+    // panels of ws (Gs H, H) by blocks of 4W units: the recurrent state's gradient from the slots'
+    const Tensor bwp = pack_rows<T>(Z, blocks4, width, Ms, s.H, [&](int64_t k) { return wsd + k * s.H; });
+    const Tensor kc = consts.to(Z.scalar_type()).contiguous();
+    const int32_t* seeds = io.data_ptr<int32_t>();
+    const int32_t* dslots = seeds + s.S;
+    const int32_t* dolds = dslots + s.G;
+    const int32_t* dparams = dolds + s.S;
+    const int64_t blocks = row_blocks(s.N);
+    // partial sums by block of rows: dpv's, dwx's and dws's
+    const Tensor parts = at::zeros({blocks, s.P, s.H}, Z.options());
+    const Tensor wparts = at::zeros({blocks, I + 1, M}, Z.options());
+    const Tensor sparts = at::zeros({blocks, s.H, Ms}, Z.options());
+    const T ones = T(1);
+    over_row_blocks(s.N, flush, [&](int64_t block, int64_t n0, int64_t n1) {
+      std::vector<Reg<T>> regs(nregs);
+      std::memset(static_cast<void*>(regs.data()), 0, nregs * sizeof(Reg<T>));
+      std::vector<const T*> olds(s.S);
+      T* dp = parts.data_ptr<T>() + block * s.P * s.H;
+      alignas(64) T panel[kDepth * 4 * Vec<T>::W];
+      // [x_t, 1, s_{t-1}]^T P_t for steps t .. t + steps - 1, in groups of up to kDepth rows (see
+      // lstm_backward_rows: the partial sums' traffic is paid once a group)
+      const int64_t rows_here = n1 - n0, group = std::max<int64_t>(1, kDepth / std::max<int64_t>(1, rows_here));
+      const std::array<Part, 3> xparts{{{I, I, 0}, {0, 1, I}, {0, 0, 0}}};
+      const std::array<Part, 3> sparts_{{{s.H, s.H, 0}, {0, 0, 0}, {0, 0, 0}}};
+      auto weight_grads = [&](int64_t t, int64_t steps) {
+        std::array<Rows<T>, kDepth> xsegs, ssegs;
+        for (int64_t m0 = n0; m0 < n1; m0 += kDepth) {
+          const int64_t depth = std::min(kDepth, n1 - m0);
+          int nsegs = 0;
+          for (int64_t u = t; u < t + steps; ++u, ++nsegs) {
+            const T* pu = P.data_ptr<T>() + (u * s.N + m0) * M;
+            const T* su = (u == 0 ? S0.data_ptr<T>() + kr * s.N * s.H : S.data_ptr<T>() + (kr * s.T + u - 1) * s.N * s.H);
+            xsegs[nsegs] = {{x.data_ptr<T>() + (u * s.N + m0) * I, &ones, nullptr}, pu, depth};
+            ssegs[nsegs] = {{su + m0 * s.H, nullptr, nullptr}, pu, depth};
+          }
+          at_b_block<T>(xsegs.data(), nsegs, xparts, 2, M, wparts.data_ptr<T>() + block * (I + 1) * M, M, false,
+                        panel);
+          if (Ms > 0)
+            at_b_block<T>(ssegs.data(), nsegs, sparts_, 1, M, sparts.data_ptr<T>() + block * s.H * Ms, Ms, false,
+                          panel);
+        }
+      };
+      // acc += rows r0.. of pt's recurrent slots times ws (the recurrent state's gradient) for units
+      // q 4W ..; returns how many of the tile's vectors hold units
+      auto recurrent = [&](const T* pt, int64_t r0, int rows, int64_t q, V<T> (&acc)[kRows][4]) {
+        if (pt != nullptr && Ms > 0)  // whole panels (zero past H), as pack_rows() lays them out
+          tile_rows<T, 4>(rows, pt + r0 * M, M, bwp.data_ptr<T>() + q * Ms * width, Ms, acc);
+        return static_cast<int>(std::min<int64_t>(4, (s.H - q * width + W - 1) / W));
+      };
+      for (int64_t t = s.T - 1; t >= 0; --t) {
+        for (int64_t k = 0; k < s.S; ++k)
+          olds[k] = t == 0 ? S0.data_ptr<T>() + k * s.N * s.H : S.data_ptr<T>() + (k * s.T + t - 1) * s.N * s.H;
+        const T* z = Z.data_ptr<T>() + t * s.N * M;
+        const T* above = t + 1 < s.T ? P.data_ptr<T>() + (t + 1) * s.N * M : nullptr;
+        T* pt = P.data_ptr<T>() + t * s.N * M;
+        const bool* m = mask_row(masks, t, full);
+        for (int64_t q = 0; q < blocks4; ++q)
+          for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+            const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+            V<T> acc[kRows][4] = {};
+            const int nv = recurrent(above, r0, rows, q, acc);
+            load_cell_tile<T>(s, regs.data(), z, olds.data(), pv.data_ptr<T>(), r0, rows, q * width, nv);
+            for (int v = 0; v < nv; ++v) {
+              const int64_t u = q * width + v * W;
+              const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
+              for (int64_t k = 0; k < s.S; ++k)
+                for (int r = 0; r < rows; ++r) {
+                  const int64_t n = r0 + r, at = n * s.H + u;
+                  V<T> d = load(A.data_ptr<T>() + k * s.N * s.H + at, w);
+                  if (k == kr) d += acc[r][v];
+                  if (k == 0 && go) d += load(go->data_ptr<T>() + t * go->stride(0) + n * go->stride(1) + u, w);
+                  if (gs) d += load(gs->data_ptr<T>() + (k * s.T + t) * s.N * s.H + at, w);
+                  regs[seeds[k]][v * kRows + r] = d;
+                }
+            }
+            run_cell_program<T>(code.data_ptr<int32_t>(), code.size(0), kc.data_ptr<T>(), regs.data());
+            run_cell_program<T>(adjoint.data_ptr<int32_t>(), adjoint.size(0), kc.data_ptr<T>(), regs.data());
+            for (int v = 0; v < nv; ++v) {
+              const int64_t u = q * width + v * W;
+              const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
+              for (int r = 0; r < rows; ++r) {
+                const int64_t n = r0 + r, at = n * s.H + u;
+                const int l = v * kRows + r;
+                const bool frozen = m != nullptr && !m[n];  // an ended sequence: its state passes through
+                for (int64_t g = 0; g < s.G; ++g)
+                  store(pt + n * M + g * s.H + u, frozen ? V<T>{} : regs[dslots[g]][l], w);
+                for (int64_t k = 0; k < s.S; ++k)
+                  store(A.data_ptr<T>() + k * s.N * s.H + at, frozen ? regs[seeds[k]][l] : regs[dolds[k]][l], w);
+                if (!frozen)
+                  for (int64_t i = 0; i < s.P; ++i) store(dp + i * s.H + u, load(dp + i * s.H + u, w) + regs[dparams[i]][l], w);
+              }
+            }
+          }
+        const int64_t done = s.T - t;  // steps whose slots' gradients are in
+        if (done % group == 0 || t == 0) weight_grads(t, done % group == 0 ? group : done % group);
+      }
+      // the initial recurrent state's share of the products of step 0
+      for (int64_t q = 0; q < blocks4 && Ms > 0; ++q)
+        for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+          V<T> acc[kRows][4] = {};
+          const int nv = recurrent(P.data_ptr<T>(), r0, rows, q, acc);
+          for (int r = 0; r < rows; ++r)
+            for (int v = 0; v < nv; ++v) {
+              const int64_t u = q * width + v * W;
+              T* at = A.data_ptr<T>() + kr * s.N * s.H + (r0 + r) * s.H + u;
+              const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
+              store(at, load(at, w) + acc[r][v], w);
+            }
+        }
+    });
+    dpv.copy_(parts.sum(0));
+    dwx.copy_(wparts.sum(0));
+    dws.copy_(sparts.sum(0));
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkit_cpu, m) {
@@ -937,7 +1326,20 @@ TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
       "Tensor(c!) DGh, Tensor(d!) dh0, Tensor w_hh, Tensor masks, int full, bool flush) -> ()");
 }
 
+TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
+  m.def(
+      "cell_forward_steps(Tensor(a!) Z, Tensor(b!) S, Tensor x, Tensor S0, Tensor wx, Tensor b, Tensor ws, Tensor pv, "
+      "Tensor code, Tensor consts, Tensor io, int Gs, int kr, int nregs, Tensor masks, int full, bool s0_zero, "
+      "bool flush) -> ()");
+  m.def(
+      "cell_backward_steps(Tensor Z, Tensor S, Tensor S0, Tensor(a!) A, Tensor? go, Tensor? gs, Tensor(b!) P, "
+      "Tensor(c!) dpv, Tensor ws, Tensor pv, Tensor code, Tensor adjoint, Tensor consts, Tensor io, int Gs, int kr, "
+      "int nregs, Tensor masks, int full, bool flush, Tensor x, Tensor(d!) dwx, Tensor(e!) dws) -> ()");
+}
+
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
+  m.impl("cell_forward_steps", &cell_forward_steps);
+  m.impl("cell_backward_steps", &cell_backward_steps);
   m.impl("gru_forward_steps", &gru_forward_steps);
   m.impl("gru_backward_steps", &gru_backward_steps);
   m.impl("lstm_forward_steps", &lstm_forward_steps);

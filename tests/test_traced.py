@@ -1,0 +1,236 @@
+"""The traced backend (rnnkit.backends.traced): a user's cell read into products and an elementwise
+program that rnnkit's C++ loops run.
+
+Every case is held to the reference loop: outputs, final and every-step states, and the gradients
+of x, the initial state and every parameter, over shapes whose rows and units do not fill the
+loops' tiles (N 7, H 5 and 37).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import require_cpu_kernels
+from test_compiled import MinimalCell, Seed000Cell
+from torch import Tensor, nn
+
+from rnnkit import unroll
+from rnnkit.backends import traced
+from rnnkit.engine import _pick_backend, tree_flatten
+
+Elman = MinimalCell  # one product of the state alone; the input enters through a product too
+
+
+class TwoProductLSTM(nn.Module):
+    """torch.nn.LSTMCell's maths written out: an input product and a recurrent one, added."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.ih = nn.Linear(input_size, 4 * hidden_size)
+        self.hh = nn.Linear(hidden_size, 4 * hidden_size)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> tuple[Tensor, Tensor]:
+        z = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+        return z, z
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        h, c = state
+        i, f, g, o = (self.ih(x) + self.hh(h)).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class Exotic(nn.Module):
+    """A GRU-like cell with separate products, per-unit and scalar parameters, numbers, every
+    elementwise op the backend runs, and a state passed through unchanged."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.ih = nn.Linear(input_size, 3 * hidden_size)
+        self.hh = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.peep = nn.Parameter(torch.randn(hidden_size) * 0.5)
+        self.gain = nn.Parameter(torch.tensor(0.7))
+        self.register_buffer("shift", torch.full((1, hidden_size), 0.1))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> tuple[Tensor, Tensor, Tensor]:
+        z = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+        return z, z, z + 1
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        h, m, k = state
+        a, b = self.ih(x), self.hh(h)
+        r = torch.sigmoid(a[:, :self.hidden_size] + b[:, :self.hidden_size] + self.peep * m)
+        z = torch.sigmoid(a[:, self.hidden_size:2 * self.hidden_size] - b[:, self.hidden_size:2 * self.hidden_size])
+        n = torch.tanh(a[:, 2 * self.hidden_size:] + r * b[:, 2 * self.hidden_size:]) * self.gain
+        m = 0.9 * m + torch.relu(n - self.shift) / (1.5 + torch.exp(-z)) - (-n) ** 2 / 4
+        h = (1 - z) * n + z * h + 0.1 * (2 / (2 + torch.sigmoid(m)))
+        return h, m, k.clone()
+
+
+class LerpGRU(nn.Module):
+    """The README's MinimalGRU: torch.lerp between the candidate and the old state."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.gates = nn.Linear(input_size + hidden_size, 2 * hidden_size)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        z, n = self.gates(torch.cat([x, h], 1)).chunk(2, 1)
+        return torch.lerp(torch.tanh(n), h, torch.sigmoid(z))
+
+
+CELLS = [Seed000Cell, TwoProductLSTM, Exotic, Elman, LerpGRU]
+
+
+@pytest.fixture(autouse=True)
+def _kernels() -> None:
+    require_cpu_kernels()
+    traced.clear_cache()
+
+
+def _random_state(cell: nn.Module, n: int, dtype: torch.dtype) -> object:
+    leaves, unflatten = tree_flatten(cell.init_state(n, dtype=dtype))
+    return unflatten([torch.randn_like(s) * 0.5 for s in leaves])
+
+
+def _grads(cell: nn.Module, x: Tensor, state: object, backend: str, **kw) -> list[Tensor]:
+    """Outputs, final and every-step states, and the gradients of x, the state and the parameters."""
+    x = x.detach().clone().requires_grad_(True)
+    leaves, unflatten = tree_flatten(state)
+    leaves = [s.detach().clone().requires_grad_(True) for s in leaves]
+    r = unroll(cell, x, unflatten(leaves), backend=backend, return_states=True, **kw)
+    got = [r.outputs, *tree_flatten(r.final_state)[0], *tree_flatten(r.states)[0]]
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((g * torch.randn(g.shape, generator=gen, dtype=g.dtype)).sum() for g in got)
+    params = list(cell.parameters())
+    grads = torch.autograd.grad(loss, [x, *leaves, *params], allow_unused=True)
+    return got + [torch.zeros_like(w) if g is None else g for g, w in zip(grads, [x, *leaves, *params])]
+
+
+def _assert_match(cell: nn.Module, x: Tensor, state: object, **kw) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn: it must not happen here
+        got = _grads(cell, x, state, "traced", **kw)
+    expected = _grads(cell, x, state, "reference", **kw)
+    assert list(traced._PROGRAMS.values())[-1] is not None, traced._WHY
+    tol = 1e-10 if x.dtype == torch.float64 else 2e-5
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize(("N", "H"), [(7, 5), (13, 37)])
+def test_matches_reference_values_states_and_gradients(cls, N, H) -> None:
+    torch.manual_seed(0)
+    cell = cls(3, H).double()
+    x = torch.randn(N, 6, 3, dtype=torch.float64)
+    _assert_match(cell, x, _random_state(cell, N, torch.float64))
+
+
+@pytest.mark.parametrize("cls", CELLS)
+def test_float32_from_the_zero_state(cls) -> None:
+    torch.manual_seed(1)
+    cell = cls(4, 20)
+    x = torch.randn(9, 5, 4)
+    _assert_match(cell, x, cell.init_state(9) if cls is not Exotic else _random_state(cell, 9, torch.float32))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cls", [Seed000Cell, Exotic])
+def test_variable_lengths_freeze_ended_rows(cls, reverse) -> None:
+    torch.manual_seed(2)
+    cell = cls(3, 6).double()
+    x = torch.randn(5, 7, 3, dtype=torch.float64)
+    _assert_match(cell, x, _random_state(cell, 5, torch.float64), lengths=torch.tensor([7, 2, 5, 1, 7]),
+                  reverse=reverse)
+
+
+def test_gradcheck_float64() -> None:
+    torch.manual_seed(3)
+    cell = Exotic(2, 3).double()
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    s = [t.requires_grad_(True) for t in tree_flatten(_random_state(cell, 4, torch.float64))[0]]
+    params = list(cell.parameters())
+
+    def f(x: Tensor, h: Tensor, m: Tensor, *ps: Tensor) -> tuple[Tensor, ...]:
+        with torch.nn.utils.stateless._reparametrize_module(cell, dict(zip([n for n, _ in cell.named_parameters()],
+                                                                            ps))):
+            r = unroll(cell, x, (h, m, s[2].detach()), backend="traced")
+        return r.outputs, r.final_state[1]
+
+    assert torch.autograd.gradcheck(f, (x, s[0], s[1], *params))
+
+
+def test_auto_leaves_it_opt_in() -> None:
+    # a trace does not follow a cell's Python side effects (globals, printing): asked for, never assumed
+    cell = Seed000Cell(3, 8)
+    for T in (4, 300):
+        assert _pick_backend(cell, torch.randn(2, T, 3), T, 2) != "traced"
+
+
+class _ZeroState(nn.Module):
+    hidden_size = 4
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+
+class LayerNormCell(_ZeroState):
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(input_size + hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(self.norm(self.lin(torch.cat([x, h], 1))))
+
+
+class DerivedProduct(_ZeroState):
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.wx = nn.Linear(input_size, hidden_size)
+        self.wh = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(self.wx(x) + self.wh(torch.tanh(h)))
+
+
+@pytest.mark.parametrize(("cls", "why"), [(LayerNormCell, "native_layer_norm"),
+                                          (DerivedProduct, "left operand is neither")])
+def test_steps_it_cannot_read_fall_back_with_the_reason(cls, why) -> None:
+    torch.manual_seed(4)
+    cell = cls(3, 4)
+    x = torch.randn(3, 5, 3)
+    h0 = torch.zeros(3, 4)
+    with pytest.warns(UserWarning, match=why):
+        got = unroll(cell, x, h0, backend="traced").outputs
+    torch.testing.assert_close(got, unroll(cell, x, h0, backend="reference").outputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(unroll(cell, x, h0).outputs, got)  # auto: quietly elsewhere
+
+
+def test_second_derivatives_are_refused_clearly() -> None:
+    cell = Elman(2, 3)
+    x = torch.randn(2, 3, 2, requires_grad=True)
+    out = unroll(cell, x, backend="traced").outputs.sum()
+    with pytest.raises(RuntimeError, match="second derivatives.*backend='reference'"):
+        torch.autograd.grad(out, x, create_graph=True)
+
+
+def test_a_changed_attribute_is_traced_again() -> None:
+    cell = Elman(2, 3, scale=1.0)
+    x = torch.randn(2, 3, 2)
+    a = unroll(cell, x, backend="traced").outputs
+    cell.scale = 0.5
+    b = unroll(cell, x, backend="traced").outputs
+    torch.testing.assert_close(b, unroll(cell, x, backend="reference").outputs)
+    assert not torch.allclose(a, b)
