@@ -66,6 +66,7 @@ class Exotic(nn.Module):
         r = torch.sigmoid(a[:, :self.hidden_size] + b[:, :self.hidden_size] + self.peep * m)
         z = torch.sigmoid(a[:, self.hidden_size:2 * self.hidden_size] - b[:, self.hidden_size:2 * self.hidden_size])
         n = torch.tanh(a[:, 2 * self.hidden_size:] + r * b[:, 2 * self.hidden_size:]) * self.gain
+        n = n + 0.1 * torch.relu(b[:, 2 * self.hidden_size:])  # relu's gradient reads a product's slot itself
         m = 0.9 * m + torch.relu(n - self.shift) / (1.5 + torch.exp(-z)) - (-n) ** 2 / 4
         h = (1 - z) * n + z * h + 0.1 * (2 / (2 + torch.sigmoid(m)))
         return h, m, k.clone()
@@ -167,6 +168,15 @@ def test_gradcheck_float64() -> None:
         return r.outputs, r.final_state[1]
 
     assert torch.autograd.gradcheck(f, (x, s[0], s[1], *params))
+
+
+def test_kept_values_and_pre_activations() -> None:
+    # the backward reads what the forward kept; the products' slots only where the adjoint needs them
+    for cls, keep in ((Seed000Cell, False), (Exotic, True)):
+        cell = cls(3, 4)
+        unroll(cell, torch.randn(2, 3, 3), cell.init_state(2), backend="traced")
+        prog = list(traced._PROGRAMS.values())[-1]
+        assert prog.keep_z is keep and prog.n_saved > 0
 
 
 def test_auto_leaves_it_opt_in() -> None:

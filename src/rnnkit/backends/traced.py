@@ -10,8 +10,7 @@ shape, turns it into:
   tiles (the fused LSTM's machinery, ``cell_forward_steps`` in ``csrc/fused_cpu.cpp``);
 * an elementwise program over H-wide slices ("slots") of the products, the states and parameter
   vectors, which the loop runs on each tile while it is in cache; its backward is the adjoint
-  program derived here, which recomputes the forward values it needs from the saved
-  pre-activations;
+  program derived here, which reads the forward values it needs from what the forward kept;
 * after the loop, the weights' gradients as a few large GEMMs, and the parameters' gradients
   through autograd from there (the weights are sliced and concatenated from the cell's own
   tensors in Python, differentiably).
@@ -94,8 +93,10 @@ class _Program:
     G: int = 0
     Gs: int = 0
     nregs: int = 0
+    n_saved: int = 0  # forward values the backward reads
+    keep_z: bool = False  # whether it reads the slots' pre-activations too
+    reads: Tensor = field(default_factory=lambda: torch.empty(2, 0, dtype=torch.int32))  # states each program reads
     code: Tensor = field(default_factory=lambda: torch.empty(0, 4, dtype=torch.int32))
-    recompute: Tensor = field(default_factory=lambda: torch.empty(0, 4, dtype=torch.int32))
     adjoint: Tensor = field(default_factory=lambda: torch.empty(0, 4, dtype=torch.int32))
     consts: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
     outs: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
@@ -471,16 +472,11 @@ def _assemble(b: _Builder, outs: list, code: list) -> _Program:
     S, P = b.n_state, len(b.vectors)
     seeds = [("seed", k) for k in range(S)]
     adj_code, adj = _adjoint(code, outs, seeds)
-    # the forward values the adjoint reads, and what they need: the backward's recomputation
-    produced = {d: (a, c) for _, d, a, c in code}
-    need: set = set()
-    stack = [r for _, _, a, c in adj_code for r in (a, c) if r in produced]
-    while stack:
-        r = stack.pop()
-        if r not in need:
-            need.add(r)
-            stack += [x for x in produced[r] if x in produced]
-    recompute = [ins for ins in code if ins[1] in need]
+    # the forward's values the adjoint reads: the forward keeps them for the backward (as the fused
+    # LSTM keeps its activated gates), which costs less than computing them again
+    reads = {r for _, _, a, c in adj_code for r in (a, c)}
+    saved = [d for _, d, _, _ in code if d in reads]
+    keep_z = any(r[0] == "slot" for r in reads if isinstance(r, tuple))  # the pre-activations themselves
     inputs = [*(("slot", j, k) for j in order for k in range(b.products[j].slots)),
               *(("state", k) for k in range(S)), *(("vec", i) for i in range(P))]
     grads = []
@@ -490,9 +486,8 @@ def _assemble(b: _Builder, outs: list, code: list) -> _Program:
             if not adj_code or adj_code[0][1] != ("zero",):
                 adj_code.insert(0, (ZERO, ("zero",), ("zero",), None))
         grads.append(adj[r])
-    fwd_regs = _allocate(code, inputs, outs)
-    bwd_code = recompute + adj_code
-    bwd_regs = _allocate(bwd_code, inputs + seeds, grads + seeds)
+    fwd_regs = _allocate(code, inputs, outs + saved)
+    bwd_regs = _allocate(adj_code, inputs + seeds + saved, grads + seeds)
     nregs = max(max(fwd_regs.values()), max(bwd_regs.values())) + 1
     if nregs > _MAX_REGS:
         raise _Unsupported(f"its step needs {nregs} registers, more than the loop's {_MAX_REGS}")
@@ -502,12 +497,16 @@ def _assemble(b: _Builder, outs: list, code: list) -> _Program:
                 for op, d, a, c in instrs]
         return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4)
 
-    fwd, rec, adj_t = encode(code, fwd_regs), encode(recompute, bwd_regs), encode(adj_code, bwd_regs)
-    out_regs = [fwd_regs[o] for o in outs]
-    io = [bwd_regs[r] for r in seeds + grads]
+    fwd, adj_t = encode(code, fwd_regs), encode(adj_code, bwd_regs)
+    fwd_reads = {r for _, _, a, c in code for r in (a, c)} | set(outs)  # a state passed through is read too
+    state_reads = torch.tensor([[("state", k) in fwd_reads for k in range(S)],
+                                [("state", k) in reads for k in range(S)]], dtype=torch.int32)
+    out_regs = [fwd_regs[r] for r in outs + saved]
+    io = [bwd_regs[r] for r in seeds + grads + saved]
     G = first
     weights = _weights_graph(b)
-    return _Program(weights, b.products, b.vectors, b.H, b.I, S, kr, G, Gs, nregs, fwd, rec, adj_t,
+    return _Program(weights, b.products, b.vectors, b.H, b.I, S, kr, G, Gs, nregs, len(saved), keep_z, state_reads,
+                    fwd, adj_t,
                     torch.tensor(b.consts, dtype=torch.float64), torch.tensor(out_regs, dtype=torch.int32),
                     torch.tensor(io, dtype=torch.int32))
 
@@ -611,15 +610,17 @@ class _Loop(torch.autograd.Function):
                 *s0: Tensor) -> tuple[Tensor, ...]:
         T, N = x.shape[:2]
         H, M = prog.H, prog.G * prog.H
-        Z = x.new_empty(T, N, M)
+        Z = x.new_empty((T, N, M) if prog.keep_z else (0,))
         wx = Wx if Wx is not None else x.new_zeros(M, x.shape[2])
         bias = b if b is not None else x.new_zeros(M)
         S0 = torch.stack(s0) if len(s0) > 1 else s0[0].unsqueeze(0)
         S = x.new_empty(prog.n_state, T, N, H)
-        cext.ops().cell_forward_steps(Z, S, x, S0.contiguous(), wx, bias, Ws, pv, prog.code, prog.consts, prog.outs,
-                                      prog.Gs, prog.kr, prog.nregs, masks, full, s0_zero, flush_denormals_enabled())
+        Y = x.new_empty(T, N, prog.n_saved, H)
+        cext.ops().cell_forward_steps(Z, S, Y, x, S0.contiguous(), wx, bias, Ws, pv, prog.code, prog.consts,
+                                      prog.outs, prog.Gs, prog.kr, prog.nregs, masks, full, s0_zero,
+                                      flush_denormals_enabled(), prog.reads[0])
         ctx.prog, ctx.full, ctx.return_states = prog, full, return_states
-        ctx.save_for_backward(x, Z, S, S0, Wx, Ws, pv, masks)
+        ctx.save_for_backward(x, Z, S, Y, S0, Wx, Ws, pv, masks)
         ctx.set_materialize_grads(False)
         finals = [S[k, T - 1].clone() for k in range(prog.n_state)]
         states = [S[k] for k in range(prog.n_state)] if return_states else []
@@ -631,7 +632,7 @@ class _Loop(torch.autograd.Function):
             raise RuntimeError("rnnkit: the traced backend has no second derivatives (create_graph=True); run "
                                "this cell with backend='reference' (or 'compiled') where you need them")
         prog = ctx.prog
-        x, Z, S, S0, Wx, Ws, pv, masks = ctx.saved_tensors
+        x, Z, S, Y, S0, Wx, Ws, pv, masks = ctx.saved_tensors
         T, N = x.shape[:2]
         H, M, Ms, n = prog.H, prog.G * prog.H, prog.Gs * prog.H, prog.n_state
         A = torch.stack([torch.zeros_like(S0[k]) if g is None else g for k, g in enumerate(g_rest[:n])])
@@ -642,9 +643,9 @@ class _Loop(torch.autograd.Function):
         dpv = torch.empty_like(pv)
         I = x.shape[2]
         dwx, dws = Z.new_empty(I + 1, M), Z.new_empty(H, Ms)
-        cext.ops().cell_backward_steps(Z, S, S0, A, g_out, gs, P, dpv, Ws, pv, prog.recompute, prog.adjoint,
+        cext.ops().cell_backward_steps(Z, S, Y, S0, A, g_out, gs, P, dpv, Ws, pv, prog.adjoint,
                                        prog.consts, prog.io, prog.Gs, prog.kr, prog.nregs, masks, ctx.full,
-                                       flush_denormals_enabled(), x, dwx, dws)
+                                       flush_denormals_enabled(), x, dwx, dws, prog.reads[1])
         dx = None
         if Wx is not None and ctx.needs_input_grad[1]:
             dx = gemm.mm(P.view(T * N, M), Wx).view(T, N, I)

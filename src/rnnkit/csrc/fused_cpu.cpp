@@ -147,21 +147,38 @@ inline V<T> splat(T x) {
   return V<T>{} + x;
 }
 
-// n lanes from p (the rest zero), or store n lanes to p: n < W where a row's units run out.
+// n lanes from p (the rest zero), or store n lanes to p: n < W where a row's units run out. With
+// AVX-512 a masked load or store: a copy through memory made the compiler spill every stored
+// vector to the stack first, whatever n (measured: a fifth of a traced cell's backward loop).
 template <typename T>
 inline V<T> load(const T* p, int n = Vec<T>::W) {
   if (n == Vec<T>::W) return *reinterpret_cast<const typename Vec<T>::unaligned*>(p);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>)
+    return reinterpret_cast<V<T>>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p));
+  else
+    return reinterpret_cast<V<T>>(_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p));
+#else
   V<T> v = {};
   std::memcpy(&v, p, n * sizeof(T));
   return v;
+#endif
 }
 
 template <typename T>
 inline void store(T* p, V<T> v, int n = Vec<T>::W) {
-  if (n == Vec<T>::W)
+  if (n == Vec<T>::W) {
     *reinterpret_cast<typename Vec<T>::unaligned*>(p) = v;
+    return;
+  }
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>)
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
   else
-    std::memcpy(p, &v, n * sizeof(T));
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), reinterpret_cast<__m512d>(v));
+#else
+  std::memcpy(p, &v, n * sizeof(T));
+#endif
 }
 
 // exp for float32 lane by lane without branches: Cody-Waite range reduction and a degree-5
@@ -923,8 +940,8 @@ void gru_backward_steps(const Tensor& G, const Tensor& S2, const Tensor& hs, con
 // loop (Z); here each step adds the recurrent state's product to the recurrent slots tile by tile
 // and runs the program on the tile while it is in cache. The program is a list of instructions
 // (op, destination, a, b) over registers of kRows vectors: slots first, then the old states, the
-// parameter vectors and temporaries. The backward recomputes the forward's values it needs from the
-// saved pre-activations and runs the adjoint program Python derived from the forward's.
+// parameter vectors and temporaries. The forward keeps the values the backward reads (Y); the
+// backward runs the adjoint program Python derived from the forward's.
 enum CellOp : int32_t {
   kAdd, kSub, kMul, kDiv, kNeg, kSigmoid, kTanh, kRelu, kExp, kAddC, kMulC, kRSubC, kPositive, kCopy, kZero, kDivC,
   kDSigmoid, kDTanh, kOps
@@ -1025,11 +1042,12 @@ Tensor pack_cell_forward(const Tensor& wx, const Tensor& b, const Tensor& ws, in
   return out;
 }
 
+// Z (T, N, G H): the slots' pre-activations, kept only where the adjoint reads them (empty if not).
 void check_cell(const CellShape& s, const Tensor& Z, const Tensor& S, const Tensor& S0, const Tensor& ws,
                 const Tensor& pv, const Tensor& io, int64_t nio) {
-  for (const auto& [t, name] : {std::pair{S, "S"}, {S0, "S0"}, {ws, "ws"}, {pv, "pv"}}) check(t, Z, name);
-  check(Z, Z, "Z");
-  expect(Z, "Z", {s.T, s.N, s.G * s.H});
+  for (const auto& [t, name] : {std::pair{Z, "Z"}, {S0, "S0"}, {ws, "ws"}, {pv, "pv"}}) check(t, S, name);
+  check(S, S, "S");
+  if (Z.numel() > 0) expect(Z, "Z", {s.T, s.N, s.G * s.H});
   expect(S, "S", {s.S, s.T, s.N, s.H});
   expect(S0, "S0", {s.S, s.N, s.H});
   expect(ws, "ws", {s.Gs * s.H, s.H});
@@ -1044,8 +1062,9 @@ void check_cell(const CellShape& s, const Tensor& Z, const Tensor& S, const Tens
     TORCH_CHECK(m[i] >= 0 && m[i] < s.nregs, "rnnkit fused kernels: a cell's register map is out of range");
 }
 
-// Loads a tile's registers: slots (from Z, whose recurrent slots the forward has completed), old
-// states and parameter vectors, at rows r0 .. r0 + rows - 1 and the nvec vectors of units from u0.
+// Loads a tile's registers: slots (from z, when not null), old states (those of olds not null: the
+// ones the program reads) and parameter vectors, at rows r0 .. r0 + rows - 1 and the nvec vectors
+// of units from u0.
 template <typename T>
 void load_cell_tile(const CellShape& s, Reg<T>* R, const T* z, const T* const* olds, const T* pv, int64_t r0,
                     int rows, int64_t u0, int nvec) {
@@ -1055,10 +1074,10 @@ void load_cell_tile(const CellShape& s, Reg<T>* R, const T* z, const T* const* o
     const int64_t u = u0 + v * W;
     const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
     V<T>* lanes = nullptr;
-    for (int64_t g = 0; g < s.G; ++g)
+    for (int64_t g = 0; g < s.G && z != nullptr; ++g)
       for (int r = 0; r < rows; ++r) R[g][v * kRows + r] = load(z + (r0 + r) * M + g * s.H + u, w);
     for (int64_t k = 0; k < s.S; ++k)
-      for (int r = 0; r < rows; ++r) R[s.G + k][v * kRows + r] = load(olds[k] + (r0 + r) * s.H + u, w);
+      for (int r = 0; r < rows && olds[k] != nullptr; ++r) R[s.G + k][v * kRows + r] = load(olds[k] + (r0 + r) * s.H + u, w);
     for (int64_t i = 0; i < s.P; ++i) {
       const V<T> x = load(pv + i * s.H + u, w);
       lanes = R[s.G + s.S + i] + v * kRows;
@@ -1068,39 +1087,51 @@ void load_cell_tile(const CellShape& s, Reg<T>* R, const T* z, const T* const* o
 }
 
 // All steps of a traced cell's forward. Z (T, N, G H) receives the slots' pre-activations, b +
-// x_t wx^T (+ s_{t-1} ws^T for the Gs recurrent slots); S (S, T, N, H) every step's states; io the
-// registers of the new states.
-void cell_forward_steps(Tensor Z, Tensor S, const Tensor& x, const Tensor& S0, const Tensor& wx, const Tensor& b,
+// x_t wx^T (+ s_{t-1} ws^T for the Gs recurrent slots); S (S, T, N, H) every step's states, Y
+// (T, N, saved, H) the values the backward reads; io the registers of the new states, then Y's.
+void cell_forward_steps(Tensor Z, Tensor S, Tensor Y, const Tensor& x, const Tensor& S0, const Tensor& wx, const Tensor& b,
                         const Tensor& ws, const Tensor& pv, const Tensor& code, const Tensor& consts,
                         const Tensor& io, int64_t Gs, int64_t kr, int64_t nregs, const Tensor& masks, int64_t full,
-                        bool s0_zero, bool flush) {
-  TORCH_CHECK(Z.dim() == 3 && S.dim() == 4 && pv.dim() == 2, "rnnkit fused kernels: Z, S or pv has the wrong rank");
-  const CellShape s{Z.size(0), Z.size(1), S.size(3), S.size(3) ? Z.size(2) / S.size(3) : 0, Gs, S.size(0),
+                        bool s0_zero, bool flush, const Tensor& state_reads) {
+  TORCH_CHECK(S.dim() == 4 && pv.dim() == 2 && wx.dim() == 2, "rnnkit fused kernels: S, pv or wx has the wrong rank");
+  const CellShape s{S.size(1), S.size(2), S.size(3), S.size(3) ? wx.size(0) / S.size(3) : 0, Gs, S.size(0),
                     pv.size(0), kr, nregs};
-  check_cell(s, Z, S, S0, ws, pv, io, s.S);
+  TORCH_CHECK(Y.dim() == 4, "rnnkit fused kernels: Y must be (T, N, saved, H)");
+  const int64_t nsave = Y.size(2);
+  check_cell(s, Z, S, S0, ws, pv, io, s.S + nsave);
+  const bool keep_z = Z.numel() > 0;
   check_program(code, nregs, consts.numel());
   check_masks(masks, full, s.T, s.N);
-  for (const auto& [t, name] : {std::pair{x, "x"}, {wx, "wx"}, {b, "b"}}) check(t, Z, name);
+  for (const auto& [t, name] : {std::pair{x, "x"}, {wx, "wx"}, {b, "b"}, {Y, "Y"}}) check(t, S, name);
+  expect(Y, "Y", {s.T, s.N, nsave, s.H});
   TORCH_CHECK(x.dim() == 3 && x.size(0) == s.T && x.size(1) == s.N, "rnnkit fused kernels: x must be (T, N, I)");
   const int64_t I = x.size(2);
   expect(wx, "wx", {s.G * s.H, I});
   expect(b, "b", {s.G * s.H});
-  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "cell_forward_steps", [&] {
+  TORCH_CHECK(state_reads.scalar_type() == at::kInt && state_reads.is_contiguous() && state_reads.numel() == s.S,
+              "rnnkit fused kernels: state_reads must be one int32 per state");
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "cell_forward_steps", [&] {
     using T = scalar_t;
     constexpr int W = Vec<T>::W;
     const Tensor fwp = pack_cell_forward<T>(wx, b, ws, s.H, s.G, s.Gs);
-    const Tensor kc = consts.to(Z.scalar_type()).contiguous();
+    const Tensor kc = consts.to(S.scalar_type()).contiguous();
     const int64_t M = s.G * s.H, passes = (s.G + 3) / 4, panels = (s.H + W - 1) / W, K = I + 1 + s.H;
+    // pointers once: data_ptr() checks the dtype on every call
+    T *Sd = S.data_ptr<T>(), *Yd = Y.data_ptr<T>(), *Zd = keep_z ? Z.data_ptr<T>() : nullptr;
+    const T *S0d = S0.data_ptr<T>(), *xd = x.data_ptr<T>(), *pvd = pv.data_ptr<T>(), *fwpd = fwp.data_ptr<T>(),
+            *kcd = kc.data_ptr<T>();
+    const int32_t* cd = code.data_ptr<int32_t>();
     over_row_blocks(s.N, flush, [&](int64_t, int64_t n0, int64_t n1) {
       std::vector<Reg<T>> regs(nregs);
       std::memset(static_cast<void*>(regs.data()), 0, nregs * sizeof(Reg<T>));
-      std::vector<const T*> olds(s.S);
+      std::vector<const T*> olds(s.S), reads(s.S);  // reads: the old states the program reads, else null
       const int32_t* outs = io.data_ptr<int32_t>();
       for (int64_t t = 0; t < s.T; ++t) {
         for (int64_t k = 0; k < s.S; ++k)
-          olds[k] = t == 0 ? S0.data_ptr<T>() + k * s.N * s.H : S.data_ptr<T>() + (k * s.T + t - 1) * s.N * s.H;
-        T* z = Z.data_ptr<T>() + t * s.N * M;
-        const T* xt = x.data_ptr<T>() + t * s.N * I;
+          olds[k] = t == 0 ? S0d + k * s.N * s.H : Sd + (k * s.T + t - 1) * s.N * s.H;
+        for (int64_t k = 0; k < s.S; ++k) reads[k] = state_reads.data_ptr<int32_t>()[k] ? olds[k] : nullptr;
+        T* z = keep_z ? Zd + t * s.N * M : nullptr;
+        const T* xt = xd + t * s.N * I;
         const bool* m = mask_row(masks, t, full);
         const bool product = s.Gs > 0 && !(t == 0 && s0_zero);
         for (int64_t q4 = 0; q4 < (panels + 3) / 4; ++q4)
@@ -1112,7 +1143,7 @@ void cell_forward_steps(Tensor Z, Tensor S, const Tensor& x, const Tensor& S0, c
               const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
               for (int64_t q = 0; q < passes; ++q) {  // the slots' pre-activations: b + x_t wx^T + s_{t-1} ws^T
                 const int nv = static_cast<int>(std::min<int64_t>(4, s.G - 4 * q));
-                const T* panel = fwp.data_ptr<T>() + (p * passes + q) * K * 4 * W;
+                const T* panel = fwpd + (p * passes + q) * K * 4 * W;
                 V<T> acc[kRows][4];
                 for (int r = 0; r < rows; ++r)
                   for (int v = 0; v < 4; ++v) acc[r][v] = v < nv ? load(panel + I * nv * W + v * W) : V<T>{};
@@ -1120,20 +1151,27 @@ void cell_forward_steps(Tensor Z, Tensor S, const Tensor& x, const Tensor& S0, c
                 if (product && 4 * q < s.Gs)
                   tile_vectors<T>(nv, rows, olds[kr] + r0 * s.H, s.H, panel + (I + 1) * nv * W, s.H, acc);
                 for (int r = 0; r < rows; ++r)
-                  for (int v = 0; v < nv; ++v) store(z + (r0 + r) * M + (4 * q + v) * s.H + u, acc[r][v], w);
+                  for (int v = 0; v < nv; ++v) {
+                    regs[4 * q + v][(p - 4 * q4) * kRows + r] = acc[r][v];
+                    if (keep_z) store(z + (r0 + r) * M + (4 * q + v) * s.H + u, acc[r][v], w);
+                  }
               }
             }
-            load_cell_tile<T>(s, regs.data(), z, olds.data(), pv.data_ptr<T>(), r0, rows, 4 * q4 * W, nvec);
-            run_cell_program<T>(code.data_ptr<int32_t>(), code.size(0), kc.data_ptr<T>(), regs.data());
+            load_cell_tile<T>(s, regs.data(), nullptr, reads.data(), pvd, r0, rows, 4 * q4 * W, nvec);
+            run_cell_program<T>(cd, code.size(0), kcd, regs.data());
             for (int v = 0; v < nvec; ++v) {
               const int64_t u = (4 * q4 + v) * W;
               const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
               for (int64_t k = 0; k < s.S; ++k) {
-                T* dst = S.data_ptr<T>() + (k * s.T + t) * s.N * s.H;
+                T* dst = Sd + (k * s.T + t) * s.N * s.H;
                 for (int r = 0; r < rows; ++r) {
                   const int64_t at = (r0 + r) * s.H + u;
                   store(dst + at, m != nullptr && !m[r0 + r] ? load(olds[k] + at, w) : regs[outs[k]][v * kRows + r], w);
                 }
+              }
+              for (int64_t i = 0; i < nsave; ++i) {
+                T* dst = Yd + (t * s.N * nsave + i) * s.H + u;
+                for (int r = 0; r < rows; ++r) store(dst + (r0 + r) * nsave * s.H, regs[outs[s.S + i]][v * kRows + r], w);
               }
             }
           }
@@ -1147,69 +1185,86 @@ void cell_forward_steps(Tensor Z, Tensor S, const Tensor& x, const Tensor& S0, c
 // the outputs' (state 0's) gradient, gs (S, T, N, H), when given, every step's states' gradients.
 // P (T, N, G H) receives the slots' gradients, dpv (P, H) the parameter vectors', dwx (I + 1, G H)
 // the sums of [x_t, 1]^T P_t (the input weights' and biases' gradients; x (T, N, I)), dws (H, Gs H)
-// those of s_{t-1}^T P_t over the recurrent slots (the recurrent weights'). code recomputes what adjoint needs; io: the adjoint's seeds (the new states'
-// gradients), then the registers holding the slots', old states' and parameter vectors' gradients.
-void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& S0, Tensor A, const std::optional<Tensor>& go,
-                         const std::optional<Tensor>& gs, Tensor P, Tensor dpv, const Tensor& ws, const Tensor& pv,
-                         const Tensor& code, const Tensor& adjoint, const Tensor& consts, const Tensor& io,
+// those of s_{t-1}^T P_t over the recurrent slots (the recurrent weights'). Y (T, N, saved, H): the
+// forward's values the adjoint reads. io: the adjoint's seeds (the new states' gradients), the
+// registers holding the slots', old states' and parameter vectors' gradients, then Y's registers.
+void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, const Tensor& S0, Tensor A,
+                         const std::optional<Tensor>& go, const std::optional<Tensor>& gs, Tensor P, Tensor dpv,
+                         const Tensor& ws, const Tensor& pv, const Tensor& adjoint, const Tensor& consts, const Tensor& io,
                          int64_t Gs, int64_t kr, int64_t nregs, const Tensor& masks, int64_t full, bool flush,
-                         const Tensor& x, Tensor dwx, Tensor dws) {
-  TORCH_CHECK(Z.dim() == 3 && S.dim() == 4 && pv.dim() == 2, "rnnkit fused kernels: Z, S or pv has the wrong rank");
-  const CellShape s{Z.size(0), Z.size(1), S.size(3), S.size(3) ? Z.size(2) / S.size(3) : 0, Gs, S.size(0),
+                         const Tensor& x, Tensor dwx, Tensor dws, const Tensor& state_reads) {
+  TORCH_CHECK(P.dim() == 3 && S.dim() == 4 && pv.dim() == 2, "rnnkit fused kernels: P, S or pv has the wrong rank");
+  const CellShape s{S.size(1), S.size(2), S.size(3), S.size(3) ? P.size(2) / S.size(3) : 0, Gs, S.size(0),
                     pv.size(0), kr, nregs};
-  check_cell(s, Z, S, S0, ws, pv, io, 2 * s.S + s.G + s.P);
-  check(A, Z, "A");
-  check(P, Z, "P");
-  check(dpv, Z, "dpv");
+  TORCH_CHECK(Y.dim() == 4, "rnnkit fused kernels: Y must be (T, N, saved, H)");
+  const int64_t nsave = Y.size(2);
+  check_cell(s, Z, S, S0, ws, pv, io, 2 * s.S + s.G + s.P + nsave);
+  check(Y, S, "Y");
+  expect(Y, "Y", {s.T, s.N, nsave, s.H});
+  check(A, S, "A");
+  check(P, S, "P");
+  check(dpv, S, "dpv");
   expect(A, "A", {s.S, s.N, s.H});
   expect(P, "P", {s.T, s.N, s.G * s.H});
   expect(dpv, "dpv", {s.P, s.H});
   if (go) {
-    check_strided(*go, Z, "go", "(T, N, H) ", "units");
+    check_strided(*go, S, "go", "(T, N, H) ", "units");
     expect(*go, "go", {s.T, s.N, s.H});
   }
   if (gs) {
-    check(*gs, Z, "gs");
+    check(*gs, S, "gs");
     expect(*gs, "gs", {s.S, s.T, s.N, s.H});
   }
-  check_program(code, nregs, consts.numel());
   check_program(adjoint, nregs, consts.numel());
-  check(x, Z, "x");
-  check(dwx, Z, "dwx");
-  check(dws, Z, "dws");
+  check(x, S, "x");
+  check(dwx, S, "dwx");
+  check(dws, S, "dws");
   TORCH_CHECK(x.dim() == 3 && x.size(0) == s.T && x.size(1) == s.N, "rnnkit fused kernels: x must be (T, N, I)");
   const int64_t I = x.size(2);
   expect(dwx, "dwx", {I + 1, s.G * s.H});
   expect(dws, "dws", {s.H, s.Gs * s.H});
   check_masks(masks, full, s.T, s.N);
-  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "cell_backward_steps", [&] {
+  TORCH_CHECK(state_reads.scalar_type() == at::kInt && state_reads.is_contiguous() && state_reads.numel() == s.S,
+              "rnnkit fused kernels: state_reads must be one int32 per state");
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "cell_backward_steps", [&] {
     using T = scalar_t;
     constexpr int W = Vec<T>::W;
     const int64_t M = s.G * s.H, Ms = s.Gs * s.H, width = 4 * W, blocks4 = (s.H + width - 1) / width;
     const T* wsd = ws.data_ptr<T>();
     // panels of ws (Gs H, H) by blocks of 4W units: the recurrent state's gradient from the slots'
-    const Tensor bwp = pack_rows<T>(Z, blocks4, width, Ms, s.H, [&](int64_t k) { return wsd + k * s.H; });
-    const Tensor kc = consts.to(Z.scalar_type()).contiguous();
+    const Tensor bwp = pack_rows<T>(S, blocks4, width, Ms, s.H, [&](int64_t k) { return wsd + k * s.H; });
+    const Tensor kc = consts.to(S.scalar_type()).contiguous();
     const int32_t* seeds = io.data_ptr<int32_t>();
+    // pointers once: data_ptr() checks the dtype on every call
+    T *Ad = A.data_ptr<T>(), *Pd = P.data_ptr<T>();
+    const T *Zd = Z.numel() > 0 ? Z.data_ptr<T>() : nullptr, *Sd = S.data_ptr<T>(), *S0d = S0.data_ptr<T>(),
+            *Yd = Y.data_ptr<T>(), *xd = x.data_ptr<T>(), *pvd = pv.data_ptr<T>(), *bwpd = bwp.data_ptr<T>(),
+            *kcd = kc.data_ptr<T>(), *god = go ? go->data_ptr<T>() : nullptr, *gsd = gs ? gs->data_ptr<T>() : nullptr;
+    const int64_t go_t = go ? go->stride(0) : 0, go_n = go ? go->stride(1) : 0;
+    const int32_t* ad = adjoint.data_ptr<int32_t>();
     const int32_t* dslots = seeds + s.S;
     const int32_t* dolds = dslots + s.G;
     const int32_t* dparams = dolds + s.S;
+    const int32_t* saved = dparams + s.P;
     const int64_t blocks = row_blocks(s.N);
     // partial sums by block of rows: dpv's, dwx's and dws's
-    const Tensor parts = at::zeros({blocks, s.P, s.H}, Z.options());
-    const Tensor wparts = at::zeros({blocks, I + 1, M}, Z.options());
-    const Tensor sparts = at::zeros({blocks, s.H, Ms}, Z.options());
+    const Tensor parts = at::zeros({blocks, s.P, s.H}, S.options());
+    // with every slot recurrent (the usual cell), one product [x_t, 1, s_{t-1}]^T P_t: b's panels are
+    // copied once; else [x_t, 1]^T P_t and s_{t-1}^T P_t over the recurrent slots apart
+    const bool one = Ms == M;
+    const Tensor wparts = at::zeros({blocks, I + 1 + (one ? s.H : 0), M}, S.options());
+    const Tensor sparts = at::zeros({blocks, s.H, one ? 0 : Ms}, S.options());
     const T ones = T(1);
     over_row_blocks(s.N, flush, [&](int64_t block, int64_t n0, int64_t n1) {
       std::vector<Reg<T>> regs(nregs);
       std::memset(static_cast<void*>(regs.data()), 0, nregs * sizeof(Reg<T>));
-      std::vector<const T*> olds(s.S);
+      std::vector<const T*> olds(s.S), reads(s.S);  // reads: the old states the program reads, else null
       T* dp = parts.data_ptr<T>() + block * s.P * s.H;
       alignas(64) T panel[kDepth * 4 * Vec<T>::W];
       // [x_t, 1, s_{t-1}]^T P_t for steps t .. t + steps - 1, in groups of up to kDepth rows (see
       // lstm_backward_rows: the partial sums' traffic is paid once a group)
       const int64_t rows_here = n1 - n0, group = std::max<int64_t>(1, kDepth / std::max<int64_t>(1, rows_here));
-      const std::array<Part, 3> xparts{{{I, I, 0}, {0, 1, I}, {0, 0, 0}}};
+      const std::array<Part, 3> xparts{{{I, I, 0}, {0, 1, I}, {s.H, s.H, I + 1}}};
       const std::array<Part, 3> sparts_{{{s.H, s.H, 0}, {0, 0, 0}, {0, 0, 0}}};
       auto weight_grads = [&](int64_t t, int64_t steps) {
         std::array<Rows<T>, kDepth> xsegs, ssegs;
@@ -1217,14 +1272,14 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& S0, Ten
           const int64_t depth = std::min(kDepth, n1 - m0);
           int nsegs = 0;
           for (int64_t u = t; u < t + steps; ++u, ++nsegs) {
-            const T* pu = P.data_ptr<T>() + (u * s.N + m0) * M;
-            const T* su = (u == 0 ? S0.data_ptr<T>() + kr * s.N * s.H : S.data_ptr<T>() + (kr * s.T + u - 1) * s.N * s.H);
-            xsegs[nsegs] = {{x.data_ptr<T>() + (u * s.N + m0) * I, &ones, nullptr}, pu, depth};
+            const T* pu = Pd + (u * s.N + m0) * M;
+            const T* su = (u == 0 ? S0d + kr * s.N * s.H : Sd + (kr * s.T + u - 1) * s.N * s.H);
+            xsegs[nsegs] = {{xd + (u * s.N + m0) * I, &ones, su + m0 * s.H}, pu, depth};
             ssegs[nsegs] = {{su + m0 * s.H, nullptr, nullptr}, pu, depth};
           }
-          at_b_block<T>(xsegs.data(), nsegs, xparts, 2, M, wparts.data_ptr<T>() + block * (I + 1) * M, M, false,
-                        panel);
-          if (Ms > 0)
+          at_b_block<T>(xsegs.data(), nsegs, xparts, one ? 3 : 2, M,
+                        wparts.data_ptr<T>() + block * wparts.size(1) * M, M, false, panel);
+          if (Ms > 0 && !one)
             at_b_block<T>(ssegs.data(), nsegs, sparts_, 1, M, sparts.data_ptr<T>() + block * s.H * Ms, Ms, false,
                           panel);
         }
@@ -1233,37 +1288,41 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& S0, Ten
       // q 4W ..; returns how many of the tile's vectors hold units
       auto recurrent = [&](const T* pt, int64_t r0, int rows, int64_t q, V<T> (&acc)[kRows][4]) {
         if (pt != nullptr && Ms > 0)  // whole panels (zero past H), as pack_rows() lays them out
-          tile_rows<T, 4>(rows, pt + r0 * M, M, bwp.data_ptr<T>() + q * Ms * width, Ms, acc);
+          tile_rows<T, 4>(rows, pt + r0 * M, M, bwpd + q * Ms * width, Ms, acc);
         return static_cast<int>(std::min<int64_t>(4, (s.H - q * width + W - 1) / W));
       };
       for (int64_t t = s.T - 1; t >= 0; --t) {
         for (int64_t k = 0; k < s.S; ++k)
-          olds[k] = t == 0 ? S0.data_ptr<T>() + k * s.N * s.H : S.data_ptr<T>() + (k * s.T + t - 1) * s.N * s.H;
-        const T* z = Z.data_ptr<T>() + t * s.N * M;
-        const T* above = t + 1 < s.T ? P.data_ptr<T>() + (t + 1) * s.N * M : nullptr;
-        T* pt = P.data_ptr<T>() + t * s.N * M;
+          olds[k] = t == 0 ? S0d + k * s.N * s.H : Sd + (k * s.T + t - 1) * s.N * s.H;
+        for (int64_t k = 0; k < s.S; ++k) reads[k] = state_reads.data_ptr<int32_t>()[k] ? olds[k] : nullptr;
+        const T* z = Zd != nullptr ? Zd + t * s.N * M : nullptr;
+        const T* above = t + 1 < s.T ? Pd + (t + 1) * s.N * M : nullptr;
+        T* pt = Pd + t * s.N * M;
         const bool* m = mask_row(masks, t, full);
         for (int64_t q = 0; q < blocks4; ++q)
           for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
             const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
             V<T> acc[kRows][4] = {};
             const int nv = recurrent(above, r0, rows, q, acc);
-            load_cell_tile<T>(s, regs.data(), z, olds.data(), pv.data_ptr<T>(), r0, rows, q * width, nv);
+            load_cell_tile<T>(s, regs.data(), z, reads.data(), pvd, r0, rows, q * width, nv);
             for (int v = 0; v < nv; ++v) {
               const int64_t u = q * width + v * W;
               const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
               for (int64_t k = 0; k < s.S; ++k)
                 for (int r = 0; r < rows; ++r) {
                   const int64_t n = r0 + r, at = n * s.H + u;
-                  V<T> d = load(A.data_ptr<T>() + k * s.N * s.H + at, w);
+                  V<T> d = load(Ad + k * s.N * s.H + at, w);
                   if (k == kr) d += acc[r][v];
-                  if (k == 0 && go) d += load(go->data_ptr<T>() + t * go->stride(0) + n * go->stride(1) + u, w);
-                  if (gs) d += load(gs->data_ptr<T>() + (k * s.T + t) * s.N * s.H + at, w);
+                  if (k == 0 && god != nullptr) d += load(god + t * go_t + n * go_n + u, w);
+                  if (gsd != nullptr) d += load(gsd + (k * s.T + t) * s.N * s.H + at, w);
                   regs[seeds[k]][v * kRows + r] = d;
                 }
+              for (int64_t i = 0; i < nsave; ++i) {
+                const T* src = Yd + (t * s.N * nsave + i) * s.H + u;
+                for (int r = 0; r < rows; ++r) regs[saved[i]][v * kRows + r] = load(src + (r0 + r) * nsave * s.H, w);
+              }
             }
-            run_cell_program<T>(code.data_ptr<int32_t>(), code.size(0), kc.data_ptr<T>(), regs.data());
-            run_cell_program<T>(adjoint.data_ptr<int32_t>(), adjoint.size(0), kc.data_ptr<T>(), regs.data());
+            run_cell_program<T>(ad, adjoint.size(0), kcd, regs.data());
             for (int v = 0; v < nv; ++v) {
               const int64_t u = q * width + v * W;
               const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
@@ -1274,7 +1333,7 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& S0, Ten
                 for (int64_t g = 0; g < s.G; ++g)
                   store(pt + n * M + g * s.H + u, frozen ? V<T>{} : regs[dslots[g]][l], w);
                 for (int64_t k = 0; k < s.S; ++k)
-                  store(A.data_ptr<T>() + k * s.N * s.H + at, frozen ? regs[seeds[k]][l] : regs[dolds[k]][l], w);
+                  store(Ad + k * s.N * s.H + at, frozen ? regs[seeds[k]][l] : regs[dolds[k]][l], w);
                 if (!frozen)
                   for (int64_t i = 0; i < s.P; ++i) store(dp + i * s.H + u, load(dp + i * s.H + u, w) + regs[dparams[i]][l], w);
               }
@@ -1288,19 +1347,20 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& S0, Ten
         for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
           const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
           V<T> acc[kRows][4] = {};
-          const int nv = recurrent(P.data_ptr<T>(), r0, rows, q, acc);
+          const int nv = recurrent(Pd, r0, rows, q, acc);
           for (int r = 0; r < rows; ++r)
             for (int v = 0; v < nv; ++v) {
               const int64_t u = q * width + v * W;
-              T* at = A.data_ptr<T>() + kr * s.N * s.H + (r0 + r) * s.H + u;
+              T* at = Ad + kr * s.N * s.H + (r0 + r) * s.H + u;
               const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
               store(at, load(at, w) + acc[r][v], w);
             }
         }
     });
     dpv.copy_(parts.sum(0));
-    dwx.copy_(wparts.sum(0));
-    dws.copy_(sparts.sum(0));
+    const Tensor wsum = wparts.sum(0);
+    dwx.copy_(wsum.narrow(0, 0, I + 1));
+    dws.copy_(one ? wsum.narrow(0, I + 1, s.H) : sparts.sum(0));
   });
 }
 
@@ -1328,13 +1388,13 @@ TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
   m.def(
-      "cell_forward_steps(Tensor(a!) Z, Tensor(b!) S, Tensor x, Tensor S0, Tensor wx, Tensor b, Tensor ws, Tensor pv, "
+      "cell_forward_steps(Tensor(a!) Z, Tensor(b!) S, Tensor(c!) Y, Tensor x, Tensor S0, Tensor wx, Tensor b, Tensor ws, Tensor pv, "
       "Tensor code, Tensor consts, Tensor io, int Gs, int kr, int nregs, Tensor masks, int full, bool s0_zero, "
-      "bool flush) -> ()");
+      "bool flush, Tensor state_reads) -> ()");
   m.def(
-      "cell_backward_steps(Tensor Z, Tensor S, Tensor S0, Tensor(a!) A, Tensor? go, Tensor? gs, Tensor(b!) P, "
-      "Tensor(c!) dpv, Tensor ws, Tensor pv, Tensor code, Tensor adjoint, Tensor consts, Tensor io, int Gs, int kr, "
-      "int nregs, Tensor masks, int full, bool flush, Tensor x, Tensor(d!) dwx, Tensor(e!) dws) -> ()");
+      "cell_backward_steps(Tensor Z, Tensor S, Tensor Y, Tensor S0, Tensor(a!) A, Tensor? go, Tensor? gs, Tensor(b!) P, "
+      "Tensor(c!) dpv, Tensor ws, Tensor pv, Tensor adjoint, Tensor consts, Tensor io, int Gs, int kr, "
+      "int nregs, Tensor masks, int full, bool flush, Tensor x, Tensor(d!) dwx, Tensor(e!) dws, Tensor state_reads) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
