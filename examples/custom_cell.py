@@ -9,10 +9,12 @@ Run it (full MNIST from a directory, or the embedded mini-MNIST when none is giv
 
 or through the command line tool, which accepts any cell class by its dotted path:
 
-    PYTHONPATH=examples .venv/bin/rnnkit train --cell custom_cell.Seed000Cell --backend compiled
+    PYTHONPATH=examples .venv/bin/rnnkit train --cell custom_cell.Seed000Cell --backend traced
 
-(``--backend compiled`` traces and compiles the cell, a few seconds per batch size, and trains it
-1.6-1.7x faster on the CPU at MNIST's shapes; without it, 28-step rows run in rnnkit's Python loop.)
+(``--backend traced`` reads the cell's step into its product and elementwise maths and runs it in
+rnnkit's C++ time loops, with nothing to compile; ``--backend compiled`` compiles any cell with
+Inductor, a few seconds per batch size; without either, 28-step rows run in rnnkit's Python loop.
+BENCHMARKS.md has their speeds against torch.nn.LSTM.)
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="compiled" if not torch.cuda.is_available() else "auto",
-                        help="compiled (the default on a CPU-only machine), auto, or reference (the Python loop)")
+    parser.add_argument("--backend", default="traced" if not torch.cuda.is_available() else "auto",
+                        help="traced (the default on a CPU-only machine), compiled, auto, or reference (the loop)")
     args = parser.parse_args()
     # The config names the cell by a dotted path (configs are data, never code): make this file importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -16,7 +16,7 @@ from conftest import require_cpu_kernels
 from test_compiled import MinimalCell, Seed000Cell
 from torch import Tensor, nn
 
-from rnnkit import unroll
+from rnnkit import RNN, unroll
 from rnnkit.backends import traced
 from rnnkit.engine import _pick_backend, tree_flatten
 
@@ -244,3 +244,34 @@ def test_a_changed_attribute_is_traced_again() -> None:
     b = unroll(cell, x, backend="traced").outputs
     torch.testing.assert_close(b, unroll(cell, x, backend="reference").outputs)
     assert not torch.allclose(a, b)
+
+
+def test_a_stacked_bidirectional_layer_with_lengths_matches_the_loop() -> None:
+    torch.manual_seed(5)
+    fast = RNN(6, 8, num_layers=2, bidirectional=True, cell=LerpGRU, backend="traced", batch_first=True)
+    slow = RNN(6, 8, num_layers=2, bidirectional=True, cell=LerpGRU, backend="reference", batch_first=True)
+    slow.load_state_dict(fast.state_dict())
+    x, lengths = torch.randn(5, 9, 6), torch.tensor([9, 3, 7, 9, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fast(x, lengths=lengths)[0]
+    expected = slow(x, lengths=lengths)[0]
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for p, q in zip(fast.parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_gradients_without_an_input_gradient_keep_only_a_ring_of_steps() -> None:
+    # no input gradient: the backward keeps a few steps of the slots' gradients, not all of them
+    torch.manual_seed(6)
+    cell = Seed000Cell(3, 20)
+    x = torch.randn(130, 11, 3)  # 130 rows: each thread's block sums few steps at a time, the ring wraps
+    for backend in ("traced", "reference"):
+        cell.zero_grad()
+        unroll(cell, x, backend=backend).outputs.square().mean().backward()
+        if backend == "traced":
+            got = [p.grad.clone() for p in cell.parameters()]
+    for g, p in zip(got, cell.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)

@@ -286,8 +286,8 @@ def _train_mnist(
         from rnnkit.backends.compiled import AUTO_MIN_STEPS
 
         if data.x_train.shape[1] < AUTO_MIN_STEPS:  # longer sequences are compiled by default
-            log("your cell runs in rnnkit's reference loop at this sequence length; --backend compiled "
-                "compiles it (a few seconds per batch size; smaller batches reuse it) and trains it faster")
+            log("your cell runs in rnnkit's reference loop at this sequence length; --backend traced runs it in "
+                "rnnkit's C++ loops (products and elementwise maths only), --backend compiled compiles any cell")
 
     target = TimeToTarget(t.target_accuracy, start) if t.target_accuracy else None
     tb = TensorBoardLogger(run_dir / "tensorboard", t.log_every, config_text=config_text,

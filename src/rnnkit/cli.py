@@ -26,7 +26,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--cell": ("model.cell", "lstm, gru, rnn, or a dotted path to your cell class (pkg.module.Class)"),
     "--hidden": ("model.hidden", "hidden units per layer"),
     "--layers": ("model.layers", "number of stacked layers"),
-    "--backend": ("model.backend", "auto, reference, native, fused, or compiled (compiles a custom cell)"),
+    "--backend": ("model.backend", "auto, reference, native, fused, traced (a custom cell in rnnkit's C++ loops) "
+                  "or compiled (a custom cell compiled)"),
     "--batch-size": ("train.batch_size", "training batch size"),
     "--epochs": ("train.epochs", "passes over the training data"),
     "--steps": ("train.steps", "optimiser steps (overrides --epochs)"),

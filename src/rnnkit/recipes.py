@@ -74,7 +74,7 @@ class ModelConfig:
     init: Literal["torch", "keras", "chrono"] = "keras"  # chrono: keras + Tallec & Ollivier's gate biases
     chrono_t_max: int | None = None  # the longest dependency chrono init aims at (the sequence length)
     head_init: Literal["default", "normal"] = "default"  # normal: N(0, 1) readout, as the TF1 tutorials
-    backend: str = "auto"  # unroll backend; "compiled" compiles a custom cell (see rnnkit.backends.compiled)
+    backend: str = "auto"  # unroll backend; "traced" or "compiled" for a custom cell (see rnnkit.backends)
 
     def validate(self) -> None:
         for name in ("hidden", "layers", "k"):

@@ -639,15 +639,16 @@ class _Loop(torch.autograd.Function):
         gs = None
         if ctx.return_states and any(g is not None for g in g_rest[n:]):
             gs = torch.stack([torch.zeros_like(S[k]) if g is None else g for k, g in enumerate(g_rest[n:])])
-        P = Z.new_empty(T, N, M)
+        dx_wanted = Wx is not None and ctx.needs_input_grad[1]
+        P = S.new_empty(T if dx_wanted else 0, N, M)  # none: the loop keeps the few steps it reads
         dpv = torch.empty_like(pv)
         I = x.shape[2]
-        dwx, dws = Z.new_empty(I + 1, M), Z.new_empty(H, Ms)
+        dwx, dws = S.new_empty(I + 1, M), S.new_empty(H, Ms)
         cext.ops().cell_backward_steps(Z, S, Y, S0, A, g_out, gs, P, dpv, Ws, pv, prog.adjoint,
                                        prog.consts, prog.io, prog.Gs, prog.kr, prog.nregs, masks, ctx.full,
                                        flush_denormals_enabled(), x, dwx, dws, prog.reads[1])
         dx = None
-        if Wx is not None and ctx.needs_input_grad[1]:
+        if dx_wanted:
             dx = gemm.mm(P.view(T * N, M), Wx).view(T, N, I)
         dWx = dwx[:I].t() if Wx is not None and ctx.needs_input_grad[6] else None
         db = dwx[I] if ctx.needs_input_grad[7] else None

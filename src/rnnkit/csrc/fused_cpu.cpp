@@ -1205,7 +1205,12 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
   check(P, S, "P");
   check(dpv, S, "dpv");
   expect(A, "A", {s.S, s.N, s.H});
-  expect(P, "P", {s.T, s.N, s.G * s.H});
+  // P (0, N, G H): the caller needs no slot gradients after the call (no input gradient to compute
+  // from them), so a ring of the few steps the loop reads at once is enough (at T784 H256 B128 the
+  // whole sequence's are 400 MB)
+  const bool ring = P.size(0) == 0;
+  if (!ring) expect(P, "P", {s.T, s.N, s.G * s.H});
+  TORCH_CHECK(P.dim() == 3 && P.size(1) == s.N && P.size(2) == s.G * s.H, "rnnkit fused kernels: P must be (T or 0, N, G H)");
   expect(dpv, "dpv", {s.P, s.H});
   if (go) {
     check_strided(*go, S, "go", "(T, N, H) ", "units");
@@ -1236,7 +1241,10 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
     const Tensor kc = consts.to(S.scalar_type()).contiguous();
     const int32_t* seeds = io.data_ptr<int32_t>();
     // pointers once: data_ptr() checks the dtype on every call
-    T *Ad = A.data_ptr<T>(), *Pd = P.data_ptr<T>();
+    // steps of P kept: with a ring, the most a block's weight-gradient group reads, and the step above
+    const int64_t fewest = s.N / row_blocks(s.N), R = ring ? std::min<int64_t>(s.T, kDepth / std::max<int64_t>(1, fewest) + 2) : s.T;
+    const Tensor Pbuf = ring ? at::empty({R, s.N, M}, S.options()) : P;
+    T *Ad = A.data_ptr<T>(), *Pd = Pbuf.data_ptr<T>();
     const T *Zd = Z.numel() > 0 ? Z.data_ptr<T>() : nullptr, *Sd = S.data_ptr<T>(), *S0d = S0.data_ptr<T>(),
             *Yd = Y.data_ptr<T>(), *xd = x.data_ptr<T>(), *pvd = pv.data_ptr<T>(), *bwpd = bwp.data_ptr<T>(),
             *kcd = kc.data_ptr<T>(), *god = go ? go->data_ptr<T>() : nullptr, *gsd = gs ? gs->data_ptr<T>() : nullptr;
@@ -1272,7 +1280,7 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
           const int64_t depth = std::min(kDepth, n1 - m0);
           int nsegs = 0;
           for (int64_t u = t; u < t + steps; ++u, ++nsegs) {
-            const T* pu = Pd + (u * s.N + m0) * M;
+            const T* pu = Pd + ((u % R) * s.N + m0) * M;
             const T* su = (u == 0 ? S0d + kr * s.N * s.H : Sd + (kr * s.T + u - 1) * s.N * s.H);
             xsegs[nsegs] = {{xd + (u * s.N + m0) * I, &ones, su + m0 * s.H}, pu, depth};
             ssegs[nsegs] = {{su + m0 * s.H, nullptr, nullptr}, pu, depth};
@@ -1296,8 +1304,8 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
           olds[k] = t == 0 ? S0d + k * s.N * s.H : Sd + (k * s.T + t - 1) * s.N * s.H;
         for (int64_t k = 0; k < s.S; ++k) reads[k] = state_reads.data_ptr<int32_t>()[k] ? olds[k] : nullptr;
         const T* z = Zd != nullptr ? Zd + t * s.N * M : nullptr;
-        const T* above = t + 1 < s.T ? Pd + (t + 1) * s.N * M : nullptr;
-        T* pt = Pd + t * s.N * M;
+        const T* above = t + 1 < s.T ? Pd + ((t + 1) % R) * s.N * M : nullptr;
+        T* pt = Pd + (t % R) * s.N * M;
         const bool* m = mask_row(masks, t, full);
         for (int64_t q = 0; q < blocks4; ++q)
           for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
