@@ -1171,7 +1171,10 @@ void cell_forward_steps(Tensor Z, Tensor S, Tensor Y, const Tensor& x, const Ten
               }
               for (int64_t i = 0; i < nsave; ++i) {
                 T* dst = Yd + (t * s.N * nsave + i) * s.H + u;
-                for (int r = 0; r < rows; ++r) store(dst + (r0 + r) * nsave * s.H, regs[outs[s.S + i]][v * kRows + r], w);
+                for (int r = 0; r < rows; ++r) {
+                  store(dst + (r0 + r) * nsave * s.H, regs[outs[s.S + i]][v * kRows + r], w);
+                  __builtin_prefetch(dst + (r0 + r + kRows) * nsave * s.H, 1);  // the next tile's rows
+                }
               }
             }
           }
@@ -1320,6 +1323,7 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
                 for (int r = 0; r < rows; ++r) {
                   const int64_t n = r0 + r, at = n * s.H + u;
                   V<T> d = load(Ad + k * s.N * s.H + at, w);
+                  __builtin_prefetch(Ad + k * s.N * s.H + at + kRows * s.H, 1);
                   if (k == kr) d += acc[r][v];
                   if (k == 0 && god != nullptr) d += load(god + t * go_t + n * go_n + u, w);
                   if (gsd != nullptr) d += load(gsd + (k * s.T + t) * s.N * s.H + at, w);
@@ -1327,7 +1331,10 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
                 }
               for (int64_t i = 0; i < nsave; ++i) {
                 const T* src = Yd + (t * s.N * nsave + i) * s.H + u;
-                for (int r = 0; r < rows; ++r) regs[saved[i]][v * kRows + r] = load(src + (r0 + r) * nsave * s.H, w);
+                for (int r = 0; r < rows; ++r) {
+                  regs[saved[i]][v * kRows + r] = load(src + (r0 + r) * nsave * s.H, w);
+                  __builtin_prefetch(src + (r0 + r + kRows) * nsave * s.H);  // the next tile's rows
+                }
               }
             }
             run_cell_program<T>(ad, adjoint.size(0), kcd, regs.data());
