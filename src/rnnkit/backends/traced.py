@@ -565,10 +565,9 @@ def _weights_graph(b: _Builder) -> torch.fx.GraphModule:
 # ---- Running a program ------------------------------------------------------------------------------
 
 
-def _prepare(prog: _Program, tensors: list[Tensor]) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
-    """The loop's weights from the cell's tensors, differentiably: the input's (M, I) and the biases
-    (M,) over all slots, the recurrent state's (Gs H, H), the parameter vectors (P, H)."""
-    vals = prog.weights(*tensors)
+def _prepare(prog: _Program, vals: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
+    """The loop's weights from the weights' graph's outputs: the input's (M, I) and the biases (M,)
+    over all slots, the recurrent state's (Gs H, H), the parameter vectors (P, H)."""
     H, I = prog.H, prog.I
     ordered = sorted(prog.products, key=lambda p: p.first)
     wx, bias, ws = [], [], []
@@ -601,13 +600,36 @@ def _prepare(prog: _Program, tensors: list[Tensor]) -> tuple[Tensor | None, Tens
     return Wx, b, Ws, pv
 
 
+def _val_grads(prog: _Program, vals: tuple[Tensor, ...], dwx: Tensor, dws: Tensor, dpv: Tensor) -> list[Tensor]:
+    """The gradients of the weights' graph's outputs from the loop's: dwx (I + 1, M) for the input
+    weights and biases, dws (H, Gs H) for the recurrent weights, dpv (P, H) for the vectors (the
+    transposes and slices of :func:`_prepare`, undone here instead of by autograd node by node)."""
+    H, I = prog.H, prog.I
+    grads = [torch.zeros_like(v) for v in vals]
+    for p in prog.products:
+        lo, hi = p.first * H, (p.first + p.slots) * H
+        at, g = 0, grads[p.b]
+        for kind, width in p.parts:
+            g[at:at + width] += dwx[:I, lo:hi] if kind == "x" else dws[:, lo:hi]
+            at += width
+        if p.bias is not None:
+            grads[p.bias] += dwx[I, lo:hi].view(grads[p.bias].shape)
+    for i, (out, k) in enumerate(prog.vectors):
+        if k < 0:
+            grads[out] += dpv[i].sum().view(grads[out].shape)
+        else:
+            grads[out].view(-1)[k * H:(k + 1) * H] += dpv[i]
+    return grads
+
+
 class _Loop(torch.autograd.Function):
     """All steps of a traced cell: the C++ loops forward and backward, the weights' GEMMs around them."""
 
     @staticmethod
     def forward(ctx, prog: _Program, x: Tensor, masks: Tensor, full: int, s0_zero: bool,  # type: ignore[override]
-                return_states: bool, Wx: Tensor | None, b: Tensor | None, Ws: Tensor, pv: Tensor,
-                *s0: Tensor) -> tuple[Tensor, ...]:
+                return_states: bool, n_vals: int, *rest: Tensor) -> tuple[Tensor, ...]:
+        vals, s0 = rest[:n_vals], rest[n_vals:]
+        Wx, b, Ws, pv = _prepare(prog, vals)
         T, N = x.shape[:2]
         H, M = prog.H, prog.G * prog.H
         Z = x.new_empty((T, N, M) if prog.keep_z else (0,))
@@ -619,8 +641,8 @@ class _Loop(torch.autograd.Function):
         cext.ops().cell_forward_steps(Z, S, Y, x, S0.contiguous(), wx, bias, Ws, pv, prog.code, prog.consts,
                                       prog.outs, prog.Gs, prog.kr, prog.nregs, masks, full, s0_zero,
                                       flush_denormals_enabled(), prog.reads[0])
-        ctx.prog, ctx.full, ctx.return_states = prog, full, return_states
-        ctx.save_for_backward(x, Z, S, Y, S0, Wx, Ws, pv, masks)
+        ctx.prog, ctx.full, ctx.return_states, ctx.n_vals = prog, full, return_states, n_vals
+        ctx.save_for_backward(x, Z, S, Y, S0, Wx, Ws, pv, masks, *vals)
         ctx.set_materialize_grads(False)
         finals = [S[k, T - 1].clone() for k in range(prog.n_state)]
         states = [S[k] for k in range(prog.n_state)] if return_states else []
@@ -632,7 +654,7 @@ class _Loop(torch.autograd.Function):
             raise RuntimeError("rnnkit: the traced backend has no second derivatives (create_graph=True); run "
                                "this cell with backend='reference' (or 'compiled') where you need them")
         prog = ctx.prog
-        x, Z, S, Y, S0, Wx, Ws, pv, masks = ctx.saved_tensors
+        x, Z, S, Y, S0, Wx, Ws, pv, masks, *vals = ctx.saved_tensors
         T, N = x.shape[:2]
         H, M, Ms, n = prog.H, prog.G * prog.H, prog.Gs * prog.H, prog.n_state
         A = torch.stack([torch.zeros_like(S0[k]) if g is None else g for k, g in enumerate(g_rest[:n])])
@@ -647,14 +669,10 @@ class _Loop(torch.autograd.Function):
         cext.ops().cell_backward_steps(Z, S, Y, S0, A, g_out, gs, P, dpv, Ws, pv, prog.adjoint,
                                        prog.consts, prog.io, prog.Gs, prog.kr, prog.nregs, masks, ctx.full,
                                        flush_denormals_enabled(), x, dwx, dws, prog.reads[1])
-        dx = None
-        if dx_wanted:
-            dx = gemm.mm(P.view(T * N, M), Wx).view(T, N, I)
-        dWx = dwx[:I].t() if Wx is not None and ctx.needs_input_grad[6] else None
-        db = dwx[I] if ctx.needs_input_grad[7] else None
-        dWs = dws.t() if Ms and ctx.needs_input_grad[8] else None
-        dpv_sum = dpv if ctx.needs_input_grad[9] else None
-        return (None, dx, None, None, None, None, dWx, db, dWs, dpv_sum, *A.unbind(0))
+        dx = gemm.mm(P.view(T * N, M), Wx).view(T, N, I) if dx_wanted else None
+        wanted = any(ctx.needs_input_grad[7:7 + ctx.n_vals])
+        grads = _val_grads(prog, vals, dwx, dws, dpv) if wanted else [None] * ctx.n_vals
+        return (None, dx, None, None, None, None, None, *grads, *A.unbind(0))
 
 
 def _mask_rows(masks: Tensor | None, T: int, N: int) -> Tensor:
@@ -695,9 +713,9 @@ def _run_program(prog: _Program, tensors: list[Tensor], x: Tensor, leaves: list[
     """Outputs (T, N, H), final leaves and (if asked) every step's leaves of the program over x (T, N, I)."""
     T, N = x.shape[:2]
     full = T if lengths is None else int(lengths.min())
-    Wx, b, Ws, pv = _prepare(prog, tensors)
+    vals = prog.weights(*tensors)
     s0_zero = not bool(leaves[prog.kr].any())  # the usual zero state: no product at the first step
-    flat = _Loop.apply(prog, x.contiguous(), _mask_rows(masks, T, N), full, s0_zero, return_states, Wx, b, Ws, pv,
+    flat = _Loop.apply(prog, x.contiguous(), _mask_rows(masks, T, N), full, s0_zero, return_states, len(vals), *vals,
                        *(s.contiguous() for s in leaves))
     n = prog.n_state
     return flat[0], list(flat[1:1 + n]), list(flat[1 + n:])
