@@ -954,46 +954,59 @@ template <typename T>
 using Reg = V<T>[kLanes];
 
 // Runs n instructions on the registers; b of an instruction ending in C indexes consts.
-template <typename T>
+// Runs n instructions on the first L lanes of the registers; b of an instruction ending in C
+// indexes consts.
+template <typename T, int L>
 void run_cell_program(const int32_t* code, int64_t n, const T* consts, Reg<T>* R) {
   for (int64_t i = 0; i < n; ++i, code += 4) {
     V<T>* d = R[code[1]];
     const V<T>* a = R[code[2]];
     const V<T>* b = R[code[3] < 0 ? 0 : code[3]];
     switch (code[0]) {
-      case kAdd: for (int r = 0; r < kLanes; ++r) d[r] = a[r] + b[r]; break;
-      case kSub: for (int r = 0; r < kLanes; ++r) d[r] = a[r] - b[r]; break;
-      case kMul: for (int r = 0; r < kLanes; ++r) d[r] = a[r] * b[r]; break;
-      case kDiv: for (int r = 0; r < kLanes; ++r) d[r] = a[r] / b[r]; break;
-      case kNeg: for (int r = 0; r < kLanes; ++r) d[r] = -a[r]; break;
-      case kSigmoid: for (int r = 0; r < kLanes; ++r) d[r] = vsigmoid<T>(a[r]); break;
-      case kTanh: for (int r = 0; r < kLanes; ++r) d[r] = vtanh<T>(a[r]); break;
+      case kAdd: for (int r = 0; r < L; ++r) d[r] = a[r] + b[r]; break;
+      case kSub: for (int r = 0; r < L; ++r) d[r] = a[r] - b[r]; break;
+      case kMul: for (int r = 0; r < L; ++r) d[r] = a[r] * b[r]; break;
+      case kDiv: for (int r = 0; r < L; ++r) d[r] = a[r] / b[r]; break;
+      case kNeg: for (int r = 0; r < L; ++r) d[r] = -a[r]; break;
+      case kSigmoid: for (int r = 0; r < L; ++r) d[r] = vsigmoid<T>(a[r]); break;
+      case kTanh: for (int r = 0; r < L; ++r) d[r] = vtanh<T>(a[r]); break;
       case kRelu: {
         const V<T> zero{};
-        for (int r = 0; r < kLanes; ++r) d[r] = a[r] > zero ? a[r] : zero;
+        for (int r = 0; r < L; ++r) d[r] = a[r] > zero ? a[r] : zero;
         break;
       }
-      case kExp: for (int r = 0; r < kLanes; ++r) d[r] = vexp(a[r]); break;
-      case kAddC: { const T c = consts[code[3]]; for (int r = 0; r < kLanes; ++r) d[r] = a[r] + c; break; }
-      case kMulC: { const T c = consts[code[3]]; for (int r = 0; r < kLanes; ++r) d[r] = a[r] * c; break; }
-      case kRSubC: { const T c = consts[code[3]]; for (int r = 0; r < kLanes; ++r) d[r] = c - a[r]; break; }
-      case kDivC: { const T c = consts[code[3]]; for (int r = 0; r < kLanes; ++r) d[r] = c / a[r]; break; }
+      case kExp: for (int r = 0; r < L; ++r) d[r] = vexp(a[r]); break;
+      case kAddC: { const T c = consts[code[3]]; for (int r = 0; r < L; ++r) d[r] = a[r] + c; break; }
+      case kMulC: { const T c = consts[code[3]]; for (int r = 0; r < L; ++r) d[r] = a[r] * c; break; }
+      case kRSubC: { const T c = consts[code[3]]; for (int r = 0; r < L; ++r) d[r] = c - a[r]; break; }
+      case kDivC: { const T c = consts[code[3]]; for (int r = 0; r < L; ++r) d[r] = c / a[r]; break; }
       case kPositive: {  // 1 where a > 0, else 0 (relu's derivative)
         const V<T> zero{}, one = splat(T(1));
-        for (int r = 0; r < kLanes; ++r) d[r] = a[r] > zero ? one : zero;
+        for (int r = 0; r < L; ++r) d[r] = a[r] > zero ? one : zero;
         break;
       }
       case kDSigmoid:  // a sigmoid's gradient a b (1 - b) from its output b and the output's gradient a
-        for (int r = 0; r < kLanes; ++r) d[r] = a[r] * b[r] * (T(1) - b[r]);
+        for (int r = 0; r < L; ++r) d[r] = a[r] * b[r] * (T(1) - b[r]);
         break;
       case kDTanh:  // a tanh's: a (1 - b b)
-        for (int r = 0; r < kLanes; ++r) d[r] = a[r] * (T(1) - b[r] * b[r]);
+        for (int r = 0; r < L; ++r) d[r] = a[r] * (T(1) - b[r] * b[r]);
         break;
-      case kCopy: for (int r = 0; r < kLanes; ++r) d[r] = a[r]; break;
-      case kZero: for (int r = 0; r < kLanes; ++r) d[r] = V<T>{}; break;
+      case kCopy: for (int r = 0; r < L; ++r) d[r] = a[r]; break;
+      case kZero: for (int r = 0; r < L; ++r) d[r] = V<T>{}; break;
       default: break;
     }
   }
+}
+
+// run_cell_program() on a whole register (4 vectors of units: the backward's tiles) or on its first
+// kRows lanes (one vector: the forward, whose tiles go panel by panel so that a panel of weights
+// stays in L1 for all rows of the block; four panels at a time were 160 KB at H 128).
+template <typename T>
+void run_cell_program(const int32_t* code, int64_t n, const T* consts, Reg<T>* R, int vectors) {
+  if (vectors == 1)
+    run_cell_program<T, kRows>(code, n, consts, R);
+  else
+    run_cell_program<T, kLanes>(code, n, consts, R);
 }
 
 // A traced cell's shapes and programs: G slots (Gs recurrent ones first) of H units, S states
@@ -1062,6 +1075,30 @@ void check_cell(const CellShape& s, const Tensor& Z, const Tensor& S, const Tens
     TORCH_CHECK(m[i] >= 0 && m[i] < s.nregs, "rnnkit fused kernels: a cell's register map is out of range");
 }
 
+// rows of a register's lanes to and from rows ld apart (w units each): a whole tile's shape as
+// compile-time loops, the usual case, spares the lane loops their address arithmetic.
+template <typename T>
+inline void store_rows(T* dst, int64_t ld, const V<T>* lanes, int rows, int w, bool prefetch = false) {
+  if (rows == kRows && w == Vec<T>::W) {
+    for (int r = 0; r < kRows; ++r) store(dst + r * ld, lanes[r]);
+  } else {
+    for (int r = 0; r < rows; ++r) store(dst + r * ld, lanes[r], w);
+  }
+  if (prefetch)
+    for (int r = 0; r < rows; ++r) __builtin_prefetch(dst + (r + kRows) * ld, 1);  // the next tile's rows
+}
+
+template <typename T>
+inline void load_rows(V<T>* lanes, const T* src, int64_t ld, int rows, int w, bool prefetch = false) {
+  if (rows == kRows && w == Vec<T>::W) {
+    for (int r = 0; r < kRows; ++r) lanes[r] = load(src + r * ld);
+  } else {
+    for (int r = 0; r < rows; ++r) lanes[r] = load(src + r * ld, w);
+  }
+  if (prefetch)
+    for (int r = 0; r < rows; ++r) __builtin_prefetch(src + (r + kRows) * ld);
+}
+
 // Loads a tile's registers: slots (from z, when not null), old states (those of olds not null: the
 // ones the program reads) and parameter vectors, at rows r0 .. r0 + rows - 1 and the nvec vectors
 // of units from u0.
@@ -1074,10 +1111,9 @@ void load_cell_tile(const CellShape& s, Reg<T>* R, const T* z, const T* const* o
     const int64_t u = u0 + v * W;
     const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
     V<T>* lanes = nullptr;
-    for (int64_t g = 0; g < s.G && z != nullptr; ++g)
-      for (int r = 0; r < rows; ++r) R[g][v * kRows + r] = load(z + (r0 + r) * M + g * s.H + u, w);
+    for (int64_t g = 0; g < s.G && z != nullptr; ++g) load_rows(R[g] + v * kRows, z + r0 * M + g * s.H + u, M, rows, w);
     for (int64_t k = 0; k < s.S; ++k)
-      for (int r = 0; r < rows && olds[k] != nullptr; ++r) R[s.G + k][v * kRows + r] = load(olds[k] + (r0 + r) * s.H + u, w);
+      if (olds[k] != nullptr) load_rows(R[s.G + k] + v * kRows, olds[k] + r0 * s.H + u, s.H, rows, w);
     for (int64_t i = 0; i < s.P; ++i) {
       const V<T> x = load(pv + i * s.H + u, w);
       lanes = R[s.G + s.S + i] + v * kRows;
@@ -1134,49 +1170,36 @@ void cell_forward_steps(Tensor Z, Tensor S, Tensor Y, const Tensor& x, const Ten
         const T* xt = xd + t * s.N * I;
         const bool* m = mask_row(masks, t, full);
         const bool product = s.Gs > 0 && !(t == 0 && s0_zero);
-        for (int64_t q4 = 0; q4 < (panels + 3) / 4; ++q4)
+        for (int64_t p = 0; p < panels; ++p)
           for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
             const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
-            const int nvec = static_cast<int>(std::min<int64_t>(4, panels - 4 * q4));
-            for (int64_t p = 4 * q4; p < 4 * q4 + nvec; ++p) {
-              const int64_t u = p * W;
-              const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
-              for (int64_t q = 0; q < passes; ++q) {  // the slots' pre-activations: b + x_t wx^T + s_{t-1} ws^T
-                const int nv = static_cast<int>(std::min<int64_t>(4, s.G - 4 * q));
-                const T* panel = fwpd + (p * passes + q) * K * 4 * W;
-                V<T> acc[kRows][4];
-                for (int r = 0; r < rows; ++r)
-                  for (int v = 0; v < 4; ++v) acc[r][v] = v < nv ? load(panel + I * nv * W + v * W) : V<T>{};
-                tile_vectors<T>(nv, rows, xt + r0 * I, I, panel, I, acc);
-                if (product && 4 * q < s.Gs)
-                  tile_vectors<T>(nv, rows, olds[kr] + r0 * s.H, s.H, panel + (I + 1) * nv * W, s.H, acc);
-                for (int r = 0; r < rows; ++r)
-                  for (int v = 0; v < nv; ++v) {
-                    regs[4 * q + v][(p - 4 * q4) * kRows + r] = acc[r][v];
-                    if (keep_z) store(z + (r0 + r) * M + (4 * q + v) * s.H + u, acc[r][v], w);
-                  }
-              }
-            }
-            load_cell_tile<T>(s, regs.data(), nullptr, reads.data(), pvd, r0, rows, 4 * q4 * W, nvec);
-            run_cell_program<T>(cd, code.size(0), kcd, regs.data());
-            for (int v = 0; v < nvec; ++v) {
-              const int64_t u = (4 * q4 + v) * W;
-              const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
-              for (int64_t k = 0; k < s.S; ++k) {
-                T* dst = Sd + (k * s.T + t) * s.N * s.H;
-                for (int r = 0; r < rows; ++r) {
-                  const int64_t at = (r0 + r) * s.H + u;
-                  store(dst + at, m != nullptr && !m[r0 + r] ? load(olds[k] + at, w) : regs[outs[k]][v * kRows + r], w);
+            const int64_t u = p * W;
+            const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
+            for (int64_t q = 0; q < passes; ++q) {  // the slots' pre-activations: b + x_t wx^T + s_{t-1} ws^T
+              const int nv = static_cast<int>(std::min<int64_t>(4, s.G - 4 * q));
+              const T* panel = fwpd + (p * passes + q) * K * 4 * W;
+              V<T> acc[kRows][4];
+              for (int r = 0; r < rows; ++r)
+                for (int v = 0; v < 4; ++v) acc[r][v] = v < nv ? load(panel + I * nv * W + v * W) : V<T>{};
+              tile_vectors<T>(nv, rows, xt + r0 * I, I, panel, I, acc);
+              if (product && 4 * q < s.Gs)
+                tile_vectors<T>(nv, rows, olds[kr] + r0 * s.H, s.H, panel + (I + 1) * nv * W, s.H, acc);
+              for (int r = 0; r < rows; ++r)
+                for (int v = 0; v < nv; ++v) {
+                  regs[4 * q + v][r] = acc[r][v];
+                  if (keep_z) store(z + (r0 + r) * M + (4 * q + v) * s.H + u, acc[r][v], w);
                 }
-              }
-              for (int64_t i = 0; i < nsave; ++i) {
-                T* dst = Yd + (t * s.N * nsave + i) * s.H + u;
-                for (int r = 0; r < rows; ++r) {
-                  store(dst + (r0 + r) * nsave * s.H, regs[outs[s.S + i]][v * kRows + r], w);
-                  __builtin_prefetch(dst + (r0 + r + kRows) * nsave * s.H, 1);  // the next tile's rows
-                }
-              }
             }
+            load_cell_tile<T>(s, regs.data(), nullptr, reads.data(), pvd, r0, rows, u, 1);
+            run_cell_program<T>(cd, code.size(0), kcd, regs.data(), 1);
+            for (int64_t k = 0; k < s.S; ++k) {
+              T* dst = Sd + ((k * s.T + t) * s.N + r0) * s.H + u;
+              store_rows(dst, s.H, regs[outs[k]], rows, w);
+              for (int r = 0; m != nullptr && r < rows; ++r)  // a sequence that has ended keeps its state
+                if (!m[r0 + r]) store(dst + r * s.H, load(olds[k] + (r0 + r) * s.H + u, w), w);
+            }
+            for (int64_t i = 0; i < nsave; ++i)
+              store_rows(Yd + ((t * s.N + r0) * nsave + i) * s.H + u, nsave * s.H, regs[outs[s.S + i]], rows, w, true);
           }
       }
     });
@@ -1319,38 +1342,39 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
             for (int v = 0; v < nv; ++v) {
               const int64_t u = q * width + v * W;
               const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
-              for (int64_t k = 0; k < s.S; ++k)
-                for (int r = 0; r < rows; ++r) {
-                  const int64_t n = r0 + r, at = n * s.H + u;
-                  V<T> d = load(Ad + k * s.N * s.H + at, w);
-                  __builtin_prefetch(Ad + k * s.N * s.H + at + kRows * s.H, 1);
-                  if (k == kr) d += acc[r][v];
-                  if (k == 0 && god != nullptr) d += load(god + t * go_t + n * go_n + u, w);
-                  if (gsd != nullptr) d += load(gsd + (k * s.T + t) * s.N * s.H + at, w);
-                  regs[seeds[k]][v * kRows + r] = d;
-                }
-              for (int64_t i = 0; i < nsave; ++i) {
-                const T* src = Yd + (t * s.N * nsave + i) * s.H + u;
-                for (int r = 0; r < rows; ++r) {
-                  regs[saved[i]][v * kRows + r] = load(src + (r0 + r) * nsave * s.H, w);
-                  __builtin_prefetch(src + (r0 + r + kRows) * nsave * s.H);  // the next tile's rows
-                }
+              for (int64_t k = 0; k < s.S; ++k) {
+                V<T>* d = regs[seeds[k]] + v * kRows;
+                load_rows(d, Ad + (k * s.N + r0) * s.H + u, s.H, rows, w, true);
+                if (k == kr)
+                  for (int r = 0; r < rows; ++r) d[r] += acc[r][v];
+                if (k == 0 && god != nullptr)
+                  for (int r = 0; r < rows; ++r) d[r] += load(god + t * go_t + (r0 + r) * go_n + u, w);
+                if (gsd != nullptr)
+                  for (int r = 0; r < rows; ++r) d[r] += load(gsd + ((k * s.T + t) * s.N + r0 + r) * s.H + u, w);
               }
+              for (int64_t i = 0; i < nsave; ++i)
+                load_rows(regs[saved[i]] + v * kRows, Yd + ((t * s.N + r0) * nsave + i) * s.H + u, nsave * s.H, rows, w,
+                          true);
             }
-            run_cell_program<T>(ad, adjoint.size(0), kcd, regs.data());
+            run_cell_program<T>(ad, adjoint.size(0), kcd, regs.data(), 4);
             for (int v = 0; v < nv; ++v) {
               const int64_t u = q * width + v * W;
               const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
-              for (int r = 0; r < rows; ++r) {
-                const int64_t n = r0 + r, at = n * s.H + u;
-                const int l = v * kRows + r;
-                const bool frozen = m != nullptr && !m[n];  // an ended sequence: its state passes through
-                for (int64_t g = 0; g < s.G; ++g)
-                  store(pt + n * M + g * s.H + u, frozen ? V<T>{} : regs[dslots[g]][l], w);
-                for (int64_t k = 0; k < s.S; ++k)
-                  store(Ad + k * s.N * s.H + at, frozen ? regs[seeds[k]][l] : regs[dolds[k]][l], w);
-                if (!frozen)
-                  for (int64_t i = 0; i < s.P; ++i) store(dp + i * s.H + u, load(dp + i * s.H + u, w) + regs[dparams[i]][l], w);
+              const int l0 = v * kRows;
+              for (int64_t g = 0; g < s.G; ++g) store_rows(pt + r0 * M + g * s.H + u, M, regs[dslots[g]] + l0, rows, w);
+              for (int64_t k = 0; k < s.S; ++k)
+                store_rows(Ad + (k * s.N + r0) * s.H + u, s.H, regs[dolds[k]] + l0, rows, w);
+              for (int r = 0; m != nullptr && r < rows; ++r) {
+                const int64_t n = r0 + r;
+                if (m[n]) continue;  // an ended sequence: no gradient into the slots, its state's passes through
+                for (int64_t g = 0; g < s.G; ++g) store(pt + n * M + g * s.H + u, V<T>{}, w);
+                for (int64_t k = 0; k < s.S; ++k) store(Ad + (k * s.N + n) * s.H + u, regs[seeds[k]][l0 + r], w);
+              }
+              for (int64_t i = 0; i < s.P; ++i) {
+                V<T> sum = load(dp + i * s.H + u, w);
+                for (int r = 0; r < rows; ++r)
+                  if (m == nullptr || m[r0 + r]) sum += regs[dparams[i]][l0 + r];
+                store(dp + i * s.H + u, sum, w);
               }
             }
           }
