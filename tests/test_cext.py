@@ -322,9 +322,10 @@ def test_the_kernels_without_avx_build_and_agree(variant, tmp_path):
     where = subprocess.run([sys.executable, "-c", "from rnnkit.backends import cext; print(cext.build())"],
                            capture_output=True, text=True, timeout=120, env=env)
     assert where.stdout.strip() == str(lib), where.stderr  # these tests load this build, not the usual one
-    tests = Path(__file__).with_name("test_fused.py")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k",
-                          "tiles or chunked or partial or zero_initial or frozen"],
-                         capture_output=True, text=True, timeout=900, env=env, cwd=tests.parent.parent)
-    assert run.returncode == 0, run.stdout[-3000:]
-    assert " passed" in run.stdout.splitlines()[-1]
+    for name, pick in (("test_fused.py", ["-k", "tiles or chunked or partial or zero_initial or frozen"]),
+                       ("test_traced.py", [])):  # the traced cells' loops, whole
+        tests = Path(__file__).with_name(name)
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), *pick],
+                             capture_output=True, text=True, timeout=900, env=env, cwd=tests.parent.parent)
+        assert run.returncode == 0, run.stdout[-3000:]
+        assert " passed" in run.stdout.splitlines()[-1]
