@@ -275,3 +275,65 @@ def test_weight_gradients_without_an_input_gradient_keep_only_a_ring_of_steps() 
             got = [p.grad.clone() for p in cell.parameters()]
     for g, p in zip(got, cell.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+class NegativeSlices(LerpGRU):
+    """Slices from the end of a product (a[:, -H:], a[:, :-H]), the state first in the product."""
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        a = self.gates(torch.cat([h, x], 1))
+        return torch.tanh(a[:, -self.hidden_size:]) * torch.sigmoid(a[:, :-self.hidden_size])
+
+
+def test_slices_from_the_end_and_a_sum_loss() -> None:
+    # a .sum() loss hands the backward a broadcast gradient (every stride 0)
+    torch.manual_seed(7)
+    cell = NegativeSlices(3, 6)
+    x = torch.randn(4, 5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = unroll(cell, x, backend="traced").outputs
+    got.sum().backward()
+    grads = [p.grad.clone() for p in cell.parameters()]
+    cell.zero_grad()
+    expected = unroll(cell, x, backend="reference").outputs
+    expected.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+    for g, p in zip(grads, cell.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+class Counting(Elman):
+    """Counts its steps in a buffer, in place: a trace would count once per call, not per step."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__(input_size, hidden_size)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        self.steps.add_(1)
+        return super().forward(x, h)
+
+
+class Float64Scale(Elman):
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__(input_size, hidden_size)
+        self.register_buffer("gain", torch.tensor(0.5, dtype=torch.float64))
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return super().forward(x, h) * self.gain
+
+
+@pytest.mark.parametrize(("cls", "why"), [(Counting, "in place"), (Float64Scale, "torch.float64 where the input")])
+def test_in_place_updates_and_other_dtypes_fall_back_every_call(cls, why) -> None:
+    cell = cls(2, 3)
+    x = torch.randn(2, 5, 2)
+    for call in range(2):  # the refusal is remembered: the second call must not run an unchecked program
+        if call == 0:
+            with pytest.warns(UserWarning, match=why):
+                got = unroll(cell, x, backend="traced").outputs
+        else:
+            got = unroll(cell, x, backend="traced").outputs
+        torch.testing.assert_close(got, unroll(cell, x, backend="reference").outputs)
+    if cls is Counting:
+        assert int(cell.steps) == 4 * 5  # every step counted, in both backends' calls

@@ -872,11 +872,13 @@ def _aside() -> Any:
 
 
 def _warn(cell: nn.Module, why: str, quiet: bool = False, template: str = "rnnkit: the compiled backend cannot "
-          "run {name} ({why}); it runs the reference loop instead") -> None:
-    """One warning per cell type, attributed to the first caller outside rnnkit and torch."""
-    if quiet or type(cell) in _WARNED:
+          "run {name} ({why}); it runs the reference loop instead", warned: set[type] | None = None) -> None:
+    """One warning per cell type (and set of types ``warned``, by default this backend's), attributed to
+    the first caller outside rnnkit and torch."""
+    warned = _WARNED if warned is None else warned
+    if quiet or type(cell) in warned:
         return
-    _WARNED.add(type(cell))
+    warned.add(type(cell))
     level, frame = 2, sys._getframe(1)
     inside = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
     while frame is not None and frame.f_code.co_filename.startswith(inside):

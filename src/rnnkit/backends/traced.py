@@ -58,6 +58,7 @@ _SAME = {_aten.clone.default, _aten.alias.default, _aten.contiguous.default}
 _MAX_PROGRAMS = 128
 _PROGRAMS: OrderedDict[tuple, _Program | None] = OrderedDict()
 _WHY: dict[tuple, str] = {}
+_WARNED: set[type] = set()  # cell types this backend has warned about
 
 
 class _Unsupported(Exception):
@@ -126,9 +127,14 @@ class _Builder:
         self.vectors: list[tuple[int, int]] = []
         self.vector_regs: dict[tuple[torch.fx.Node, int], tuple] = {}
         self.kr: int | None = None
+        x = [n for n in gm.graph.nodes if n.op == "placeholder"][n_tensors].meta.get("val")
+        self.dtype = x.dtype if isinstance(x, Tensor) else None
 
     # -- helpers
     def _weight_output(self, node: torch.fx.Node) -> int:
+        v = node.meta.get("val")
+        if isinstance(v, Tensor) and v.dtype != self.dtype:
+            raise _Unsupported(f"a tensor of the cell's is {v.dtype} where the input is {self.dtype}")
         if node not in self.weight_outputs:
             self.weight_outputs.append(node)
         return self.weight_outputs.index(node)
@@ -232,8 +238,10 @@ class _Builder:
         else:
             raise _Unsupported("a product whose left operand is neither the input nor a state (nor both)")
         states = {k for kind, k in parts if kind == "s"}
-        if len([p for p in parts if p[0] == "s"]) > 1 or len([p for p in parts if p[0] == "x"]) > 1:
-            raise _Unsupported("a product reads the input or a state twice")
+        if len([p for p in parts if p[0] == "s"]) > 1:
+            raise _Unsupported("a product reads more than one state (or one state twice)")
+        if len([p for p in parts if p[0] == "x"]) > 1:
+            raise _Unsupported("a product reads the input twice")
         if states:
             k = states.pop()
             if self.kr is not None and self.kr != k:
@@ -275,6 +283,10 @@ class _Builder:
                 raise _Unsupported(f"its trace holds a {n.op} node")
             if not n.users and n.target is _aten.detach.default:
                 continue  # autograd's bookkeeping
+            schema = getattr(n.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                raise _Unsupported(f"its step changes a tensor in place ({n.target}), which the loop would not repeat "
+                                   "every step")
             inputs = n.all_input_nodes
             if inputs and all(self.env[a][0] == "w" for a in inputs):
                 self.env[n] = ("w",)
@@ -341,7 +353,8 @@ class _Builder:
                 raise _Unsupported("a slice of something other than the step's (N, k H) values")
             self._dim(args[0], dim)
             width = len(v[1]) * self.H
-            start, end = max(0, min(start or 0, width)), max(0, min(width if end is None else end, width))
+            start, end = start or 0, width if end is None else end
+            start, end = (max(0, min(b + width if b < 0 else b, width)) for b in (start, end))  # as Python slices
             if start % self.H or end % self.H:
                 raise _Unsupported(f"a slice that does not fall on multiples of {self.H} units")
             return ("rows", v[1][start // self.H:end // self.H])
@@ -661,6 +674,8 @@ class _Loop(torch.autograd.Function):
         gs = None
         if ctx.return_states and any(g is not None for g in g_rest[n:]):
             gs = torch.stack([torch.zeros_like(S[k]) if g is None else g for k, g in enumerate(g_rest[n:])])
+        if g_out is not None and g_out.stride(2) != 1:  # a broadcast (a .sum() loss's): the loop reads rows
+            g_out = g_out.contiguous()
         dx_wanted = Wx is not None and ctx.needs_input_grad[1]
         P = S.new_empty(T if dx_wanted else 0, N, M)  # none: the loop keeps the few steps it reads
         dpv = torch.empty_like(pv)
@@ -728,8 +743,12 @@ def _check(prog: _Program, cell: nn.Module, slots: compiled._Slots, x: Tensor, l
 
     rows, steps = min(x.shape[1], 5), min(x.shape[0], 3)
     gen = torch.Generator().manual_seed(0)
-    xs = x[:steps, :rows].detach().clone().requires_grad_(True)
-    s0 = [s[:rows].detach().clone().requires_grad_(True) for s in leaves]
+    xs, s0 = x[:steps, :rows].detach().clone(), [s[:rows].detach().clone() for s in leaves]
+    if not all(bool(t.isfinite().all()) for t in (xs, *s0)):  # a NaN in the call's data says nothing of the cell
+        xs = torch.randn(xs.shape, generator=gen, dtype=xs.dtype)
+        s0 = [torch.randn(s.shape, generator=gen, dtype=s.dtype) * 0.5 for s in s0]
+    xs = xs.requires_grad_(True)
+    s0 = [s.requires_grad_(True) for s in s0]
     tensors = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in slots.tensors]
     wants = [xs, *s0, *(t for t in tensors if t.requires_grad)]
     with torch.enable_grad():
@@ -773,7 +792,7 @@ def _program(cell: nn.Module, slots: compiled._Slots, x: Tensor, leaves: list[Te
 
             if isinstance(e, ShapeError):
                 raise  # the cell's own mistake: the loop would raise it too
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            why, prog = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", None
         _PROGRAMS[key] = prog
         if prog is None:
             _WHY[key] = why
@@ -781,7 +800,7 @@ def _program(cell: nn.Module, slots: compiled._Slots, x: Tensor, leaves: list[Te
             _WHY.pop(_PROGRAMS.popitem(last=False)[0], None)
     if why:
         compiled._warn(cell, why, quiet, "rnnkit: the traced backend cannot run {name} ({why}); it runs the "
-                       "reference loop instead")
+                       "reference loop instead", _WARNED)
         return None
     return _PROGRAMS[key]
 

@@ -953,7 +953,6 @@ constexpr int kLanes = 4 * kRows;
 template <typename T>
 using Reg = V<T>[kLanes];
 
-// Runs n instructions on the registers; b of an instruction ending in C indexes consts.
 // Runs n instructions on the first L lanes of the registers; b of an instruction ending in C
 // indexes consts.
 template <typename T, int L>
