@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import rnnkit
 from rnnkit import unroll
-from rnnkit.backends import compiled, reference
+from rnnkit.backends import compiled, reference, traced
 from rnnkit.engine import tree_flatten
 from rnnkit.errors import ShapeError
 
@@ -116,6 +116,12 @@ def _agree(cell: nn.Module, x: Tensor, state=None, monkeypatch=None, **kw) -> No
         assert (g is None) == (w is None)
         if g is not None:
             torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.fixture(autouse=True)
+def _auto_compiles(monkeypatch) -> None:
+    """These tests are the compiled backend's: "auto" does not try the traced backend first here."""
+    monkeypatch.setattr(traced, "worth_it", lambda *a: False)
 
 
 @pytest.fixture(scope="module")

@@ -179,11 +179,13 @@ def test_kept_values_and_pre_activations() -> None:
         assert prog.keep_z is keep and prog.n_saved > 0
 
 
-def test_auto_leaves_it_opt_in() -> None:
-    # a trace does not follow a cell's Python side effects (globals, printing): asked for, never assumed
+def test_auto_picks_it_where_it_would_compile() -> None:
+    # long float32 sequences (where auto used to compile); shorter ones stay in the loop, as a trace
+    # does not follow a cell's Python side effects (globals, printing): asked for there, not assumed
     cell = Seed000Cell(3, 8)
-    for T in (4, 300):
-        assert _pick_backend(cell, torch.randn(2, T, 3), T, 2) != "traced"
+    assert _pick_backend(cell, torch.randn(2, 4, 3), 4, 2) == "reference"
+    assert _pick_backend(cell, torch.randn(2, 300, 3), 300, 2) == "traced"
+    assert _pick_backend(cell.double(), torch.randn(2, 300, 3).double(), 300, 2) != "traced"
 
 
 class _ZeroState(nn.Module):
@@ -226,6 +228,9 @@ def test_steps_it_cannot_read_fall_back_with_the_reason(cls, why) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(unroll(cell, x, h0).outputs, got)  # auto: quietly elsewhere
+        long = torch.randn(3, 260, 3)
+        torch.testing.assert_close(unroll(cell, long, h0).outputs, unroll(cell, long, h0, backend="reference").outputs,
+                                   rtol=1e-4, atol=1e-5)  # tried the traced backend, quietly on
 
 
 def test_second_derivatives_are_refused_clearly() -> None:

@@ -11,9 +11,10 @@ reference    a plain Python loop over ``cell.step`` (or ``cell(x_t, state)``): a
 native       PyTorch's fused LSTM/GRU/RNN kernels (cuDNN on a GPU), built-in cells only
 fused        rnnkit's own CPU LSTM/GRU/RNN: hoisted GEMMs and a hand-written backward
 traced       a cell whose step is products of the input and a state plus elementwise maths,
-             on the CPU: traced once (no compiling) into rnnkit's C++ time loops; opt-in
+             on the CPU: traced once (no compiling) into rnnkit's C++ time loops; "auto"
+             picks it for other float32 cells on 256 steps or more
 compiled     any cell on the CPU, traced once: Inductor-compiled elementwise maths, oneDNN GEMMs;
-             "auto" picks it for other cells on 256 steps or more
+             "auto" picks it on 256 steps or more for cells the traced backend cannot read
 ===========  ==========================================================================
 
 ``backend="auto"`` picks the fastest one that supports the cell and device; every backend
@@ -141,8 +142,8 @@ def unroll(
 
     runner = {"reference": reference.run, "native": native.run, "fused": fused.run, "compiled": compiled.run,
               "traced": traced.run}[backend]
-    if picked and backend == "compiled":
-        runner = compiled.run_quietly  # chosen for the caller: fall back without a warning
+    if picked and backend in ("compiled", "traced"):  # chosen for the caller: fall back without a warning
+        runner = compiled.run_quietly if backend == "compiled" else traced.run_quietly
     leaves, unflatten = tree_flatten(state)
 
     def run(x_in: Tensor, *state_leaves: Tensor) -> tuple[Tensor, ...]:
@@ -345,6 +346,8 @@ def _pick_backend(
             return "native"
     if fused_ok:
         return "fused"
+    if traced.worth_it(cell, x, T):
+        return "traced"  # a cell it cannot read goes on, quietly, to the compiled backend or the loop
     return "compiled" if compiled.worth_it(cell, x, T) else "reference"
 
 

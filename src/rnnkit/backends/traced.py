@@ -43,7 +43,7 @@ from rnnkit.backends import cext, compiled, gemm, reference
 from rnnkit.fpmode import flush_denormals_enabled
 from rnnkit.fpmode import transforming as _transforming
 
-__all__ = ["unsupported", "run", "clear_cache"]
+__all__ = ["unsupported", "worth_it", "run", "run_quietly", "clear_cache"]
 
 _aten = torch.ops.aten
 # the C++ loop's instruction set (enum CellOp in csrc/fused_cpu.cpp)
@@ -821,6 +821,19 @@ def unsupported(cell: nn.Module, x: Tensor) -> str | None:
     return f"rnnkit's C++ kernels are unavailable here ({why})" if why else None
 
 
+def worth_it(cell: nn.Module, x: Tensor, T: int) -> bool:
+    """Whether ``backend="auto"`` should try this backend: where it would otherwise compile the cell
+    (long sequences on the CPU, float32; ``RNNKIT_COMPILE=0`` turns both off), which it beats with
+    nothing to compile."""
+    return compiled._AUTO and T >= compiled.AUTO_MIN_STEPS and x.dtype == torch.float32 and unsupported(cell, x) is None
+
+
+def run_quietly(*args: Any) -> tuple[Tensor, Any, Any]:
+    """:func:`run` for ``backend="auto"`` (same arguments): no warning, and a cell it cannot read goes to
+    the compiled backend where that pays, else to the reference loop."""
+    return run(*args, quiet=True)
+
+
 def run(
     cell: nn.Module, x: Tensor, state: Any, masks: Tensor | None, lengths: Tensor | None, return_states: bool,
     quiet: bool = False,
@@ -829,7 +842,7 @@ def run(
     from rnnkit.engine import tree_flatten
 
     leaves, unflatten = tree_flatten(state)
-    fallback = reference.run
+    fallback = compiled.run_quietly if quiet and compiled.worth_it(cell, x, x.shape[0]) else reference.run
     slots = compiled._Slots(cell)
     if (_transforming() or torch.is_autocast_enabled("cpu") or not leaves
             or any(not s.is_floating_point() or s.dtype != x.dtype for s in leaves)
