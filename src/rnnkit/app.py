@@ -285,7 +285,7 @@ def _train_mnist(
     if "." in cfg.model.cell and cfg.model.backend == "auto" and device.type == "cpu":
         from rnnkit.backends.compiled import AUTO_MIN_STEPS
 
-        if data.x_train.shape[1] < AUTO_MIN_STEPS:  # longer sequences are compiled by default
+        if data.x_train.shape[1] < AUTO_MIN_STEPS:  # longer sequences are traced or compiled by default
             log("your cell runs in rnnkit's reference loop at this sequence length; --backend traced runs it in "
                 "rnnkit's C++ loops (products and elementwise maths only), --backend compiled compiles any cell")
 

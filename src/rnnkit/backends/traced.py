@@ -645,14 +645,16 @@ class _Loop(torch.autograd.Function):
         Wx, b, Ws, pv = _prepare(prog, vals)
         T, N = x.shape[:2]
         H, M = prog.H, prog.G * prog.H
-        Z = x.new_empty((T, N, M) if prog.keep_z else (0,))
+        # nothing kept for a backward that cannot come (evaluation, inference)
+        keep = any(ctx.needs_input_grad)
+        Z = x.new_empty((T, N, M) if prog.keep_z and keep else (0,))
         wx = Wx if Wx is not None else x.new_zeros(M, x.shape[2])
         bias = b if b is not None else x.new_zeros(M)
         S0 = torch.stack(s0) if len(s0) > 1 else s0[0].unsqueeze(0)
         S = x.new_empty(prog.n_state, T, N, H)
-        Y = x.new_empty(T, N, prog.n_saved, H)
+        Y = x.new_empty(T, N, prog.n_saved if keep else 0, H)
         cext.ops().cell_forward_steps(Z, S, Y, x, S0.contiguous(), wx, bias, Ws, pv, prog.code, prog.consts,
-                                      prog.outs, prog.Gs, prog.kr, prog.nregs, masks, full, s0_zero,
+                                      prog.outs if keep else prog.outs[:prog.n_state], prog.Gs, prog.kr, prog.nregs, masks, full, s0_zero,
                                       flush_denormals_enabled(), prog.reads[0])
         ctx.prog, ctx.full, ctx.return_states, ctx.n_vals = prog, full, return_states, n_vals
         ctx.save_for_backward(x, Z, S, Y, S0, Wx, Ws, pv, masks, *vals)
