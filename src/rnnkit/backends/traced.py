@@ -653,9 +653,10 @@ class _Loop(torch.autograd.Function):
         S0 = torch.stack(s0) if len(s0) > 1 else s0[0].unsqueeze(0)
         S = x.new_empty(prog.n_state, T, N, H)
         Y = x.new_empty(T, N, prog.n_saved if keep else 0, H)
-        cext.ops().cell_forward_steps(Z, S, Y, x, S0.contiguous(), wx, bias, Ws, pv, prog.code, prog.consts,
-                                      prog.outs if keep else prog.outs[:prog.n_state], prog.Gs, prog.kr, prog.nregs, masks, full, s0_zero,
-                                      flush_denormals_enabled(), prog.reads[0])
+        outs = prog.outs if keep else prog.outs[:prog.n_state]
+        cext.ops().cell_forward_steps(Z, S, Y, x, S0.contiguous(), wx, bias, Ws, pv, prog.code, prog.consts, outs,
+                                      prog.Gs, prog.kr, prog.nregs, masks, full, s0_zero, flush_denormals_enabled(),
+                                      prog.reads[0])
         ctx.prog, ctx.full, ctx.return_states, ctx.n_vals = prog, full, return_states, n_vals
         ctx.save_for_backward(x, Z, S, Y, S0, Wx, Ws, pv, masks, *vals)
         ctx.set_materialize_grads(False)
