@@ -342,3 +342,15 @@ def test_in_place_updates_and_other_dtypes_fall_back_every_call(cls, why) -> Non
         torch.testing.assert_close(got, unroll(cell, x, backend="reference").outputs)
     if cls is Counting:
         assert int(cell.steps) == 4 * 5  # every step counted, in both backends' calls
+
+
+@pytest.mark.parametrize("cls", [Seed000Cell, Exotic])
+def test_evaluation_keeps_nothing_for_a_backward_and_agrees(cls) -> None:
+    torch.manual_seed(8)
+    cell = cls(3, 7)
+    x, state = torch.randn(4, 6, 3), _random_state(cell, 4, torch.float32)
+    expected = unroll(cell, x, state, backend="reference", return_states=True)
+    with torch.no_grad():
+        got = unroll(cell, x, state, backend="traced", return_states=True)
+    for e, g in zip(tree_flatten(tuple(expected))[0], tree_flatten(tuple(got))[0], strict=True):
+        torch.testing.assert_close(g, e.detach(), rtol=2e-5, atol=2e-5)
