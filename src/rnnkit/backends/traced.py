@@ -5,15 +5,14 @@ elementwise maths on slices of the products, the old state and per-unit paramete
 traces one step of the cell (``make_fx``, a fraction of a second) and, when the step has that
 shape, turns it into:
 
-* the products, split into the input's share (one GEMM over all steps before the loop, with the
-  biases) and the recurrent state's share, which the C++ loop computes step by step in register
-  tiles (the fused LSTM's machinery, ``cell_forward_steps`` in ``csrc/fused_cpu.cpp``);
+* the products, whose weights the C++ loop packs once per call and computes step by step in
+  register tiles, the input's and the recurrent state's shares together (the fused LSTM's
+  machinery, ``cell_forward_steps`` in ``csrc/fused_cpu.cpp``);
 * an elementwise program over H-wide slices ("slots") of the products, the states and parameter
-  vectors, which the loop runs on each tile while it is in cache; its backward is the adjoint
-  program derived here, which reads the forward values it needs from what the forward kept;
-* after the loop, the weights' gradients as a few large GEMMs, and the parameters' gradients
-  through autograd from there (the weights are sliced and concatenated from the cell's own
-  tensors in Python, differentiably).
+  vectors, which the loop runs on each tile while it is in cache, keeping the values its backward
+  reads; the backward runs the adjoint program derived here (reverse mode over the instructions);
+* the weights' gradients summed inside the backward loop, and handed back to the weights' graph's
+  outputs (:func:`_val_grads`) from where autograd takes them to the cell's parameters.
 
 So a custom cell trains at the speed of rnnkit's own LSTM loops, not at that of a Python loop or
 of per-step compiled kernels. What it takes: every product's left operand is the step's input, one
@@ -24,7 +23,8 @@ output is its first state. Anything else (a layer norm, dropout, a product of a 
 a custom ``output()``) is refused with the reason, and ``auto`` moves on to the compiled backend
 or the reference loop. As with the compiled backend, a trace is used only for cells without hooks
 or tensor attributes, keyed by the cell's attributes, and checked against the eager cell on the
-call's own inputs (values and gradients over two steps) when it is built.
+call's own first rows and steps (values and gradients) when it is built. It is opt-in below
+:data:`~rnnkit.backends.compiled.AUTO_MIN_STEPS` steps, where ``auto`` runs the reference loop.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class _Program:
 # Values while the graph is read: ("w",) a value of the cell's tensors alone (the weights' graph
 # computes it); ("x",) the input; ("rows", [reg, ...]) (N, k H) as k registers of H units;
 # ("xcat", [part, ...]) a concatenation of the input and a state (a product's left operand only);
-# ("split", [rows, ...]); ("num", float). Registers are symbolic until numbered: ("slot", product,
+# ("split", [rows, ...]). Registers are symbolic until numbered: ("slot", product,
 # k), ("state", k), ("vec", i), ("tmp", i).
 
 
@@ -160,8 +160,6 @@ class _Builder:
                 return float(node)
             raise _Unsupported(f"an elementwise operand is {type(node).__name__}")
         v = self.env[node]
-        if v[0] == "num":
-            return v[1]
         if v[0] == "rows":
             if len(v[1]) != width:
                 raise _Unsupported("an elementwise operation broadcasts between widths")
