@@ -1109,14 +1109,12 @@ void load_cell_tile(const CellShape& s, Reg<T>* R, const T* z, const T* const* o
   for (int v = 0; v < nvec; ++v) {
     const int64_t u = u0 + v * W;
     const int w = static_cast<int>(std::min<int64_t>(W, s.H - u));
-    V<T>* lanes = nullptr;
     for (int64_t g = 0; g < s.G && z != nullptr; ++g) load_rows(R[g] + v * kRows, z + r0 * M + g * s.H + u, M, rows, w);
     for (int64_t k = 0; k < s.S; ++k)
       if (olds[k] != nullptr) load_rows(R[s.G + k] + v * kRows, olds[k] + r0 * s.H + u, s.H, rows, w);
-    for (int64_t i = 0; i < s.P; ++i) {
+    for (int64_t i = 0; i < s.P; ++i) {  // a parameter vector: the same in every row
       const V<T> x = load(pv + i * s.H + u, w);
-      lanes = R[s.G + s.S + i] + v * kRows;
-      for (int r = 0; r < kRows; ++r) lanes[r] = x;
+      for (int r = 0; r < kRows; ++r) R[s.G + s.S + i][v * kRows + r] = x;
     }
   }
 }
