@@ -11,7 +11,8 @@ shape, turns it into:
 * an elementwise program over H-wide slices ("slots") of the products, the states and parameter
   vectors, which the loop runs on each tile while it is in cache, keeping the values its backward
   reads; the backward runs the adjoint program derived here (reverse mode over the instructions);
-* the weights' gradients summed inside the backward loop, and handed back to the weights' graph's
+* the weights' and the input's gradients summed inside the backward loop (which keeps only a ring
+  of the few steps of slot gradients it reads), the weights' handed back to the weights' graph's
   outputs (:func:`_val_grads`) from where autograd takes them to the cell's parameters.
 
 So a custom cell trains at the speed of rnnkit's own LSTM loops, not at that of a Python loop or
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.backends import cext, compiled, gemm, reference
+from rnnkit.backends import cext, compiled, reference
 from rnnkit.fpmode import flush_denormals_enabled
 from rnnkit.fpmode import transforming as _transforming
 
@@ -677,15 +678,14 @@ class _Loop(torch.autograd.Function):
             gs = torch.stack([torch.zeros_like(S[k]) if g is None else g for k, g in enumerate(g_rest[n:])])
         if g_out is not None and g_out.stride(2) != 1:  # a broadcast (a .sum() loss's): the loop reads rows
             g_out = g_out.contiguous()
-        dx_wanted = Wx is not None and ctx.needs_input_grad[1]
-        P = S.new_empty(T if dx_wanted else 0, N, M)  # none: the loop keeps the few steps it reads
-        dpv = torch.empty_like(pv)
         I = x.shape[2]
+        dx = x.new_empty(T, N, I) if Wx is not None and ctx.needs_input_grad[1] else None
+        dpv = torch.empty_like(pv)
         dwx, dws = S.new_empty(I + 1, M), S.new_empty(H, Ms)
-        cext.ops().cell_backward_steps(Z, S, Y, S0, A, g_out, gs, P, dpv, Ws, pv, prog.adjoint,
+        cext.ops().cell_backward_steps(Z, S, Y, S0, A, g_out, gs, dpv, Ws, pv, prog.adjoint,
                                        prog.consts, prog.io, prog.Gs, prog.kr, prog.nregs, masks, ctx.full,
-                                       flush_denormals_enabled(), x, dwx, dws, prog.reads[1])
-        dx = gemm.mm(P.view(T * N, M), Wx).view(T, N, I) if dx_wanted else None
+                                       flush_denormals_enabled(), x, dwx, dws, prog.reads[1], dx,
+                                       Wx if dx is not None else None)
         wanted = any(ctx.needs_input_grad[7:7 + ctx.n_vals])
         grads = _val_grads(prog, vals, dwx, dws, dpv) if wanted else [None] * ctx.n_vals
         return (None, dx, None, None, None, None, None, *grads, *A.unbind(0))

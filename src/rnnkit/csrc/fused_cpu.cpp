@@ -1206,18 +1206,20 @@ void cell_forward_steps(Tensor Z, Tensor S, Tensor Y, const Tensor& x, const Ten
 // All steps of a traced cell's backward, from the last. A (S, N, H) holds d loss / d final states on
 // entry and receives d loss / d initial states; go (T, N, H, any step and row strides), when given,
 // the outputs' (state 0's) gradient, gs (S, T, N, H), when given, every step's states' gradients.
-// P (T, N, G H) receives the slots' gradients, dpv (P, H) the parameter vectors', dwx (I + 1, G H)
+// dpv (P, H) receives the parameter vectors' gradients, dwx (I + 1, G H)
 // the sums of [x_t, 1]^T P_t (the input weights' and biases' gradients; x (T, N, I)), dws (H, Gs H)
 // those of s_{t-1}^T P_t over the recurrent slots (the recurrent weights'). Y (T, N, saved, H): the
-// forward's values the adjoint reads. io: the adjoint's seeds (the new states' gradients), the
+// forward's values the adjoint reads. dx (T, N, I), when given, receives the input's gradient from
+// wx (G H, I). io: the adjoint's seeds (the new states' gradients), the
 // registers holding the slots', old states' and parameter vectors' gradients, then Y's registers.
 void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, const Tensor& S0, Tensor A,
-                         const std::optional<Tensor>& go, const std::optional<Tensor>& gs, Tensor P, Tensor dpv,
+                         const std::optional<Tensor>& go, const std::optional<Tensor>& gs, Tensor dpv,
                          const Tensor& ws, const Tensor& pv, const Tensor& adjoint, const Tensor& consts, const Tensor& io,
                          int64_t Gs, int64_t kr, int64_t nregs, const Tensor& masks, int64_t full, bool flush,
-                         const Tensor& x, Tensor dwx, Tensor dws, const Tensor& state_reads) {
-  TORCH_CHECK(P.dim() == 3 && S.dim() == 4 && pv.dim() == 2, "rnnkit fused kernels: P, S or pv has the wrong rank");
-  const CellShape s{S.size(1), S.size(2), S.size(3), S.size(3) ? P.size(2) / S.size(3) : 0, Gs, S.size(0),
+                         const Tensor& x, Tensor dwx, Tensor dws, const Tensor& state_reads,
+                         const std::optional<Tensor>& dx, const std::optional<Tensor>& wx) {
+  TORCH_CHECK(dwx.dim() == 2 && S.dim() == 4 && pv.dim() == 2, "rnnkit fused kernels: dwx, S or pv has the wrong rank");
+  const CellShape s{S.size(1), S.size(2), S.size(3), S.size(3) ? dwx.size(1) / S.size(3) : 0, Gs, S.size(0),
                     pv.size(0), kr, nregs};
   TORCH_CHECK(Y.dim() == 4, "rnnkit fused kernels: Y must be (T, N, saved, H)");
   const int64_t nsave = Y.size(2);
@@ -1225,15 +1227,9 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
   check(Y, S, "Y");
   expect(Y, "Y", {s.T, s.N, nsave, s.H});
   check(A, S, "A");
-  check(P, S, "P");
   check(dpv, S, "dpv");
   expect(A, "A", {s.S, s.N, s.H});
-  // P (0, N, G H): the caller needs no slot gradients after the call (no input gradient to compute
-  // from them), so a ring of the few steps the loop reads at once is enough (at T784 H256 B128 the
-  // whole sequence's are 400 MB)
-  const bool ring = P.size(0) == 0;
-  if (!ring) expect(P, "P", {s.T, s.N, s.G * s.H});
-  TORCH_CHECK(P.dim() == 3 && P.size(1) == s.N && P.size(2) == s.G * s.H, "rnnkit fused kernels: P must be (T or 0, N, G H)");
+  TORCH_CHECK(dx.has_value() == wx.has_value(), "rnnkit fused kernels: dx and wx come together");
   expect(dpv, "dpv", {s.P, s.H});
   if (go) {
     check_strided(*go, S, "go", "(T, N, H) ", "units");
@@ -1251,6 +1247,12 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
   const int64_t I = x.size(2);
   expect(dwx, "dwx", {I + 1, s.G * s.H});
   expect(dws, "dws", {s.H, s.Gs * s.H});
+  if (dx) {
+    check(*dx, S, "dx");
+    check(*wx, S, "wx");
+    expect(*dx, "dx", {s.T, s.N, I});
+    expect(*wx, "wx", {s.G * s.H, I});
+  }
   check_masks(masks, full, s.T, s.N);
   TORCH_CHECK(state_reads.scalar_type() == at::kInt && state_reads.is_contiguous() && state_reads.numel() == s.S,
               "rnnkit fused kernels: state_reads must be one int32 per state");
@@ -1261,12 +1263,21 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
     const T* wsd = ws.data_ptr<T>();
     // panels of ws (Gs H, H) by blocks of 4W units: the recurrent state's gradient from the slots'
     const Tensor bwp = pack_rows<T>(S, blocks4, width, Ms, s.H, [&](int64_t k) { return wsd + k * s.H; });
+    // panels of wx (G H, I) by blocks of nvx W inputs: the input's gradient from the slots'
+    const int nvx = static_cast<int>(std::min<int64_t>(4, (I + W - 1) / W));
+    const T* wxd = wx ? wx->data_ptr<T>() : nullptr;
+    const Tensor wxpt = wx ? pack_rows<T>(S, (I + nvx * W - 1) / (nvx * W), nvx * W, M, I,
+                                          [&](int64_t k) { return wxd + k * I; })
+                           : Tensor();
+    const T* wxp = wx ? wxpt.data_ptr<T>() : nullptr;
+    T* dxd = dx ? dx->data_ptr<T>() : nullptr;
     const Tensor kc = consts.to(S.scalar_type()).contiguous();
     const int32_t* seeds = io.data_ptr<int32_t>();
     // pointers once: data_ptr() checks the dtype on every call
-    // steps of P kept: with a ring, the most a block's weight-gradient group reads, and the step above
-    const int64_t fewest = s.N / row_blocks(s.N), R = ring ? std::min<int64_t>(s.T, kDepth / std::max<int64_t>(1, fewest) + 2) : s.T;
-    const Tensor Pbuf = ring ? at::empty({R, s.N, M}, S.options()) : P;
+    // the slots' gradients, a ring of the steps the loop reads at once: the most a block's
+    // weight-gradient group reads, and the step above (at T784 H256 B128 all of them were 400 MB)
+    const int64_t fewest = s.N / row_blocks(s.N), R = std::min<int64_t>(s.T, kDepth / std::max<int64_t>(1, fewest) + 2);
+    const Tensor Pbuf = at::empty({R, s.N, M}, S.options());
     T *Ad = A.data_ptr<T>(), *Pd = Pbuf.data_ptr<T>();
     const T *Zd = Z.numel() > 0 ? Z.data_ptr<T>() : nullptr, *Sd = S.data_ptr<T>(), *S0d = S0.data_ptr<T>(),
             *Yd = Y.data_ptr<T>(), *xd = x.data_ptr<T>(), *pvd = pv.data_ptr<T>(), *bwpd = bwp.data_ptr<T>(),
@@ -1375,6 +1386,10 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
               }
             }
           }
+        if (dxd != nullptr)  // the input's gradient of step t: its slots' gradients times wx
+          over_unit_tiles(pt, wxp, M, I, n0, n1, [&](int64_t n, int64_t u, int w, V<T> sum) {
+            store(dxd + (t * s.N + n) * I + u, sum, w);
+          }, nvx);
         const int64_t done = s.T - t;  // steps whose slots' gradients are in
         if (done % group == 0 || t == 0) weight_grads(t, done % group == 0 ? group : done % group);
       }
@@ -1428,9 +1443,10 @@ TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
       "Tensor code, Tensor consts, Tensor io, int Gs, int kr, int nregs, Tensor masks, int full, bool s0_zero, "
       "bool flush, Tensor state_reads) -> ()");
   m.def(
-      "cell_backward_steps(Tensor Z, Tensor S, Tensor Y, Tensor S0, Tensor(a!) A, Tensor? go, Tensor? gs, Tensor(b!) P, "
+      "cell_backward_steps(Tensor Z, Tensor S, Tensor Y, Tensor S0, Tensor(a!) A, Tensor? go, Tensor? gs, "
       "Tensor(c!) dpv, Tensor ws, Tensor pv, Tensor adjoint, Tensor consts, Tensor io, int Gs, int kr, "
-      "int nregs, Tensor masks, int full, bool flush, Tensor x, Tensor(d!) dwx, Tensor(e!) dws, Tensor state_reads) -> ()");
+      "int nregs, Tensor masks, int full, bool flush, Tensor x, Tensor(d!) dwx, Tensor(e!) dws, Tensor state_reads, "
+      "Tensor(f!)? dx=None, Tensor? wx=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
