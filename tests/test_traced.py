@@ -17,7 +17,7 @@ from test_compiled import MinimalCell, Seed000Cell
 from torch import Tensor, nn
 
 from rnnkit import RNN, unroll
-from rnnkit.backends import traced
+from rnnkit.backends import compiled, traced
 from rnnkit.engine import _pick_backend, tree_flatten
 
 Elman = MinimalCell  # one product of the state alone; the input enters through a product too
@@ -354,3 +354,36 @@ def test_evaluation_keeps_nothing_for_a_backward_and_agrees(cls) -> None:
         got = unroll(cell, x, state, backend="traced", return_states=True)
     for e, g in zip(tree_flatten(tuple(expected))[0], tree_flatten(tuple(got))[0], strict=True):
         torch.testing.assert_close(g, e.detach(), rtol=2e-5, atol=2e-5)
+
+
+class Annealed(Elman):
+    """A temperature kept as a float and changed before every call: a new key each time."""
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return super().forward(x, h) * self.temperature
+
+
+def test_auto_stops_tracing_a_cell_whose_attributes_change_every_call() -> None:
+    cell = Annealed(2, 3)
+    x = torch.randn(2, 4, 2)
+    for k in range(6):
+        cell.temperature = 1.0 + k / 10
+        got = traced.run_quietly(cell, x.transpose(0, 1), cell.init_state(2), None, None, False)[0]
+        torch.testing.assert_close(got.transpose(0, 1), unroll(cell, x, backend="reference").outputs)
+    traces = sum(1 for key in traced._PROGRAMS if key[0] is Annealed)
+    assert traces == compiled._REBUILDS  # then the loop, without tracing again
+
+
+class SelfChanging(Elman):
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().forward(x, h)
+
+
+def test_a_cell_that_changes_its_own_attributes_is_refused_once() -> None:
+    cell = SelfChanging(2, 3)
+    x = torch.randn(2, 4, 2)
+    with pytest.warns(UserWarning, match="own attributes"):
+        unroll(cell, x, backend="traced")
+    unroll(cell, x, backend="traced")
+    assert sum(1 for key in traced._PROGRAMS if key[0] is SelfChanging) == 1  # not traced again

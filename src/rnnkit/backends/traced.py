@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ _MAX_PROGRAMS = 128
 _PROGRAMS: OrderedDict[tuple, _Program | None] = OrderedDict()
 _WHY: dict[tuple, str] = {}
 _WARNED: set[type] = set()  # cell types this backend has warned about
+# Traces in a row per user's cell with no call between that found its program, and the last key's
+# hash: past compiled._REBUILDS, auto stops tracing a cell whose attributes change every call.
+_TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 class _Unsupported(Exception):
@@ -777,10 +781,18 @@ def _program(cell: nn.Module, slots: compiled._Slots, x: Tensor, leaves: list[Te
             key = _key(cell, slots, x, leaves)
         except compiled._Unsupported as e:
             why = str(e)
+    from rnnkit.engine import user_cell
+
+    owner = user_cell(cell)
     if key is not None and key in _PROGRAMS:
         _PROGRAMS.move_to_end(key)
+        _TRACES.pop(owner, None)
         why = None if _PROGRAMS[key] is not None else _WHY.get(key, "an earlier trace failed")
     elif key is not None:
+        count, last = _TRACES.get(owner, (0, None))
+        _TRACES[owner] = (count + 1 if last != hash(key) else 1, hash(key))
+        if quiet and _TRACES[owner][0] > compiled._REBUILDS:
+            return None  # auto: tracing every call never pays
         prog = None
         try:
             with compiled._aside():
@@ -788,6 +800,8 @@ def _program(cell: nn.Module, slots: compiled._Slots, x: Tensor, leaves: list[Te
                 _check(prog, cell, slots, x, leaves, unflatten)
         except (_Unsupported, compiled._Unsupported) as e:
             why, prog = str(e), None
+            if "own attributes" in why:
+                compiled._REFUSED[type(cell)] = why  # its key would change every call: never again
         except Exception as e:  # noqa: BLE001 - a step the tracer cannot follow: the other backends can
             from rnnkit.errors import ShapeError
 
