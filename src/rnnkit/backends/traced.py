@@ -30,6 +30,7 @@ call's own first rows and steps (values and gradients) when it is built. It is o
 
 from __future__ import annotations
 
+import heapq
 import math
 import operator
 import weakref
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from rnnkit.backends import cext, compiled, reference
+from rnnkit.backends.fused import _mask_rows
 from rnnkit.fpmode import flush_denormals_enabled
 from rnnkit.fpmode import transforming as _transforming
 
@@ -240,13 +242,13 @@ class _Builder:
             parts = va[1]
         else:
             raise _Unsupported("a product whose left operand is neither the input nor a state (nor both)")
-        states = {k for kind, k in parts if kind == "s"}
-        if len([p for p in parts if p[0] == "s"]) > 1:
+        states = [k for kind, k in parts if kind == "s"]
+        if len(states) > 1:
             raise _Unsupported("a product reads more than one state (or one state twice)")
-        if len([p for p in parts if p[0] == "x"]) > 1:
+        if len(parts) - len(states) > 1:
             raise _Unsupported("a product reads the input twice")
         if states:
-            k = states.pop()
+            k = states[0]
             if self.kr is not None and self.kr != k:
                 raise _Unsupported("products read two different states")
             self.kr = k
@@ -414,6 +416,11 @@ class _Builder:
         raise _Unsupported(f"its step uses {t}, which the traced backend does not run")
 
 
+def _operands(op: int, a: Any, c: Any) -> tuple:
+    """The registers an instruction reads (an instruction ending in C holds a constant's index in c)."""
+    return (a,) if op in _SCALAR_OPS or c is None else (a, c)
+
+
 def _adjoint(code: list, outs: list, seeds: list) -> tuple[list, dict]:
     """Reverse-mode code for ``code``: gradients of the registers it reads from seeds on ``outs``.
 
@@ -490,9 +497,9 @@ def _assemble(b: _Builder, outs: list, code: list) -> _Program:
     adj_code, adj = _adjoint(code, outs, seeds)
     # the forward's values the adjoint reads: the forward keeps them for the backward (as the fused
     # LSTM keeps its activated gates), which costs less than computing them again
-    reads = {r for _, _, a, c in adj_code for r in (a, c)}
+    reads = {r for op, _, a, c in adj_code for r in _operands(op, a, c)}
     saved = [d for _, d, _, _ in code if d in reads]
-    keep_z = any(r[0] == "slot" for r in reads if isinstance(r, tuple))  # the pre-activations themselves
+    keep_z = any(r[0] == "slot" for r in reads)  # the pre-activations themselves
     inputs = [*(("slot", j, k) for j in order for k in range(b.products[j].slots)),
               *(("state", k) for k in range(S)), *(("vec", i) for i in range(P))]
     grads = []
@@ -514,12 +521,11 @@ def _assemble(b: _Builder, outs: list, code: list) -> _Program:
         return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4)
 
     fwd, adj_t = encode(code, fwd_regs), encode(adj_code, bwd_regs)
-    fwd_reads = {r for _, _, a, c in code for r in (a, c)} | set(outs)  # a state passed through is read too
+    fwd_reads = {r for op, _, a, c in code for r in _operands(op, a, c)} | set(outs)  # a state passed through too
     state_reads = torch.tensor([[("state", k) in fwd_reads for k in range(S)],
                                 [("state", k) in reads for k in range(S)]], dtype=torch.int32)
     out_regs = [fwd_regs[r] for r in outs + saved]
     io = [bwd_regs[r] for r in seeds + grads + saved]
-    G = first
     weights = _weights_graph(b)
     return _Program(weights, b.products, b.vectors, b.H, b.I, S, kr, G, Gs, nregs, len(saved), keep_z, state_reads,
                     fwd, adj_t,
@@ -532,11 +538,9 @@ def _allocate(code: list, inputs: list, live_out: list) -> dict:
     then each value in the lowest register free when it is made; a register is free again after its
     value's last read (an instruction may write the register of an operand it reads last: the loop
     reads each lane's operands before writing it). ``live_out`` values stay until the end."""
-    import heapq
-
     last: dict = {}
     for i, (op, _, a, c) in enumerate(code):
-        for r in (a,) if op in _SCALAR_OPS or c is None else (a, c):
+        for r in _operands(op, a, c):
             last[r] = i
     for r in live_out:
         last[r] = len(code)
@@ -545,7 +549,7 @@ def _allocate(code: list, inputs: list, live_out: list) -> dict:
     heapq.heapify(free)
     top = len(inputs)
     for i, (op, d, a, c) in enumerate(code):
-        for r in {a, c} if not (op in _SCALAR_OPS or c is None) else {a}:
+        for r in set(_operands(op, a, c)):
             if last.get(r) == i:
                 heapq.heappush(free, regs[r])
         if free:
@@ -639,7 +643,7 @@ def _val_grads(prog: _Program, vals: tuple[Tensor, ...], dwx: Tensor, dws: Tenso
 
 
 class _Loop(torch.autograd.Function):
-    """All steps of a traced cell: the C++ loops forward and backward, the weights' GEMMs around them."""
+    """All steps of a traced cell: the C++ loops forward and backward (products, program, gradients)."""
 
     @staticmethod
     def forward(ctx, prog: _Program, x: Tensor, masks: Tensor, full: int, s0_zero: bool,  # type: ignore[override]
@@ -693,12 +697,6 @@ class _Loop(torch.autograd.Function):
         wanted = any(ctx.needs_input_grad[7:7 + ctx.n_vals])
         grads = _val_grads(prog, vals, dwx, dws, dpv) if wanted else [None] * ctx.n_vals
         return (None, dx, None, None, None, None, None, *grads, *A.unbind(0))
-
-
-def _mask_rows(masks: Tensor | None, T: int, N: int) -> Tensor:
-    from rnnkit.backends.fused import _mask_rows as rows
-
-    return rows(masks, T, N)
 
 
 def _key(cell: nn.Module, slots: compiled._Slots, x: Tensor, leaves: list[Tensor]) -> tuple:
@@ -857,14 +855,14 @@ def run(
     from rnnkit.engine import tree_flatten
 
     leaves, unflatten = tree_flatten(state)
-    fallback = compiled.run_quietly if quiet and compiled.worth_it(cell, x, x.shape[0]) else reference.run
     slots = compiled._Slots(cell)
-    if (_transforming() or torch.is_autocast_enabled("cpu") or not leaves
+    prog = None
+    if not (_transforming() or torch.is_autocast_enabled("cpu") or not leaves
             or any(not s.is_floating_point() or s.dtype != x.dtype for s in leaves)
             or any(t.dtype != x.dtype for t in slots.tensors[:slots.n_params])):
-        return fallback(cell, x, state, masks, lengths, return_states)
-    prog = _program(cell, slots, x, leaves, unflatten, quiet)
+        prog = _program(cell, slots, x, leaves, unflatten, quiet)
     if prog is None:
+        fallback = compiled.run_quietly if quiet and compiled.worth_it(cell, x, x.shape[0]) else reference.run
         return fallback(cell, x, state, masks, lengths, return_states)
     outs, final, states = _run_program(prog, slots.tensors, x, leaves, masks, lengths, return_states)
     return outs, unflatten(final), unflatten(states) if return_states else None

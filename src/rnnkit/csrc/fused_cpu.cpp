@@ -1098,6 +1098,17 @@ inline void load_rows(V<T>* lanes, const T* src, int64_t ld, int rows, int w, bo
     for (int r = 0; r < rows; ++r) __builtin_prefetch(src + (r + kRows) * ld);
 }
 
+// Step t's old states (S0 (S, N, H) at t 0, else step t - 1 of S (S, T, N, H)) into olds, and into
+// reads those a program reads (flags), null for the others.
+template <typename T>
+void old_states(const CellShape& s, int64_t t, const T* S0d, const T* Sd, const int32_t* flags, const T** olds,
+                const T** reads) {
+  for (int64_t k = 0; k < s.S; ++k) {
+    olds[k] = t == 0 ? S0d + k * s.N * s.H : Sd + (k * s.T + t - 1) * s.N * s.H;
+    reads[k] = flags[k] ? olds[k] : nullptr;
+  }
+}
+
 // Loads a tile's registers: slots (from z, when not null), old states (those of olds not null: the
 // ones the program reads) and parameter vectors, at rows r0 .. r0 + rows - 1 and the nvec vectors
 // of units from u0.
@@ -1160,9 +1171,7 @@ void cell_forward_steps(Tensor Z, Tensor S, Tensor Y, const Tensor& x, const Ten
       std::vector<const T*> olds(s.S), reads(s.S);  // reads: the old states the program reads, else null
       const int32_t* outs = io.data_ptr<int32_t>();
       for (int64_t t = 0; t < s.T; ++t) {
-        for (int64_t k = 0; k < s.S; ++k)
-          olds[k] = t == 0 ? S0d + k * s.N * s.H : Sd + (k * s.T + t - 1) * s.N * s.H;
-        for (int64_t k = 0; k < s.S; ++k) reads[k] = state_reads.data_ptr<int32_t>()[k] ? olds[k] : nullptr;
+        old_states(s, t, S0d, Sd, state_reads.data_ptr<int32_t>(), olds.data(), reads.data());
         T* z = keep_z ? Zd + t * s.N * M : nullptr;
         const T* xt = xd + t * s.N * I;
         const bool* m = mask_row(masks, t, full);
@@ -1273,11 +1282,12 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
     T* dxd = dx ? dx->data_ptr<T>() : nullptr;
     const Tensor kc = consts.to(S.scalar_type()).contiguous();
     const int32_t* seeds = io.data_ptr<int32_t>();
-    // pointers once: data_ptr() checks the dtype on every call
+    const int64_t blocks = row_blocks(s.N);
     // the slots' gradients, a ring of the steps the loop reads at once: the most a block's
     // weight-gradient group reads, and the step above (at T784 H256 B128 all of them were 400 MB)
-    const int64_t fewest = s.N / row_blocks(s.N), R = std::min<int64_t>(s.T, kDepth / std::max<int64_t>(1, fewest) + 2);
+    const int64_t fewest = s.N / blocks, R = std::min<int64_t>(s.T, kDepth / std::max<int64_t>(1, fewest) + 2);
     const Tensor Pbuf = at::empty({R, s.N, M}, S.options());
+    // pointers once: data_ptr() checks the dtype on every call
     T *Ad = A.data_ptr<T>(), *Pd = Pbuf.data_ptr<T>();
     const T *Zd = Z.numel() > 0 ? Z.data_ptr<T>() : nullptr, *Sd = S.data_ptr<T>(), *S0d = S0.data_ptr<T>(),
             *Yd = Y.data_ptr<T>(), *xd = x.data_ptr<T>(), *pvd = pv.data_ptr<T>(), *bwpd = bwp.data_ptr<T>(),
@@ -1288,7 +1298,6 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
     const int32_t* dolds = dslots + s.G;
     const int32_t* dparams = dolds + s.S;
     const int32_t* saved = dparams + s.P;
-    const int64_t blocks = row_blocks(s.N);
     // partial sums by block of rows: dpv's, dwx's and dws's
     const Tensor parts = at::zeros({blocks, s.P, s.H}, S.options());
     // with every slot recurrent (the usual cell), one product [x_t, 1, s_{t-1}]^T P_t: b's panels are
@@ -1334,9 +1343,7 @@ void cell_backward_steps(const Tensor& Z, const Tensor& S, const Tensor& Y, cons
         return static_cast<int>(std::min<int64_t>(4, (s.H - q * width + W - 1) / W));
       };
       for (int64_t t = s.T - 1; t >= 0; --t) {
-        for (int64_t k = 0; k < s.S; ++k)
-          olds[k] = t == 0 ? S0d + k * s.N * s.H : Sd + (k * s.T + t - 1) * s.N * s.H;
-        for (int64_t k = 0; k < s.S; ++k) reads[k] = state_reads.data_ptr<int32_t>()[k] ? olds[k] : nullptr;
+        old_states(s, t, S0d, Sd, state_reads.data_ptr<int32_t>(), olds.data(), reads.data());
         const T* z = Zd != nullptr ? Zd + t * s.N * M : nullptr;
         const T* above = t + 1 < s.T ? Pd + ((t + 1) % R) * s.N * M : nullptr;
         T* pt = Pd + (t % R) * s.N * M;
