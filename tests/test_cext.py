@@ -293,7 +293,7 @@ def test_openmp_only_when_torch_runs_on_gnu_openmp(monkeypatch, tmp_path):
     try:
         assert "-fopenmp" not in cext._flags()
         assert not cext.threaded()  # and the LSTM policy does not count on the kernels' threads
-        assert not engine._fused_lstm_trains_faster(LSTMCell(28, 128), torch.zeros(1), 128)
+        assert not engine.fused_lstm_trains_faster(LSTMCell(28, 128), torch.zeros(1), 128)
         cext._flags.cache_clear()
         (tmp_path / "libgomp-a34b3233.so.1").write_bytes(b"")
         assert "-fopenmp" in cext._flags()

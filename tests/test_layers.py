@@ -1125,3 +1125,47 @@ def test_a_tied_weight_in_a_user_cell_follows_a_loaded_state():
     layer(x)
     layer.load_state_dict(fresh.state_dict(), assign=True)  # new tensors: both uses must see them
     torch.testing.assert_close(layer(x)[0], fresh(x)[0])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "backend", "num_layers", "batch_first", "options"),
+    [
+        (F32, "auto", 1, True, {}),
+        (F32, "auto", 2, False, {}),
+        (F32, "auto", 1, False, {"bias": False}),
+        (F32, "auto", 2, True, {"forget_bias": 1.0}),
+        (F64, "fused", 2, True, {}),
+        (F64, "fused", 1, False, {"bias": False, "forget_bias": 0.5}),
+    ],
+)
+def test_lstm_fast_path_matches_the_general_path(dtype, backend, num_layers, batch_first, options, monkeypatch):
+    """A plain LSTM stack training from the zero state goes straight to the fused C++ loops
+    (``_fused_lstm_forward``): the outputs, final states and every gradient equal the general path's
+    (unroll picking the fused backend), and it is taken only where unroll would pick that backend."""
+    torch.manual_seed(0)
+    I, H, N, T = 5, 32, 64, 7  # N * H and N / H large enough for auto to pick the fused loops
+    layer = rnnkit.LSTM(I, H, num_layers, batch_first=batch_first, backend=backend, dtype=dtype, **options)
+    x = torch.randn((N, T, I) if batch_first else (T, N, I), dtype=dtype, requires_grad=True)
+    taken = []
+    fast = type(layer)._fused_lstm_forward
+    monkeypatch.setattr(type(layer), "_fused_lstm_forward", lambda self, *a: taken.append(1) or fast(self, *a))
+
+    def run():
+        out, (h, c) = layer(x)
+        loss = out.pow(2).sum() + h.sin().sum() + c.cos().sum()
+        return [out, h, c, *torch.autograd.grad(loss, [x, *layer.parameters()])]
+
+    got = run()
+    assert taken == [1]
+    monkeypatch.setattr(type(layer), "_fused_lstm_cells", lambda self, x: None)
+    want = run()
+    assert taken == [1]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same loops, the same sums: equal
+    monkeypatch.undo()
+    monkeypatch.setattr(type(layer), "_fused_lstm_forward", lambda self, *a: taken.append(1) or fast(self, *a))
+    with torch.no_grad():  # inference: auto picks torch's kernel, so the general path runs
+        layer(x)
+    layer(x, (got[1].detach(), got[2].detach()))  # an initial state: the general path checks it
+    layer(x, return_states=True)
+    assert taken == [1, 1] if backend == "fused" else taken == [1]

@@ -246,7 +246,7 @@ def _fits_one_call(cell: nn.Module, x: Tensor, T: int, N: int) -> bool:
 
 def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int, ragged: bool) -> bool:
     """Whether torch's kernel beats the fused backend for training on the CPU (see the notes above)."""
-    if type(cell) is GRUCell or _fused_lstm_trains_faster(cell, x, N):
+    if type(cell) is GRUCell or fused_lstm_trains_faster(cell, x, N):
         return False
     step_bytes = N * _gate_width(cell) * x.element_size()
     if _fits_one_call(cell, x, T, N):
@@ -258,7 +258,7 @@ def _native_trains_faster(cell: nn.Module, x: Tensor, T: int, N: int, ragged: bo
     return not ragged and step_bytes * min_steps <= native.CHUNK_GATE_BYTES
 
 
-def _fused_lstm_trains_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
+def fused_lstm_trains_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
     """Whether the fused backend's register-blocked LSTM loops beat torch's kernel (see the notes above)."""
     H = cell.hidden_size
     # the cheap checks first: kernels_available() may build the kernels

@@ -143,8 +143,7 @@ def _run(
     T = x.shape[0]
     full = T if lengths is None else int(lengths.min())
     if type(cell) is LSTMCell:
-        bias = cell.fused_bias()
-        hs, cs = _LSTMFunction.apply(x, state.h, state.c, cell.weight_ih, cell.weight_hh, bias, masks, full)
+        hs, cs = lstm_sequence(cell, x, state.h, state.c, masks, full)
         return hs, LSTMState(hs[-1], cs[-1]), (LSTMState(hs, cs) if return_states else None)
     H = cell.hidden_size
     if type(cell) is GRUCell:
@@ -161,6 +160,19 @@ def _run(
         b = cell.bias_ih + cell.bias_hh if cell.bias else None
         hs = _RNNFunction.apply(x, state, cell.weight_ih, cell.weight_hh, b, masks, full, cell.nonlinearity)
     return hs, hs[-1], (hs if return_states else None)
+
+
+def lstm_sequence(
+    cell: LSTMCell, x: Tensor, h0: Tensor | None = None, c0: Tensor | None = None, masks: Tensor | None = None,
+    full: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Every step's (h, c) of a built-in LSTMCell over time-major ``x`` (T, N, I); h0, c0 None: zeros."""
+    if cell.forget_bias or not cell.bias:  # the sum with forget_bias (or no bias at all)
+        b_ih, b_hh = cell.fused_bias(), None
+    else:
+        b_ih, b_hh = cell.bias_ih, cell.bias_hh
+    full = x.shape[0] if full is None else full
+    return _LSTMFunction.apply(x, h0, c0, cell.weight_ih, cell.weight_hh, b_ih, b_hh, masks, full)
 
 
 def _differentiable_grads(graph: Any, inputs: tuple[Any, ...], grads_out: tuple[Tensor | None, ...]) -> tuple:
@@ -210,10 +222,11 @@ def _frozen(masks: Tensor | None, t: int, full: int, new: Tensor, old: Tensor) -
     return new if t < full else torch.where(masks[t], new, old)
 
 
-def _lstm_graph(x, h0, c0, w_ih, w_hh, bias, masks, full):  # noqa: ANN001, ANN202
+def _lstm_graph(x, h0, c0, w_ih, w_hh, b_ih, b_hh, masks, full):  # noqa: ANN001, ANN202
     """Every step's (h, c) of an LSTM by differentiable torch ops (gates i, f, g, o as torch has them)."""
-    pre = F.linear(x, w_ih, bias)
-    h, c, hs, cs = h0, c0, [], []
+    N, H = x.shape[1], w_hh.shape[1]
+    pre = F.linear(x, w_ih, b_ih if b_hh is None else b_ih + b_hh)
+    h, c, hs, cs = _zero_state(h0, x, N, H), _zero_state(c0, x, N, H), [], []
     for t in range(x.shape[0]):
         i, f, g, o = (pre[t] + h @ w_hh.t()).chunk(4, 1)
         cn = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -286,77 +299,71 @@ def _rotate_scale_g(w: Tensor, H: int) -> Tensor:
 class _LSTMFunction(torch.autograd.Function):
     """Every step's (h, c) of an LSTM.
 
-    With the C++ loops (:func:`_lstm_forward_kernels`) the gates keep torch's order (i, f, g, o) and
-    the weights are used as given. The Python loops keep them in the order (o, i, f, g), which
-    makes the gates fed by dc (i, f, g) one block in the backward, and, as torch's tanh is ~3x
-    slower than its sigmoid on the CPU, use ``tanh(a) = 2 sigmoid(2a) - 1``: the g rows of the
-    weights are doubled once per call, one in-place sigmoid then covers a step's whole
-    (contiguous) gate row, and tanh(c) is three cheap ops.
+    h0 and c0 None: the zero state. b_ih and b_hh: torch's two biases, added inside (no node of
+    their own in the graph); b_hh None: b_ih is the whole bias (a cell's forget_bias folded in), or
+    there is none.
+
+    With the C++ loops (``lstm_forward`` and ``lstm_backward`` in csrc/fused_cpu.cpp, one call each
+    way: everything between the loops, buffers and the gradients' layouts included, is done there,
+    as a handful of Python-level torch calls per direction cost more than the loops' set-up) the
+    gates keep torch's order (i, f, g, o) and the weights are used as given. The Python loops keep
+    them in the order (o, i, f, g), which makes the gates fed by dc (i, f, g) one block in the
+    backward, and, as torch's tanh is ~3x slower than its sigmoid on the CPU, use
+    ``tanh(a) = 2 sigmoid(2a) - 1``: the g rows of the weights are doubled once per call, one
+    in-place sigmoid then covers a step's whole (contiguous) gate row, and tanh(c) is three cheap ops.
 
     Saved for the backward: the activated gates G (T, N, 4H), the outputs and, with the Python loops
     unless the sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c). The C++ backward reads
     the weight gradients' operand [x_t, 1, h_{t-1}] where it lies (the input and the outputs); the
     Python loops keep the inputs with a column of ones for the bias.
 
-    The C++ backward writes the gate gradients over G (see :func:`_lstm_backward_kernels`): a saved
-    tensor that then no longer holds the gates. A later backward through the same graph
-    (``retain_graph=True``; ``torch.autograd.functional.jacobian`` without ``vectorize``) runs the forward
-    loop again for them, which costs about a forward per extra backward.
+    The C++ backward writes the gate gradients over G: a saved tensor that then no longer holds the
+    gates. A later backward through the same graph (``retain_graph=True``;
+    ``torch.autograd.functional.jacobian`` without ``vectorize``) runs the forward loop again for
+    them, which costs about a forward per extra backward.
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, bias, masks, full):  # type: ignore[override]
-        inputs = (x, h0, c0, w_ih, w_hh, bias)  # as given, for a differentiable backward (create_graph)
-        with denormals_flushed(x.device):
-            T, N, _ = x.shape
-            H = h0.shape[1]
-            hs, cs = x.new_empty(T, N, H), x.new_empty(T, N, H)
-            kernels = _kernels()
-            keep_tc = (kernels is None or _KERNELS_KEEP_TANH_C) and T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
-            TCs = x.new_empty(T, N, H) if keep_tc else None
-            h0_zero = not bool(h0.any())  # the usual zero state: step 0 needs no recurrent GEMM
-            if kernels is not None:
-                G = _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
-                x2 = None
-            else:
-                G, x2 = _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero)
-        ctx.full, ctx.has_bias, ctx.kernels, ctx.h0_zero = full, bias is not None, kernels is not None, h0_zero
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, masks, full):  # type: ignore[override]
+        inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)  # as given, for a differentiable backward (create_graph)
+        kernels = _kernels()
+        if kernels is not None:  # the loops flush denormals in each of their threads themselves
+            G, hs, cs, TCs, x2 = *_lstm_forward_kernels(kernels, inputs, masks, full), None
+        else:
+            with denormals_flushed(x.device):
+                G, hs, cs, TCs, x2 = _lstm_forward_python(inputs, masks, full)
+        ctx.full, ctx.kernels = full, kernels is not None
         ctx.gates_spent = False  # the C++ backward writes the gate gradients over G (see backward)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs)
+        ctx.save_for_backward(x2, G, hs, cs, TCs, masks, *inputs)
         return hs, cs
 
     @staticmethod
     @_float_maths
     def backward(ctx, gh, gc):  # type: ignore[override]
-        x2, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks, *inputs = ctx.saved_tensors
+        x2, G, hs, cs, TCs, masks, *inputs = ctx.saved_tensors
         if _graph_needed(gh, gc):
-            grads = _differentiable_grads(_lstm_graph, (*inputs, masks, ctx.full), (gh, gc))
-            return (*grads[:6], None, None)
-        H = h0.shape[1]
-        x = inputs[0]
-        with denormals_flushed(G.device):
-            if ctx.kernels:
-                with _GATES_SPENT_LOCK:  # two threads' backwards through one retained graph: one may use G
-                    spent, ctx.gates_spent = ctx.gates_spent, True
-                if spent:  # a later backward through a retained graph: an earlier one wrote over G
-                    G = _lstm_gates_again(ctx, inputs, masks)
-                grads = _lstm_backward_kernels(ctx, gh, gc, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks)
-            else:
-                grads = _lstm_backward(ctx, gh, gc, x2, h0, c0, _rotate(w_ih, H), _rotate(w_hh, H), G, hs, cs, TCs,
-                                       masks)
-            return (*grads, None, None)
+            return (*_differentiable_grads(_lstm_graph, (*inputs, masks, ctx.full), (gh, gc))[:7], None, None)
+        if ctx.kernels:
+            with _GATES_SPENT_LOCK:  # two threads' backwards through one retained graph: one may use G
+                spent, ctx.gates_spent = ctx.gates_spent, True
+            if spent:  # a later backward through a retained graph: an earlier one wrote over G
+                G = _lstm_forward_kernels(cext.ops(), inputs, masks, ctx.full)[0]
+            grads = _lstm_backward_kernels(ctx, gh, gc, inputs, G, hs, cs, TCs, masks)
+        else:
+            with denormals_flushed(G.device):
+                grads = _lstm_backward(ctx, gh, gc, x2, inputs, G, hs, cs, TCs, masks)
+        return (*grads, None, None)
 
 
-def _lstm_forward_kernels(kernels, x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero):  # noqa: ANN001, ANN202
-    """The forward's time loop in C++: the activated gates G (T, N, 4H)."""
+def _lstm_forward_kernels(kernels, inputs, masks, full):  # noqa: ANN001, ANN202
+    """The forward's time loop in C++: the activated gates G (T, N, 4H), hs, cs and tanh(c) or None."""
+    x = inputs[0]
     T, N, _ = x.shape
-    G = x.new_empty(T, N, 4 * h0.shape[1])
-    kernels.lstm_forward_steps(  # a batch-first x is read in place
-        G, hs, cs, TCs, _rows_in_place(x), h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
-        None if bias is None else bias.contiguous(), _mask_rows(masks, T, N), full, h0_zero, flush_denormals_enabled(),
-    )
-    return G
+    H = inputs[4].shape[1]
+    keep_tc = _KERNELS_KEEP_TANH_C and T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
+    G, hs, cs, *tcs = kernels.lstm_forward(*inputs, _mask_rows(masks, T, N), full, keep_tc, flush_denormals_enabled())
+    return G, hs, cs, (tcs[0] if tcs else None)
 
 
 def _rows_in_place(x: Tensor) -> Tensor:
@@ -364,10 +371,17 @@ def _rows_in_place(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, h0_zero):  # noqa: ANN001, ANN202
-    """The forward's time loop in Python: (G, x2), x2 the inputs (T * N, Ix) with a column of ones for a bias."""
+def _lstm_forward_python(inputs, masks, full):  # noqa: ANN001, ANN202
+    """The forward's time loop in Python: (G, hs, cs, TCs, x2), x2 the inputs (T * N, Ix) with a column of
+    ones for a bias."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs
     T, N, I = x.shape
-    H = h0.shape[1]
+    H = w_hh.shape[1]
+    h0, c0 = _zero_state(h0, x, N, H), _zero_state(c0, x, N, H)
+    hs, cs = x.new_empty(T, N, H), x.new_empty(T, N, H)
+    TCs = x.new_empty(T, N, H) if T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES else None
+    h0_zero = not bool(h0.any())  # the usual zero state: step 0 needs no recurrent GEMM
+    bias = b_ih if b_hh is None else b_ih + b_hh
     if bias is None:
         x2 = x.reshape(T * N, I)
         w_in = _rotate_scale_g(w_ih, H)
@@ -382,7 +396,12 @@ def _lstm_forward_python(x, h0, c0, w_ih, w_hh, bias, hs, cs, TCs, masks, full, 
     # One chunk (the common case) takes the projection's own result: no copy into a buffer.
     G = linear(x2, w_in).view(T, N, 4 * H) if chunk >= T else x.new_empty(T, N, 4 * H)
     _lstm_forward_loop(x2, h0, c0, w_in, whh, G, hs, cs, TCs, masks, full, chunk, h0_zero)
-    return G, x2
+    return G, hs, cs, TCs, x2
+
+
+def _zero_state(s: Tensor | None, x: Tensor, N: int, H: int) -> Tensor:
+    """A state as the Python loops take it: ``s``, or zeros (N, H) for None."""
+    return x.new_zeros(N, H) if s is None else s
 
 
 def _lstm_forward_loop(x2, h0, c0, w_in, whh, G, hs, cs, TCs, masks, full, chunk, h0_zero):  # noqa: ANN001
@@ -444,17 +463,7 @@ def _mask_rows(masks: Tensor | None, T: int, N: int) -> Tensor:
     return masks.reshape(T, N).contiguous()
 
 
-def _lstm_gates_again(ctx: Any, inputs: list[Tensor], masks: Tensor | None) -> Tensor:
-    """The forward's activated gates G, computed again by the same (deterministic) C++ loop."""
-    x, h0, c0, w_ih, w_hh, bias = inputs
-    T, N, _ = x.shape
-    H = h0.shape[1]
-    hs, cs = x.new_empty(T, N, H), x.new_empty(T, N, H)  # not the saved ones: they are the caller's outputs
-    return _lstm_forward_kernels(cext.ops(), x, h0, c0, w_ih, w_hh, bias, hs, cs, None, masks, ctx.full,
-                                 ctx.h0_zero)
-
-
-def _lstm_backward_kernels(ctx, gh, gc, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, masks):  # noqa: ANN001
+def _lstm_backward_kernels(ctx, gh, gc, inputs, G, hs, cs, TCs, masks):  # noqa: ANN001
     """The backward with its time loop in C++ (gates in torch's order): chunks of steps from the last,
     the loop computing the input and weight gradients as it goes.
 
@@ -463,44 +472,18 @@ def _lstm_backward_kernels(ctx, gh, gc, x, h0, c0, w_ih, w_hh, G, hs, cs, TCs, m
     (measured on a Zen 5, interleaved train steps, ms separate buffer / in place: T28 H64 B64 2.16 /
     1.98 and 2.27 / 2.12, H128 B128 7.84 / 7.47 and 9.25 / 8.97). Each thread sums its rows' part of
     the weight gradient [x_t, 1, h_{t-1}]^T dG_t a few steps at a time, while those gate gradients are
-    in its cache, reading x and the outputs where they lie; the partial sums of the threads (dW, one
-    (Ix + H, 4H) block each) are added at the end."""
+    in its cache, reading x and the outputs where they lie; the partial sums of the threads (one
+    (Ix + H, 4H) block each) are added at the end and copied out in torch's layout."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs
     T, N, H4 = G.shape
-    H = H4 // 4
-    need_x, need_h0, need_c0, need_wih, need_whh, need_b = ctx.needs_input_grad[:6]
-    need_b = need_b and ctx.has_bias
-    need_w = need_wih or need_whh or need_b
-    I = w_ih.shape[1]
-    Ix = I + ctx.has_bias
-    C = min(T, _lstm_chunk(T, N, H, G.element_size(), _KERNEL_CHUNK_SCALE))
-    DH, carry = G.new_empty(2, N, H), G.new_empty(N, H)
-    dc = gc[T - 1].clone(memory_format=torch.contiguous_format) if gc is not None else G.new_zeros(N, H)
-    dx = G.new_empty(T, N, I) if need_x else None
-    dW = G.new_empty(torch.get_num_threads(), Ix + H, H4) if need_w else None
-    # h0 None: the usual zero state, whose step adds nothing to W_hh's gradient
-    weights = dict(x=_rows_in_place(x), hs=hs, h0=None if ctx.h0_zero else h0.contiguous(), dW=dW) if need_w else {}
-    kernels = cext.ops()  # as the forward found them (whatever _USE_KERNELS says now)
-    args = dict(masks=_mask_rows(masks, T, N), full=ctx.full, flush=flush_denormals_enabled(), **weights)
-    w_hh, c0 = w_hh.contiguous(), c0.contiguous()
-    w_ih = w_ih.contiguous() if need_x else None
-    gc = gc.contiguous() if gc is not None else None
-    for hi in range(T, 0, -C):
-        lo = max(0, hi - C)
-        tcc = TCs[lo:hi] if TCs is not None else None
-        ghc = None if gh is None else gh[lo:hi] if gh.stride(-1) == 1 else gh[lo:hi].contiguous()
-        P = G[lo:hi]  # receives the steps' gate gradients in place of their gates
-        kernels.lstm_backward_steps(G, cs, c0, tcc, P, DH, dc, gc, ghc, carry, w_hh, dx, w_ih, lo=lo, hi=hi, **args)
-    dW = dW[0] if need_w else None  # the threads' partial sums, added up
-    # Copies in torch's layout, not views: a view would keep every thread's partial sums alive with
-    # the gradient (torch.autograd.grad, hooks), and AccumulateGrad would copy a transposed one anyway.
-    return (
-        dx,
-        mm(G[0], w_hh) if need_h0 else None,
-        dc if need_c0 else None,
-        dW[:I].t().contiguous() if need_wih else None,
-        dW[Ix:].t().contiguous() if need_whh else None,
-        dW[I].clone() if need_b else None,
-    )
+    need = ctx.needs_input_grad
+    bits = sum(1 << k for k, b in enumerate((*need[:5], need[5] or need[6])) if b)
+    C = min(T, _lstm_chunk(T, N, H4 // 4, G.element_size(), _KERNEL_CHUNK_SCALE))
+    # cext.ops(): the kernels as the forward found them (whatever _USE_KERNELS says now)
+    dx, dh0, dc0, dw_ih, dw_hh, db = cext.ops().lstm_backward(
+        G, cs, hs, x, h0, c0, w_ih, w_hh, TCs, gh, gc, _mask_rows(masks, T, N), ctx.full, C, bits, b_ih is not None,
+        flush_denormals_enabled())
+    return dx, dh0, dc0, dw_ih, dw_hh, *_bias_grads(db, need[5], need[6] and b_hh is not None)
 
 
 def _weight_operand(buf: Tensor, x_rows: Tensor, ones: bool, hs: Tensor, h0: Tensor, lo: int, hi: int) -> Tensor:
@@ -518,13 +501,17 @@ def _weight_operand(buf: Tensor, x_rows: Tensor, ones: bool, hs: Tensor, h0: Ten
     return xh
 
 
-def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, masks):  # noqa: ANN001
+def _lstm_backward(ctx, gh, gc, x2, inputs, G, hs, cs, TCs, masks):  # noqa: ANN001
     """The backward with its time loop in Python: chunks of steps from the last, the recurrent loop,
     then the chunk's GEMMs (input gradient and weights)."""
+    _, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs
     T, N, H4 = G.shape
     H = H4 // 4
-    need_x, need_h0, need_c0, need_wih, need_whh, need_b = ctx.needs_input_grad[:6]
-    need_b = need_b and ctx.has_bias
+    h0, c0 = _zero_state(h0, G, N, H), _zero_state(c0, G, N, H)
+    w_ih_r, w_hh_r = _rotate(w_ih, H), _rotate(w_hh, H)
+    need_x, need_h0, need_c0, need_wih, need_whh, need_bih, need_bhh = ctx.needs_input_grad[:7]
+    need_bhh = need_bhh and b_hh is not None
+    need_b = (need_bih or need_bhh) and b_ih is not None
     C = min(T, _lstm_chunk(T, N, H, G.element_size()))
     # Per chunk, P receives the gates' gradients dG; DH holds the outputs' gradient, to which each
     # step adds the recurrent part for the step below.
@@ -567,8 +554,13 @@ def _lstm_backward(ctx, gh, gc, x2, h0, c0, w_ih_r, w_hh_r, G, hs, cs, TCs, mask
         loop.dc0() if need_c0 else None,
         _unrotate(dW[:I].t(), H) if need_wih else None,
         _unrotate(dW[Ix:].t(), H) if need_whh else None,
-        _unrotate(dW[I], H) if need_b else None,
+        *_bias_grads(_unrotate(dW[I], H) if need_b else None, need_bih, need_bhh),
     )
+
+
+def _bias_grads(db: Tensor | None, need_ih: bool, need_hh: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of b_ih and b_hh: both are db (the sum's gradient), each where it is needed."""
+    return (db if need_ih else None), (db if need_hh else None)
 
 
 class _LSTMBackwardLoop:

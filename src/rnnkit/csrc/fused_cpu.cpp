@@ -775,6 +775,99 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
 }
 
 
+// Whether h (contiguous) is all zeros: the usual initial state, whose step needs no recurrent product.
+bool all_zero(const Tensor& h) {
+  bool zero = true;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "all_zero", [&] {
+    const scalar_t* p = h.data_ptr<scalar_t>();
+    for (int64_t i = 0, n = h.numel(); i < n && zero; ++i) zero = p[i] == scalar_t(0);
+  });
+  return zero;
+}
+
+// A state as the loops read it: contiguous, or zeros (N, H) where the caller has none.
+Tensor state_or_zeros(const std::optional<Tensor>& s, const Tensor& like, int64_t N, int64_t H) {
+  return s ? s->contiguous() : at::zeros({N, H}, like.options());
+}
+
+// The forward in one call (what fused._LSTMFunction runs; lstm_forward_steps says the rest): G, hs,
+// cs and, with keep_tc, every step's tanh(c), made here. h0 and c0 absent: the zero state. Torch's
+// two biases are added here; b_hh absent: b_ih is the whole bias (or there is none).
+std::vector<Tensor> lstm_forward(const Tensor& x, const std::optional<Tensor>& h0, const std::optional<Tensor>& c0,
+                                 const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                 const std::optional<Tensor>& b_hh, const Tensor& masks, int64_t full, bool keep_tc,
+                                 bool flush) {
+  TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 2, "rnnkit fused kernels: x must be (T, N, I) and w_hh (4H, H)");
+  TORCH_CHECK(b_ih || !b_hh, "rnnkit fused kernels: b_hh comes with b_ih");
+  const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
+  const auto opts = x.options();
+  Tensor G = at::empty({T, N, 4 * H}, opts), hs = at::empty({T, N, H}, opts), cs = at::empty({T, N, H}, opts);
+  std::optional<Tensor> tcs;
+  if (keep_tc) tcs = at::empty({T, N, H}, opts);
+  const Tensor h = state_or_zeros(h0, x, N, H), c = state_or_zeros(c0, x, N, H);
+  std::optional<Tensor> bias;
+  if (b_ih) bias = b_hh ? at::add(*b_ih, *b_hh) : b_ih->contiguous();
+  lstm_forward_steps(G, hs, cs, tcs, x.stride(-1) == 1 ? x : x.contiguous(), h, c, w_ih.contiguous(),
+                     w_hh.contiguous(), bias, masks, full, !h0 || all_zero(h), flush);
+  std::vector<Tensor> out{G, hs, cs};
+  if (tcs) out.push_back(*tcs);
+  return out;
+}
+
+// The backward in one call (what fused._LSTMFunction runs), from the last step in chunks of `chunk`
+// steps, each by lstm_backward_steps, which writes the gate gradients over G. Returns the gradients of
+// x, h0, c0, w_ih, w_hh and the bias, in torch's layouts, each undefined (None) where need (a bit per
+// gradient, in that order) does not ask for it. gh and gc: the outputs' and cells' gradients, or none.
+std::vector<Tensor> lstm_backward(const Tensor& G, const Tensor& cs, const Tensor& hs, const Tensor& x,
+                                  const std::optional<Tensor>& h0, const std::optional<Tensor>& c0,
+                                  const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& tcs,
+                                  const std::optional<Tensor>& gh, const std::optional<Tensor>& gc,
+                                  const Tensor& masks, int64_t full, int64_t chunk, int64_t need, bool has_bias,
+                                  bool flush) {
+  TORCH_CHECK(G.dim() == 3 && G.size(2) % 4 == 0 && chunk > 0, "rnnkit fused kernels: bad G or chunk");
+  const int64_t T = G.size(0), N = G.size(1), H4 = G.size(2), H = H4 / 4, I = w_ih.size(1);
+  const bool need_x = need & 1, need_h0 = need & 2, need_c0 = need & 4, need_wih = need & 8, need_whh = need & 16;
+  const bool need_b = (need & 32) && has_bias, need_w = need_wih || need_whh || need_b;
+  const int64_t Ix = I + (has_bias ? 1 : 0);
+  const auto opts = G.options();
+  Tensor DH = at::empty({2, N, H}, opts), carry = at::empty({N, H}, opts);
+  Tensor dc = gc ? gc->select(0, T - 1).clone(at::MemoryFormat::Contiguous) : at::zeros({N, H}, opts);
+  std::optional<Tensor> dx, w_in, dW, xw, hsw, h0w;
+  if (need_x) {
+    dx = at::empty({T, N, I}, opts);
+    w_in = w_ih.contiguous();
+  }
+  const Tensor c = state_or_zeros(c0, G, N, H), whh = w_hh.contiguous();
+  if (need_w) {
+    dW = at::empty({row_blocks(N), Ix + H, H4}, opts);
+    xw = x.stride(-1) == 1 ? x : x.contiguous();
+    hsw = hs;
+    if (h0) {
+      const Tensor h = h0->contiguous();
+      if (!all_zero(h)) h0w = h;  // none: a zero state adds nothing to W_hh's gradient
+    }
+  }
+  std::optional<Tensor> gcc;
+  if (gc) gcc = gc->contiguous();
+  for (int64_t hi = T; hi > 0; hi -= chunk) {
+    const int64_t lo = std::max<int64_t>(0, hi - chunk);
+    std::optional<Tensor> tcc, ghc;
+    if (tcs) tcc = tcs->slice(0, lo, hi);
+    if (gh) ghc = gh->stride(-1) == 1 ? gh->slice(0, lo, hi) : gh->slice(0, lo, hi).contiguous();
+    lstm_backward_steps(G, cs, c, tcc, G.slice(0, lo, hi), DH, dc, gcc, ghc, carry, whh, dx, w_in, masks, full, lo,
+                        hi, flush, xw, hsw, h0w, dW);
+  }
+  // Copies in torch's layout, not views: a view would keep every block's partial sums alive with the
+  // gradient (torch.autograd.grad, hooks), and AccumulateGrad would copy a transposed one anyway.
+  const Tensor w = need_w ? dW->select(0, 0) : Tensor();
+  return {need_x ? *dx : Tensor(),
+          need_h0 ? at::mm(G.select(0, 0), whh) : Tensor(),
+          need_c0 ? dc : Tensor(),
+          need_wih ? w.narrow(0, 0, I).t().contiguous() : Tensor(),
+          need_whh ? w.narrow(0, Ix, H).t().contiguous() : Tensor(),
+          need_b ? w.select(0, I).clone() : Tensor()};
+}
+
 // GRU with torch's maths (the reset gate after the recurrent product), gates (r, z, n), the n
 // rows of the weights doubled so that tanh(a) = 2 sigmoid(2a) - 1. All steps of the forward for
 // rows n0..n1: G (T, N, 3H) holds the input projections and receives the activations (r, z, n);
@@ -1433,6 +1526,13 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
       "lstm_backward_steps(Tensor G, Tensor cs, Tensor c0, Tensor? tcc, Tensor(a!) P, Tensor(e!) DH, Tensor(b!) dc, "
       "Tensor? gc, Tensor? gh, Tensor(c!) carry, Tensor w_hh, Tensor(d!)? dx, Tensor? w_ih, Tensor masks, int full, "
       "int lo, int hi, bool flush, Tensor? x=None, Tensor? hs=None, Tensor? h0=None, Tensor(f!)? dW=None) -> ()");
+  m.def(
+      "lstm_forward(Tensor x, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor masks, int full, bool keep_tc, bool flush) -> Tensor[]");
+  m.def(
+      "lstm_backward(Tensor(a!) G, Tensor cs, Tensor hs, Tensor x, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? tcs, Tensor? gh, Tensor? gc, Tensor masks, int full, int chunk, int need, bool has_bias, "
+      "bool flush) -> Tensor[]");
 }
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
@@ -1463,4 +1563,6 @@ TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
   m.impl("gru_backward_steps", &gru_backward_steps);
   m.impl("lstm_forward_steps", &lstm_forward_steps);
   m.impl("lstm_backward_steps", &lstm_backward_steps);
+  m.impl("lstm_forward", &lstm_forward);
+  m.impl("lstm_backward", &lstm_backward);
 }
