@@ -177,9 +177,11 @@ class _RNNBase(nn.Module):
         if binds is None or any(leaf not in owner._parameters for _, params, _ in binds for owner, leaf, _ in params):
             binds = self._find_binds()  # once (walking modules every call costs), or again when a cell changed
         for c, params, buffers in binds:
+            own = self._parameters
             for owner, leaf, name in params:
-                # getattr, not _parameters: a parametrized, weight-normed or pruned weight is computed
-                owner._parameters[leaf] = getattr(self, name)
+                # getattr where the name is not a parameter of the layer's own: a parametrized,
+                # weight-normed or pruned weight is computed (the dict first: Module.__getattr__ costs)
+                owner._parameters[leaf] = own[name] if name in own else getattr(self, name)
             for owner, leaf, name in buffers:
                 owner._buffers[leaf] = self._buffers[name]
             if c.training != self.training:
@@ -349,16 +351,14 @@ class _RNNBase(nn.Module):
                 or self.recurrent_dropout or self.zoneout or (self.dropout and self.training and self.num_layers > 1)
                 or torch.is_autocast_enabled("cpu")):
             return None  # the general path checks, and says what is wrong, or runs what this does not
-        N = x.shape[0] if self.batch_first else x.shape[1]
         cells = self.cells()
         for c in cells:
             if type(c) is not LSTMCell or c.weight_ih.dtype != x.dtype or fused.unsupported(c, x) is not None:
                 return None
         if self.backend == "fused":
             return cells
-        training = torch.is_grad_enabled() and (
-            x.requires_grad or any(p is not None and p.requires_grad for c in cells for p in c._parameters.values()))
-        return cells if N and training and fused_lstm_trains_faster(cells[0], x, N) else None
+        N = x.shape[0] if self.batch_first else x.shape[1]
+        return cells if N and _trains(x, cells) and fused_lstm_trains_faster(cells[0], x, N) else None
 
     def _fused_lstm_forward(self, x: Tensor, cells: list[nn.Module]) -> tuple[Tensor, LSTMState]:
         """forward() by the fused LSTM's loops, layer after layer (see _fused_lstm_cells)."""
@@ -440,6 +440,19 @@ class _RNNBase(nn.Module):
             if getattr(self, key) != default:
                 s += f", {key}={getattr(self, key)!r}"
         return s
+
+
+def _trains(x: Tensor, cells: list[nn.Module]) -> bool:
+    """Whether this call builds a graph: grad mode on and x or a cell's parameter needs a gradient."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    for c in cells:
+        for p in c._parameters.values():
+            if p is not None and p.requires_grad:
+                return True
+    return False
 
 
 def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:

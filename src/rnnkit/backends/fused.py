@@ -211,6 +211,8 @@ def _float_maths(backward: Any) -> Any:
 
     @functools.wraps(backward)
     def wrapped(ctx: Any, *grads: Tensor | None) -> Any:
+        if not torch.is_autocast_enabled("cpu"):  # the usual case: no autocast object to build and enter
+            return backward(ctx, *grads)
         with torch.autocast("cpu", enabled=False):
             return backward(ctx, *grads)
 
