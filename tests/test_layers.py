@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import require_cpu_kernels
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -1127,45 +1128,103 @@ def test_a_tied_weight_in_a_user_cell_follows_a_loaded_state():
     torch.testing.assert_close(layer(x)[0], fresh(x)[0])
 
 
-@pytest.mark.parametrize(
-    ("dtype", "backend", "num_layers", "batch_first", "options"),
-    [
-        (F32, "auto", 1, True, {}),
-        (F32, "auto", 2, False, {}),
-        (F32, "auto", 1, False, {"bias": False}),
-        (F32, "auto", 2, True, {"forget_bias": 1.0}),
-        (F64, "fused", 2, True, {}),
-        (F64, "fused", 1, False, {"bias": False, "forget_bias": 0.5}),
-    ],
-)
-def test_lstm_fast_path_matches_the_general_path(dtype, backend, num_layers, batch_first, options, monkeypatch):
-    """A plain LSTM stack training from the zero state goes straight to the fused C++ loops
-    (``_fused_lstm_forward``): the outputs, final states and every gradient equal the general path's
-    (unroll picking the fused backend), and it is taken only where unroll would pick that backend."""
-    torch.manual_seed(0)
-    I, H, N, T = 5, 32, 64, 7  # N * H and N / H large enough for auto to pick the fused loops
-    layer = rnnkit.LSTM(I, H, num_layers, batch_first=batch_first, backend=backend, dtype=dtype, **options)
-    x = torch.randn((N, T, I) if batch_first else (T, N, I), dtype=dtype, requires_grad=True)
-    taken = []
+def _spy_fast_path(layer: nn.Module, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets a 1 each time ``layer`` takes the fused LSTM's fast path."""
+    taken: list[int] = []
     fast = type(layer)._fused_lstm_forward
     monkeypatch.setattr(type(layer), "_fused_lstm_forward", lambda self, *a: taken.append(1) or fast(self, *a))
+    return taken
 
-    def run():
+
+def _fast_against_general(layer: nn.Module, x: Tensor, monkeypatch: pytest.MonkeyPatch,
+                          create_graph: bool = False) -> list[int]:
+    """Outputs, final states and every gradient of ``layer(x)``, by the fast path and by the general
+    path (the fast path switched off): equal, bit for bit (the same loops, the same sums). Returns
+    whether the fast path was taken."""
+    taken = _spy_fast_path(layer, monkeypatch)
+
+    def run() -> list[Tensor]:
         out, (h, c) = layer(x)
         loss = out.pow(2).sum() + h.sin().sum() + c.cos().sum()
-        return [out, h, c, *torch.autograd.grad(loss, [x, *layer.parameters()])]
+        wrt = [x, *layer.parameters()]
+        grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, retain_graph=True)
+        second = [torch.autograd.grad(grads[0].sum(), x, retain_graph=True)[0]] if create_graph else []
+        again = torch.autograd.grad(loss, wrt)  # through the retained graph: the gates computed again
+        return [out, h, c, *grads, *second, *again]
 
     got = run()
-    assert taken == [1]
+    took = list(taken)
     monkeypatch.setattr(type(layer), "_fused_lstm_cells", lambda self, x: None)
     want = run()
-    assert taken == [1]
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same loops, the same sums: equal
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return took
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "batch_first", "options"),
+    [(1, True, {}), (2, False, {}), (1, False, {"bias": False}), (2, True, {"forget_bias": 1.0})],
+)
+def test_lstm_fast_path_matches_the_general_path(num_layers, batch_first, options, monkeypatch):
+    """A plain float32 LSTM stack training from the zero state goes straight to the fused C++ loops
+    (``_fused_lstm_forward``) where ``unroll`` would pick them for every layer: outputs, final states
+    and every gradient (a second backward through the retained graph included) equal the general
+    path's; inference, an initial state, every-step states and frozen lower layers take the general
+    path."""
+    from rnnkit.backends import cext
+
+    require_cpu_kernels()
+    if not cext.threaded():
+        pytest.skip("auto picks the fused LSTM only where its kernels run on torch's threads")
+    I, H, N, T = 5, 32, 64, 7  # N * H and N / H large enough for auto to pick the fused loops
+    layer = rnnkit.LSTM(I, H, num_layers, batch_first=batch_first, **options)
+    x = torch.randn((N, T, I) if batch_first else (T, N, I), requires_grad=True)
+    assert _fast_against_general(layer, x, monkeypatch) == [1]
     monkeypatch.undo()
-    monkeypatch.setattr(type(layer), "_fused_lstm_forward", lambda self, *a: taken.append(1) or fast(self, *a))
-    with torch.no_grad():  # inference: auto picks torch's kernel, so the general path runs
+    taken = _spy_fast_path(layer, monkeypatch)
+    with torch.no_grad():  # inference: auto picks torch's kernel
         layer(x)
-    layer(x, (got[1].detach(), got[2].detach()))  # an initial state: the general path checks it
+    out, hidden = layer(x)
+    layer(x, hidden)  # an initial state: the general path checks it
     layer(x, return_states=True)
-    assert taken == [1, 1] if backend == "fused" else taken == [1]
+    for name, p in layer.named_parameters():  # layer 0 frozen, x without a gradient: its layer infers
+        p.requires_grad_(not name.endswith("_l0"))
+    layer(x.detach())
+    assert taken == [1]
+
+
+@pytest.mark.parametrize("options", [{}, {"bias": False, "forget_bias": 0.5}])
+def test_lstm_fast_path_with_backend_fused_on_either_loops(options, lstm_loops, monkeypatch):
+    """backend="fused" in float64 takes the fast path on the C++ and on the Python loops alike, with
+    the same results as the general path, second derivatives (create_graph) included; empty inputs
+    keep the general path's results and errors."""
+    layer = rnnkit.LSTM(3, 4, 2, batch_first=True, backend="fused", dtype=F64, **options)
+    x = torch.randn(5, 6, 3, dtype=F64, requires_grad=True)
+    assert _fast_against_general(layer, x, monkeypatch, create_graph=True) == [1]
+    monkeypatch.undo()
+    taken = _spy_fast_path(layer, monkeypatch)
+    out, (h, c) = layer(torch.randn(0, 6, 3, dtype=F64))  # an empty batch
+    out.sum().backward()
+    assert out.shape == (0, 6, 4) and h.shape == c.shape == (2, 0, 4)
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+    with pytest.raises(ShapeError, match="empty time axis"):
+        layer(torch.randn(2, 0, 3, dtype=F64))
+    assert taken == []
+
+
+def test_lstm_backward_kernel_gives_zero_weight_gradients_for_an_empty_batch():
+    """The C++ backward called on an empty batch returns zeros for the weights (no rows start the sums)."""
+    from rnnkit.backends import fused
+
+    ops = require_cpu_kernels()
+    T, I, H = 3, 2, 4
+    x = torch.randn(T, 0, I)
+    w_ih, w_hh, b = torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H)
+    G, hs, cs = ops.lstm_forward(x, None, None, w_ih, w_hh, b, b, fused._NO_MASKS, T, False, False)
+    dirty = torch.full((1, I + 1 + H, 4 * H), float("nan"))  # memory the sums' buffer may be given next
+    del dirty
+    dx, dh0, dc0, dw_ih, dw_hh, db = ops.lstm_backward(G, cs, hs, x, None, None, w_ih, w_hh, None, None, None,
+                                                       fused._NO_MASKS, T, T, 1 | 8 | 16 | 32, True, False)
+    assert dx.shape == (T, 0, I) and dh0 is None and dc0 is None
+    for g, like in ((dw_ih, w_ih), (dw_hh, w_hh), (db, b)):
+        assert g.shape == like.shape and not g.any()

@@ -153,7 +153,7 @@ def unroll(
         return (outputs, *final_leaves, *state_leaves_t)
 
     if backend == "fused":
-        flat = run(x_tm, *leaves)  # scopes the denormal mode inside its own autograd Function
+        flat = run(x_tm, *leaves)  # its autograd Functions scope the denormal mode themselves
     else:
         flat = fpmode.flushed_region(run, (x_tm, *leaves))
     outputs, final_state = flat[0], unflatten(list(flat[1 : 1 + len(leaves)]))

@@ -44,15 +44,19 @@ The Functions return every step's h (and c) as (T, N, H) tensors; the final stat
 step (frozen past each end), so returning the states costs nothing extra. The GRU's are a tensor
 of their own (written in the same pass), so they may be edited in place as ``torch.nn.GRU``'s may;
 the LSTM keeps its outputs for the backward, as ``torch.nn.LSTM`` does on the CPU. Forward and
-backward run with denormals flushed (see :mod:`rnnkit.fpmode`), restoring the caller's mode after,
-and in float32 even inside an autocast region. A backward asked for a differentiable result
-(``create_graph=True``) or given vmap-batched gradients (vectorised Jacobians and Hessians)
-recomputes the sequence with plain torch ops and differentiates that instead.
+backward run with denormals flushed (see :mod:`rnnkit.fpmode`), restoring the caller's mode after
+(the LSTM's C++ loops on x86 set and restore the mode in each of their threads themselves, so the
+caller's thread is never switched), and in float32 even inside an autocast region. A backward
+asked for a differentiable result (``create_graph=True``) or given vmap-batched gradients
+(vectorised Jacobians and Hessians) recomputes the sequence with plain torch ops and
+differentiates that instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import platform
 import threading
 from typing import Any
 
@@ -166,7 +170,10 @@ def lstm_sequence(
     cell: LSTMCell, x: Tensor, h0: Tensor | None = None, c0: Tensor | None = None, masks: Tensor | None = None,
     full: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Every step's (h, c) of a built-in LSTMCell over time-major ``x`` (T, N, I); h0, c0 None: zeros."""
+    """Every step's (h, c) of a built-in LSTMCell over time-major ``x`` (T, N, I); h0, c0 None: zeros;
+    masks (T, N, 1), false past each sequence's end, come with full, the shortest length."""
+    if masks is not None and full is None:  # full decides which steps read the masks at all
+        raise ValueError("lstm_sequence: masks need full, the shortest sequence's length")
     if cell.forget_bias or not cell.bias:  # the sum with forget_bias (or no bias at all)
         b_ih, b_hh = cell.fused_bias(), None
     else:
@@ -329,10 +336,10 @@ class _LSTMFunction(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, masks, full):  # type: ignore[override]
         inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)  # as given, for a differentiable backward (create_graph)
         kernels = _kernels()
-        if kernels is not None:  # the loops flush denormals in each of their threads themselves
-            G, hs, cs, TCs, x2 = *_lstm_forward_kernels(kernels, inputs, masks, full), None
-        else:
-            with denormals_flushed(x.device):
+        with _flushed_unless_kernels(kernels, x.device):
+            if kernels is not None:
+                G, hs, cs, TCs, x2 = *_lstm_forward_kernels(kernels, inputs, masks, full), None
+            else:
                 G, hs, cs, TCs, x2 = _lstm_forward_python(inputs, masks, full)
         ctx.full, ctx.kernels = full, kernels is not None
         ctx.gates_spent = False  # the C++ backward writes the gate gradients over G (see backward)
@@ -346,16 +353,26 @@ class _LSTMFunction(torch.autograd.Function):
         x2, G, hs, cs, TCs, masks, *inputs = ctx.saved_tensors
         if _graph_needed(gh, gc):
             return (*_differentiable_grads(_lstm_graph, (*inputs, masks, ctx.full), (gh, gc))[:7], None, None)
-        if ctx.kernels:
-            with _GATES_SPENT_LOCK:  # two threads' backwards through one retained graph: one may use G
-                spent, ctx.gates_spent = ctx.gates_spent, True
-            if spent:  # a later backward through a retained graph: an earlier one wrote over G
-                G = _lstm_forward_kernels(cext.ops(), inputs, masks, ctx.full)[0]
-            grads = _lstm_backward_kernels(ctx, gh, gc, inputs, G, hs, cs, TCs, masks)
-        else:
-            with denormals_flushed(G.device):
+        with _flushed_unless_kernels(ctx.kernels, G.device):
+            if ctx.kernels:
+                with _GATES_SPENT_LOCK:  # two threads' backwards through one retained graph: one may use G
+                    spent, ctx.gates_spent = ctx.gates_spent, True
+                if spent:  # a later backward through a retained graph: an earlier one wrote over G
+                    G = _lstm_forward_kernels(cext.ops(), inputs, masks, ctx.full)[0]
+                grads = _lstm_backward_kernels(ctx, gh, gc, inputs, G, hs, cs, TCs, masks)
+            else:
                 grads = _lstm_backward(ctx, gh, gc, x2, inputs, G, hs, cs, TCs, masks)
         return (*grads, None, None)
+
+
+# The x86 builds of the C++ loops set and restore the flush-to-zero mode in each of their threads
+# (MXCSR): no Python context around them, which costs tens of microseconds a call on a busy host.
+_KERNELS_FLUSH = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def _flushed_unless_kernels(kernels: Any, device: torch.device) -> Any:
+    """denormals_flushed(device), or nothing where the C++ loops flush for themselves."""
+    return contextlib.nullcontext() if kernels and _KERNELS_FLUSH else denormals_flushed(device)
 
 
 def _lstm_forward_kernels(kernels, inputs, masks, full):  # noqa: ANN001, ANN202
@@ -366,11 +383,6 @@ def _lstm_forward_kernels(kernels, inputs, masks, full):  # noqa: ANN001, ANN202
     keep_tc = _KERNELS_KEEP_TANH_C and T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
     G, hs, cs, *tcs = kernels.lstm_forward(*inputs, _mask_rows(masks, T, N), full, keep_tc, flush_denormals_enabled())
     return G, hs, cs, (tcs[0] if tcs else None)
-
-
-def _rows_in_place(x: Tensor) -> Tensor:
-    """x as the kernels read it: any strides but a contiguous last dimension."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _lstm_forward_python(inputs, masks, full):  # noqa: ANN001, ANN202

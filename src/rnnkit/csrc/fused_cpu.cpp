@@ -767,6 +767,7 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
       scalar_t* w = dW->data_ptr<scalar_t>();
       const int64_t size = K * 4 * H;
       at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+        Flush f(flush);
         for (int64_t b = 1; b < blocks; ++b)
           for (int64_t i = i0; i < i1; ++i) w[i] += w[b * size + i];
       });
@@ -797,7 +798,8 @@ std::vector<Tensor> lstm_forward(const Tensor& x, const std::optional<Tensor>& h
                                  const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                  const std::optional<Tensor>& b_hh, const Tensor& masks, int64_t full, bool keep_tc,
                                  bool flush) {
-  TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 2, "rnnkit fused kernels: x must be (T, N, I) and w_hh (4H, H)");
+  TORCH_CHECK(x.dim() == 3 && x.size(0) > 0 && w_hh.dim() == 2,
+              "rnnkit fused kernels: x must be (T > 0, N, I) and w_hh (4H, H)");
   TORCH_CHECK(b_ih || !b_hh, "rnnkit fused kernels: b_hh comes with b_ih");
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   const auto opts = x.options();
@@ -824,7 +826,8 @@ std::vector<Tensor> lstm_backward(const Tensor& G, const Tensor& cs, const Tenso
                                   const std::optional<Tensor>& gh, const std::optional<Tensor>& gc,
                                   const Tensor& masks, int64_t full, int64_t chunk, int64_t need, bool has_bias,
                                   bool flush) {
-  TORCH_CHECK(G.dim() == 3 && G.size(2) % 4 == 0 && chunk > 0, "rnnkit fused kernels: bad G or chunk");
+  TORCH_CHECK(G.dim() == 3 && G.size(0) > 0 && G.size(2) % 4 == 0 && chunk > 0,
+              "rnnkit fused kernels: G must be (T > 0, N, 4H) and chunk positive");
   const int64_t T = G.size(0), N = G.size(1), H4 = G.size(2), H = H4 / 4, I = w_ih.size(1);
   const bool need_x = need & 1, need_h0 = need & 2, need_c0 = need & 4, need_wih = need & 8, need_whh = need & 16;
   const bool need_b = (need & 32) && has_bias, need_w = need_wih || need_whh || need_b;
@@ -839,7 +842,8 @@ std::vector<Tensor> lstm_backward(const Tensor& G, const Tensor& cs, const Tenso
   }
   const Tensor c = state_or_zeros(c0, G, N, H), whh = w_hh.contiguous();
   if (need_w) {
-    dW = at::empty({row_blocks(N), Ix + H, H4}, opts);
+    // An empty batch has no rows to start the sums: zeros, as the gradient of nothing is.
+    dW = N > 0 ? at::empty({row_blocks(N), Ix + H, H4}, opts) : at::zeros({1, Ix + H, H4}, opts);
     xw = x.stride(-1) == 1 ? x : x.contiguous();
     hsw = hs;
     if (h0) {
