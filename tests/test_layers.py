@@ -1139,8 +1139,9 @@ def _spy_fast_path(layer: nn.Module, monkeypatch: pytest.MonkeyPatch) -> list[in
 def _fast_against_general(layer: nn.Module, x: Tensor, monkeypatch: pytest.MonkeyPatch,
                           create_graph: bool = False) -> list[int]:
     """Outputs, final states and every gradient of ``layer(x)``, by the fast path and by the general
-    path (the fast path switched off): equal, bit for bit (the same loops, the same sums). Returns
-    whether the fast path was taken."""
+    path (the fast path switched off): equal, bit for bit (the same loops, the same sums), but for the
+    graphs that create_graph differentiates (C++ and Python ops, summed in their own orders: to
+    rounding). Returns whether the fast path was taken."""
     taken = _spy_fast_path(layer, monkeypatch)
 
     def run() -> list[Tensor]:
@@ -1156,8 +1157,9 @@ def _fast_against_general(layer: nn.Module, x: Tensor, monkeypatch: pytest.Monke
     took = list(taken)
     monkeypatch.setattr(type(layer), "_fused_lstm_cells", lambda self, x: None)
     want = run()
+    tol = dict(rtol=1e-12, atol=1e-15) if create_graph else dict(rtol=0, atol=0)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **tol)
     return took
 
 
@@ -1196,11 +1198,19 @@ def test_lstm_fast_path_matches_the_general_path(num_layers, batch_first, option
 @pytest.mark.parametrize("options", [{}, {"bias": False, "forget_bias": 0.5}])
 def test_lstm_fast_path_with_backend_fused_on_either_loops(options, lstm_loops, monkeypatch):
     """backend="fused" in float64 takes the fast path on the C++ and on the Python loops alike, with
-    the same results as the general path, second derivatives (create_graph) included; empty inputs
-    keep the general path's results and errors."""
+    the same results as the general path, second derivatives (create_graph) and vectorised Jacobians
+    (vmap-batched gradients) included; empty inputs keep the general path's results and errors."""
     layer = rnnkit.LSTM(3, 4, 2, batch_first=True, backend="fused", dtype=F64, **options)
     x = torch.randn(5, 6, 3, dtype=F64, requires_grad=True)
     assert _fast_against_general(layer, x, monkeypatch, create_graph=True) == [1]
+    monkeypatch.undo()
+    taken = _spy_fast_path(layer, monkeypatch)
+    small = x[:2, :3].detach()
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v)[0], small, vectorize=True)  # vmap-batched grads
+    assert taken == [1]
+    monkeypatch.setattr(type(layer), "_fused_lstm_cells", lambda self, x: None)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda v: layer(v)[0], small, vectorize=True),
+                               rtol=1e-12, atol=1e-15)
     monkeypatch.undo()
     taken = _spy_fast_path(layer, monkeypatch)
     out, (h, c) = layer(torch.randn(0, 6, 3, dtype=F64))  # an empty batch
