@@ -551,25 +551,34 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
   // kDepth rows: each group reads and writes the partial sums once (at batch 32 two threads had 16
   // rows a step, and a step at a time the sums' traffic took longer than the products).
   const int64_t rows = n1 - n0, group = std::max<int64_t>(1, kDepth / std::max<int64_t>(1, rows));
-  // a's parts: x_t, h_{t-1}, and the ones of the bias where there is one
-  const std::array<Part, 3> parts{{{a.x_n, a.xI, 0}, {H, H, a.Ix}, {0, 1, a.xI}}};
-  const int nparts = a.Ix > a.xI ? 3 : 2;
-  const T ones = T(1);
+  // a = [x_t, 1 (with a bias), h_{t-1}], its rows copied side by side (K apart) for each group: read
+  // where they lie, the outputs' rows are 4H floats apart, a power of two whose lines share a few
+  // sets of the L1 cache and evict each other (the backward 3.5% faster packed, interleaved A/B of two
+  // builds, T28 H128 B128, Zen 5, 2026-12-03).
+  const int64_t K = a.Ix + H;
+  std::vector<T> apack(a.x == nullptr ? 0 : kDepth * K);
+  const std::array<Part, 3> packed{{{K, K, 0}, {0, 0, 0}, {0, 0, 0}}};
   auto weight_grads = [&](int64_t t, int64_t steps) {
     if (a.x == nullptr) return;
-    const int64_t K = a.Ix + H;
     T* out = a.dw + block * K * H4;
     std::array<Rows<T>, kDepth> segs;
     for (int64_t m0 = n0; m0 < n1; m0 += kDepth) {
       const int64_t depth = std::min(kDepth, n1 - m0);
       int nsegs = 0;
+      T* dst = apack.data();
       for (int64_t s = t + steps - 1; s >= t; --s) {
-        const T* hp = s == 0 ? a.h0 : a.hs + (s - 1) * N * H;  // null: a zero state, no product
-        segs[nsegs++] = {{a.x + s * a.x_t + m0 * a.x_n, hp == nullptr ? nullptr : hp + m0 * H, &ones},
-                         a.P + ((s - a.lo) * N + m0) * H4, depth};
+        const T* hp = s == 0 ? a.h0 : a.hs + (s - 1) * N * H;  // null: a zero state
+        const T* xs = a.x + s * a.x_t + m0 * a.x_n;
+        segs[nsegs++] = {{dst, nullptr, nullptr}, a.P + ((s - a.lo) * N + m0) * H4, depth};
+        for (int64_t m = 0; m < depth; ++m, dst += K) {
+          std::memcpy(dst, xs + m * a.x_n, a.xI * sizeof(T));
+          if (a.Ix > a.xI) dst[a.xI] = T(1);
+          if (hp == nullptr) std::fill(dst + a.Ix, dst + K, T(0));
+          else std::memcpy(dst + a.Ix, hp + (m0 + m) * H, H * sizeof(T));
+        }
       }
       const bool fresh = a.hi == a.steps && t + steps == a.hi && m0 == n0;  // the block's first rows
-      at_b_block<T>(segs.data(), nsegs, parts, nparts, H4, out, H4, fresh, panel);
+      at_b_block<T>(segs.data(), nsegs, packed, 1, H4, out, H4, fresh, panel);
     }
   };
   auto input_grads = [&](const T* dg, int64_t s) {  // dx of step s from its gate gradients dg
