@@ -792,3 +792,16 @@ def test_huge_gate_inputs_saturate_instead_of_turning_into_nan(name):
         want = rnnkit.unroll(cell, x, backend="reference").outputs
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_nan_inputs_give_nan_outputs_as_in_the_reference_loop(name, lstm_loops):
+    """A NaN in the input stays NaN through the fused loops' activations (their exp clamps its input
+    with vector min/max, which must not turn a NaN into a bound), where the reference loop has NaN."""
+    cell = make_cell(name, 3, 20, torch.float32)  # 20 units: whole vectors and a partial one
+    x = torch.randn(6, 5, 3)
+    x[2, 1, 0] = float("nan")
+    got = rnnkit.unroll(cell, x, backend="fused").outputs
+    want = rnnkit.unroll(cell, x, backend="reference").outputs
+    assert want.isnan().any() and torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), **TOL[torch.float32])

@@ -1136,29 +1136,32 @@ def _spy_fast_path(layer: nn.Module, monkeypatch: pytest.MonkeyPatch) -> list[in
     return taken
 
 
-def _fast_against_general(layer: nn.Module, x: Tensor, monkeypatch: pytest.MonkeyPatch,
-                          create_graph: bool = False) -> list[int]:
+def _fast_against_general(layer: nn.Module, x: Tensor, create_graph: bool = False) -> list[int]:
     """Outputs, final states and every gradient of ``layer(x)``, by the fast path and by the general
     path (the fast path switched off): equal, bit for bit (the same loops, the same sums), but for the
-    graphs that create_graph differentiates (C++ and Python ops, summed in their own orders: to
-    rounding). Returns whether the fast path was taken."""
-    taken = _spy_fast_path(layer, monkeypatch)
+    gradients of a create_graph backward, whose graphs are differentiated op by op (equal to
+    rounding). Returns whether the fast path was taken. Patches in a context of its own: the
+    caller's (a fixture's choice of loops, say) stay."""
+    with pytest.MonkeyPatch.context() as mp:
+        taken = _spy_fast_path(layer, mp)
 
-    def run() -> list[Tensor]:
-        out, (h, c) = layer(x)
-        loss = out.pow(2).sum() + h.sin().sum() + c.cos().sum()
-        wrt = [x, *layer.parameters()]
-        grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, retain_graph=True)
-        second = [torch.autograd.grad(grads[0].sum(), x, retain_graph=True)[0]] if create_graph else []
-        again = torch.autograd.grad(loss, wrt)  # through the retained graph: the gates computed again
-        return [out, h, c, *grads, *second, *again]
+        def run() -> tuple[list[Tensor], list[Tensor]]:
+            out, (h, c) = layer(x)
+            loss = out.pow(2).sum() + h.sin().sum() + c.cos().sum()
+            wrt = [x, *layer.parameters()]
+            grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, retain_graph=True)
+            second = [torch.autograd.grad(grads[0].sum(), x, retain_graph=True)[0]] if create_graph else []
+            again = torch.autograd.grad(loss, wrt)  # through the retained graph: the gates computed again
+            return [out, h, c, *again], [*grads, *second]
 
-    got = run()
-    took = list(taken)
-    monkeypatch.setattr(type(layer), "_fused_lstm_cells", lambda self, x: None)
-    want = run()
-    tol = dict(rtol=1e-12, atol=1e-15) if create_graph else dict(rtol=0, atol=0)
+        got, got_graph = run()
+        took = list(taken)
+        mp.setattr(type(layer), "_fused_lstm_cells", lambda self, x: None)
+        want, want_graph = run()
     for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    tol = dict(rtol=1e-12, atol=1e-15) if create_graph else dict(rtol=0, atol=0)
+    for a, b in zip(got_graph, want_graph):
         torch.testing.assert_close(a, b, **tol)
     return took
 
@@ -1181,8 +1184,7 @@ def test_lstm_fast_path_matches_the_general_path(num_layers, batch_first, option
     I, H, N, T = 5, 32, 64, 7  # N * H and N / H large enough for auto to pick the fused loops
     layer = rnnkit.LSTM(I, H, num_layers, batch_first=batch_first, **options)
     x = torch.randn((N, T, I) if batch_first else (T, N, I), requires_grad=True)
-    assert _fast_against_general(layer, x, monkeypatch) == [1]
-    monkeypatch.undo()
+    assert _fast_against_general(layer, x) == [1]
     taken = _spy_fast_path(layer, monkeypatch)
     with torch.no_grad():  # inference: auto picks torch's kernel
         layer(x)
@@ -1200,18 +1202,21 @@ def test_lstm_fast_path_with_backend_fused_on_either_loops(options, lstm_loops, 
     """backend="fused" in float64 takes the fast path on the C++ and on the Python loops alike, with
     the same results as the general path, second derivatives (create_graph) and vectorised Jacobians
     (vmap-batched gradients) included; empty inputs keep the general path's results and errors."""
+    from rnnkit.backends import fused
+
     layer = rnnkit.LSTM(3, 4, 2, batch_first=True, backend="fused", dtype=F64, **options)
     x = torch.randn(5, 6, 3, dtype=F64, requires_grad=True)
-    assert _fast_against_general(layer, x, monkeypatch, create_graph=True) == [1]
-    monkeypatch.undo()
-    taken = _spy_fast_path(layer, monkeypatch)
+    assert fused._USE_KERNELS == (lstm_loops == "cpp")
+    assert _fast_against_general(layer, x, create_graph=True) == [1]
     small = x[:2, :3].detach()
-    jac = torch.autograd.functional.jacobian(lambda v: layer(v)[0], small, vectorize=True)  # vmap-batched grads
-    assert taken == [1]
-    monkeypatch.setattr(type(layer), "_fused_lstm_cells", lambda self, x: None)
-    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda v: layer(v)[0], small, vectorize=True),
-                               rtol=1e-12, atol=1e-15)
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        taken = _spy_fast_path(layer, mp)
+        jac = torch.autograd.functional.jacobian(lambda v: layer(v)[0], small, vectorize=True)  # vmap-batched grads
+        assert taken == [1]
+        mp.setattr(type(layer), "_fused_lstm_cells", lambda self, x: None)
+        general = torch.autograd.functional.jacobian(lambda v: layer(v)[0], small, vectorize=True)
+    torch.testing.assert_close(jac, general, rtol=1e-12, atol=1e-15)
+    assert fused._USE_KERNELS == (lstm_loops == "cpp")  # the fixture's loops all along
     taken = _spy_fast_path(layer, monkeypatch)
     out, (h, c) = layer(torch.randn(0, 6, 3, dtype=F64))  # an empty batch
     out.sum().backward()

@@ -182,13 +182,14 @@ inline void store(T* p, V<T> v, int n = Vec<T>::W) {
 }
 
 // x clamped to [lo, hi]: one min and one max (a comparison and a blend each, written with ?:, and
-// the copies that came with them, were a fifth of the forward's activation code).
+// the copies that came with them, were a fifth of the forward's activation code). x goes second:
+// where either operand is NaN these instructions return the second, so a NaN stays NaN.
 inline V<float> vclamp(V<float> x, float lo, float hi) {
 #if defined(__AVX512F__)
-  const __m512 v = _mm512_min_ps(_mm512_max_ps(reinterpret_cast<__m512>(x), _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+  const __m512 v = _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), reinterpret_cast<__m512>(x)));
   return reinterpret_cast<V<float>>(v);
 #elif defined(__AVX__)
-  const __m256 v = _mm256_min_ps(_mm256_max_ps(reinterpret_cast<__m256>(x), _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+  const __m256 v = _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), reinterpret_cast<__m256>(x)));
   return reinterpret_cast<V<float>>(v);
 #else
   x = x < splat(lo) ? splat(lo) : x;
@@ -552,9 +553,10 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
   // rows a step, and a step at a time the sums' traffic took longer than the products).
   const int64_t rows = n1 - n0, group = std::max<int64_t>(1, kDepth / std::max<int64_t>(1, rows));
   // a = [x_t, 1 (with a bias), h_{t-1}], its rows copied side by side (K apart) for each group: read
-  // where they lie, the outputs' rows are 4H floats apart, a power of two whose lines share a few
-  // sets of the L1 cache and evict each other (the backward 3.5% faster packed, interleaved A/B of two
-  // builds, T28 H128 B128, Zen 5, 2026-12-03).
+  // where they lie, the outputs' rows are H floats apart, for the usual widths a power of two whose
+  // lines share a few sets of the L1 cache and evict each other (the backward 3.5% faster packed,
+  // interleaved A/B of two builds, T28 H128 B128, Zen 5, 2026-12-03; the traced cells' backward,
+  // packed alike, measured 1.5-2% slower, so it reads its rows in place).
   const int64_t K = a.Ix + H;
   std::vector<T> apack(a.x == nullptr ? 0 : kDepth * K);
   const std::array<Part, 3> packed{{{K, K, 0}, {0, 0, 0}, {0, 0, 0}}};
