@@ -1224,6 +1224,8 @@ def test_lstm_fast_path_with_backend_fused_on_either_loops(options, lstm_loops, 
     assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
     with pytest.raises(ShapeError, match="empty time axis"):
         layer(torch.randn(2, 0, 3, dtype=F64))
+    with pytest.raises(ShapeError, match="move one of them"):  # parameters elsewhere than x
+        layer.to("meta")(torch.randn(2, 6, 3, dtype=F64))
     assert taken == []
 
 
