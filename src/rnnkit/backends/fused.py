@@ -16,7 +16,7 @@ Where the time goes and what this backend does about it:
   in chunks of 2 MB (16 MB): the backward's scratch buffers are one chunk long (reused), and in the
   Python loops the input projection of a chunk is computed just before the chunk runs, so long
   sequences stay in cache and need no sequence-sized scratch (the C++ LSTM backward sums the weight
-  gradients from the inputs and outputs where they lie: no copy of ``[x_t, 1, h_{t-1}]``).
+  gradients a group of rows at a time, copying only that group's ``[x_t, 1, h_{t-1}]``).
 
 Time loops. The LSTM's and GRU's run in C++ (``csrc/fused_cpu.cpp``, built by
 :mod:`rnnkit.backends.cext`), where the Python loops pay the interpreter, a dispatch for each of ten
@@ -27,8 +27,8 @@ register-blocked tile of a step's product finished by its gates before it leaves
 the LSTM's input projection and input gradient are part of that product, so with the C++ loops the
 LSTM computes neither as a separate GEMM, and its loops take the weights as torch lays them out (no
 reordered or transposed copies per call). Its backward sums the weight gradient too, each thread its
-own rows' part a few steps at a time while their gate gradients are in cache, from the inputs and
-outputs where they lie. Measured 2026-12-02 on an AMD EPYC without AVX-512 (Zen 3,
+own rows' part a few steps at a time while their gate gradients are in cache, from those steps'
+rows of the inputs and outputs copied side by side. Measured 2026-12-02 on an AMD EPYC without AVX-512 (Zen 3,
 2 cores), a train step at T28 I28 H128 B128 took 21.5 ms against 25.1 ms for ``torch.nn.LSTM``
 (oneDNN's fused RNN; ad-hoc, allocator tuned); with the previous C++ loops (a oneDNN or BLAS
 product per step and a gate pass GCC did not vectorise there) the benchmark had measured 39.7 ms
@@ -322,9 +322,9 @@ class _LSTMFunction(torch.autograd.Function):
     in-place sigmoid then covers a step's whole (contiguous) gate row, and tanh(c) is three cheap ops.
 
     Saved for the backward: the activated gates G (T, N, 4H), the outputs and, with the Python loops
-    unless the sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c). The C++ backward reads
-    the weight gradients' operand [x_t, 1, h_{t-1}] where it lies (the input and the outputs); the
-    Python loops keep the inputs with a column of ones for the bias.
+    unless the sequence is long (see _KEEP_TANH_C_BYTES), every step's tanh(c). The C++ backward takes
+    the weight gradients' operand [x_t, 1, h_{t-1}] from the input and the outputs, a group of rows at
+    a time; the Python loops keep the inputs with a column of ones for the bias.
 
     The C++ backward writes the gate gradients over G: a saved tensor that then no longer holds the
     gates. A later backward through the same graph (``retain_graph=True``;
@@ -486,8 +486,8 @@ def _lstm_backward_kernels(ctx, gh, gc, inputs, G, hs, cs, TCs, masks):  # noqa:
     (measured on a Zen 5, interleaved train steps, ms separate buffer / in place: T28 H64 B64 2.16 /
     1.98 and 2.27 / 2.12, H128 B128 7.84 / 7.47 and 9.25 / 8.97). Each thread sums its rows' part of
     the weight gradient [x_t, 1, h_{t-1}]^T dG_t a few steps at a time, while those gate gradients are
-    in its cache, reading x and the outputs where they lie; the partial sums of the threads (one
-    (Ix + H, 4H) block each) are added at the end and copied out in torch's layout."""
+    in its cache, from those rows of x and the outputs copied side by side; the partial sums of the
+    threads (one (Ix + H, 4H) block each) are added at the end and copied out in torch's layout."""
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs
     T, N, H4 = G.shape
     need = ctx.needs_input_grad

@@ -811,6 +811,10 @@ bool all_zero(const Tensor& h) {
   return zero;
 }
 
+// t as the loops read it: any strides but a contiguous last dimension (a batch-first input, an
+// outputs' gradient sliced from a batch-first output: read in place).
+Tensor rows_in_place(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 // A state as the loops read it: contiguous, or zeros (N, H) where the caller has none.
 Tensor state_or_zeros(const std::optional<Tensor>& s, const Tensor& like, int64_t N, int64_t H) {
   return s ? s->contiguous() : at::zeros({N, H}, like.options());
@@ -834,7 +838,7 @@ std::vector<Tensor> lstm_forward(const Tensor& x, const std::optional<Tensor>& h
   const Tensor h = state_or_zeros(h0, x, N, H), c = state_or_zeros(c0, x, N, H);
   std::optional<Tensor> bias;
   if (b_ih) bias = b_hh ? at::add(*b_ih, *b_hh) : b_ih->contiguous();
-  lstm_forward_steps(G, hs, cs, tcs, x.stride(-1) == 1 ? x : x.contiguous(), h, c, w_ih.contiguous(),
+  lstm_forward_steps(G, hs, cs, tcs, rows_in_place(x), h, c, w_ih.contiguous(),
                      w_hh.contiguous(), bias, masks, full, !h0 || all_zero(h), flush);
   std::vector<Tensor> out{G, hs, cs};
   if (tcs) out.push_back(*tcs);
@@ -869,7 +873,7 @@ std::vector<Tensor> lstm_backward(const Tensor& G, const Tensor& cs, const Tenso
   if (need_w) {
     // An empty batch has no rows to start the sums: zeros, as the gradient of nothing is.
     dW = N > 0 ? at::empty({row_blocks(N), Ix + H, H4}, opts) : at::zeros({1, Ix + H, H4}, opts);
-    xw = x.stride(-1) == 1 ? x : x.contiguous();
+    xw = rows_in_place(x);
     hsw = hs;
     if (h0) {
       const Tensor h = h0->contiguous();
@@ -882,7 +886,7 @@ std::vector<Tensor> lstm_backward(const Tensor& G, const Tensor& cs, const Tenso
     const int64_t lo = std::max<int64_t>(0, hi - chunk);
     std::optional<Tensor> tcc, ghc;
     if (tcs) tcc = tcs->slice(0, lo, hi);
-    if (gh) ghc = gh->stride(-1) == 1 ? gh->slice(0, lo, hi) : gh->slice(0, lo, hi).contiguous();
+    if (gh) ghc = rows_in_place(gh->slice(0, lo, hi));
     lstm_backward_steps(G, cs, c, tcc, G.slice(0, lo, hi), DH, dc, gcc, ghc, carry, whh, dx, w_in, masks, full, lo,
                         hi, flush, xw, hsw, h0w, dW);
   }
