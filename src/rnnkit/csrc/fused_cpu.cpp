@@ -402,6 +402,11 @@ void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_
         for (int r = 0; r < rows; ++r) {
           const int64_t n = r0 + r;
           T* gn = g + n * H4 + j;
+          // The next step's lines of these gates, asked for (to write) a step ahead: G is larger than
+          // L2, and its lines come from L3 as they are first written (forward 2-3% faster, interleaved
+          // A/B of two builds, T28 H128 B128, Zen 5, 2026-12-03).
+          if (t + 1 < T_)
+            for (int k = 0; k < 4; ++k) __builtin_prefetch(gn + N * H4 + k * H, 1, 2);
           const V<T> i = vsigmoid<T>(acc[r][0]);
           const V<T> f = vsigmoid<T>(acc[r][1]);
           const V<T> gg = vtanh<T>(acc[r][2]);
@@ -617,6 +622,12 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
       if (m != nullptr) store(dh + at, dhv, w);
       V<T> dcv = load(dc + at, w);
       T* dn = d + n * H4 + u;
+      if (t > a.lo) {  // the step below's gates, cell states and outputs' gradient, into L2 meanwhile
+        const T* below = g - N * H4 + n * H4 + u;  // (backward 3-5% faster, measured as above)
+        for (int k = 0; k < 4; ++k) __builtin_prefetch(below + k * H, 0, 2);
+        if (t > 1) __builtin_prefetch(a.cs + (t - 2) * N * H + at, 0, 2);
+        if (ghp != nullptr) __builtin_prefetch(ghp - a.gh_t + n * a.gh_n + u, 0, 2);
+      }
       if (m == nullptr || m[n]) {
         const T* gn = g + n * H4 + u;
         const V<T> i = load(gn, w), f = load(gn + H, w), gg = load(gn + 2 * H, w), o = load(gn + 3 * H, w);
