@@ -674,8 +674,8 @@ def test_a_backward_runs_the_loops_its_forward_ran(monkeypatch, lstm_loops):
 
 def test_auto_trains_lstms_up_to_512_units_on_the_register_blocked_loops(monkeypatch):
     """With the C++ loops threaded, an LSTM of up to 512 units, a batch of at least an eighth of them and
-    1,024 units of batch x hidden trains on the fused backend at any length and allocator; not wider, not
-    smaller, not in float64, not elsewhere."""
+    1,024 units of batch x hidden trains, and infers, on the fused backend at any length and allocator;
+    not wider, not smaller, not in float64, not elsewhere."""
     x = torch.randn(3, 2, 4)
     monkeypatch.setattr(fused, "kernels_available", lambda: True)
     monkeypatch.setattr(cext, "threaded", lambda: True)
@@ -689,11 +689,18 @@ def test_auto_trains_lstms_up_to_512_units_on_the_register_blocked_loops(monkeyp
         assert _pick_backend(make_cell("lstm", 4, 32, torch.float32), x, 28, 32) == "fused"  # 1,024 units
         assert _pick_backend(make_cell("lstm", 4, 32, torch.float32), x, 28, 31) == "native"
         assert _pick_backend(wide, x, 2, 128) == "native"
-        with torch.no_grad():
-            assert _pick_backend(lstm, x, 28, 128) == "native"  # inference: torch's kernel
+        with torch.no_grad():  # inference: the same rule (the C++ forward then keeps no gates)
+            assert _pick_backend(lstm, x, 28, 16) == "fused"
+            assert _pick_backend(lstm, x, 28, 15) == "native"
+            assert _pick_backend(wide, x, 2, 128) == "native"
         assert _pick_backend(lstm.double(), x.double(), 28, 128) == "native"
+        with torch.no_grad():
+            assert _pick_backend(lstm.double(), x.double(), 28, 128) == "native"
+        lstm.float()
     monkeypatch.setattr(cext, "threaded", lambda: False)  # one thread: torch's kernel
     assert _pick_backend(make_cell("lstm", 4, 128, torch.float32), x, 28, 128) == "native"
+    with torch.no_grad():
+        assert _pick_backend(make_cell("lstm", 4, 128, torch.float32), x, 28, 128) == "native"
     monkeypatch.setattr(cext, "threaded", lambda: True)
     monkeypatch.setattr(fused, "kernels_available", lambda: False)
     assert _pick_backend(make_cell("lstm", 4, 128, torch.float32), x, 28, 128) == "native"
@@ -703,6 +710,8 @@ def test_auto_trains_lstms_up_to_512_units_on_the_register_blocked_loops(monkeyp
 
     monkeypatch.setattr(fused, "kernels_available", no_build)
     assert _pick_backend(make_cell("lstm", 4, 16, torch.float32), x, 28, 8) == "native"
+    with torch.no_grad():  # nor its inference
+        assert _pick_backend(make_cell("lstm", 4, 16, torch.float32), x, 28, 8) == "native"
 
 
 def test_auto_with_the_cpu_kernels_wants_longer_chunks_for_torchs_kernel(monkeypatch):

@@ -1171,11 +1171,11 @@ def _fast_against_general(layer: nn.Module, x: Tensor, create_graph: bool = Fals
     [(1, True, {}), (2, False, {}), (1, False, {"bias": False}), (2, True, {"forget_bias": 1.0})],
 )
 def test_lstm_fast_path_matches_the_general_path(num_layers, batch_first, options, monkeypatch):
-    """A plain float32 LSTM stack training from the zero state goes straight to the fused C++ loops
-    (``_fused_lstm_forward``) where ``unroll`` would pick them for every layer: outputs, final states
-    and every gradient (a second backward through the retained graph included) equal the general
-    path's; inference, an initial state, every-step states and frozen lower layers take the general
-    path."""
+    """A plain float32 LSTM stack training or inferring from the zero state goes straight to the fused
+    C++ loops (``_fused_lstm_forward``) where ``unroll`` would pick them for every layer: outputs,
+    final states and every gradient (a second backward through the retained graph included) equal
+    the general path's, and inference (which keeps no gates) gives the training forward's values bit
+    for bit; an initial state, every-step states and frozen lower layers take the general path."""
     from rnnkit.backends import cext
 
     require_cpu_kernels()
@@ -1186,15 +1186,22 @@ def test_lstm_fast_path_matches_the_general_path(num_layers, batch_first, option
     x = torch.randn((N, T, I) if batch_first else (T, N, I), requires_grad=True)
     assert _fast_against_general(layer, x) == [1]
     taken = _spy_fast_path(layer, monkeypatch)
-    with torch.no_grad():  # inference: auto picks torch's kernel
-        layer(x)
     out, hidden = layer(x)
+    with torch.no_grad():  # inference: the fused loops too
+        inferred, (h, c) = layer(x)
+    assert taken == [1, 1] and inferred.grad_fn is None
+    for a, b in ((inferred, out), (h, hidden[0]), (c, hidden[1])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     layer(x, hidden)  # an initial state: the general path checks it
     layer(x, return_states=True)
+    assert taken == [1, 1]
     for name, p in layer.named_parameters():  # layer 0 frozen, x without a gradient: its layer infers
         p.requires_grad_(not name.endswith("_l0"))
     layer(x.detach())
-    assert taken == [1]
+    assert taken == ([1, 1] if num_layers > 1 else [1, 1, 1])  # one layer: nothing trains, the fast path
+    for p in layer.parameters():  # nothing needs a gradient: inference in grad mode, the fast path
+        p.requires_grad_(False)
+    assert layer(x.detach())[0].grad_fn is None and len(taken) == (3 if num_layers > 1 else 4)
 
 
 @pytest.mark.parametrize("options", [{}, {"bias": False, "forget_bias": 0.5}])
@@ -1227,6 +1234,25 @@ def test_lstm_fast_path_with_backend_fused_on_either_loops(options, lstm_loops, 
     with pytest.raises(ShapeError, match="move one of them"):  # parameters elsewhere than x
         layer.to("meta")(torch.randn(2, 6, 3, dtype=F64))
     assert taken == []
+
+
+def test_lstm_forward_kernel_without_gates_gives_the_same_states():
+    """Without keep_gates (inference) the C++ forward makes no gates and gives the same outputs and
+    cells, bit for bit, with or without masks and an initial state."""
+    from rnnkit.backends import fused
+
+    ops = require_cpu_kernels()
+    T, N, I, H = 6, 9, 3, 20  # H not a whole number of vectors: the rows' last lanes too
+    x = torch.randn(N, T, I).transpose(0, 1)  # batch-first, read in place
+    w_ih, w_hh, b1, b2 = torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H)
+    masks = torch.ones(T, N, dtype=torch.bool)
+    masks[4:, :3] = False
+    for h0, c0, m, full in ((None, None, fused._NO_MASKS, T), (torch.randn(N, H), torch.randn(N, H), masks, 4)):
+        G, hs, cs = ops.lstm_forward(x, h0, c0, w_ih, w_hh, b1, b2, m, full, False, False)
+        none, hs2, cs2 = ops.lstm_forward(x, h0, c0, w_ih, w_hh, b1, b2, m, full, False, False, False)
+        assert G.shape == (T, N, 4 * H) and none is None
+        torch.testing.assert_close(hs2, hs, rtol=0, atol=0)
+        torch.testing.assert_close(cs2, cs, rtol=0, atol=0)
 
 
 def test_lstm_backward_kernel_gives_zero_weight_gradients_for_an_empty_batch():

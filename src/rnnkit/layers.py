@@ -58,6 +58,7 @@ from rnnkit.engine import (
     check_step_state,
     first_parameter,
     from_autocast,
+    fused_infers_faster,
     fused_lstm_trains_faster,
     same_structure,
     tree_flatten,
@@ -342,15 +343,16 @@ class _RNNBase(nn.Module):
 
     def _fused_lstm_cells(self, x: Any) -> list[nn.Module] | None:
         """The cells, when this call can go straight to the fused LSTM's C++ loops (else None): the
-        common training call, from the zero state, of a plain stack of built-in LSTM cells, where
-        ``unroll`` would pick the fused backend for every layer anyway (empty inputs, whose errors or
-        empty results the general path gives, stay there). The general path's Python around the loops
-        (checks, the backend's choice, state trees, the layers of calls) cost 0.35-0.7 ms of a 7-9 ms
-        train step at T28 H128 B128 (measured 2026-12-03 on a Zen 5, interleaved in one process)."""
+        common training or inference call, from the zero state, of a plain stack of built-in LSTM
+        cells, where ``unroll`` would pick the fused backend for every layer anyway (empty inputs,
+        whose errors or empty results the general path gives, stay there). The general path's Python
+        around the loops (checks, the backend's choice, state trees, the layers of calls) cost
+        0.35-0.7 ms of a 7-9 ms train step at T28 H128 B128 (measured 2026-12-03 on a Zen 5,
+        interleaved in one process)."""
         auto = self.backend == "auto"
         if (self._default_cell is not LSTMCell or not isinstance(x, Tensor) or x.dim() != 3 or 0 in x.shape
-                or x.shape[-1] != self.input_size or x.device.type != "cpu" or (auto and not torch.is_grad_enabled())
-                or self.backend not in ("auto", "fused") or self.bidirectional or self.proj_size
+                or x.shape[-1] != self.input_size or x.device.type != "cpu" or self.backend not in ("auto", "fused")
+                or self.bidirectional or self.proj_size
                 or self.recurrent_dropout or self.zoneout or (self.dropout and self.training and self.num_layers > 1)
                 or torch.is_autocast_enabled("cpu")):
             return None  # the general path checks, and says what is wrong, or runs what this does not
@@ -361,10 +363,16 @@ class _RNNBase(nn.Module):
                 return None
         if not auto:
             return cells
-        # auto trains a layer on the fused loops when that layer builds a graph: layer 0 does when x or
-        # its own parameters need a gradient, and then every layer above does too (their inputs need one)
+        # auto trains a layer on the fused loops when that layer builds a graph (else infers there, by
+        # the same rule): layer 0 does when x or its own parameters need a gradient, and then every
+        # layer above does too (their inputs need one)
         N = x.shape[0] if self.batch_first else x.shape[1]
-        return cells if _trains(x, cells[0]) and fused_lstm_trains_faster(cells[0], x, N) else None
+        if _trains(x, cells[0]):
+            return cells if fused_lstm_trains_faster(cells[0], x, N) else None
+        # no graph from layer 0; the layers above build one only for parameters of their own
+        if any(_trains(x, c) for c in cells[1:]):
+            return None  # a partly frozen stack: the general path chooses layer by layer
+        return cells if all(fused_infers_faster(c, x, N) for c in cells) else None
 
     def _fused_lstm_forward(self, x: Tensor, cells: list[nn.Module]) -> tuple[Tensor, LSTMState]:
         """forward() by the fused LSTM's loops, layer after layer (see _fused_lstm_cells)."""

@@ -179,7 +179,14 @@ def lstm_sequence(
     else:
         b_ih, b_hh = cell.bias_ih, cell.bias_hh
     full = x.shape[0] if full is None else full
-    return _LSTMFunction.apply(x, h0, c0, cell.weight_ih, cell.weight_hh, b_ih, b_hh, masks, full)
+    inputs = (x, h0, c0, cell.weight_ih, cell.weight_hh, b_ih, b_hh)
+    kernels = _kernels()
+    if kernels is not None and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        # no graph: the C++ forward without keeping the gates for a backward (whose stores were a
+        # seventh of its time), and no Function
+        with _flushed_unless_kernels(kernels, x.device):
+            return tuple(_lstm_forward_kernels(kernels, inputs, masks, full, keep_gates=False)[1:3])
+    return _LSTMFunction.apply(*inputs, masks, full)
 
 
 def _differentiable_grads(graph: Any, inputs: tuple[Any, ...], grads_out: tuple[Tensor | None, ...]) -> tuple:
@@ -375,13 +382,15 @@ def _flushed_unless_kernels(kernels: Any, device: torch.device) -> Any:
     return contextlib.nullcontext() if kernels and _KERNELS_FLUSH else denormals_flushed(device)
 
 
-def _lstm_forward_kernels(kernels, inputs, masks, full):  # noqa: ANN001, ANN202
-    """The forward's time loop in C++: the activated gates G (T, N, 4H), hs, cs and tanh(c) or None."""
+def _lstm_forward_kernels(kernels, inputs, masks, full, keep_gates=True):  # noqa: ANN001, ANN202
+    """The forward's time loop in C++: the activated gates G (T, N, 4H; None without keep_gates), hs,
+    cs and tanh(c) or None."""
     x = inputs[0]
     T, N, _ = x.shape
     H = inputs[4].shape[1]
-    keep_tc = _KERNELS_KEEP_TANH_C and T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
-    G, hs, cs, *tcs = kernels.lstm_forward(*inputs, _mask_rows(masks, T, N), full, keep_tc, flush_denormals_enabled())
+    keep_tc = keep_gates and _KERNELS_KEEP_TANH_C and T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
+    G, hs, cs, *tcs = kernels.lstm_forward(*inputs, _mask_rows(masks, T, N), full, keep_tc, flush_denormals_enabled(),
+                                           keep_gates)
     return G, hs, cs, (tcs[0] if tcs else None)
 
 

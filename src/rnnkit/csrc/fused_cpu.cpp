@@ -371,6 +371,8 @@ void over_row_blocks(int64_t N, bool flush, const F& fn) {
 // panel (K, 4 gates x W) with K = Ix + H: a unit's input weights, its bias where the layer has one
 // (Ix = I + 1), then its recurrent weights. A tile of a step's gates starts from the bias and adds
 // the products of x_t's rows, where they lie, and h_{t-1}'s; the rest as lstm_forward_steps says.
+// G null: the gates are not kept (inference: no backward reads them, and their stores were a
+// seventh of the forward).
 template <typename T>
 void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_t x_t, int64_t x_n, int64_t I,
                        int64_t Ix, const T* h0, const T* c0, const T* wp, const Tensor& masks, int64_t full,
@@ -381,7 +383,7 @@ void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_
     const T* hp = t == 0 ? h0 : hs + (t - 1) * N * H;
     const T* cp = t == 0 ? c0 : cs + (t - 1) * N * H;
     const T* xt = x + t * x_t;
-    T* g = G + t * N * H4;
+    T* g = G == nullptr ? nullptr : G + t * N * H4;
     T* c = cs + t * N * H;
     T* tc = keep ? tcs + t * N * H : nullptr;
     T* h = hs + t * N * H;
@@ -401,11 +403,11 @@ void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_
         if (product) tile_rows<T, 4>(rows, hp + r0 * H, H, panel + Ix * 4 * W, H, acc);
         for (int r = 0; r < rows; ++r) {
           const int64_t n = r0 + r;
-          T* gn = g + n * H4 + j;
+          T* gn = g == nullptr ? nullptr : g + n * H4 + j;
           // The next step's lines of these gates, asked for (to write) a step ahead: G is larger than
           // L2, and its lines come from L3 as they are first written (forward 2-3% faster, interleaved
           // A/B of two builds, T28 H128 B128, Zen 5, 2026-12-03).
-          if (t + 1 < T_)
+          if (gn != nullptr && t + 1 < T_)
             for (int k = 0; k < 4; ++k) __builtin_prefetch(gn + N * H4 + k * H, 1, 2);
           const V<T> i = vsigmoid<T>(acc[r][0]);
           const V<T> f = vsigmoid<T>(acc[r][1]);
@@ -414,10 +416,12 @@ void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_
           const int64_t at = n * H + j;
           const V<T> cv = f * load(cp + at, w) + i * gg;
           const V<T> tv = vtanh<T>(cv);
-          store(gn, i, w);
-          store(gn + H, f, w);
-          store(gn + 2 * H, gg, w);
-          store(gn + 3 * H, o, w);
+          if (gn != nullptr) {
+            store(gn, i, w);
+            store(gn + H, f, w);
+            store(gn + 2 * H, gg, w);
+            store(gn + 3 * H, o, w);
+          }
           if (keep) store(tc + at, tv, w);
           if (m != nullptr && !m[n]) {  // a sequence that has ended keeps its state
             store(c + at, load(cp + at, w), w);
@@ -661,17 +665,18 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
 // All steps of the forward. x (T, N, I) holds the inputs (any strides but the features': a
 // batch-first input is read in place), w_ih (4H, I), w_hh (4H, H) and bias (4H, optional) the
 // weights in torch's layout (gates i, f, g, o); G (T, N, 4H) receives the activated gates (i, f,
-// g, o), hs and cs (T, N, H) the outputs and cells, tcs (T, N, H), when given, every step's tanh(c).
-void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, const std::optional<Tensor>& tcs, const Tensor& x,
-                        const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                        const std::optional<Tensor>& bias, const Tensor& masks, int64_t full, bool h0_zero,
-                        bool flush) {
+// g, o), or, absent, the gates are not kept (inference); hs and cs (T, N, H) the outputs and cells,
+// tcs (T, N, H), when given, every step's tanh(c).
+void forward_steps(const std::optional<Tensor>& G_, Tensor hs, Tensor cs, const std::optional<Tensor>& tcs,
+                   const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                   const std::optional<Tensor>& bias, const Tensor& masks, int64_t full, bool h0_zero, bool flush) {
+  const Tensor& G = G_ ? *G_ : hs;  // what the others' dtype and device are checked against
   for (const auto& [t, name] : {std::pair{hs, "hs"}, {cs, "cs"}, {h0, "h0"}, {c0, "c0"}, {w_ih, "w_ih"},
                                 {w_hh, "w_hh"}})
     check(t, G, name);
   for (const auto& [t, name] : {std::pair{bias, "bias"}, {tcs, "tcs"}})
     if (t) check(*t, G, name);
-  const auto [T, N, H] = sizes(G, hs, 4, "hs");
+  const auto [T, N, H] = G_ ? sizes(G, hs, 4, "hs") : sizes(hs, hs, 1, "hs");
   check_strided(x, G, "x", "(T, N, I) ", "features");
   const int64_t I = x.size(2), Ix = I + (bias ? 1 : 0);
   expect(x, "x", {T, N, I});
@@ -698,12 +703,19 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, const std::optional<Tens
       return R{{{wi + row * I, I}, {b + row, 1}, {wh + row * H, H}}};
     });
     over_row_blocks(N, flush, [&](int64_t, int64_t n0, int64_t n1) {
-      lstm_forward_rows<scalar_t>(G.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
+      lstm_forward_rows<scalar_t>(G_ ? G.data_ptr<scalar_t>() : nullptr, hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
                                   tcs ? tcs->data_ptr<scalar_t>() : nullptr, tcs.has_value(), x.data_ptr<scalar_t>(),
                                   x.stride(0), x.stride(1), I, Ix, h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
                                   wp.data_ptr<scalar_t>(), masks, full, h0_zero, T, N, H, n0, n1);
     });
   });
+}
+
+void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, const std::optional<Tensor>& tcs, const Tensor& x,
+                        const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                        const std::optional<Tensor>& bias, const Tensor& masks, int64_t full, bool h0_zero,
+                        bool flush) {
+  forward_steps(G, hs, cs, tcs, x, h0, c0, w_ih, w_hh, bias, masks, full, h0_zero, flush);
 }
 
 // Steps hi-1 down to lo of the backward, gates in torch's order (i, f, g, o). P (hi - lo, N, 4H)
@@ -833,25 +845,28 @@ Tensor state_or_zeros(const std::optional<Tensor>& s, const Tensor& like, int64_
 
 // The forward in one call (what fused._LSTMFunction runs; lstm_forward_steps says the rest): G, hs,
 // cs and, with keep_tc, every step's tanh(c), made here. h0 and c0 absent: the zero state. Torch's
-// two biases are added here; b_hh absent: b_ih is the whole bias (or there is none).
+// two biases are added here; b_hh absent: b_ih is the whole bias (or there is none). Without
+// keep_gates (inference, where nothing reads them) G is not made: undefined (None) in its place.
 std::vector<Tensor> lstm_forward(const Tensor& x, const std::optional<Tensor>& h0, const std::optional<Tensor>& c0,
                                  const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                  const std::optional<Tensor>& b_hh, const Tensor& masks, int64_t full, bool keep_tc,
-                                 bool flush) {
+                                 bool flush, bool keep_gates) {
   TORCH_CHECK(x.dim() == 3 && x.size(0) > 0 && w_hh.dim() == 2,
               "rnnkit fused kernels: x must be (T > 0, N, I) and w_hh (4H, H)");
   TORCH_CHECK(b_ih || !b_hh, "rnnkit fused kernels: b_hh comes with b_ih");
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   const auto opts = x.options();
-  Tensor G = at::empty({T, N, 4 * H}, opts), hs = at::empty({T, N, H}, opts), cs = at::empty({T, N, H}, opts);
+  std::optional<Tensor> G;
+  if (keep_gates) G = at::empty({T, N, 4 * H}, opts);
+  Tensor hs = at::empty({T, N, H}, opts), cs = at::empty({T, N, H}, opts);
   std::optional<Tensor> tcs;
   if (keep_tc) tcs = at::empty({T, N, H}, opts);
   const Tensor h = state_or_zeros(h0, x, N, H), c = state_or_zeros(c0, x, N, H);
   std::optional<Tensor> bias;
   if (b_ih) bias = b_hh ? at::add(*b_ih, *b_hh) : b_ih->contiguous();
-  lstm_forward_steps(G, hs, cs, tcs, rows_in_place(x), h, c, w_ih.contiguous(),
-                     w_hh.contiguous(), bias, masks, full, !h0 || all_zero(h), flush);
-  std::vector<Tensor> out{G, hs, cs};
+  forward_steps(G, hs, cs, tcs, rows_in_place(x), h, c, w_ih.contiguous(), w_hh.contiguous(), bias, masks, full,
+                !h0 || all_zero(h), flush);
+  std::vector<Tensor> out{G ? *G : Tensor(), hs, cs};
   if (tcs) out.push_back(*tcs);
   return out;
 }
@@ -1572,7 +1587,7 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
       "int lo, int hi, bool flush, Tensor? x=None, Tensor? hs=None, Tensor? h0=None, Tensor(f!)? dW=None) -> ()");
   m.def(
       "lstm_forward(Tensor x, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "Tensor masks, int full, bool keep_tc, bool flush) -> Tensor[]");
+      "Tensor masks, int full, bool keep_tc, bool flush, bool keep_gates=True) -> Tensor[]");
   m.def(
       "lstm_backward(Tensor(a!) G, Tensor cs, Tensor hs, Tensor x, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? tcs, Tensor? gh, Tensor? gc, Tensor masks, int full, int chunk, int need, bool has_bias, "
