@@ -714,6 +714,49 @@ def test_auto_trains_lstms_up_to_512_units_on_the_register_blocked_loops(monkeyp
         assert _pick_backend(make_cell("lstm", 4, 16, torch.float32), x, 28, 8) == "native"
 
 
+def test_auto_lstm_inference_keeps_torchs_kernel_while_compiling_or_tracing(monkeypatch):
+    """torch.compile, torch.export and tracers see the fused loops as an opaque custom op: inference
+    keeps torch's kernel while they record (training keeps the fused loops)."""
+    x = torch.randn(3, 2, 4)
+    lstm = make_cell("lstm", 4, 128, torch.float32)
+    monkeypatch.setattr(fused, "kernels_available", lambda: True)
+    monkeypatch.setattr(cext, "threaded", lambda: True)
+    with torch.no_grad():
+        assert _pick_backend(lstm, x, 28, 128) == "fused"
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert _pick_backend(lstm, x, 28, 128) == "native"
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+        assert _pick_backend(lstm, x, 28, 128) == "native"
+    assert _pick_backend(lstm, x, 28, 128) == "fused"
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_lstm_inference_without_a_graph_equals_the_functions_forward(mode):
+    """The LSTM's no-graph call (the loops without the autograd Function, no gates kept) gives the
+    Function's outputs and final states exactly, with variable lengths and an initial state, on the
+    C++ and the Python loops."""
+    cell = make_cell("lstm_forget_bias", 3, 6, torch.float32)
+    N, T = 5, 7
+    x = torch.randn(N, T, 3)
+    lengths = torch.tensor([7, 3, 5, 1, 7])
+    h0 = random_state(cell, N, torch.float32)
+    want = rnnkit.unroll(cell, x.requires_grad_(), h0, lengths=lengths, backend="fused")
+    assert want.outputs.grad_fn is not None  # the Function's forward
+    x = x.detach()
+    if mode == "frozen":
+        for p in cell.parameters():
+            p.requires_grad_(False)
+        got = rnnkit.unroll(cell, x, h0, lengths=lengths, backend="fused")
+    else:
+        with getattr(torch, mode)():
+            got = rnnkit.unroll(cell, x, h0, lengths=lengths, backend="fused")
+    assert got.outputs.grad_fn is None
+    torch.testing.assert_close(got.outputs, want.outputs, rtol=0, atol=0)
+    for a, b in zip(tree_flatten(got.final_state)[0], tree_flatten(want.final_state)[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_auto_with_the_cpu_kernels_wants_longer_chunks_for_torchs_kernel(monkeypatch):
     """Untuned, a long LSTM sequence whose chunks of time hold 8-31 steps trains on the fused backend when its
     loops run in C++ (faster there), and on torch's kernel in chunks when they run in Python."""

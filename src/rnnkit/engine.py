@@ -153,7 +153,7 @@ def unroll(
         return (outputs, *final_leaves, *state_leaves_t)
 
     if backend == "fused":
-        flat = run(x_tm, *leaves)  # its autograd Functions scope the denormal mode themselves
+        flat = run(x_tm, *leaves)  # its autograd Functions and the LSTM's no-graph call scope the denormal mode
     else:
         flat = fpmode.flushed_region(run, (x_tm, *leaves))
     outputs, final_state = flat[0], unflatten(list(flat[1 : 1 + len(leaves)]))
@@ -279,7 +279,10 @@ def fused_lstm_trains_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
 def fused_infers_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
     """Whether the fused backend beats torch's kernel without gradients on the CPU (see the notes above)."""
     if type(cell) is LSTMCell:
-        return fused_lstm_trains_faster(cell, x, N)
+        # torch's kernel while torch.compile, torch.export or a tracer records the call: the C++
+        # loops are an opaque custom op to them (training keeps them: their speed is the point there)
+        return (fused_lstm_trains_faster(cell, x, N) and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing())
     return (type(cell) is GRUCell and N * cell.hidden_size >= _FUSED_GRU_INFERENCE_MIN_UNITS
             and fused.kernels_available())
 
@@ -332,7 +335,8 @@ def _pick_backend(
 
     # torch's LSTM kernel returns only the last c. In float32 the native backend reads every step's c
     # from oneDNN's workspace, which inference then has to keep too: worth it for short sequences
-    # (T28 H128 B128: 3.9 ms against the fused backend's 4.7), not long ones (T784: 229 against 103).
+    # (T28 H128 B128: 3.9 ms against the fused backend's 4.7), not long ones (T784: 229 against 103;
+    # both measured before the fused forward stopped keeping the gates without gradients).
     # Elsewhere it recomputes them with a batched matmul, which costs more than the fused backend,
     # which has them for free.
     states_cost = return_states and type(cell) is LSTMCell and not (

@@ -379,7 +379,10 @@ class _RNNBase(nn.Module):
         seq, finals = (x.transpose(0, 1) if self.batch_first else x), []
         for c in cells:
             seq, cs = fused.lstm_sequence(c, seq)
-            finals.append((seq[-1], cs[-1]))
+            h, c_last = seq[-1], cs[-1]
+            if h.grad_fn is None:  # inference: copies, so that each layer's every-step buffers go now
+                h, c_last = h.clone(), c_last.clone()
+            finals.append((h, c_last))
         hidden = LSTMState(torch.stack([h for h, _ in finals]), torch.stack([c for _, c in finals]))
         return (seq.transpose(0, 1) if self.batch_first else seq), hidden
 
