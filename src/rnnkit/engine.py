@@ -233,7 +233,8 @@ _FUSED_LSTM_MAX_HIDDEN = 512
 _FUSED_LSTM_MIN_UNITS = 1024
 _FUSED_LSTM_MIN_ROWS_PER_UNIT = 1 / 8
 # Without gradients the C++ forward keeps no gates (their stores were a seventh of its time), and
-# then leads torch's kernel as the native backend runs it at every shape measured (2026-12-03, Zen 5
+# then leads torch's kernel as the native backend runs it at every shape measured (torch.nn.LSTM
+# itself, without the native backend's wrapping, is ahead at H256 B128 and even at H512 B64; 2026-12-03, Zen 5
 # with AVX-512, 2 cores, interleaved, ms fused / native / torch.nn.LSTM itself): T28 H128 B128 2.20 /
 # 2.52 / 2.24, H256 B128 6.83 / 7.08 / 6.62, H512 B512 102 / 115 / 116, H512 B64 11.4 / 12.1 / 11.3,
 # H128 B32 0.55 / 0.67 / 0.60, H64 B64 0.35 / 0.48 / 0.41, H32 B128 0.29 / 0.46 / 0.36, T16 I8 H16 B8

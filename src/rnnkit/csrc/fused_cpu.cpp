@@ -844,10 +844,10 @@ Tensor state_or_zeros(const std::optional<Tensor>& s, const Tensor& like, int64_
 }
 
 // The forward in one call (what fused._LSTMFunction runs, and fused.lstm_sequence without a graph;
-// lstm_forward_steps says the rest): G, hs,
-// cs and, with keep_tc, every step's tanh(c), made here. h0 and c0 absent: the zero state. Torch's
-// two biases are added here; b_hh absent: b_ih is the whole bias (or there is none). Without
-// keep_gates (inference, where nothing reads them) G is not made: undefined (None) in its place.
+// lstm_forward_steps says the rest): G, hs, cs and, with keep_tc, every step's tanh(c), made here.
+// h0 and c0 absent: the zero state. Torch's two biases are added here; b_hh absent: b_ih is the
+// whole bias (or there is none). Without keep_gates (inference, where nothing reads them) G is not
+// made: undefined (None) in its place.
 std::vector<Tensor> lstm_forward(const Tensor& x, const std::optional<Tensor>& h0, const std::optional<Tensor>& c0,
                                  const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                  const std::optional<Tensor>& b_hh, const Tensor& masks, int64_t full, bool keep_tc,
