@@ -1238,7 +1238,8 @@ def test_lstm_fast_path_with_backend_fused_on_either_loops(options, lstm_loops, 
 
 def test_lstm_forward_kernel_without_gates_gives_the_same_states():
     """Without keep_gates (inference) the C++ forward makes no gates and gives the same outputs and
-    cells, bit for bit, with or without masks and an initial state."""
+    cells, bit for bit, with or without masks and an initial state; without keep_cells too, only
+    the last step's cells (the loop keeps two steps), which a backward could not do with."""
     from rnnkit.backends import fused
 
     ops = require_cpu_kernels()
@@ -1253,6 +1254,14 @@ def test_lstm_forward_kernel_without_gates_gives_the_same_states():
         assert G.shape == (T, N, 4 * H) and none is None
         torch.testing.assert_close(hs2, hs, rtol=0, atol=0)
         torch.testing.assert_close(cs2, cs, rtol=0, atol=0)
+        for steps in (T, T - 1, 1):  # the last step in either slot of the two, or the only one
+            _, hs3, last = ops.lstm_forward(x[:steps], h0, c0, w_ih, w_hh, b1, b2, m[:steps] if m.numel() else m,
+                                            min(full, steps), False, False, False, False)
+            assert last.shape == (1, N, H)
+            torch.testing.assert_close(hs3, hs[:steps], rtol=0, atol=0)
+            torch.testing.assert_close(last[0], cs[steps - 1], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="every step's cells"):
+        ops.lstm_forward(x, None, None, w_ih, w_hh, b1, b2, fused._NO_MASKS, T, False, False, True, False)
 
 
 def test_lstm_backward_kernel_gives_zero_weight_gradients_for_an_empty_batch():

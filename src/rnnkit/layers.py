@@ -378,7 +378,7 @@ class _RNNBase(nn.Module):
         """forward() by the fused LSTM's loops, layer after layer (see _fused_lstm_cells)."""
         seq, finals = (x.transpose(0, 1) if self.batch_first else x), []
         for c in cells:
-            seq, cs = fused.lstm_sequence(c, seq)
+            seq, cs = fused.lstm_sequence(c, seq, every_c=False)  # only where no graph is built
             h, c_last = seq[-1], cs[-1]
             if h.grad_fn is None:  # inference: copies, so that each layer's every-step buffers go now
                 h, c_last = h.clone(), c_last.clone()

@@ -147,7 +147,7 @@ def _run(
     T = x.shape[0]
     full = T if lengths is None else int(lengths.min())
     if type(cell) is LSTMCell:
-        hs, cs = lstm_sequence(cell, x, state.h, state.c, masks, full)
+        hs, cs = lstm_sequence(cell, x, state.h, state.c, masks, full, every_c=return_states)
         return hs, LSTMState(hs[-1], cs[-1]), (LSTMState(hs, cs) if return_states else None)
     H = cell.hidden_size
     if type(cell) is GRUCell:
@@ -168,10 +168,11 @@ def _run(
 
 def lstm_sequence(
     cell: LSTMCell, x: Tensor, h0: Tensor | None = None, c0: Tensor | None = None, masks: Tensor | None = None,
-    full: int | None = None,
+    full: int | None = None, every_c: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Every step's (h, c) of a built-in LSTMCell over time-major ``x`` (T, N, I); h0, c0 None: zeros;
-    masks (T, N, 1), false past each sequence's end, come with full, the shortest length."""
+    masks (T, N, 1), false past each sequence's end, come with full, the shortest length. Without
+    every_c, where no graph is built, c is the last step's alone (1, N, H)."""
     if masks is not None and full is None:  # full decides which steps read the masks at all
         raise ValueError("lstm_sequence: masks need full, the shortest sequence's length")
     if cell.forget_bias or not cell.bias:  # the sum with forget_bias (or no bias at all)
@@ -185,7 +186,7 @@ def lstm_sequence(
         # no graph: the C++ forward without keeping the gates for a backward (whose stores were a
         # seventh of its time), and no Function
         with _flushed_unless_kernels(kernels, x.device):
-            return tuple(_lstm_forward_kernels(kernels, inputs, masks, full, keep_gates=False)[1:3])
+            return tuple(_lstm_forward_kernels(kernels, inputs, masks, full, keep_gates=False, every_c=every_c)[1:3])
     return _LSTMFunction.apply(*inputs, masks, full)
 
 
@@ -382,15 +383,15 @@ def _flushed_unless_kernels(kernels: Any, device: torch.device) -> Any:
     return contextlib.nullcontext() if kernels and _KERNELS_FLUSH else denormals_flushed(device)
 
 
-def _lstm_forward_kernels(kernels, inputs, masks, full, keep_gates=True):  # noqa: ANN001, ANN202
+def _lstm_forward_kernels(kernels, inputs, masks, full, keep_gates=True, every_c=True):  # noqa: ANN001, ANN202
     """The forward's time loop in C++: the activated gates G (T, N, 4H; None without keep_gates), hs,
-    cs and tanh(c) or None."""
+    cs (the last step's alone without every_c, which comes without keep_gates) and tanh(c) or None."""
     x = inputs[0]
     T, N, _ = x.shape
     H = inputs[4].shape[1]
     keep_tc = keep_gates and _KERNELS_KEEP_TANH_C and T * N * H * x.element_size() <= _KEEP_TANH_C_BYTES
     G, hs, cs, *tcs = kernels.lstm_forward(*inputs, _mask_rows(masks, T, N), full, keep_tc, flush_denormals_enabled(),
-                                           keep_gates)
+                                           keep_gates, every_c)
     return G, hs, cs, (tcs[0] if tcs else None)
 
 

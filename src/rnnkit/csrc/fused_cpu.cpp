@@ -372,19 +372,20 @@ void over_row_blocks(int64_t N, bool flush, const F& fn) {
 // (Ix = I + 1), then its recurrent weights. A tile of a step's gates starts from the bias and adds
 // the products of x_t's rows, where they lie, and h_{t-1}'s; the rest as lstm_forward_steps says.
 // G null: the gates are not kept (inference: no backward reads them, and their stores were a
-// seventh of the forward).
+// seventh of the forward). cs holds cslots steps, step t's cells in slot t % cslots: T, or two
+// without a graph when only the last step's are wanted.
 template <typename T>
 void lstm_forward_rows(T* G, T* hs, T* cs, T* tcs, bool keep, const T* x, int64_t x_t, int64_t x_n, int64_t I,
                        int64_t Ix, const T* h0, const T* c0, const T* wp, const Tensor& masks, int64_t full,
-                       bool h0_zero, int64_t T_, int64_t N, int64_t H, int64_t n0, int64_t n1) {
+                       bool h0_zero, int64_t T_, int64_t N, int64_t H, int64_t n0, int64_t n1, int64_t cslots) {
   constexpr int W = Vec<T>::W;
   const int64_t panels = (H + W - 1) / W, H4 = 4 * H, K = Ix + H;
   for (int64_t t = 0; t < T_; ++t) {
     const T* hp = t == 0 ? h0 : hs + (t - 1) * N * H;
-    const T* cp = t == 0 ? c0 : cs + (t - 1) * N * H;
+    const T* cp = t == 0 ? c0 : cs + (t - 1) % cslots * N * H;
     const T* xt = x + t * x_t;
     T* g = G == nullptr ? nullptr : G + t * N * H4;
-    T* c = cs + t * N * H;
+    T* c = cs + t % cslots * N * H;
     T* tc = keep ? tcs + t * N * H : nullptr;
     T* h = hs + t * N * H;
     const bool* m = mask_row(masks, t, full);
@@ -665,8 +666,9 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
 // All steps of the forward. x (T, N, I) holds the inputs (any strides but the features': a
 // batch-first input is read in place), w_ih (4H, I), w_hh (4H, H) and bias (4H, optional) the
 // weights in torch's layout (gates i, f, g, o); G (T, N, 4H) receives the activated gates (i, f,
-// g, o), or, absent, the gates are not kept (inference); hs and cs (T, N, H) the outputs and cells,
-// tcs (T, N, H), when given, every step's tanh(c).
+// g, o), or, absent, the gates are not kept (inference); hs and cs (T, N, H) the outputs and cells
+// (cs (2, N, H) without G: every step's cells in slot t % 2, the last in slot (T - 1) % 2), tcs
+// (T, N, H), when given, every step's tanh(c).
 void forward_steps(const std::optional<Tensor>& G_, Tensor hs, Tensor cs, const std::optional<Tensor>& tcs,
                    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
                    const std::optional<Tensor>& bias, const Tensor& masks, int64_t full, bool h0_zero, bool flush) {
@@ -680,7 +682,8 @@ void forward_steps(const std::optional<Tensor>& G_, Tensor hs, Tensor cs, const 
   check_strided(x, G, "x", "(T, N, I) ", "features");
   const int64_t I = x.size(2), Ix = I + (bias ? 1 : 0);
   expect(x, "x", {T, N, I});
-  expect(cs, "cs", {T, N, H});
+  const int64_t cslots = !G_ && !tcs && cs.dim() == 3 && cs.size(0) == 2 ? 2 : T;
+  expect(cs, "cs", {cslots, N, H});
   if (tcs) expect(*tcs, "tcs", {T, N, H});
   expect(h0, "h0", {N, H});
   expect(c0, "c0", {N, H});
@@ -706,7 +709,7 @@ void forward_steps(const std::optional<Tensor>& G_, Tensor hs, Tensor cs, const 
       lstm_forward_rows<scalar_t>(G_ ? G.data_ptr<scalar_t>() : nullptr, hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
                                   tcs ? tcs->data_ptr<scalar_t>() : nullptr, tcs.has_value(), x.data_ptr<scalar_t>(),
                                   x.stride(0), x.stride(1), I, Ix, h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
-                                  wp.data_ptr<scalar_t>(), masks, full, h0_zero, T, N, H, n0, n1);
+                                  wp.data_ptr<scalar_t>(), masks, full, h0_zero, T, N, H, n0, n1, cslots);
     });
   });
 }
@@ -847,19 +850,22 @@ Tensor state_or_zeros(const std::optional<Tensor>& s, const Tensor& like, int64_
 // lstm_forward_steps says the rest): G, hs, cs and, with keep_tc, every step's tanh(c), made here.
 // h0 and c0 absent: the zero state. Torch's two biases are added here; b_hh absent: b_ih is the
 // whole bias (or there is none). Without keep_gates (inference, where nothing reads them) G is not
-// made: undefined (None) in its place.
+// made: undefined (None) in its place; without keep_cells too, cs is the last step's cells alone
+// (1, N, H), the loop keeping two steps.
 std::vector<Tensor> lstm_forward(const Tensor& x, const std::optional<Tensor>& h0, const std::optional<Tensor>& c0,
                                  const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                  const std::optional<Tensor>& b_hh, const Tensor& masks, int64_t full, bool keep_tc,
-                                 bool flush, bool keep_gates) {
+                                 bool flush, bool keep_gates, bool keep_cells) {
   TORCH_CHECK(x.dim() == 3 && x.size(0) > 0 && w_hh.dim() == 2,
               "rnnkit fused kernels: x must be (T > 0, N, I) and w_hh (4H, H)");
   TORCH_CHECK(b_ih || !b_hh, "rnnkit fused kernels: b_hh comes with b_ih");
+  TORCH_CHECK(keep_cells || !(keep_gates || keep_tc), "rnnkit fused kernels: a backward needs every step's cells");
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   const auto opts = x.options();
   std::optional<Tensor> G;
   if (keep_gates) G = at::empty({T, N, 4 * H}, opts);
-  Tensor hs = at::empty({T, N, H}, opts), cs = at::empty({T, N, H}, opts);
+  const int64_t cslots = keep_cells ? T : std::min<int64_t>(T, 2);
+  Tensor hs = at::empty({T, N, H}, opts), cs = at::empty({cslots, N, H}, opts);
   std::optional<Tensor> tcs;
   if (keep_tc) tcs = at::empty({T, N, H}, opts);
   const Tensor h = state_or_zeros(h0, x, N, H), c = state_or_zeros(c0, x, N, H);
@@ -867,7 +873,7 @@ std::vector<Tensor> lstm_forward(const Tensor& x, const std::optional<Tensor>& h
   if (b_ih) bias = b_hh ? at::add(*b_ih, *b_hh) : b_ih->contiguous();
   forward_steps(G, hs, cs, tcs, rows_in_place(x), h, c, w_ih.contiguous(), w_hh.contiguous(), bias, masks, full,
                 !h0 || all_zero(h), flush);
-  std::vector<Tensor> out{G ? *G : Tensor(), hs, cs};
+  std::vector<Tensor> out{G ? *G : Tensor(), hs, keep_cells ? cs : cs.narrow(0, (T - 1) % cslots, 1)};
   if (tcs) out.push_back(*tcs);
   return out;
 }
@@ -1588,7 +1594,7 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
       "int lo, int hi, bool flush, Tensor? x=None, Tensor? hs=None, Tensor? h0=None, Tensor(f!)? dW=None) -> ()");
   m.def(
       "lstm_forward(Tensor x, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "Tensor masks, int full, bool keep_tc, bool flush, bool keep_gates=True) -> Tensor[]");
+      "Tensor masks, int full, bool keep_tc, bool flush, bool keep_gates=True, bool keep_cells=True) -> Tensor[]");
   m.def(
       "lstm_backward(Tensor(a!) G, Tensor cs, Tensor hs, Tensor x, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? tcs, Tensor? gh, Tensor? gc, Tensor masks, int full, int chunk, int need, bool has_bias, "
