@@ -239,7 +239,8 @@ _FUSED_LSTM_MIN_ROWS_PER_UNIT = 1 / 8
 # 2.52 / 2.24, H256 B128 6.83 / 7.08 / 6.62, H512 B512 102 / 115 / 116, H512 B64 11.4 / 12.1 / 11.3,
 # H128 B32 0.55 / 0.67 / 0.60, H64 B64 0.35 / 0.48 / 0.41, H32 B128 0.29 / 0.46 / 0.36, T16 I8 H16 B8
 # 0.041 / 0.142 / 0.097, T100 H128 B128 6.9 / 7.8 / 7.3, T784 I1 H128 B128 85 / 99 / 99, H256 226 /
-# 243 / 235. So inference takes the training rule: it leads wherever that one does (the tiny call
+# 243 / 235; keeping two steps of c instead of all (later that day): T784 H128 64 / 88 / 85, H256 192 /
+# 231 / 239. So inference takes the training rule: it leads wherever that one does (the tiny call
 # above, outside it, would build the kernels for a tenth of a millisecond); past 512 units unmeasured.
 
 
