@@ -280,11 +280,12 @@ def fused_lstm_trains_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
 
 def fused_infers_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
     """Whether the fused backend beats torch's kernel without gradients on the CPU (see the notes above)."""
+    # torch's kernel while torch.compile, torch.export or a tracer records the call: the C++ loops are
+    # an opaque custom op to them (training keeps them: their speed is the point there)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
     if type(cell) is LSTMCell:
-        # torch's kernel while torch.compile, torch.export or a tracer records the call: the C++
-        # loops are an opaque custom op to them (training keeps them: their speed is the point there)
-        return (fused_lstm_trains_faster(cell, x, N) and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing())
+        return fused_lstm_trains_faster(cell, x, N)
     return (type(cell) is GRUCell and N * cell.hidden_size >= _FUSED_GRU_INFERENCE_MIN_UNITS
             and fused.kernels_available())
 
