@@ -233,9 +233,9 @@ _FUSED_LSTM_MAX_HIDDEN = 512
 _FUSED_LSTM_MIN_UNITS = 1024
 _FUSED_LSTM_MIN_ROWS_PER_UNIT = 1 / 8
 # Without gradients the C++ forward keeps no gates (their stores were a seventh of its time), and
-# then leads torch's kernel as the native backend runs it at every shape measured (torch.nn.LSTM
-# itself, without the native backend's wrapping, is ahead at H256 B128 and even at H512 B64; 2026-12-03, Zen 5
-# with AVX-512, 2 cores, interleaved, ms fused / native / torch.nn.LSTM itself): T28 H128 B128 2.20 /
+# then leads torch's kernel as the native backend runs it at every shape measured; torch.nn.LSTM
+# itself, without the native backend's wrapping, is ahead at H256 B128 and even at H512 B64
+# (2026-12-03, Zen 5 with AVX-512, 2 cores, interleaved, ms fused / native / torch.nn.LSTM): T28 H128 B128 2.20 /
 # 2.52 / 2.24, H256 B128 6.83 / 7.08 / 6.62, H512 B512 102 / 115 / 116, H512 B64 11.4 / 12.1 / 11.3,
 # H128 B32 0.55 / 0.67 / 0.60, H64 B64 0.35 / 0.48 / 0.41, H32 B128 0.29 / 0.46 / 0.36, T16 I8 H16 B8
 # 0.041 / 0.142 / 0.097, T100 H128 B128 6.9 / 7.8 / 7.3, T784 I1 H128 B128 85 / 99 / 99, H256 226 /
@@ -276,6 +276,14 @@ def fused_lstm_trains_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
             and H <= _FUSED_LSTM_MAX_HIDDEN and N * H >= _FUSED_LSTM_MIN_UNITS
             and N >= H * _FUSED_LSTM_MIN_ROWS_PER_UNIT
             and fused.kernels_available() and cext.threaded())
+
+
+def builds_graph(cell: nn.Module, x: Tensor) -> bool:
+    """Whether running a built-in ``cell`` on ``x`` builds a graph: grad mode on and x or one of the
+    cell's own parameters (no module walk: a built-in cell has no submodules) needs a gradient."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p is not None and p.requires_grad for p in cell._parameters.values())
+    )
 
 
 def fused_infers_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
@@ -331,11 +339,6 @@ def _pick_backend(
     # derivatives recompute the sequence
     exact = x.dtype == torch.float64
 
-    def training() -> bool:  # only built-in cells get here: their parameters are their own (no module walk)
-        return torch.is_grad_enabled() and (
-            x.requires_grad or any(p is not None and p.requires_grad for p in cell._parameters.values())
-        )
-
     # torch's LSTM kernel returns only the last c. In float32 the native backend reads every step's c
     # from oneDNN's workspace, which inference then has to keep too: worth it for short sequences
     # (T28 H128 B128: 3.9 ms against the fused backend's 4.7), not long ones (T784: 229 against 103;
@@ -344,7 +347,7 @@ def _pick_backend(
     # which has them for free.
     states_cost = return_states and type(cell) is LSTMCell and not (
         native.states_from_workspace(cell, x, ragged)
-        and (_fits_one_call(cell, x, T, N) or training())
+        and (_fits_one_call(cell, x, T, N) or builds_graph(cell, x))
     )
     if exact and not native_ok:
         return "reference"  # the fused backend's second derivatives recompute the sequence: slower for checks
@@ -357,7 +360,7 @@ def _pick_backend(
         # 512 units, now that they keep no gates without gradients)
         if exact or not fused_ok:
             return "native"
-        if training():
+        if builds_graph(cell, x):
             if _native_trains_faster(cell, x, T, N, ragged):
                 return "native"
         elif not fused_infers_faster(cell, x, N):

@@ -55,6 +55,7 @@ from rnnkit.backends import fused
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, cell_output
 from rnnkit.engine import (
     BACKENDS,
+    builds_graph,
     check_step_state,
     first_parameter,
     from_autocast,
@@ -367,10 +368,10 @@ class _RNNBase(nn.Module):
         # the same rule): layer 0 does when x or its own parameters need a gradient, and then every
         # layer above does too (their inputs need one)
         N = x.shape[0] if self.batch_first else x.shape[1]
-        if _trains(x, cells[0]):
+        if builds_graph(cells[0], x):
             return cells if fused_lstm_trains_faster(cells[0], x, N) else None
         # no graph from layer 0; the layers above build one only for parameters of their own
-        if any(_trains(x, c) for c in cells[1:]):
+        if any(builds_graph(c, x) for c in cells[1:]):
             return None  # a partly frozen stack: the general path chooses layer by layer
         return cells if all(fused_infers_faster(c, x, N) for c in cells) else None
 
@@ -379,10 +380,10 @@ class _RNNBase(nn.Module):
         seq, finals = (x.transpose(0, 1) if self.batch_first else x), []
         for c in cells:
             seq, cs = fused.lstm_sequence(c, seq, every_c=False)  # only where no graph is built
-            h, c_last = seq[-1], cs[-1]
-            if h.grad_fn is None:  # inference: copies, so that each layer's every-step buffers go now
-                h, c_last = h.clone(), c_last.clone()
-            finals.append((h, c_last))
+            h = seq[-1]
+            if h.grad_fn is None:  # inference: a copy, so that this layer's every-step outputs go now
+                h = h.clone()  # (c is the last step's alone there: lstm_sequence's every_c)
+            finals.append((h, cs[-1]))
         hidden = LSTMState(torch.stack([h for h, _ in finals]), torch.stack([c for _, c in finals]))
         return (seq.transpose(0, 1) if self.batch_first else seq), hidden
 
@@ -457,18 +458,6 @@ class _RNNBase(nn.Module):
             if getattr(self, key) != default:
                 s += f", {key}={getattr(self, key)!r}"
         return s
-
-
-def _trains(x: Tensor, cell: nn.Module) -> bool:
-    """Whether running ``cell`` on ``x`` builds a graph: grad mode on and x or a parameter needs a gradient."""
-    if not torch.is_grad_enabled():
-        return False
-    if x.requires_grad:
-        return True
-    for p in cell._parameters.values():
-        if p is not None and p.requires_grad:
-            return True
-    return False
 
 
 def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
