@@ -714,25 +714,25 @@ def test_auto_trains_lstms_up_to_512_units_on_the_register_blocked_loops(monkeyp
         assert _pick_backend(make_cell("lstm", 4, 16, torch.float32), x, 28, 8) == "native"
 
 
-def test_auto_inference_keeps_torchs_kernel_while_compiling_or_tracing(monkeypatch):
-    """torch.compile, torch.export and tracers see the fused loops as an opaque custom op: LSTM and GRU
-    inference keeps torch's kernel while they record (training keeps the fused loops)."""
+def test_auto_runs_torchs_kernel_while_exporting_or_tracing(monkeypatch):
+    """torch.export and tracers see the fused loops as an opaque custom op: LSTM and GRU training
+    and inference run torch's kernel while they record, and the fused loops again once they stop."""
     x = torch.randn(3, 2, 4)
     cells = make_cell("lstm", 4, 128, torch.float32), make_cell("gru", 4, 128, torch.float32)
     monkeypatch.setattr(fused, "kernels_available", lambda: True)
     monkeypatch.setattr(cext, "threaded", lambda: True)
     for cell in cells:
-        with torch.no_grad():
-            assert _pick_backend(cell, x, 28, 128) == "fused"
-            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-            assert _pick_backend(cell, x, 28, 128) == "native"
-            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-            monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
-            assert _pick_backend(cell, x, 28, 128) == "native"
-            monkeypatch.setattr(torch.jit, "is_tracing", lambda: False)
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert _pick_backend(cell, x, 28, 128) == "fused"
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                assert _pick_backend(cell, x, 28, 128) == "fused"
+                monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+                assert _pick_backend(cell, x, 28, 128) == "native"
+                assert not engine.fused_infers_faster(cell, x, 128)
+                monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+                monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+                assert _pick_backend(cell, x, 28, 128) == "native"
+                monkeypatch.setattr(torch.jit, "is_tracing", lambda: False)
+                assert _pick_backend(cell, x, 28, 128) == "fused"
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])

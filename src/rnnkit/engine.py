@@ -20,6 +20,10 @@ compiled     any cell on the CPU, traced once: Inductor-compiled elementwise mat
 ``backend="auto"`` picks the fastest one that supports the cell and device; every backend
 agrees with the reference loop to float tolerance, gradients included (the tests check this).
 
+Under ``torch.compile`` the recurrence runs eagerly in a graph break, as torch.nn.LSTM's does
+(:func:`eagerly`), at rnnkit's own speed; ``torch.export`` and ``torch.jit.trace`` record torch's
+kernels (native, else the reference loop), which they can trace.
+
 Shapes (batch_first=True; time-first swaps the first two axes)::
 
     x        (N, T, I)     lengths  (N,) ints in [1, T]
@@ -37,6 +41,7 @@ Reference loop (what every backend computes)::
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -47,7 +52,7 @@ from rnnkit import fpmode
 from rnnkit.allocator import allocator_tuned
 from rnnkit.backends import cext, compiled, fused, native, reference, traced
 from rnnkit.cells import GRUCell, LSTMCell
-from rnnkit.errors import ShapeError
+from rnnkit.errors import RnnkitWarning, ShapeError
 
 __all__ = ["unroll", "UnrollResult", "BACKENDS", "tree_map", "tree_flatten", "tree_unflatten"]
 
@@ -98,6 +103,21 @@ def tree_unflatten(like: Any, leaves: list[Tensor]) -> Any:
     return tree_flatten(like)[1](leaves)
 
 
+def dynamo_tracing() -> bool:
+    """Whether torch.compile's tracer (not torch.export's) is tracing this call."""
+    return torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
+
+
+@torch.compiler.disable
+def eagerly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` run eagerly in a graph break of torch.compile."""
+    # torch.compile breaks its graph at torch.nn.LSTM, GRU and RNN for the same reason: Inductor's
+    # own lowering of torch's CPU RNN kernels fails in training (torch 2.13: the LSTM's decomposition
+    # runs oneDNN's layer in inference mode whenever the input needs no gradient, and the GRU's fails
+    # to lower), and rnnkit's C++ loops are opaque to it
+    return fn(*args, **kwargs)
+
+
 def unroll(
     cell: nn.Module,
     x: Tensor,
@@ -110,6 +130,9 @@ def unroll(
     backend: Backend = "auto",
 ) -> UnrollResult:
     """Run ``cell`` over the time axis of ``x``; see the module docstring for shapes and semantics."""
+    if dynamo_tracing():
+        return eagerly(unroll, cell, x, state, lengths=lengths, reverse=reverse, return_states=return_states,
+                       batch_first=batch_first, backend=backend)
     x, state, lengths, T, N = _validate(cell, x, state, lengths, batch_first)
     if backend not in BACKENDS:
         raise ShapeError(f"unroll: backend must be one of {BACKENDS}, got {backend!r}")
@@ -125,6 +148,10 @@ def unroll(
         reason = module.unsupported(cell, x)
         if reason:
             raise ShapeError(f"unroll: backend={backend!r} cannot run this cell: {reason}; use 'auto'")
+        if backend != "native" and fpmode.recording():
+            backend = "reference" if native.unsupported(cell, x) else "native"
+            warnings.warn(f"unroll: torch.export and tracers cannot record rnnkit's own loops; recording the "
+                          f"{backend} backend instead of the one asked for", RnnkitWarning, stacklevel=2)
 
     x_tm = x.transpose(0, 1) if batch_first else x  # (T, N, I)
     rev_index = None
@@ -288,9 +315,7 @@ def builds_graph(cell: nn.Module, x: Tensor) -> bool:
 
 def fused_infers_faster(cell: nn.Module, x: Tensor, N: int) -> bool:
     """Whether the fused backend beats torch's kernel without gradients on the CPU (see the notes above)."""
-    # torch's kernel while torch.compile, torch.export or a tracer records the call: the C++ loops are
-    # an opaque custom op to them (training keeps them: their speed is the point there)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if fpmode.recording():  # torch.export or a tracer records the call: the C++ loops are opaque to them
         return False
     if type(cell) is LSTMCell:
         return fused_lstm_trains_faster(cell, x, N)
@@ -329,7 +354,7 @@ def _pick_backend(
     cell: nn.Module, x: Tensor, T: int, N: int, return_states: bool = False, ragged: bool = False
 ) -> str:
     native_ok = not native.unsupported(cell, x)
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or fpmode.recording():  # (torch.export and tracers can record no other)
         return "native" if native_ok else "reference"
     native_ok = native_ok and x.dtype in (torch.float32, torch.float64)  # torch's CPU half kernels are uneven
     native_ok = native_ok and not (torch.is_autocast_enabled("cpu") and not _autocast_kernel_runs(cell))

@@ -118,7 +118,8 @@ def denormals_flushed(device: torch.device | str | None = "cpu", *, covers_backw
     ``covers_backward=True``: the block also runs the backward of what is computed in it, so
     rnnkit's layers inside need no autograd markers of their own (see the module docstring).
     """
-    if not _enabled or (device is not None and torch.device(device).type != "cpu") or not _cpu_supports_flush():
+    if (not _enabled or recording() or (device is not None and torch.device(device).type != "cpu")
+            or not _cpu_supports_flush()):
         yield
         return
     if _in_scope():  # an outer block flushes already and restores the mode when it ends
@@ -204,7 +205,8 @@ def flushed_region(
     outputs are ``fn``'s own tensors, not views, so the caller may modify them in place.
     """
     device = inputs[0].device
-    if _backward_covered():  # the backward runs inside the same outer block: no markers needed
+    # no markers when the backward runs inside the same outer block, or when a graph is being recorded
+    if _backward_covered() or recording():
         return fn(*inputs)
     with denormals_flushed(device):
         if not (_enabled and device.type == "cpu" and torch.is_grad_enabled()) or transforming():
@@ -219,6 +221,12 @@ def flushed_region(
     for node in nodes:
         node.register_prehook(token.enter)
     return outs
+
+
+def recording() -> bool:
+    """Whether torch.compile, torch.export or torch.jit.trace records this call rather than runs it
+    (the floating-point mode is a property of a run, not of a graph: nothing to record)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def transforming() -> bool:

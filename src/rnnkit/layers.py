@@ -57,6 +57,8 @@ from rnnkit.engine import (
     BACKENDS,
     builds_graph,
     check_step_state,
+    dynamo_tracing,
+    eagerly,
     first_parameter,
     from_autocast,
     fused_infers_faster,
@@ -67,6 +69,7 @@ from rnnkit.engine import (
     unroll,
 )
 from rnnkit.errors import RnnkitWarning, ShapeError
+from rnnkit.fpmode import recording
 
 __all__ = ["LSTM", "GRU", "RNN", "LayerResult", "param_name"]
 
@@ -269,6 +272,8 @@ class _RNNBase(nn.Module):
         return_states: bool = False,
     ) -> Any:
         """Run the stack; returns ``(output, hidden)`` like torch, or a LayerResult with ``return_states``."""
+        if dynamo_tracing():  # the whole stack in one graph break (see rnnkit.engine.eagerly)
+            return eagerly(self.forward, input, hx, lengths=lengths, return_states=return_states)
         if hx is None and lengths is None and not return_states:
             cells = self._fused_lstm_cells(input)
             if cells is not None:
@@ -355,7 +360,7 @@ class _RNNBase(nn.Module):
                 or x.shape[-1] != self.input_size or x.device.type != "cpu" or self.backend not in ("auto", "fused")
                 or self.bidirectional or self.proj_size
                 or self.recurrent_dropout or self.zoneout or (self.dropout and self.training and self.num_layers > 1)
-                or torch.is_autocast_enabled("cpu")):
+                or torch.is_autocast_enabled("cpu") or recording()):
             return None  # the general path checks, and says what is wrong, or runs what this does not
         cells = self.cells()
         for c in cells:
