@@ -9,7 +9,9 @@ mostly against a layer stepped by hand with ``layer.cell(l, reverse)``.
 from __future__ import annotations
 
 import copy
+import io
 import itertools
+import re
 from typing import Any
 
 import pytest
@@ -1280,3 +1282,89 @@ def test_lstm_backward_kernel_gives_zero_weight_gradients_for_an_empty_batch():
     assert dx.shape == (T, 0, I) and dh0 is None and dc0 is None
     for g, like in ((dw_ih, w_ih), (dw_hh, w_hh), (db, b)):
         assert g.shape == like.shape and not g.any()
+
+
+# -- what torch.nn users do with their layers ---------------------------------------------------------
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_transposed_weights_compute_what_torch_computes(kind: str, backend: str) -> None:
+    """Weights that are transposed views (a Keras or JAX kernel loaded as w.T with assign=True, a
+    parametrization returning X.t()) run as torch's do: values and every gradient."""
+    ours, ref = _pair(kind, 4, 6, ours_kw={"backend": backend})
+    sd = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in ref.state_dict().items()}
+    ours.load_state_dict(sd, assign=True)
+    assert not ours.weight_hh_l0.is_contiguous() and not ours.weight_ih_l0.is_contiguous()
+    x = torch.randn(7, 3, 4)
+    got = _run(ours, x, None, mode="batched", batch_first=False, lengths=[7, 7, 7])
+    want = _run(ref, x, None, mode="batched", batch_first=False, lengths=[7, 7, 7])
+    _close(got, want, F32)
+
+
+@pytest.mark.parametrize("how", ["torch.func.grad", "non-leaf weights"])
+def test_a_layer_pickles_and_copies_after_a_functional_call(how: str) -> None:
+    """After torch.func.functional_call lent the layer other tensors (under torch.func.grad, or
+    MAML's non-leaf fast weights), deepcopy and torch.save of the module work, as torch's do, and
+    the copy computes with the layer's own weights."""
+    from torch.func import functional_call, grad
+
+    layer, x = rnnkit.GRU(4, 6), torch.randn(5, 3, 4)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    if how == "torch.func.grad":
+        grad(lambda p: functional_call(layer, p, (x,))[0].sum())(params)
+    else:
+        functional_call(layer, {k: v * 1.0 for k, v in layer.named_parameters()}, (x,))
+    twin = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    want = layer(x)[0]
+    for other in (twin, loaded):
+        torch.testing.assert_close(other(x)[0], want, rtol=0, atol=0)
+
+
+def test_states_and_results_load_with_torchs_default_weights_only() -> None:
+    """A saved hidden state (an LSTMState, where torch.nn.LSTM returns a tuple) or LayerResult
+    loads with torch.load's defaults (weights_only), as torch.nn.LSTM's tuple does."""
+    out, hidden = rnnkit.LSTM(4, 6)(torch.randn(5, 3, 4))
+    result = rnnkit.LSTM(4, 6)(torch.randn(5, 3, 4), return_states=True)
+    unrolled = rnnkit.unroll(rnnkit.LSTMCell(4, 6), torch.randn(3, 5, 4))
+    buffer = io.BytesIO()
+    torch.save({"hidden": hidden, "result": result, "unrolled": unrolled}, buffer)
+    buffer.seek(0)
+    back = torch.load(buffer)
+    assert type(back["hidden"]) is rnnkit.LSTMState and type(back["result"]) is LayerResult
+    assert type(back["unrolled"]) is rnnkit.UnrollResult
+    torch.testing.assert_close(back["hidden"].c, hidden.c)
+    torch.testing.assert_close(back["result"].states.h, result.states.h)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_torchs_argument_checks_are_there_with_torchs_rules(kind: str) -> None:
+    """check_forward_args, check_input, get_expected_hidden_size (and the LSTM's cell size),
+    check_hidden_size and permute_hidden, for code written against torch's layers: the same
+    results and messages as torch's."""
+    ours, ref = _pair(kind, 4, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, 4)
+    h = torch.zeros(4, 3, 6)
+    good = (h, h) if kind == "lstm" else h
+    bad = (torch.zeros(4, 2, 6), h) if kind == "lstm" else torch.zeros(4, 2, 6)
+    assert ours.get_expected_hidden_size(x, None) == ref.get_expected_hidden_size(x, None) == (4, 3, 6)
+    ours.check_forward_args(x, good, None)
+    for args in ((x, bad, None), (x[..., :3], good, None), (x[0], good, None)):
+        with pytest.raises(RuntimeError) as theirs:
+            ref.check_forward_args(*args)
+        with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+            ours.check_forward_args(*args)
+    order = torch.tensor([2, 0, 1])
+    for a, b in zip(_leaves(ours.permute_hidden(good, order)), _leaves(ref.permute_hidden(good, order)), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sizes_that_are_not_ints_raise_typeerror_as_torchs_do() -> None:
+    """torch raises TypeError for a size that is not an int; rnnkit's error is one too."""
+    for build in (nn.LSTM, rnnkit.LSTM, rnnkit.GRU):
+        with pytest.raises(TypeError):
+            build(4.0, 6)
+    with pytest.raises(TypeError, match="num_layers"):
+        rnnkit.LSTM(4, 6, num_layers=2.0)

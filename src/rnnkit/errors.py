@@ -1,8 +1,9 @@
 """Error and warning types raised at rnnkit's boundaries.
 
 Every error names what was expected, what came, and how to fix it. Shape and type errors
-subclass both ``ValueError`` and ``RuntimeError`` so code written for ``torch.nn`` (which
-raises either, depending on the mistake) still catches them.
+subclass ``ValueError``, ``RuntimeError`` and ``TypeError`` so code written for ``torch.nn``
+(which raises any of them, depending on the mistake: TypeError for a size that is not an int)
+still catches them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ class RnnkitError(Exception):
     """Base class of rnnkit's own errors."""
 
 
-class ShapeError(RnnkitError, ValueError, RuntimeError):
+class ShapeError(RnnkitError, ValueError, RuntimeError, TypeError):
     """A tensor has the wrong rank, size, dtype or device for the call it was passed to."""
 
 

@@ -99,6 +99,13 @@ class _RNNBase(nn.Module):
     """The shared stack: layers x directions of cells, each run by :func:`rnnkit.unroll`."""
 
     _default_cell: type[nn.Module]
+    # torch.nn.RNNBase's own checks and helpers, for code written against torch's layers (a subclass
+    # that copies torch's forward, say): the same functions, so the same rules and messages
+    check_input = nn.RNNBase.check_input
+    get_expected_hidden_size = nn.RNNBase.get_expected_hidden_size
+    check_hidden_size = nn.RNNBase.check_hidden_size
+    check_forward_args = nn.RNNBase.check_forward_args
+    permute_hidden = nn.RNNBase.permute_hidden
 
     def __init__(
         self,
@@ -192,6 +199,13 @@ class _RNNBase(nn.Module):
             if c.training != self.training:
                 c.train(self.training)
         return self._cells
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's state for pickle and deepcopy, its cells bound to the layer's own tensors."""
+        # a torch.func.functional_call (or grad over one) leaves the cells bound to the tensors it
+        # lent, functorch wrappers or non-leaf tensors that neither pickle nor deepcopy takes
+        self.cells()
+        return super().__getstate__()
 
     def _find_binds(self) -> list[tuple[nn.Module, list[tuple[nn.Module, str, str]], list[tuple[nn.Module, str, str]]]]:
         """Where each cell's tensors live, and the layer's name for each (a tied weight: its first name's)."""
@@ -550,6 +564,9 @@ class LSTM(_RNNBase):
     """Drop-in ``torch.nn.LSTM`` (see the module docstring for shapes, names and extras)."""
 
     _default_cell = LSTMCell
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
     def __init__(
         self,

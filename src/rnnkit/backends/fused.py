@@ -701,8 +701,8 @@ def _grad_buffer(grad: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _double_rows(w: Tensor, lo: int, hi: int) -> Tensor:
-    """A copy of ``w`` with rows lo..hi-1 doubled: pre-activations fed to ``tanh(a) = 2 sigmoid(2a) - 1``."""
-    out = w.clone()
+    """A dense copy of ``w`` with rows lo..hi-1 doubled: pre-activations fed to ``tanh(a) = 2 sigmoid(2a) - 1``."""
+    out = w.clone(memory_format=torch.contiguous_format)  # (clone keeps a transposed weight's strides)
     out[lo:hi].mul_(2.0)
     return out
 
