@@ -157,11 +157,16 @@ class LoopLSTM(nn.Module):
         return h
 
 
-def torch_bench(model: nn.Module, shape: Shape, device: torch.device, **options: Any) -> Bench:
-    """The train step and inference closures for a torch ``model`` mapping x to logits."""
+def torch_bench(
+    model: nn.Module, shape: Shape, device: torch.device, compile_model: bool = False, **options: Any
+) -> Bench:
+    """The train step and inference closures for a torch ``model`` mapping x to logits (the whole model
+    under torch.compile's default mode with ``compile_model``)."""
     model = model.to(device)
     x, y = make_batch(shape, device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if compile_model:
+        model, options["compiles"] = torch.compile(model), True
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -176,12 +181,13 @@ def torch_bench(model: nn.Module, shape: Shape, device: torch.device, **options:
 
 
 # -- the PyTorch competitors -----------------------------------------------------------------------
-def build_torch_lstm(shape: Shape, device: torch.device) -> Bench:
-    """torch.nn.LSTM as PyTorch ships it: denormals not flushed (its default)."""
+def build_torch_lstm(shape: Shape, device: torch.device, compile_model: bool = False) -> Bench:
+    """torch.nn.LSTM as PyTorch ships it: denormals not flushed (its default); with ``compile_model`` the
+    model under torch.compile, which breaks its graph at the layer."""
     torch.manual_seed(SEED)
     model = Classifier(LastOutput(nn.LSTM(shape.I, shape.H, batch_first=True)), shape.H)
     scope = (lambda: flush_denormal(False)) if device.type == "cpu" else contextlib.nullcontext
-    return torch_bench(model, shape, device, scope=scope)
+    return torch_bench(model, shape, device, compile_model, scope=scope)
 
 
 def build_torch_gru(shape: Shape, device: torch.device) -> Bench:

@@ -70,6 +70,7 @@ LONG_T = 64  # shapes longer than this get fewer rounds by default
 # Row names (the targets refer to them).
 NN_LSTM = "torch.nn.LSTM"
 NN_LSTM_FLUSH = "torch.nn.LSTM, flush-denormal on"
+NN_LSTM_COMPILED = "torch.nn.LSTM, model under torch.compile"
 LOOP = "Python-loop LSTM cell"
 LOOP_COMPILED = "Python-loop cell, torch.compile"
 LOOP_GRAPHS = "Python-loop model, torch.compile reduce-overhead"
@@ -85,15 +86,17 @@ RK_SEED000_COMPILED = "Seed000Cell via rnnkit.unroll, backend=compiled"
 RK_SEED000_TRACED = "Seed000Cell via rnnkit.unroll, backend=traced"
 RK_STATES = "rnnkit.LSTM return_states=True"
 RK_NO_FLUSH = "rnnkit.LSTM, set_flush_denormals(False)"
+RK_COMPILED = "rnnkit.LSTM, model under torch.compile"
 
 
 # -- rnnkit's implementations ----------------------------------------------------------------------
-def build_rnnkit_lstm(shape: Shape, device: torch.device, backend: str = "auto") -> Bench:
-    """rnnkit.LSTM, the drop-in layer, with the given backend."""
+def build_rnnkit_lstm(shape: Shape, device: torch.device, backend: str = "auto", compile_model: bool = False) -> Bench:
+    """rnnkit.LSTM, the drop-in layer, with the given backend (the model under torch.compile with
+    ``compile_model``: its graph breaks at the layer, as at torch.nn.LSTM)."""
     torch.manual_seed(comp.SEED)  # the same weights as torch.nn.LSTM gets (same initialisation)
     layer = rnnkit.LSTM(shape.I, shape.H, batch_first=True, backend=backend)
     _require_backend(layer, shape, device, backend)
-    return comp.torch_bench(comp.Classifier(comp.LastOutput(layer), shape.H), shape, device)
+    return comp.torch_bench(comp.Classifier(comp.LastOutput(layer), shape.H), shape, device, compile_model)
 
 
 def build_rnnkit_gru(shape: Shape, device: torch.device) -> Bench:
@@ -197,6 +200,7 @@ IMPLEMENTATIONS: tuple[Impl, ...] = (
     Impl(LOOP, comp.build_python_loop, False),
     Impl(LOOP_COMPILED, comp.build_compiled_cell, False, needs_compile=True),
     Impl(LOOP_GRAPHS, comp.build_compiled_graphs, False, needs_compile=True),
+    Impl(NN_LSTM_COMPILED, functools.partial(comp.build_torch_lstm, compile_model=True), False, needs_compile=True),
     Impl(JAX, comp.build_jax, False),
     Impl(KERAS, comp.build_keras, False),
     Impl(RK_LSTM, build_rnnkit_lstm, True),
@@ -209,6 +213,7 @@ IMPLEMENTATIONS: tuple[Impl, ...] = (
     Impl(RK_SEED000_TRACED, functools.partial(build_seed000, backend="traced"), True),
     Impl(RK_STATES, build_rnnkit_states, True),
     Impl(RK_NO_FLUSH, build_rnnkit_no_flush, True),
+    Impl(RK_COMPILED, functools.partial(build_rnnkit_lstm, compile_model=True), True, needs_compile=True),
 )
 
 
