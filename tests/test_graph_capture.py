@@ -172,3 +172,13 @@ def test_an_explicit_backend_torch_cannot_record_says_so_and_records_one_it_can(
     assert not any("rnnkit" in t for t in targets), targets
     x2 = torch.randn(4, 9, 5)
     torch.testing.assert_close(program.module()(x2)[0], model(x2)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_importing_rnnkit_leaves_torch_dynamo_unimported() -> None:
+    """The graph break is set up lazily: importing torch._dynamo with rnnkit doubled its import time."""
+    import subprocess
+    import sys
+
+    code = "import sys, rnnkit; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

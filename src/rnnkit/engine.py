@@ -108,7 +108,8 @@ def dynamo_tracing() -> bool:
     return torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
 
 
-@torch.compiler.disable
+# torch.compiler.disable's lazy form, torch's own: importing torch._dynamo with rnnkit doubled its import time
+@torch._disable_dynamo
 def eagerly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` run eagerly in a graph break of torch.compile."""
     # torch.compile breaks its graph at torch.nn.LSTM, GRU and RNN for the same reason: Inductor's
