@@ -465,3 +465,72 @@ def test_unbatched_state_given_unbatched() -> None:
     torch.testing.assert_close(got.h, want.h[0])
     torch.testing.assert_close(got.c, want.c[0])
 
+
+
+# -- what torch.nn users do with cells ------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["auto", "reference", "native", "fused"])
+def test_unroll_runs_a_cells_hooks_every_step(backend: str) -> None:
+    """A pruned cell (torch.nn.utils.prune recomputes weight_hh in a forward pre-hook) unrolls as
+    stepping it by hand does after its original weights change, also on a second backward; hooks
+    run once a step; torch's kernels and the fused loops, which would skip them, say why."""
+    import torch.nn.utils.prune as prune
+
+    cell = LSTMCell(4, 6)
+    prune.l1_unstructured(cell, "weight_hh", amount=0.5)
+    with torch.no_grad():
+        cell.weight_hh_orig.mul_(3.0)  # an optimiser's step: the pruned weight is stale until the hook runs
+    x = torch.randn(3, 5, 4)
+    if backend in ("native", "fused"):
+        with pytest.raises(ShapeError, match="module hooks"):
+            rnnkit.unroll(cell, x, backend=backend)
+        return
+    state, hand = None, []
+    for t in range(5):
+        state = cell(x[:, t], state)
+        hand.append(state.h)
+    for _ in range(2):  # the second backward needs the pruned weight made again, by the hook
+        got = rnnkit.unroll(cell, x, backend=backend)
+        torch.testing.assert_close(got.outputs, torch.stack(hand, 1))
+        got.outputs.sum().backward()
+    calls = []
+    cell.register_forward_pre_hook(lambda m, a: calls.append(1))
+    rnnkit.unroll(cell, x, backend=backend)
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn"])
+def test_cells_take_torchs_keyword_arguments(name: str) -> None:
+    """cell(input=x, hx=h) as torch.nn.LSTMCell/GRUCell/RNNCell take it."""
+    ours = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}[name](4, 6)
+    theirs = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[name](4, 6)
+    theirs.load_state_dict(ours.state_dict())
+    x, h = torch.randn(2, 4), torch.randn(2, 6)
+    hx = (h, torch.randn(2, 6)) if name == "lstm" else h
+    got, want = ours(input=x, hx=hx), theirs(input=x, hx=hx)
+    for a, b in zip(got if name == "lstm" else [got], want if name == "lstm" else [want], strict=True):
+        torch.testing.assert_close(a, b)
+    mixed = ours(x, hx=hx)
+    torch.testing.assert_close(mixed[0] if name == "lstm" else mixed, want[0] if name == "lstm" else want)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_vmap_over_unroll_and_layers_runs_the_reference_loop(name: str) -> None:
+    """torch.func.vmap (alone, or over grad for per-sample gradients) of a built-in cell's unroll
+    and of a layer: auto steps aside from torch's kernels, which have no vmap rule."""
+    from torch.func import functional_call, grad, vmap
+
+    cell = {"lstm": LSTMCell, "gru": GRUCell}[name](4, 6)
+    x = torch.randn(5, 3, 7, 4)  # five independent batches
+    got = vmap(lambda xx: rnnkit.unroll(cell, xx).outputs)(x)
+    torch.testing.assert_close(got, torch.stack([rnnkit.unroll(cell, xx).outputs for xx in x]))
+    layer = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}[name](4, 6, batch_first=True)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p: dict, xx: Tensor) -> Tensor:
+        return functional_call(layer, p, (xx.unsqueeze(0),))[0].square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x[0])
+    for i in (0, 2):
+        want = grad(loss)(params, x[0, i])
+        for k in params:
+            torch.testing.assert_close(per_sample[k][i], want[k])

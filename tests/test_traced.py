@@ -16,6 +16,7 @@ from conftest import require_cpu_kernels
 from test_compiled import MinimalCell, Seed000Cell
 from torch import Tensor, nn
 
+import rnnkit
 from rnnkit import RNN, unroll
 from rnnkit.backends import compiled, traced
 from rnnkit.engine import _pick_backend, tree_flatten
@@ -387,3 +388,26 @@ def test_a_cell_that_changes_its_own_attributes_is_refused_once() -> None:
         unroll(cell, x, backend="traced")
     unroll(cell, x, backend="traced")
     assert sum(1 for key in traced._PROGRAMS if key[0] is SelfChanging) == 1  # not traced again
+
+
+def _scaled_step(base: type[nn.Module]) -> type[nn.Module]:
+    """A built-in cell with the documented project_input/step split overridden: its state scaled."""
+
+    class Scaled(base):
+        def step(self, xp: Tensor, state: object) -> object:
+            new = super().step(xp, state)
+            return type(new)(*(0.9 * s for s in new)) if isinstance(new, tuple) else 0.9 * new
+
+    return Scaled
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("base", [rnnkit.LSTMCell, rnnkit.GRUCell, rnnkit.RNNCell], ids=lambda c: c.__name__)
+def test_a_built_in_cell_with_its_own_step_runs_here(base: type[nn.Module], bias: bool) -> None:
+    """A subclass of a built-in cell that overrides step() is read by its split step (the built-in
+    forward's state check made zeros the reader refused) and addmm(xp, h, W^T) onto the projected
+    input is read as a product plus an addition: values, states and gradients as the loop's."""
+    torch.manual_seed(0)
+    cell = _scaled_step(base)(3, 5, bias=bias).double()
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    _assert_match(cell, x, _random_state(cell, 4, torch.float64), lengths=torch.tensor([6, 2, 5, 1]))

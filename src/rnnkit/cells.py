@@ -65,6 +65,14 @@ def cell_output(cell: nn.Module, state: Any) -> Tensor:
     return state if isinstance(state, Tensor) else state[0]
 
 
+def hooked(module: nn.Module) -> str | None:
+    """Why ``module``'s own hooks need it called at every step (they run only in its ``__call__``), or None."""
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return (f"{type(module).__name__} has module hooks (torch.nn.utils.prune, hook-based weight_norm or "
+                "spectral_norm, or your own), which run only when it is called, as the reference loop calls it")
+    return None
+
+
 class Cell(nn.Module):
     """Optional base class for cells: supplies ``output`` and the zero-state default.
 
@@ -163,9 +171,9 @@ class _BuiltinCell(Cell):
         state = fixed[0] if isinstance(expected, Tensor) else type(expected)(*fixed)
         return x, state, unbatched
 
-    def forward(self, x: Tensor, state: Any = None) -> Any:
-        """One time step (validated): ``x`` (N, I) or (I,) and the state to the new state."""
-        x, state, unbatched = self._check_step(x, state)
+    def forward(self, input: Tensor, hx: Any = None) -> Any:  # torch.nn's argument names, for keyword calls
+        """One time step (validated): ``input`` (N, I) or (I,) and the state ``hx`` to the new state."""
+        x, state, unbatched = self._check_step(input, hx)
         new = self.step(self.project_input(x), state)
         if unbatched:
             return new.squeeze(0) if isinstance(new, Tensor) else type(new)(*(s.squeeze(0) for s in new))

@@ -229,6 +229,16 @@ def recording() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def vmapping() -> bool:
+    """Whether torch.func.vmap is active, at any level (vmap over grad, for per-sample gradients, too)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
 def transforming() -> bool:
     """Whether torch.func transforms or forward-mode AD are active (rnnkit's autograd Functions and
     hooks have no rules there: code paths that use them step aside)."""

@@ -41,6 +41,7 @@ objects, so ``.to()``, ``load_state_dict(assign=True)`` and friends can never le
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -95,6 +96,23 @@ def param_name(name: str, layer: int, reverse: bool) -> str:
     return f"{name.replace('.', '_')}_l{layer}{'_reverse' if reverse else ''}"
 
 
+def _reset_children(module: nn.Module) -> set[int]:
+    """reset_parameters() of the outermost submodules that have one; the ids of the parameters reset."""
+    covered: set[int] = set()
+    for child in module.children():
+        if hasattr(child, "reset_parameters"):
+            child.reset_parameters()
+            covered |= {id(p) for p in child.parameters()}
+        else:
+            covered |= _reset_children(child)
+    return covered
+
+
+def _cell_options(own: dict[str, Any], extras: dict[str, Any]) -> dict[str, Any]:
+    """A layer's options for its built-in cell, with the caller's cell_options= over them."""
+    return {**own, **(extras.pop("cell_options", None) or {})}
+
+
 class _RNNBase(nn.Module):
     """The shared stack: layers x directions of cells, each run by :func:`rnnkit.unroll`."""
 
@@ -141,6 +159,14 @@ class _RNNBase(nn.Module):
             raise ShapeError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
         if proj_size and cell is not None:
             raise ShapeError(f"{name}: proj_size applies to the built-in LSTM cell; pass it to your cell instead")
+        if cell is not None:  # what would not reach a user's cell, rather than ignored
+            defaults = inspect.signature(self._default_cell).parameters
+            changed = [] if bias else ["bias=False"]
+            changed += [f"{k}={v!r}" for k, v in (cell_options or {}).items()
+                        if k not in defaults or v != defaults[k].default]
+            if changed:
+                raise ShapeError(f"{name}: the built-in {self._default_cell.__name__}'s options ({', '.join(changed)}) "
+                                 "do not reach a cell of your own; pass them to your cell instead")
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 f"{name}: dropout={dropout} has no effect with num_layers=1: it applies between layers",
@@ -247,6 +273,13 @@ class _RNNBase(nn.Module):
         for c in self.cells():
             if hasattr(c, "reset_parameters"):
                 c.reset_parameters()
+                continue
+            # a user's cell without one: its submodules' own (an nn.Linear's), as at its construction
+            covered = _reset_children(c)
+            kept = [n for n, p in c.named_parameters() if id(p) not in covered]
+            if kept:
+                warnings.warn(f"{type(self).__name__}.reset_parameters: {type(c).__name__} has no reset_parameters(), "
+                              f"so {', '.join(kept)} keep their values; give the cell one", RnnkitWarning, stacklevel=2)
 
     @property
     def mode(self) -> str:
@@ -377,9 +410,9 @@ class _RNNBase(nn.Module):
                 or torch.is_autocast_enabled("cpu") or recording()):
             return None  # the general path checks, and says what is wrong, or runs what this does not
         cells = self.cells()
-        for c in cells:
-            w = c.weight_ih
-            if type(c) is not LSTMCell or w.dtype != x.dtype or w.device != x.device or fused.unsupported(c, x):
+        for c in cells:  # (a user's cell in an LSTM layer, cell=..., has no weight_ih: its type goes first)
+            if (type(c) is not LSTMCell or c.weight_ih.dtype != x.dtype or c.weight_ih.device != x.device
+                    or fused.unsupported(c, x)):
                 return None
         if not auto:
             return cells
@@ -589,7 +622,7 @@ class LSTM(_RNNBase):
         options = {"forget_bias": forget_bias, "peepholes": peepholes, "cell_clip": cell_clip}
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
-            device, dtype, cell_options=options, **extras,
+            device, dtype, cell_options=_cell_options(options, extras), **extras,
         )
 
 
@@ -615,7 +648,7 @@ class GRU(_RNNBase):
     ) -> None:
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, extras.pop("proj_size", 0),
-            device, dtype, cell_options={"reset_after": reset_after}, **extras,
+            device, dtype, cell_options=_cell_options({"reset_after": reset_after}, extras), **extras,
         )
 
 
@@ -642,6 +675,6 @@ class RNN(_RNNBase):
             raise ShapeError(f"RNN: Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, extras.pop("proj_size", 0),
-            device, dtype, cell_options={"nonlinearity": nonlinearity}, **extras,
+            device, dtype, cell_options=_cell_options({"nonlinearity": nonlinearity}, extras), **extras,
         )
         self.nonlinearity = nonlinearity

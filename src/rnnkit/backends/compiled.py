@@ -77,7 +77,8 @@ from torch import Tensor, nn
 
 from rnnkit.backends import gemm, reference
 from rnnkit.backends.reference import freeze
-from rnnkit.errors import ShapeError
+from rnnkit.cells import hooked
+from rnnkit.errors import RnnkitWarning, ShapeError
 from rnnkit.fpmode import transforming as _transforming
 
 __all__ = ["available", "unsupported", "worth_it", "run", "run_quietly", "clear_cache"]
@@ -346,7 +347,7 @@ def _untraceable(cell: nn.Module) -> str | None:
             "_global_backward_pre_hooks")):
         return "global module hooks are registered (a trace runs them once, not every step)"
     for name, m in cell.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if hooked(m):
             return f"module {name or type(m).__name__!r} has hooks (a trace runs them once, not every step)"
         for k, v in _own(m).items():
             if isinstance(v, Tensor):
@@ -615,10 +616,14 @@ def _step_fn(cell: nn.Module, slots: _Slots, unflatten: Callable[[list[Tensor]],
     from rnnkit.engine import tree_flatten
 
     n = len(slots.tensors)
+    # the split step where the cell has one, as the reference loop steps it: a built-in cell's
+    # forward also checks the state against zeros it makes, which a trace would take for the step's
+    split = hasattr(cell, "project_input") and hasattr(cell, "step")
 
     def step(*a: Tensor) -> tuple[Tensor, ...]:
         with slots.holding(a[:n]):
-            new = tree_flatten(cell(a[n], unflatten(list(a[n + 1:]))))[0]
+            state = unflatten(list(a[n + 1:]))
+            new = tree_flatten(cell.step(cell.project_input(a[n]), state) if split else cell(a[n], state))[0]
             out = [cell.output(unflatten(list(new)))] if own_output else []
         # a field passed through unchanged, or returned twice, or an output that is a view of the
         # state: copies (which Inductor fuses away) keep each output a tensor of its own
@@ -887,7 +892,7 @@ def _warn(cell: nn.Module, why: str, quiet: bool = False, template: str = "rnnki
     inner = getattr(cell, "cell", None)
     if name.startswith("_") and isinstance(inner, nn.Module):  # rnnkit's dropout/zoneout wrappers
         name = f"{type(inner).__name__} (with the layer's {name.strip('_').removesuffix('Split')})"
-    warnings.warn(template.format(name=name, why=why), stacklevel=level)
+    warnings.warn(template.format(name=name, why=why), RnnkitWarning, stacklevel=level)
 
 
 def _plan(cell: nn.Module, slots: _Slots, x: Tensor, leaves: list[Tensor],

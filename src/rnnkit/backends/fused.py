@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from rnnkit.backends import cext
 from rnnkit.backends.gemm import addmm_, linear, linear_add, linear_add_, mm
-from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
+from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, hooked
 from rnnkit.fpmode import denormals_flushed, flush_denormals_enabled, transforming
 
 __all__ = ["unsupported", "run"]
@@ -118,6 +118,8 @@ def unsupported(cell: nn.Module, x: Tensor) -> str | None:
         return f"the fused backend runs on the CPU only, the input is on {x.device}"
     if x.dtype not in _DTYPES:
         return f"the fused backend supports float32 and float64, got {x.dtype}"
+    if hooked(cell):
+        return hooked(cell)
     kind = type(cell)
     if kind is LSTMCell:
         if cell.peepholes:

@@ -26,12 +26,17 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.allocator import allocator_tuned
-from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell
+from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, hooked
 from rnnkit.fpmode import transforming as _transforming
+from rnnkit.fpmode import vmapping
 
 
 def unsupported(cell: nn.Module, x: Tensor) -> str | None:
-    """Why the fused kernels cannot run this cell, or None when they can."""
+    """Why torch's kernels cannot run this cell, or None when they can."""
+    if hooked(cell):
+        return hooked(cell)
+    if vmapping():
+        return "torch's RNN kernels have no torch.func.vmap rule"
     kind = type(cell)
     if kind is LSTMCell:
         if cell.peepholes or cell.cell_clip is not None:

@@ -312,7 +312,14 @@ class _Builder:
         if t in (_aten.mm.default, _aten.addmm.default):
             if kw:
                 raise _Unsupported("a product with alpha or beta")
-            return self._product(n, None, *args) if t is _aten.mm.default else self._product(n, *args)
+            if t is _aten.mm.default:
+                return self._product(n, None, *args)
+            if self.env[args[0]][0] == "rows":  # addmm(xp, h, W^T) onto step values (a projected input): add them
+                product = self._product(n, None, *args[1:])[1]
+                if self._width(args[0]) != len(product):
+                    raise _Unsupported("a product is added to values of another width")
+                return ("rows", [self._emit(ADD, p, q) for p, q in zip(product, self.env[args[0]][1])])
+            return self._product(n, *args)
         if t is _aten.cat.default:
             parts, dim = args[0], args[1] if len(args) > 1 else 0
             self._dim(n, dim)
