@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import require_cpu_kernels
+from test_traced import LerpGRU  # a user's cell: an nn.Linear, no reset_parameters of its own
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -1370,25 +1371,10 @@ def test_sizes_that_are_not_ints_raise_typeerror_as_torchs_do() -> None:
         rnnkit.LSTM(4, 6, num_layers=2.0)
 
 
-class _TanhCell(nn.Module):
-    """A user's Elman cell: one nn.Linear over [x, h] (no reset_parameters of its own)."""
-
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.lin = nn.Linear(input_size + hidden_size, hidden_size)
-
-    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
-        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor, h: Tensor) -> Tensor:
-        return torch.tanh(self.lin(torch.cat([x, h], 1)))
-
-
 @pytest.mark.parametrize("cls", [rnnkit.LSTM, rnnkit.GRU, rnnkit.RNN])
 def test_a_users_cell_in_any_layer_runs_its_plainest_call(cls: type[nn.Module]) -> None:
     """layer(x) of an LSTM (or GRU, RNN) built with cell= (the LSTM's fast path read weight_ih first)."""
-    layer = cls(4, 6, cell=_TanhCell)
+    layer = cls(4, 6, cell=LerpGRU)
     x = torch.randn(5, 3, 4)
     out, h = layer(x)
     torch.testing.assert_close(out, rnnkit.unroll(layer.cell(0), x, batch_first=False).outputs)
@@ -1397,10 +1383,10 @@ def test_a_users_cell_in_any_layer_runs_its_plainest_call(cls: type[nn.Module]) 
 def test_options_that_cannot_reach_a_users_cell_are_refused_and_cell_options_reach_the_built_in() -> None:
     """bias=False, nonlinearity='relu' or cell_options= with cell= would be ignored: an error says so;
     cell_options= configures the built-in cell (it raised TypeError from every layer)."""
-    for build in (lambda: rnnkit.RNN(4, 6, bias=False, cell=_TanhCell),
-                  lambda: rnnkit.RNN(4, 6, nonlinearity="relu", cell=_TanhCell),
-                  lambda: rnnkit.LSTM(4, 6, forget_bias=1.0, cell=_TanhCell),
-                  lambda: rnnkit.GRU(4, 6, cell=_TanhCell, cell_options={"reset_after": False})):
+    for build in (lambda: rnnkit.RNN(4, 6, bias=False, cell=LerpGRU),
+                  lambda: rnnkit.RNN(4, 6, nonlinearity="relu", cell=LerpGRU),
+                  lambda: rnnkit.LSTM(4, 6, forget_bias=1.0, cell=LerpGRU),
+                  lambda: rnnkit.GRU(4, 6, cell=LerpGRU, cell_options={"reset_after": False})):
         with pytest.raises(ShapeError, match="do not reach a cell of your own"):
             build()
     assert rnnkit.LSTM(4, 6, cell_options={"forget_bias": 1.0}).cell(0).forget_bias == 1.0
@@ -1412,14 +1398,14 @@ def test_reset_parameters_resets_a_users_cell_through_its_submodules() -> None:
     """A user's cell without reset_parameters is reset through its submodules' own, as at construction
     (the same values for the same seed); a cell with parameters of its own that nothing resets warns."""
     torch.manual_seed(3)
-    fresh = rnnkit.RNN(4, 6, cell=_TanhCell)
-    layer = rnnkit.RNN(4, 6, cell=_TanhCell)
+    fresh = rnnkit.RNN(4, 6, cell=LerpGRU)
+    layer = rnnkit.RNN(4, 6, cell=LerpGRU)
     torch.manual_seed(3)
     layer.reset_parameters()
     for a, b in zip(layer.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a, b)
 
-    class Bare(_TanhCell):
+    class Bare(LerpGRU):
         def __init__(self, input_size: int, hidden_size: int) -> None:
             super().__init__(input_size, hidden_size)
             self.scale = nn.Parameter(torch.ones(hidden_size))
