@@ -509,8 +509,10 @@ def test_cells_take_torchs_keyword_arguments(name: str) -> None:
     got, want = ours(input=x, hx=hx), theirs(input=x, hx=hx)
     for a, b in zip(got if name == "lstm" else [got], want if name == "lstm" else [want], strict=True):
         torch.testing.assert_close(a, b)
-    mixed = ours(x, hx=hx)
-    torch.testing.assert_close(mixed[0] if name == "lstm" else mixed, want[0] if name == "lstm" else want)
+    for mixed in (ours(x, hx=hx), ours(x, state=hx)):  # state=, as rnnkit.Cell names it, too
+        torch.testing.assert_close(mixed[0] if name == "lstm" else mixed, want[0] if name == "lstm" else want)
+    with pytest.raises(ShapeError, match="once"):
+        ours(x, hx, state=hx)
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])

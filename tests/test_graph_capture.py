@@ -13,6 +13,7 @@ from test_traced import LerpGRU  # a user's cell: only the reference loop or rnn
 from torch import Tensor, nn
 
 import rnnkit
+from rnnkit import engine
 from rnnkit.backends import fused
 from rnnkit.engine import tree_flatten
 
@@ -105,7 +106,7 @@ def test_torch_compile_keeps_the_fused_lstm_loops(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "user"])
-def test_torch_compile_runs_stacks_lengths_and_every_step_states_like_eager(kind: str) -> None:
+def test_torch_compile_runs_stacks_lengths_and_every_step_states_like_eager(kind: str, monkeypatch) -> None:
     """Two bidirectional layers with variable lengths and return_states, and rnnkit.unroll of a
     user's cell, compile to the eager results."""
     x = torch.randn(5, 11, 5)
@@ -125,7 +126,26 @@ def test_torch_compile_runs_stacks_lengths_and_every_step_states_like_eager(kind
             return model(x, lengths=lengths, return_states=True)
 
     want = _run(fn, model, x, lengths=lengths)
+    compiling = []  # whether each unroll ran while torch.compile traced it (an inlined loop agrees too)
+    validate = engine._validate
+    monkeypatch.setattr(engine, "_validate", lambda *a: compiling.append(torch.compiler.is_compiling()) or validate(*a))
     _assert_same(_run(torch.compile(fn), model, x, lengths=lengths), want)
+    assert compiling and not any(compiling)
+
+
+def test_torch_compile_takes_packed_sequences_and_initial_states() -> None:
+    """A PackedSequence and a given (h0, c0), through a compiled function, as eagerly."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    lstm = rnnkit.LSTM(5, 6, num_layers=2, batch_first=True)
+    x, lengths = torch.randn(4, 7, 5), torch.tensor([7, 3, 5, 2])
+    h0, c0 = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+
+    def fn(x: Tensor) -> tuple[Tensor, ...]:
+        out, (h, c) = lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), (h0, c0))
+        return out.data, h, c
+
+    _assert_same(_run(torch.compile(fn), lstm, x), _run(fn, lstm, x))
 
 
 @pytest.mark.parametrize("strict", [False, True])

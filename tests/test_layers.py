@@ -9,6 +9,7 @@ mostly against a layer stepped by hand with ``layer.cell(l, reverse)``.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import itertools
 import re
@@ -1380,18 +1381,24 @@ def test_a_users_cell_in_any_layer_runs_its_plainest_call(cls: type[nn.Module]) 
     torch.testing.assert_close(out, rnnkit.unroll(layer.cell(0), x, batch_first=False).outputs)
 
 
-def test_options_that_cannot_reach_a_users_cell_are_refused_and_cell_options_reach_the_built_in() -> None:
-    """bias=False, nonlinearity='relu' or cell_options= with cell= would be ignored: an error says so;
-    cell_options= configures the built-in cell (it raised TypeError from every layer)."""
-    for build in (lambda: rnnkit.RNN(4, 6, bias=False, cell=LerpGRU),
-                  lambda: rnnkit.RNN(4, 6, nonlinearity="relu", cell=LerpGRU),
-                  lambda: rnnkit.LSTM(4, 6, forget_bias=1.0, cell=LerpGRU),
-                  lambda: rnnkit.GRU(4, 6, cell=LerpGRU, cell_options={"reset_after": False})):
-        with pytest.raises(ShapeError, match="do not reach a cell of your own"):
+def test_options_that_cannot_reach_a_users_cell_are_refused() -> None:
+    """bias=False (where the cell keeps biases), nonlinearity='relu' or forget_bias with cell= would be
+    ignored: an error says so; a factory that builds its cells without biases takes bias=False;
+    cell_options= (which raised TypeError from every layer, and could make the cells disagree with
+    the layer's own attributes) names the layer's arguments instead."""
+    for build, why in ((lambda: rnnkit.RNN(4, 6, bias=False, cell=LerpGRU), "gates.bias"),
+                       (lambda: rnnkit.RNN(4, 6, nonlinearity="relu", cell=LerpGRU), "nonlinearity='relu'"),
+                       (lambda: rnnkit.LSTM(4, 6, forget_bias=1.0, cell=LerpGRU), "forget_bias=1.0")):
+        with pytest.raises(ShapeError, match=re.escape(why)):
             build()
-    assert rnnkit.LSTM(4, 6, cell_options={"forget_bias": 1.0}).cell(0).forget_bias == 1.0
-    assert rnnkit.GRU(4, 6, cell_options={"reset_after": False}).cell(0).reset_after is False
-    assert rnnkit.RNN(4, 6, cell_options={"nonlinearity": "relu"}).cell(0).nonlinearity == "relu"
+    factory = functools.partial(rnnkit.LayerNormLSTMCell, bias=False)
+    layer = rnnkit.LSTM(4, 6, bias=False, cell=factory)
+    assert "bias_l0" not in dict(layer.named_parameters())  # (its layer norms' shifts are not biases)
+    for build, named in ((lambda: rnnkit.LSTM(4, 6, cell_options={"forget_bias": 1.0}), "forget_bias="),
+                         (lambda: rnnkit.GRU(4, 6, cell_options={"reset_after": False}), "reset_after="),
+                         (lambda: rnnkit.RNN(4, 6, cell_options={"nonlinearity": "relu"}), "nonlinearity=")):
+        with pytest.raises(ShapeError, match=named):
+            build()
 
 
 def test_reset_parameters_resets_a_users_cell_through_its_submodules() -> None:
@@ -1412,3 +1419,19 @@ def test_reset_parameters_resets_a_users_cell_through_its_submodules() -> None:
 
     with pytest.warns(RnnkitWarning, match="scale keep their values"):
         rnnkit.RNN(4, 6, cell=Bare).reset_parameters()
+
+
+@pytest.mark.parametrize("extra", [{"zoneout": 0.1}, {"recurrent_dropout": 0.2}])
+def test_a_hooked_cell_in_a_layer_runs_its_hooks_every_step_under_zoneout_and_dropout(extra: dict) -> None:
+    """The wrappers of zoneout and recurrent dropout call a cell with hooks of its own whole, every
+    step (their split form called its step() and skipped them)."""
+    calls = []
+
+    def hooked_cell(i: int, h: int) -> nn.Module:
+        c = rnnkit.GRUCell(i, h)
+        c.register_forward_pre_hook(lambda m, a: calls.append(1))
+        return c
+
+    layer = rnnkit.GRU(4, 6, cell=hooked_cell, **extra).train()
+    layer(torch.randn(5, 3, 4))
+    assert len(calls) == 5

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 # torch.nn's layers return plain tuples, which torch.load's default (weights_only) reads back; these
 # named tuples of tensors carry nothing else, so a saved hidden state or result loads the same way
+# wherever rnnkit is imported
 torch.serialization.add_safe_globals([LSTMState, UnrollResult, LayerResult])
 
 __all__ = [

@@ -5,7 +5,9 @@ The protocol
 A cell is an ``nn.Module`` with
 
 * ``forward(x_t, state=None) -> new_state``: one time step, the call of ``torch.nn.LSTMCell``;
-  no state means zeros. ``x_t`` is ``(N, I)`` (or ``(I,)`` unbatched for the built-ins).
+  no state means zeros. ``x_t`` is ``(N, I)`` (or ``(I,)`` unbatched for the built-ins). The
+  engine calls it positionally; the built-ins also take torch's keywords (``input=``, ``hx=``)
+  and ``state=``.
 * ``init_state(batch_size, device=None, dtype=None) -> state``: the zero state.
 * ``output(state) -> Tensor`` (optional): the step's output; by default the state itself, or its
   first field when the state is a tuple. A method, or a submodule named ``output`` (a readout
@@ -171,8 +173,13 @@ class _BuiltinCell(Cell):
         state = fixed[0] if isinstance(expected, Tensor) else type(expected)(*fixed)
         return x, state, unbatched
 
-    def forward(self, input: Tensor, hx: Any = None) -> Any:  # torch.nn's argument names, for keyword calls
+    def forward(self, input: Tensor, hx: Any = None, *, state: Any = None) -> Any:
         """One time step (validated): ``input`` (N, I) or (I,) and the state ``hx`` to the new state."""
+        # torch.nn's argument names, for keyword calls; state= as rnnkit.Cell names it
+        if state is not None:
+            if hx is not None:
+                raise ShapeError(f"{type(self).__name__}: pass the state once, as hx= or state=")
+            hx = state
         x, state, unbatched = self._check_step(input, hx)
         new = self.step(self.project_input(x), state)
         if unbatched:

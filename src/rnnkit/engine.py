@@ -105,7 +105,9 @@ def tree_unflatten(like: Any, leaves: list[Tensor]) -> Any:
 
 def dynamo_tracing() -> bool:
     """Whether torch.compile's tracer (not torch.export's) is tracing this call."""
-    return torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
+    # the module flag, which the tracer reads as it is: its table of tracing-state functions folds
+    # torch.compiler.is_exporting() to True, and only recent releases read that one dynamically
+    return torch.compiler.is_dynamo_compiling() and not getattr(torch.compiler, "_is_exporting_flag", False)
 
 
 # torch.compiler.disable's lazy form, torch's own: importing torch._dynamo with rnnkit doubled its import time
@@ -355,10 +357,12 @@ def _pick_backend(
     cell: nn.Module, x: Tensor, T: int, N: int, return_states: bool = False, ragged: bool = False
 ) -> str:
     native_ok = not native.unsupported(cell, x)
-    if x.device.type != "cpu" or fpmode.recording():  # (torch.export and tracers can record no other)
+    if x.device.type != "cpu":
         return "native" if native_ok else "reference"
     native_ok = native_ok and x.dtype in (torch.float32, torch.float64)  # torch's CPU half kernels are uneven
     native_ok = native_ok and not (torch.is_autocast_enabled("cpu") and not _autocast_kernel_runs(cell))
+    if fpmode.recording():  # torch.export and tracers can record no other
+        return "native" if native_ok else "reference"
     fused_ok = not fused.unsupported(cell, x)
     # float64 is for checking numerics (gradcheck, gradgradcheck): torch's kernel has second
     # derivatives and torch.func rules; the fused backend has no torch.func rules, and its second

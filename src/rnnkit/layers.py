@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.backends import fused
-from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, cell_output
+from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, cell_output, hooked
 from rnnkit.engine import (
     BACKENDS,
     builds_graph,
@@ -108,9 +108,13 @@ def _reset_children(module: nn.Module) -> set[int]:
     return covered
 
 
-def _cell_options(own: dict[str, Any], extras: dict[str, Any]) -> dict[str, Any]:
-    """A layer's options for its built-in cell, with the caller's cell_options= over them."""
-    return {**own, **(extras.pop("cell_options", None) or {})}
+def _cell_options(layer: str, own: dict[str, Any], extras: dict[str, Any]) -> dict[str, Any]:
+    """A layer's options for its built-in cell: its own arguments (a cell_options= of the caller's would
+    let the cells disagree with the layer's attributes: refused, naming those arguments)."""
+    if "cell_options" in extras:
+        raise ShapeError(f"{layer}: pass the built-in cell's options as the layer's own arguments "
+                         f"({', '.join(f'{k}=' for k in own)}), not cell_options=")
+    return own
 
 
 class _RNNBase(nn.Module):
@@ -161,9 +165,8 @@ class _RNNBase(nn.Module):
             raise ShapeError(f"{name}: proj_size applies to the built-in LSTM cell; pass it to your cell instead")
         if cell is not None:  # what would not reach a user's cell, rather than ignored
             defaults = inspect.signature(self._default_cell).parameters
-            changed = [] if bias else ["bias=False"]
-            changed += [f"{k}={v!r}" for k, v in (cell_options or {}).items()
-                        if k not in defaults or v != defaults[k].default]
+            changed = [f"{k}={v!r}" for k, v in (cell_options or {}).items()
+                       if k not in defaults or v != defaults[k].default]
             if changed:
                 raise ShapeError(f"{name}: the built-in {self._default_cell.__name__}'s options ({', '.join(changed)}) "
                                  "do not reach a cell of your own; pass them to your cell instead")
@@ -196,6 +199,14 @@ class _RNNBase(nn.Module):
                 for bname, b in c.named_buffers():
                     self.register_buffer(param_name(bname, layer, d == 1), b)
                 cells.append(c)
+        if cell is not None and not bias:  # a factory may honour bias=False itself (functools.partial, say)
+            norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)  # their shifts are not biases
+            kept = sorted({f"{mn}.{pn}".lstrip(".") for c in cells for mn, m in c.named_modules()
+                           if not isinstance(m, norms)
+                           for pn, _ in m.named_parameters(recurse=False) if pn == "bias" or pn.startswith("bias_")})
+            if kept:
+                raise ShapeError(f"{name}: bias=False does not reach a cell of your own, which has {', '.join(kept)}; "
+                                 "build the cell without biases instead")
         object.__setattr__(self, "_cells", cells)  # unregistered: the layer owns the parameters
 
     def _builtin_factory(
@@ -494,7 +505,8 @@ class _RNNBase(nn.Module):
 
     def _training_wrapper(self, c: nn.Module, N: int, x: Tensor) -> nn.Module:
         """Wrap a cell for this call with recurrent dropout and/or zoneout (per-call masks)."""
-        split = hasattr(c, "project_input") and hasattr(c, "step")
+        # (a cell with hooks of its own is called whole, every step, so that they run: see cells.hooked)
+        split = hasattr(c, "project_input") and hasattr(c, "step") and not hooked(c)
         if self.recurrent_dropout and self.training:
             c = (_RecurrentDropoutSplit if split else _RecurrentDropout)(c, self.recurrent_dropout)
         if self.zoneout:
@@ -622,7 +634,7 @@ class LSTM(_RNNBase):
         options = {"forget_bias": forget_bias, "peepholes": peepholes, "cell_clip": cell_clip}
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
-            device, dtype, cell_options=_cell_options(options, extras), **extras,
+            device, dtype, cell_options=_cell_options("LSTM", options, extras), **extras,
         )
 
 
@@ -648,7 +660,7 @@ class GRU(_RNNBase):
     ) -> None:
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, extras.pop("proj_size", 0),
-            device, dtype, cell_options=_cell_options({"reset_after": reset_after}, extras), **extras,
+            device, dtype, cell_options=_cell_options("GRU", {"reset_after": reset_after}, extras), **extras,
         )
 
 
@@ -675,6 +687,6 @@ class RNN(_RNNBase):
             raise ShapeError(f"RNN: Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, extras.pop("proj_size", 0),
-            device, dtype, cell_options=_cell_options({"nonlinearity": nonlinearity}, extras), **extras,
+            device, dtype, cell_options=_cell_options("RNN", {"nonlinearity": nonlinearity}, extras), **extras,
         )
         self.nonlinearity = nonlinearity

@@ -118,8 +118,8 @@ def unsupported(cell: nn.Module, x: Tensor) -> str | None:
         return f"the fused backend runs on the CPU only, the input is on {x.device}"
     if x.dtype not in _DTYPES:
         return f"the fused backend supports float32 and float64, got {x.dtype}"
-    if hooked(cell):
-        return hooked(cell)
+    if why := hooked(cell):
+        return why
     kind = type(cell)
     if kind is LSTMCell:
         if cell.peepholes:

@@ -33,20 +33,18 @@ from rnnkit.fpmode import vmapping
 
 def unsupported(cell: nn.Module, x: Tensor) -> str | None:
     """Why torch's kernels cannot run this cell, or None when they can."""
-    if hooked(cell):
-        return hooked(cell)
+    kind = type(cell)
+    if kind not in (LSTMCell, GRUCell, RNNCell):
+        return f"{kind.__name__} is not a built-in LSTMCell, GRUCell or RNNCell"
+    if kind is LSTMCell and (cell.peepholes or cell.cell_clip is not None):
+        return "torch's LSTM kernel has no peepholes or cell clipping"
+    if kind is GRUCell and not cell.reset_after:
+        return "torch's GRU kernel only has reset_after=True"
+    if why := hooked(cell):
+        return why
     if vmapping():
         return "torch's RNN kernels have no torch.func.vmap rule"
-    kind = type(cell)
-    if kind is LSTMCell:
-        if cell.peepholes or cell.cell_clip is not None:
-            return "torch's LSTM kernel has no peepholes or cell clipping"
-        return None
-    if kind is GRUCell:
-        return None if cell.reset_after else "torch's GRU kernel only has reset_after=True"
-    if kind is RNNCell:
-        return None
-    return f"{kind.__name__} is not a built-in LSTMCell, GRUCell or RNNCell"
+    return None
 
 
 def flat_weights(cell: nn.Module) -> tuple[list[Tensor], bool]:
