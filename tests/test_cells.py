@@ -536,3 +536,16 @@ def test_vmap_over_unroll_and_layers_runs_the_reference_loop(name: str) -> None:
         want = grad(loss)(params, x[0, i])
         for k in params:
             torch.testing.assert_close(per_sample[k][i], want[k])
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_unbatched_input_with_a_batched_state_is_refused_as_torch_refuses_it(name: str) -> None:
+    """An (I,) input with a (1, H) state: torch's cells raise; so do rnnkit's, saying what to pass."""
+    ours = {"lstm": LSTMCell, "gru": GRUCell}[name](4, 6)
+    theirs = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}[name](4, 6)
+    h = torch.zeros(1, 6)
+    hx = (h, h) if name == "lstm" else h
+    with pytest.raises(RuntimeError):
+        theirs(torch.randn(4), hx)
+    with pytest.raises(ShapeError, match=r"unbatched too, of shape \(6,\)"):
+        ours(torch.randn(4), hx)

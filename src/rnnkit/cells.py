@@ -159,7 +159,10 @@ class _BuiltinCell(Cell):
         for got, ref in zip(fields, want):
             if not isinstance(got, Tensor):
                 raise ShapeError(f"{name}: state fields must be Tensors, got {type(got).__name__}")
-            if unbatched and got.dim() == ref.dim() - 1:
+            if unbatched:  # an unbatched state with it, as torch's cells require
+                if got.dim() != ref.dim() - 1:
+                    raise ShapeError(f"{name}: for unbatched input of shape {tuple(x.shape[1:])} the state must be "
+                                     f"unbatched too, of shape {tuple(ref.shape[1:])}; got {tuple(got.shape)}")
                 got = got.unsqueeze(0)
             if got.shape != ref.shape:
                 raise ShapeError(
