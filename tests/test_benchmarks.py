@@ -201,3 +201,16 @@ def test_another_models_row_is_never_the_lstm_best_competitor(bench):
             bench.Result(bench.RK_LSTM, True, train_ms=[0.5])]
     assert bench.best_competitor(rows).name == bench.NN_LSTM
     assert bench.best_competitor(rows[:1]) is None
+
+
+def test_cell_step_benchmark_reports_every_cell_shape_and_call(bench):
+    """benchmarks/cell_step.py: a row per cell, shape and kind of call, each with two times and their ratio."""
+    spec = importlib.util.spec_from_file_location("rnnkit_benchmarks_cell_step", BENCH_DIR / "cell_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.measure(rounds=1, block=1)
+    assert len(rows) == len(module.KINDS) * len(module.SHAPES) * 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        ours, theirs, ratio = float(cells[3]), float(cells[4]), float(cells[5].rstrip("x"))
+        assert ours > 0 and theirs > 0 and ratio == pytest.approx(theirs / ours, rel=0.05, abs=0.01)

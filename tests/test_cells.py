@@ -549,3 +549,49 @@ def test_unbatched_input_with_a_batched_state_is_refused_as_torch_refuses_it(nam
         theirs(torch.randn(4), hx)
     with pytest.raises(ShapeError, match=r"unbatched too, of shape \(6,\)"):
         ours(torch.randn(4), hx)
+
+
+@pytest.mark.parametrize("name", ["lstm", "lstm_nobias", "gru", "rnn_tanh", "rnn_relu"])
+def test_a_called_cell_steps_by_torchs_own_op_bit_for_bit(name: str) -> None:
+    """cell(x, hx) of a built-in cell gives torch.nn's cell's values and gradients exactly (the same
+    op); a subclass that overrides step() still steps by it; forget_bias folds into the bias."""
+    kw = {"bias": False} if name == "lstm_nobias" else {"nonlinearity": name[4:]} if name.startswith("rnn") else {}
+    kind = name.split("_")[0]
+    ours = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}[kind](4, 6, **kw)
+    theirs = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](4, 6, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, requires_grad=True)
+    hx = (torch.randn(3, 6), torch.randn(3, 6)) if kind == "lstm" else torch.randn(3, 6)
+    got, want = ours(x, hx), theirs(x, hx)
+    leaves = (lambda s: list(s)) if kind == "lstm" else (lambda s: [s])
+    for a, b in zip(leaves(got), leaves(want), strict=True):
+        assert torch.equal(a, b)
+    ga = torch.autograd.grad(sum(s.sum() for s in leaves(got)), [x, *ours.parameters()])
+    gb = torch.autograd.grad(sum(s.sum() for s in leaves(want)), [x, *theirs.parameters()])
+    for a, b in zip(ga, gb, strict=True):
+        assert torch.equal(a, b)
+
+    class Scaled(type(ours)):
+        def step(self, xp: Tensor, state: object) -> object:
+            new = super().step(xp, state)
+            return type(new)(*(0.5 * s for s in new)) if isinstance(new, tuple) else 0.5 * new
+
+    scaled = Scaled(4, 6, **kw)
+    scaled.load_state_dict(ours.state_dict())
+    for a, b in zip(leaves(scaled(x, hx)), leaves(want), strict=True):
+        torch.testing.assert_close(a, 0.5 * b)
+    if kind == "lstm":
+        biased = LSTMCell(4, 6, forget_bias=1.0, **kw)
+        state = biased.init_state(3)
+        for a, b in zip(biased(x), biased.step(biased.project_input(x), state), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_called_cell_checks_each_calls_state_against_its_own_batch() -> None:
+    """The state's expected shapes are remembered per batch size and dtype, not reused for another."""
+    cell = LSTMCell(4, 6)
+    cell(torch.randn(3, 4), (torch.zeros(3, 6), torch.zeros(3, 6)))
+    with pytest.raises(ShapeError, match=r"expected a state of shape \(5, 6\)"):
+        cell(torch.randn(5, 4), (torch.zeros(3, 6), torch.zeros(3, 6)))
+    with pytest.raises(ShapeError, match="float64"):
+        cell.double()(torch.randn(3, 4, dtype=torch.float64), (torch.zeros(3, 6), torch.zeros(3, 6)))
