@@ -78,14 +78,8 @@ def main(argv: list[str] | None = None) -> str:
 
     rows = ["| cell | shape | call | rnnkit us | torch.nn us | torch / rnnkit |",
             "| --- | --- | --- | ---: | ---: | ---: |", *measure(args.rounds, args.block)]
-    device = torch.device("cpu")
-    report = "\n".join([run.heading(device), "", *run.environment(device, "benchmarks/cell_step.py"), "",
-                        "### One called cell step", "", __doc__.split("\n\n")[2].replace("\n", " "), "",
-                        *rows]) + "\n"
-    print(report)
-    if args.write:
-        run.append_results(run.DEFAULT_RESULTS, report)
-    return report
+    return run.side_report("benchmarks/cell_step.py", "One called cell step",
+                           __doc__.split("\n\n")[2].replace("\n", " "), rows, args.write)
 
 
 if __name__ == "__main__":

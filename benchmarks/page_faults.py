@@ -87,15 +87,9 @@ def main(argv: list[str] | None = None) -> str:
             rows.append(f"| {what} | T{T} B{B} H{H} | {'tuned' if tuned else 'default'} | {ms:.1f} | "
                         f"{faults:,.0f} | {kernel:.1f} |")
             print(rows[-1], file=sys.stderr, flush=True)
-    device = torch.device("cpu")
-    report = "\n".join([run.heading(device), "", *run.environment(device, "benchmarks/page_faults.py"), "",
-                        "### Page faults per train step", "",
-                        "Each row in a fresh process: " + __doc__.split("\n\n")[2].replace("\n", " "), "",
-                        *rows]) + "\n"
-    print(report)
-    if args.write:
-        run.append_results(run.DEFAULT_RESULTS, report)
-    return report
+    return run.side_report("benchmarks/page_faults.py", "Page faults per train step",
+                           "Each row in a fresh process: " + __doc__.split("\n\n")[2].replace("\n", " "), rows,
+                           args.write)
 
 
 if __name__ == "__main__":

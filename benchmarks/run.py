@@ -576,6 +576,18 @@ def append_results(path: Path, block: str) -> None:
         f.write("\n" + block.rstrip() + "\n")
 
 
+def side_report(command: str, title: str, intro: str, rows: list[str], write: bool) -> str:
+    """A side script's CPU table under the harness's heading and environment lines: printed, and
+    appended to BENCHMARKS.md with ``write``."""
+    device = torch.device("cpu")
+    report = "\n".join([heading(device), "", *environment(device, command), "", f"### {title}", "", intro, "",
+                        *rows]) + "\n"
+    print(report)
+    if write:
+        append_results(DEFAULT_RESULTS, report)
+    return report
+
+
 # -- the two modes ---------------------------------------------------------------------------------
 def run_speed(args: argparse.Namespace, command: str, log: Callable[[str], Any] = print) -> str:
     """Time every selected implementation at every shape; return the markdown report."""
