@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import BACKEND_MODULES, BACKENDS, require_backend
 from harness import check_cell
 from torch import Tensor, nn
@@ -595,3 +596,69 @@ def test_a_called_cell_checks_each_calls_state_against_its_own_batch() -> None:
         cell(torch.randn(5, 4), (torch.zeros(3, 6), torch.zeros(3, 6)))
     with pytest.raises(ShapeError, match="float64"):
         cell.double()(torch.randn(3, 4, dtype=torch.float64), (torch.zeros(3, 6), torch.zeros(3, 6)))
+
+
+def test_a_called_cell_steps_by_its_own_maths_where_torchs_op_would_differ(monkeypatch) -> None:
+    """torch's cell op is used only with both biases or none (CUDA's fused cell refuses a lone one,
+    so forget_bias steps by rnnkit's maths), never under autocast (CUDA's cell ops would return
+    lower-precision states), and not where a subclass or the instance overrides fused_bias or
+    project_input; a learnt initial state made from a real tensor is checked on its device."""
+    calls = []
+    lstm_cell = torch._VF.lstm_cell
+
+    def checked(x, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+        assert (b_ih is None) == (b_hh is None), "a lone bias"
+        calls.append(1)
+        return lstm_cell(x, hx, w_ih, w_hh, b_ih, b_hh)
+
+    monkeypatch.setattr(torch._VF, "lstm_cell", checked)
+    x = torch.randn(3, 4)
+    for kw in ({}, {"bias": False}, {"forget_bias": 1.0}, {"bias": False, "forget_bias": 1.0}):
+        cell = LSTMCell(4, 6, **kw)
+        got, want = cell(x), cell.step(cell.project_input(x), cell.init_state(3))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+    assert len(calls) == 2  # the two cells without forget_bias
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        LSTMCell(4, 6)(x)
+    assert not calls
+
+    class Shifted(LSTMCell):
+        def fused_bias(self) -> Tensor:
+            return super().fused_bias() + 0.5
+
+    for cell in (Shifted(4, 6), LSTMCell(4, 6)):
+        if type(cell) is LSTMCell:
+            cell.project_input = lambda xx, c=cell: F.linear(xx, c.weight_ih, c.fused_bias()) - 0.25
+        state = cell.init_state(3)
+        for a, b in zip(cell(x, state), cell.step(cell.project_input(x), state), strict=True):
+            torch.testing.assert_close(a, b)
+
+    class Learnt(GRUCell):
+        def __init__(self, *a: int) -> None:
+            super().__init__(*a)
+            self.h0 = nn.Parameter(torch.randn(self.hidden_size))
+
+        def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+            return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype) + self.h0
+
+    learnt = Learnt(4, 6)
+    assert learnt(x, learnt.init_state(3)).shape == (3, 6)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn"])
+def test_a_cell_stepped_by_hand_under_autocast_runs_as_torchs(name: str) -> None:
+    """Three called steps under CPU autocast: a state autocast lowered (the RNN's) is taken back, as
+    torch's cells take it, and the states' dtypes are torch's."""
+    ours = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}[name](4, 6)
+    theirs = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[name](4, 6)
+    theirs.load_state_dict(ours.state_dict())
+    x, dtypes = torch.randn(3, 4), []
+    for cell in (ours, theirs):
+        state = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(3):
+                state = cell(x) if state is None else cell(x, state)
+        dtypes.append([s.dtype for s in (state if isinstance(state, tuple) else [state])])
+    assert dtypes[0] == dtypes[1]

@@ -101,6 +101,9 @@ class Cell(nn.Module):
 # _BuiltinCell._state_layout's memory, beside the cells rather than in them: an attribute a call
 # sets is what the traced and compiled backends refuse (a step they could not repeat)
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+# The methods a built-in cell's step is made of, and whether each cell class keeps its built-in ones
+_STEP_USES = ("step", "project_input", "fused_bias")
+_OWN_MATHS: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 class _BuiltinCell(Cell):
@@ -173,7 +176,9 @@ class _BuiltinCell(Cell):
                 raise ShapeError(
                     f"{name}: expected a state of shape {tuple(shape)}, got {tuple(got.shape)}"
                 )
-            if got.dtype != dtype or got.device != x.device:
+            if (got.dtype != dtype and not (torch.is_autocast_enabled(x.device.type)
+                                             and got.dtype == torch.get_autocast_dtype(x.device.type))
+                    or got.device != x.device):  # (a state autocast lowered: torch's cells take it too)
                 raise ShapeError(
                     f"{name}: state is {got.dtype} on {got.device}, expected {dtype} on {x.device}"
                 )
@@ -188,7 +193,10 @@ class _BuiltinCell(Cell):
         key = (x.shape[0], x.dtype)
         layout = _LAYOUTS.get(self)
         if layout is None or layout[0] != key:
-            zeros = self.init_state(x.shape[0], "meta", x.dtype)
+            try:
+                zeros = self.init_state(x.shape[0], "meta", x.dtype)
+            except (RuntimeError, NotImplementedError):  # a state made with a real tensor (a learnt h0, say)
+                zeros = self.init_state(x.shape[0], x.device, x.dtype)
             kind = Tensor if isinstance(zeros, Tensor) else type(zeros)
             fields = (zeros,) if kind is Tensor else tuple(zeros)
             layout = (key, kind, tuple((t.shape, t.dtype) for t in fields))
@@ -203,18 +211,24 @@ class _BuiltinCell(Cell):
                 raise ShapeError(f"{type(self).__name__}: pass the state once, as hx= or state=")
             hx = state
         x, state, unbatched = self._check_step(input, hx)
-        new = self._torch_step(x, state) if self._own_step() else None
+        new = self._torch_step(x, state) if self._own_step(x) else None
         if new is None:
             new = self.step(self.project_input(x), state)
         if unbatched:
             return new.squeeze(0) if isinstance(new, Tensor) else type(new)(*(s.squeeze(0) for s in new))
         return new
 
-    def _own_step(self) -> bool:
-        """Whether this cell steps by its class's own maths (a subclass may override them)."""
+    def _own_step(self, x: Tensor) -> bool:
+        """Whether this call may step by torch's op: the class's own maths (a subclass or the instance
+        may override the methods its step uses), and no autocast (torch's cell ops are on CUDA
+        autocast's lower-precision list, and their states would then not be the next step's dtype)."""
         cls = type(self)
-        base = next(c for c in cls.__mro__ if "_torch_step" in vars(c))
-        return base is not _BuiltinCell and cls.step is base.step and cls.project_input is base.project_input
+        own = _OWN_MATHS.get(cls)
+        if own is None:  # once per class (its methods as defined then)
+            base = next(c for c in cls.__mro__ if "_torch_step" in vars(c))
+            own = base is not _BuiltinCell and all(getattr(cls, n, None) is getattr(base, n, None) for n in _STEP_USES)
+            _OWN_MATHS[cls] = own
+        return own and not torch.is_autocast_enabled(x.device.type) and not any(n in self.__dict__ for n in _STEP_USES)
 
     def _torch_step(self, x: Tensor, state: Any) -> Any:
         """The step by torch's own cell op, where it computes this cell's (else None)."""
@@ -323,11 +337,12 @@ class LSTMCell(_BuiltinCell):
         return F.linear(x, self.weight_ih, self.fused_bias())
 
     def _torch_step(self, x: Tensor, state: Any) -> Any:
-        """torch.lstm_cell's step where it has this cell's maths (no peepholes, clipping or projection)."""
-        if self.peepholes or self.cell_clip is not None or self.proj_size:
+        """torch.lstm_cell's step where it has this cell's maths (no forget_bias, peepholes, clipping or
+        projection; a forget_bias would be a lone bias, which CUDA's fused cell refuses)."""
+        if self.forget_bias or self.peepholes or self.cell_clip is not None or self.proj_size:
             return None
-        b_ih, b_hh = (self.bias_ih, self.bias_hh) if self.bias and not self.forget_bias else (self.fused_bias(), None)
-        return LSTMState(*torch._VF.lstm_cell(x, (state[0], state[1]), self.weight_ih, self.weight_hh, b_ih, b_hh))
+        return LSTMState(*torch._VF.lstm_cell(x, (state[0], state[1]), self.weight_ih, self.weight_hh,
+                                              self.bias_ih, self.bias_hh))
 
     def step(self, xp: Tensor, state: LSTMState) -> LSTMState:
         """One step of the recurrence on a projected input ``xp`` (N, 4H)."""
