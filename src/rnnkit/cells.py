@@ -76,6 +76,12 @@ def hooked(module: nn.Module) -> str | None:
     return None
 
 
+def steps_split(cell: nn.Module) -> bool:
+    """Whether the engine steps ``cell`` by its ``project_input``/``step`` split (one projection for all
+    steps) rather than calling it: it has the split and no hooks of its own (see :func:`hooked`)."""
+    return hasattr(cell, "project_input") and hasattr(cell, "step") and not hooked(cell)
+
+
 class Cell(nn.Module):
     """Optional base class for cells: supplies ``output`` and the zero-state default.
 

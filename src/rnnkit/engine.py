@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from rnnkit import fpmode
 from rnnkit.allocator import allocator_tuned
 from rnnkit.backends import cext, compiled, fused, native, reference, traced
-from rnnkit.cells import GRUCell, LSTMCell
+from rnnkit.cells import GRUCell, LSTMCell, steps_split
 from rnnkit.errors import RnnkitWarning, ShapeError
 
 __all__ = ["unroll", "UnrollResult", "BACKENDS", "tree_map", "tree_flatten", "tree_unflatten"]
@@ -502,7 +502,7 @@ def check_step_state(cell: nn.Module, before: Any, after: Any) -> None:
         dtypes = all(a.dtype == b.dtype or from_autocast(a, b.dtype) is not a for a, b in pairs)
     if not (shapes and dtypes):
         cell = user_cell(cell)  # not the layer's dropout or zoneout wrapper: the user's cell is at fault
-        method = "step(xp, state)" if hasattr(cell, "project_input") and hasattr(cell, "step") else "forward(x, state)"
+        method = "step(xp, state)" if steps_split(cell) else "forward(x, state)"
         raise ShapeError(
             f"unroll: {type(cell).__name__}.{method} returned {_describe(after, shapes)} for a state of "
             f"{_describe(before, shapes)}; a step must return the next state, shaped like the state it takes "

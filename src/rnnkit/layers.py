@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.backends import fused
-from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, cell_output, hooked
+from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, cell_output, steps_split
 from rnnkit.engine import (
     BACKENDS,
     builds_graph,
@@ -505,8 +505,7 @@ class _RNNBase(nn.Module):
 
     def _training_wrapper(self, c: nn.Module, N: int, x: Tensor) -> nn.Module:
         """Wrap a cell for this call with recurrent dropout and/or zoneout (per-call masks)."""
-        # (a cell with hooks of its own is called whole, every step, so that they run: see cells.hooked)
-        split = hasattr(c, "project_input") and hasattr(c, "step") and not hooked(c)
+        split = steps_split(c)  # (a cell with hooks of its own is called whole, every step)
         if self.recurrent_dropout and self.training:
             c = (_RecurrentDropoutSplit if split else _RecurrentDropout)(c, self.recurrent_dropout)
         if self.zoneout:

@@ -77,7 +77,7 @@ from torch import Tensor, nn
 
 from rnnkit.backends import gemm, reference
 from rnnkit.backends.reference import freeze
-from rnnkit.cells import hooked
+from rnnkit.cells import hooked, steps_split
 from rnnkit.errors import RnnkitWarning, ShapeError
 from rnnkit.fpmode import transforming as _transforming
 
@@ -618,7 +618,7 @@ def _step_fn(cell: nn.Module, slots: _Slots, unflatten: Callable[[list[Tensor]],
     n = len(slots.tensors)
     # the split step where the cell has one, as the reference loop steps it: a built-in cell's
     # forward also checks the state against zeros it makes, which a trace would take for the step's
-    split = hasattr(cell, "project_input") and hasattr(cell, "step")
+    split = steps_split(cell)
 
     def step(*a: Tensor) -> tuple[Tensor, ...]:
         with slots.holding(a[:n]):

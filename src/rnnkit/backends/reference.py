@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from rnnkit.backends.fastcpu import FastCPUMode, fast_cpu_enabled
-from rnnkit.cells import cell_output, hooked
+from rnnkit.cells import cell_output, steps_split
 
 
 def unsupported(cell: nn.Module, x: Tensor) -> str | None:
@@ -38,7 +38,7 @@ def _run(
     from rnnkit.engine import check_step_state, tree_map  # the engine owns the state utilities
 
     T = x.shape[0]
-    if hasattr(cell, "project_input") and hasattr(cell, "step") and not hooked(cell):
+    if steps_split(cell):
         xs, step = cell.project_input(x).unbind(0), cell.step  # one GEMM for all steps
     else:
         xs, step = x.unbind(0), cell
