@@ -785,14 +785,14 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, const std::optional<Tens
 // with the forward's x (T, N, I; strided as there), hs and h0 (none: a zero state), receives the weight gradient
 // [x_t, 1, h_{t-1}]^T dG_t (the 1 with a bias: K = I + 1 + H) of these steps: (blocks, K, 4H), one
 // block of partial sums for each block of rows, started by the call with hi == T, added on by later
-// chunks and summed into dW[0] by the call with lo == 0.
-void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
-                         Tensor P, Tensor DH, Tensor dc, const std::optional<Tensor>& gc,
-                         const std::optional<Tensor>& gh, Tensor carry, const Tensor& w_hh,
-                         const std::optional<Tensor>& dx, const std::optional<Tensor>& w_ih, const Tensor& masks,
-                         int64_t full, int64_t lo, int64_t hi, bool flush, const std::optional<Tensor>& x,
-                         const std::optional<Tensor>& hs, const std::optional<Tensor>& h0,
-                         const std::optional<Tensor>& dW) {
+// chunks and, with sum_blocks, summed into dW[0] by the call with lo == 0.
+void backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
+                    Tensor P, Tensor DH, Tensor dc, const std::optional<Tensor>& gc,
+                    const std::optional<Tensor>& gh, Tensor carry, const Tensor& w_hh,
+                    const std::optional<Tensor>& dx, const std::optional<Tensor>& w_ih, const Tensor& masks,
+                    int64_t full, int64_t lo, int64_t hi, bool flush, const std::optional<Tensor>& x,
+                    const std::optional<Tensor>& hs, const std::optional<Tensor>& h0,
+                    const std::optional<Tensor>& dW, bool sum_blocks) {
   for (const auto& [t, name] : {std::pair{cs, "cs"}, {c0, "c0"}, {P, "P"}, {DH, "DH"}, {dc, "dc"}, {carry, "carry"},
                                 {w_hh, "w_hh"}})
     check(t, G, name);
@@ -866,7 +866,7 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
         lstm_backward_rows<scalar_t, decltype(have_tanh)::value>(args, block, n0, n1);
       });
     });
-    if (dW && lo == 0 && blocks > 1) {  // the blocks' partial sums into the first
+    if (dW && sum_blocks && lo == 0 && blocks > 1) {  // the blocks' partial sums into the first
       scalar_t* w = dW->data_ptr<scalar_t>();
       const int64_t size = K * 4 * H;
       at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
@@ -874,6 +874,44 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
         for (int64_t b = 1; b < blocks; ++b)
           for (int64_t i = i0; i < i1; ++i) w[i] += w[b * size + i];
       });
+    }
+  });
+}
+
+void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
+                         Tensor P, Tensor DH, Tensor dc, const std::optional<Tensor>& gc,
+                         const std::optional<Tensor>& gh, Tensor carry, const Tensor& w_hh,
+                         const std::optional<Tensor>& dx, const std::optional<Tensor>& w_ih, const Tensor& masks,
+                         int64_t full, int64_t lo, int64_t hi, bool flush, const std::optional<Tensor>& x,
+                         const std::optional<Tensor>& hs, const std::optional<Tensor>& h0,
+                         const std::optional<Tensor>& dW) {
+  backward_steps(G, cs, c0, tcc, P, DH, dc, gc, gh, carry, w_hh, dx, w_ih, masks, full, lo, hi, flush, x, hs, h0, dW,
+                 true);
+}
+
+// dst[j][k] (rows ld apart) = the sum over blocks of src[b bstride + k n + j], for k < rows and j < n:
+// the blocks' partial sums of a weight gradient added and transposed into torch's layout in one pass,
+// a tile at a time (a pass to add them and torch's transposing copies took 4-5 times as long).
+template <typename T>
+void sum_transposed(const T* src, int64_t blocks, int64_t bstride, int64_t rows, int64_t n, T* dst, int64_t ld,
+                    bool flush) {
+  constexpr int64_t kTile = 16;
+  at::parallel_for(0, (n + kTile - 1) / kTile, 4, [&](int64_t q0, int64_t q1) {
+    Flush f(flush);
+    T tile[kTile][kTile];
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t j0 = q * kTile, nj = std::min(kTile, n - j0);
+      for (int64_t k0 = 0; k0 < rows; k0 += kTile) {
+        const int64_t nk = std::min(kTile, rows - k0);
+        for (int64_t k = 0; k < nk; ++k) {
+          const T* row = src + (k0 + k) * n + j0;
+          for (int64_t j = 0; j < nj; ++j) tile[k][j] = row[j];
+          for (int64_t b = 1; b < blocks; ++b)
+            for (int64_t j = 0; j < nj; ++j) tile[k][j] += row[b * bstride + j];
+        }
+        for (int64_t j = 0; j < nj; ++j)
+          for (int64_t k = 0; k < nk; ++k) dst[(j0 + j) * ld + k0 + k] = tile[k][j];
+      }
     }
   });
 }
@@ -972,18 +1010,26 @@ std::vector<Tensor> lstm_backward(const Tensor& G, const Tensor& cs, const Tenso
     std::optional<Tensor> tcc, ghc;
     if (tcs) tcc = tcs->slice(0, lo, hi);
     if (gh) ghc = rows_in_place(gh->slice(0, lo, hi));
-    lstm_backward_steps(G, cs, c, tcc, G.slice(0, lo, hi), DH, dc, gcc, ghc, carry, whh, dx, w_in, masks, full, lo,
-                        hi, flush, xw, hsw, h0w, dW);
+    backward_steps(G, cs, c, tcc, G.slice(0, lo, hi), DH, dc, gcc, ghc, carry, whh, dx, w_in, masks, full, lo, hi,
+                   flush, xw, hsw, h0w, dW, false);
   }
-  // Copies in torch's layout, not views: a view would keep every block's partial sums alive with the
-  // gradient (torch.autograd.grad, hooks), and AccumulateGrad would copy a transposed one anyway.
-  const Tensor w = need_w ? dW->select(0, 0) : Tensor();
-  return {need_x ? *dx : Tensor(),
-          need_h0 ? at::mm(G.select(0, 0), whh) : Tensor(),
-          need_c0 ? dc : Tensor(),
-          need_wih ? w.narrow(0, 0, I).t().contiguous() : Tensor(),
-          need_whh ? w.narrow(0, Ix, H).t().contiguous() : Tensor(),
-          need_b ? w.select(0, I).clone() : Tensor()};
+  // The weight gradients in torch's layouts, tensors of their own: a view would keep every block's
+  // partial sums alive with the gradient (torch.autograd.grad, hooks), and AccumulateGrad would copy a
+  // transposed one anyway.
+  Tensor dwih = need_wih ? at::empty({H4, I}, opts) : Tensor(), dwhh = need_whh ? at::empty({H4, H}, opts) : Tensor();
+  Tensor db = need_b ? at::empty({H4}, opts) : Tensor();
+  if (need_w) {
+    const int64_t blocks = dW->size(0), K = Ix + H;
+    AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_weight_grads", [&] {
+      const scalar_t* w = dW->data_ptr<scalar_t>();
+      const int64_t bstride = K * H4;
+      if (need_wih) sum_transposed<scalar_t>(w, blocks, bstride, I, H4, dwih.data_ptr<scalar_t>(), I, flush);
+      if (need_b) sum_transposed<scalar_t>(w + I * H4, blocks, bstride, 1, H4, db.data_ptr<scalar_t>(), 1, flush);
+      if (need_whh) sum_transposed<scalar_t>(w + Ix * H4, blocks, bstride, H, H4, dwhh.data_ptr<scalar_t>(), H, flush);
+    });
+  }
+  return {need_x ? *dx : Tensor(), need_h0 ? at::mm(G.select(0, 0), whh) : Tensor(), need_c0 ? dc : Tensor(),
+          dwih, dwhh, db};
 }
 
 // GRU with torch's maths (the reset gate after the recurrent product), gates (r, z, n), the n
