@@ -181,16 +181,6 @@ inline void store(T* p, V<T> v, int n = Vec<T>::W) {
 #endif
 }
 
-// n values from src to dst by vectors: the hot loops' short row copies (64 to 512 bytes), where a
-// call to memcpy each was most of their cost (the LSTM backward 3% faster).
-template <typename T>
-inline void copy_lanes(T* __restrict dst, const T* __restrict src, int64_t n) {
-  constexpr int W = Vec<T>::W;
-  int64_t i = 0;
-  for (; i + W <= n; i += W) store(dst + i, load(src + i));
-  if (i < n) store(dst + i, load(src + i, static_cast<int>(n - i)), static_cast<int>(n - i));
-}
-
 // x clamped to [lo, hi]: one min and one max (a comparison and a blend each, written with ?:, and
 // the copies that came with them, were a fifth of the forward's activation code). x goes second:
 // where either operand is NaN these instructions return the second, so a NaN stays NaN.
@@ -543,7 +533,7 @@ void at_b_block(const Rows<T>* segs, int nsegs, const std::array<Part, 3>& parts
     T* dst = panel;
     for (int i = 0; i < nsegs; ++i)
       for (int64_t m = 0; m < segs[i].depth; ++m, dst += nv * W)
-        copy_lanes(dst, segs[i].b + m * ldb + j, nv * W);
+        std::memcpy(dst, segs[i].b + m * ldb + j, nv * W * sizeof(T));
     for (int p = 0; p < nparts; ++p)
       for (int64_t c0 = 0; c0 < parts[p].cols; c0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, parts[p].cols - c0));
@@ -635,10 +625,10 @@ void lstm_backward_rows(const LSTMBackward<T>& a, int64_t block, int64_t n0, int
         const T* xs = a.x + s * a.x_t + m0 * a.x_n;
         segs[nsegs++] = {{dst, nullptr, nullptr}, a.P + ((s - a.lo) * N + m0) * H4, depth};
         for (int64_t m = 0; m < depth; ++m, dst += K) {
-          copy_lanes(dst, xs + m * a.x_n, a.xI);
+          std::memcpy(dst, xs + m * a.x_n, a.xI * sizeof(T));
           if (a.Ix > a.xI) dst[a.xI] = T(1);
           if (hp == nullptr) std::fill(dst + a.Ix, dst + K, T(0));
-          else copy_lanes(dst + a.Ix, hp + (m0 + m) * H, H);
+          else std::memcpy(dst + a.Ix, hp + (m0 + m) * H, H * sizeof(T));
         }
       }
       const bool fresh = a.hi == a.steps && t + steps == a.hi && m0 == n0;  // the block's first rows
