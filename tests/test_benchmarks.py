@@ -214,3 +214,39 @@ def test_cell_step_benchmark_reports_every_cell_shape_and_call(bench):
         cells = [c.strip() for c in row.strip("|").split("|")]
         ours, theirs, ratio = float(cells[3]), float(cells[4]), float(cells[5].rstrip("x"))
         assert ours > 0 and theirs > 0 and ratio == pytest.approx(theirs / ours, rel=0.05, abs=0.01)
+
+
+def _kernel_ab():
+    spec = importlib.util.spec_from_file_location("rnnkit_benchmarks_kernel_ab", BENCH_DIR / "kernel_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_ab_alternates_two_builds_and_compares_their_results(monkeypatch):
+    """benchmarks/kernel_ab.py with the tree's own library as "the revision's" (no build): both sides
+    run, the report has the three ratios, the results compare equal, and the backends' hook is restored."""
+    from rnnkit.backends import cext
+
+    if cext.ops() is None:
+        pytest.skip(f"rnnkit's C++ kernels are unavailable here: {cext.unavailable()}")
+    module = _kernel_ab()
+    monkeypatch.setattr(module, "build_revision", lambda revision: ("rnnkit_cpu", cext.build()))
+    lines = []
+    original = cext.ops
+    module.compare("HEAD", "LSTM", (3, 2, 4, 5), rounds=4, log=lines.append)
+    assert cext.ops is original
+    text = "\n".join(lines)
+    for part in ("forward  ms:", "backward ms:", "both     ms:"):
+        assert part in text and "B/A" in text.split(part, 1)[1].split("\n", 1)[0]
+    assert "bit for bit the same" in text
+
+
+@pytest.mark.slow
+def test_kernel_ab_builds_a_revision_under_its_own_namespace():
+    """The revision's kernels are built with their op namespace renamed and load beside the tree's."""
+    module = _kernel_ab()
+    namespace, lib = module.build_revision("HEAD")
+    assert namespace.startswith("rnnkit_ab_") and lib.exists()
+    torch.ops.load_library(str(lib))
+    assert hasattr(getattr(torch.ops, namespace), "lstm_forward")
