@@ -776,13 +776,13 @@ void lstm_forward_steps(Tensor G, Tensor hs, Tensor cs, const std::optional<Tens
 // [x_t, 1, h_{t-1}]^T dG_t (the 1 with a bias: K = I + 1 + H) of these steps: (blocks, K, 4H), one
 // block of partial sums for each block of rows, started by the call with hi == T, added on by later
 // chunks and, with sum_blocks, summed into dW[0] by the call with lo == 0.
-void backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
-                    Tensor P, Tensor DH, Tensor dc, const std::optional<Tensor>& gc,
-                    const std::optional<Tensor>& gh, Tensor carry, const Tensor& w_hh,
-                    const std::optional<Tensor>& dx, const std::optional<Tensor>& w_ih, const Tensor& masks,
-                    int64_t full, int64_t lo, int64_t hi, bool flush, const std::optional<Tensor>& x,
-                    const std::optional<Tensor>& hs, const std::optional<Tensor>& h0,
-                    const std::optional<Tensor>& dW, bool sum_blocks) {
+void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
+                         Tensor P, Tensor DH, Tensor dc, const std::optional<Tensor>& gc,
+                         const std::optional<Tensor>& gh, Tensor carry, const Tensor& w_hh,
+                         const std::optional<Tensor>& dx, const std::optional<Tensor>& w_ih, const Tensor& masks,
+                         int64_t full, int64_t lo, int64_t hi, bool flush, const std::optional<Tensor>& x,
+                         const std::optional<Tensor>& hs, const std::optional<Tensor>& h0,
+                         const std::optional<Tensor>& dW, bool sum_blocks) {
   for (const auto& [t, name] : {std::pair{cs, "cs"}, {c0, "c0"}, {P, "P"}, {DH, "DH"}, {dc, "dc"}, {carry, "carry"},
                                 {w_hh, "w_hh"}})
     check(t, G, name);
@@ -866,17 +866,6 @@ void backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const s
       });
     }
   });
-}
-
-void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, const std::optional<Tensor>& tcc,
-                         Tensor P, Tensor DH, Tensor dc, const std::optional<Tensor>& gc,
-                         const std::optional<Tensor>& gh, Tensor carry, const Tensor& w_hh,
-                         const std::optional<Tensor>& dx, const std::optional<Tensor>& w_ih, const Tensor& masks,
-                         int64_t full, int64_t lo, int64_t hi, bool flush, const std::optional<Tensor>& x,
-                         const std::optional<Tensor>& hs, const std::optional<Tensor>& h0,
-                         const std::optional<Tensor>& dW) {
-  backward_steps(G, cs, c0, tcc, P, DH, dc, gc, gh, carry, w_hh, dx, w_ih, masks, full, lo, hi, flush, x, hs, h0, dW,
-                 true);
 }
 
 // dst[j][k] (rows ld apart) = the sum over blocks of src[b bstride + k n + j], for k < rows and j < n:
@@ -1000,8 +989,8 @@ std::vector<Tensor> lstm_backward(const Tensor& G, const Tensor& cs, const Tenso
     std::optional<Tensor> tcc, ghc;
     if (tcs) tcc = tcs->slice(0, lo, hi);
     if (gh) ghc = rows_in_place(gh->slice(0, lo, hi));
-    backward_steps(G, cs, c, tcc, G.slice(0, lo, hi), DH, dc, gcc, ghc, carry, whh, dx, w_in, masks, full, lo, hi,
-                   flush, xw, hsw, h0w, dW, false);
+    lstm_backward_steps(G, cs, c, tcc, G.slice(0, lo, hi), DH, dc, gcc, ghc, carry, whh, dx, w_in, masks, full, lo,
+                        hi, flush, xw, hsw, h0w, dW, false);
   }
   // The weight gradients in torch's layouts, tensors of their own: a view would keep every block's
   // partial sums alive with the gradient (torch.autograd.grad, hooks), and AccumulateGrad would copy a
@@ -1683,7 +1672,8 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def(
       "lstm_backward_steps(Tensor G, Tensor cs, Tensor c0, Tensor? tcc, Tensor(a!) P, Tensor(e!) DH, Tensor(b!) dc, "
       "Tensor? gc, Tensor? gh, Tensor(c!) carry, Tensor w_hh, Tensor(d!)? dx, Tensor? w_ih, Tensor masks, int full, "
-      "int lo, int hi, bool flush, Tensor? x=None, Tensor? hs=None, Tensor? h0=None, Tensor(f!)? dW=None) -> ()");
+      "int lo, int hi, bool flush, Tensor? x=None, Tensor? hs=None, Tensor? h0=None, Tensor(f!)? dW=None, "
+      "bool sum_blocks=True) -> ()");
   m.def(
       "lstm_forward(Tensor x, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor masks, int full, bool keep_tc, bool flush, bool keep_gates=True, bool keep_cells=True) -> Tensor[]");
