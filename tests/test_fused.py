@@ -837,6 +837,34 @@ def test_outputs_and_final_state_may_be_edited_in_place_as_torchs(kind):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn"])
+def test_an_input_edited_in_place_before_backward_is_refused_at_backward(kind, batch_first):
+    """The fused backend reads the input where it lies at backward (README, "where the layers still
+    differ"): an input edited in place in between makes the backward raise autograd's usual in-place
+    error, never give a gradient of the edited values. The edit itself goes through, as with torch's
+    layers (a view of the input that the forward made with grad off would have autograd refuse the
+    edit at once, with a message about no_grad views). torch's kernels raise alike for a time-major
+    input and keep a copy of a batch-first one."""
+    torch.manual_seed(0)
+    cls = {"gru": (torch.nn.GRU, rnnkit.GRU), "lstm": (torch.nn.LSTM, rnnkit.LSTM), "rnn": (torch.nn.RNN, rnnkit.RNN)}
+    ref = cls[kind][0](3, 5, batch_first=batch_first)
+    ours = cls[kind][1](3, 5, batch_first=batch_first, backend="fused")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 3)
+    want = torch.autograd.grad(ref(x * 1.0)[0].sum(), ref.weight_ih_l0)[0]
+    for m in (ours, ref):
+        y = x * torch.ones((), requires_grad=True)  # a non-leaf input, which may be edited in place
+        out = m(y)[0]
+        y.add_(1.0)
+        if m is ours or not batch_first:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()
+        else:
+            (got,) = torch.autograd.grad(out.sum(), ref.weight_ih_l0)
+            torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("name", ["lstm", "gru"])
 def test_huge_gate_inputs_saturate_instead_of_turning_into_nan(name):
     """Gate inputs far past the float range of exp (a diverging model) give saturated gates as torch's do,

@@ -354,7 +354,7 @@ class _LSTMFunction(torch.autograd.Function):
         ctx.full, ctx.kernels = full, kernels is not None
         ctx.gates_spent = False  # the C++ backward writes the gate gradients over G (see backward)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, G, hs, cs, TCs, masks, *inputs)
+        ctx.save_for_backward(_saved_rows(x2, x), G, hs, cs, TCs, masks, *inputs)
         return hs, cs
 
     @staticmethod
@@ -371,7 +371,7 @@ class _LSTMFunction(torch.autograd.Function):
                     G = _lstm_forward_kernels(cext.ops(), inputs, masks, ctx.full)[0]
                 grads = _lstm_backward_kernels(ctx, gh, gc, inputs, G, hs, cs, TCs, masks)
             else:
-                grads = _lstm_backward(ctx, gh, gc, x2, inputs, G, hs, cs, TCs, masks)
+                grads = _lstm_backward(ctx, gh, gc, _rows(x2, inputs[0]), inputs, G, hs, cs, TCs, masks)
         return (*grads, None, None)
 
 
@@ -691,6 +691,21 @@ def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> tuple[Ten
     return x2, linear(x2, w_ih, bias=bias).view(T, N, -1)
 
 
+def _saved_rows(x2: Tensor | None, x: Tensor) -> Tensor | None:
+    """The input's rows x2 as a Function saves them: None where they are a view of the input x itself,
+    which the backward reshapes again (_rows). A view of the caller's tensor made in the forward (where
+    grad is off) would make autograd refuse any in-place edit of the input at once, with a message
+    about views made in no_grad mode, rather than at the backward with its usual one, as torch's."""
+    if x2 is not None and x2._is_view() and x2.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return None
+    return x2
+
+
+def _rows(x2: Tensor | None, x: Tensor) -> Tensor:
+    """The input's rows (T*N, I) for a backward: the saved x2, or x reshaped again (see _saved_rows)."""
+    return x.reshape(-1, x.shape[-1]) if x2 is None else x2
+
+
 def _grad_buffer(grad: Tensor | None, like: Tensor) -> Tensor:
     """A fresh (T, N, H) buffer holding the outputs' gradient (zeros if none).
 
@@ -758,7 +773,7 @@ class _RNNFunction(torch.autograd.Function):
         ctx.full, ctx.tanh, ctx.has_bias, ctx.h0_zero = full, is_tanh, bias is not None, h0_zero
         ctx.set_materialize_grads(False)
         ctx.nonlinearity = nonlinearity
-        ctx.save_for_backward(x2, h0, w_ih, w_hh, hs, masks, *inputs)
+        ctx.save_for_backward(_saved_rows(x2, x), h0, w_ih, w_hh, hs, masks, *inputs)
         return hs
 
     @staticmethod
@@ -768,8 +783,8 @@ class _RNNFunction(torch.autograd.Function):
         if _graph_needed(gh):
             grads = _differentiable_grads(_rnn_graph, (*inputs, masks, ctx.full, ctx.nonlinearity), (gh,))
             return (*grads[:5], None, None, None)
-        with denormals_flushed(x2.device):
-            return _rnn_backward(ctx, gh, x2, h0, w_ih, w_hh, hs, masks)
+        with denormals_flushed(hs.device):
+            return _rnn_backward(ctx, gh, _rows(x2, inputs[0]), h0, w_ih, w_hh, hs, masks)
 
 
 def _rnn_backward(ctx, gh, x2, h0, w_ih, w_hh, hs, masks):  # noqa: ANN001
@@ -856,7 +871,7 @@ class _GRUFunction(torch.autograd.Function):
         ctx.full, ctx.has_bx, ctx.has_bhn = full, b_x is not None, b_hn is not None
         ctx.kernels = kernels is not None
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, h0, w_ih, w_hh, G, Hh, hs, masks, *inputs)
+        ctx.save_for_backward(_saved_rows(x2, x), h0, w_ih, w_hh, G, Hh, hs, masks, *inputs)
         return out
 
     @staticmethod
@@ -866,6 +881,7 @@ class _GRUFunction(torch.autograd.Function):
         if _graph_needed(gh):
             grads = _differentiable_grads(_gru_graph, (*inputs, masks, ctx.full), (gh,))
             return (*grads[:6], None, None)
+        x2 = _rows(x2, inputs[0])
         with denormals_flushed(x2.device):
             if ctx.kernels:
                 return _gru_backward_kernels(ctx, gh, x2, h0, w_ih, w_hh, G, Hh, hs, masks)
@@ -1049,7 +1065,7 @@ class _GRUResetBeforeFunction(torch.autograd.Function):
                     h = torch.where(masks[t], lerp(n, h, z_s[t]), h, out=h_s[t])
         ctx.full, ctx.has_bx = full, b_x is not None
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, h0, w_ih, w_hh, G, RH, hs, masks, *inputs)
+        ctx.save_for_backward(_saved_rows(x2, x), h0, w_ih, w_hh, G, RH, hs, masks, *inputs)
         return hs.clone()  # the outputs may be edited in place, as torch.nn.GRU's may
 
     @staticmethod
@@ -1059,6 +1075,7 @@ class _GRUResetBeforeFunction(torch.autograd.Function):
         if _graph_needed(gh):
             grads = _differentiable_grads(_gru_graph, (*inputs, masks, ctx.full, False), (gh,))
             return (*grads[:6], None, None)
+        x2 = _rows(x2, inputs[0])
         with denormals_flushed(x2.device):
             return _gru_reset_before_backward(ctx, gh, x2, h0, w_ih, w_hh, G, RH, hs, masks)
 
