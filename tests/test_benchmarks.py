@@ -232,14 +232,21 @@ def test_kernel_ab_alternates_two_builds_and_compares_their_results(monkeypatch)
         pytest.skip(f"rnnkit's C++ kernels are unavailable here: {cext.unavailable()}")
     module = _kernel_ab()
     monkeypatch.setattr(module, "build_revision", lambda revision: ("rnnkit_cpu", cext.build()))
+    made, counted = [], module.Counted
+    monkeypatch.setattr(module, "Counted", lambda ops: made.append(counted(ops)) or made[-1])
     lines = []
     original = cext.ops
-    module.compare("HEAD", "LSTM", (3, 2, 4, 5), rounds=4, log=lines.append)
+    module.compare("HEAD", "GRU", (3, 2, 4, 5), rounds=4, log=lines.append)
     assert cext.ops is original
+    assert len(made) == 2 and all(c.calls > 0 for c in made)  # each side's library was called
     text = "\n".join(lines)
     for part in ("forward  ms:", "backward ms:", "both     ms:"):
         assert part in text and "B/A" in text.split(part, 1)[1].split("\n", 1)[0]
     assert "bit for bit the same" in text
+    # a layer that never reaches the kernels is an error, not a comparison of torch with itself
+    monkeypatch.setattr(module, "make_layer", lambda kind, I, H: torch.nn.GRU(I, H, batch_first=True))
+    with pytest.raises(SystemExit, match="never called"):
+        module.compare("HEAD", "GRU", (3, 2, 4, 5), rounds=2, log=lines.append)
 
 
 @pytest.mark.slow

@@ -703,7 +703,7 @@ def _saved_rows(x2: Tensor | None, x: Tensor) -> Tensor | None:
 
 def _rows(x2: Tensor | None, x: Tensor) -> Tensor:
     """The input's rows (T*N, I) for a backward: the saved x2, or x reshaped again (see _saved_rows)."""
-    return x.reshape(-1, x.shape[-1]) if x2 is None else x2
+    return x.flatten(0, 1) if x2 is None else x2
 
 
 def _grad_buffer(grad: Tensor | None, like: Tensor) -> Tensor:

@@ -332,7 +332,7 @@ inline void with_rows(int rows, const F& fn) {
 // a null a1 or a2 adds nothing. The sums stay in registers from init to the last product: through
 // tile() they went to memory between the parts, and zeroing the array first was a memset a tile.
 // Measured at T28 I28 H128 B128 on a Zen 5, both builds loaded in one process and run alternately,
-// 2026-12-03: the LSTM forward 9-11% faster (H128 and H256), the traced cells' 7%, the GRU's 2.5%.
+// 2026-12-03: the LSTM forward 8-11% faster (H128 and H256), the traced cells' 7%, the GRU's 2.5-5%.
 template <typename T, int R, int NV, int V0 = 0>
 inline void gate_tile(const T* init, const T* a1, int64_t lda1, const T* b1, int64_t K1, const T* a2, int64_t lda2,
                       const T* b2, int64_t K2, V<T> (&acc)[kRows][4]) {
@@ -870,7 +870,8 @@ void lstm_backward_steps(const Tensor& G, const Tensor& cs, const Tensor& c0, co
 
 // dst[j][k] (rows ld apart) = the sum over blocks of src[b bstride + k n + j], for k < rows and j < n:
 // the blocks' partial sums of a weight gradient added and transposed into torch's layout in one pass,
-// a tile at a time (a pass to add them and torch's transposing copies took 4-5 times as long).
+// a tile at a time (a pass to add them and torch's transposing copies took ~150 us a call at T28 H128
+// B128, about 5 times as long).
 template <typename T>
 void sum_transposed(const T* src, int64_t blocks, int64_t bstride, int64_t rows, int64_t n, T* dst, int64_t ld,
                     bool flush) {
@@ -998,6 +999,10 @@ std::vector<Tensor> lstm_backward(const Tensor& G, const Tensor& cs, const Tenso
   Tensor dwih = need_wih ? at::empty({H4, I}, opts) : Tensor(), dwhh = need_whh ? at::empty({H4, H}, opts) : Tensor();
   Tensor db = need_b ? at::empty({H4}, opts) : Tensor();
   if (need_w) {
+    // the blocks the loops filled: as many as when dW was made, unless torch's thread count changed
+    // meanwhile (another thread's set_num_threads), which would leave some unwritten
+    TORCH_CHECK(N == 0 || row_blocks(N) == dW->size(0),
+                "rnnkit fused kernels: torch's thread count changed during an LSTM backward");
     const int64_t blocks = dW->size(0), K = Ix + H;
     AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_weight_grads", [&] {
       const scalar_t* w = dW->data_ptr<scalar_t>();
