@@ -41,6 +41,14 @@ def quick(bench, tmp_path_factory):
     return report, results, before
 
 
+def _script(name: str):
+    """A side script of benchmarks/ (``name``.py) loaded as a module."""
+    spec = importlib.util.spec_from_file_location(f"rnnkit_benchmarks_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _section(report: str, title: str) -> str:
     return report.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0]
 
@@ -205,22 +213,13 @@ def test_another_models_row_is_never_the_lstm_best_competitor(bench):
 
 def test_cell_step_benchmark_reports_every_cell_shape_and_call(bench):
     """benchmarks/cell_step.py: a row per cell, shape and kind of call, each with two times and their ratio."""
-    spec = importlib.util.spec_from_file_location("rnnkit_benchmarks_cell_step", BENCH_DIR / "cell_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("cell_step")
     rows = module.measure(rounds=1, block=1)
     assert len(rows) == len(module.KINDS) * len(module.SHAPES) * 2
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         ours, theirs, ratio = float(cells[3]), float(cells[4]), float(cells[5].rstrip("x"))
         assert ours > 0 and theirs > 0 and ratio == pytest.approx(theirs / ours, rel=0.05, abs=0.01)
-
-
-def _kernel_ab():
-    spec = importlib.util.spec_from_file_location("rnnkit_benchmarks_kernel_ab", BENCH_DIR / "kernel_ab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_kernel_ab_alternates_two_builds_and_compares_their_results(monkeypatch):
@@ -230,7 +229,7 @@ def test_kernel_ab_alternates_two_builds_and_compares_their_results(monkeypatch)
 
     if cext.ops() is None:
         pytest.skip(f"rnnkit's C++ kernels are unavailable here: {cext.unavailable()}")
-    module = _kernel_ab()
+    module = _script("kernel_ab")
     monkeypatch.setattr(module, "build_revision", lambda revision: ("rnnkit_cpu", cext.build()))
     made, counted = [], module.Counted
     monkeypatch.setattr(module, "Counted", lambda ops: made.append(counted(ops)) or made[-1])
@@ -252,7 +251,7 @@ def test_kernel_ab_alternates_two_builds_and_compares_their_results(monkeypatch)
 @pytest.mark.slow
 def test_kernel_ab_builds_a_revision_under_its_own_namespace():
     """The revision's kernels are built with their op namespace renamed and load beside the tree's."""
-    module = _kernel_ab()
+    module = _script("kernel_ab")
     namespace, lib = module.build_revision("HEAD")
     assert namespace.startswith("rnnkit_ab_") and lib.exists()
     torch.ops.load_library(str(lib))
