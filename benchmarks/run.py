@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 import rnnkit
 from rnnkit import fpmode
-from rnnkit.backends import fused, native
+from rnnkit.backends import fused, native, triton_lstm
 
 try:  # imported as benchmarks.run from the repository root
     from benchmarks import competitors as comp
@@ -156,7 +156,9 @@ class Unrolled(nn.Module):
 
 def _require_backend(layer: nn.Module, shape: Shape, device: torch.device, backend: str) -> None:
     """Skip (rather than fail) when an explicitly named backend cannot run here, e.g. fused on CUDA."""
-    module = {"fused": fused, "native": native}.get(backend)
+    if backend == "triton" and device.type != "cuda":
+        raise Skip("the triton backend is timed on a GPU (on the CPU it could only run in Triton's interpreter)")
+    module = {"fused": fused, "native": native, "triton": triton_lstm}.get(backend)
     if module is not None:
         reason = module.unsupported(layer.cell(), torch.empty(1, 1, shape.I, device=device))
         if reason:
@@ -205,7 +207,7 @@ IMPLEMENTATIONS: tuple[Impl, ...] = (
     Impl(KERAS, comp.build_keras, False),
     Impl(RK_LSTM, build_rnnkit_lstm, True),
     *(Impl(f"{RK_LSTM} backend={b}", functools.partial(build_rnnkit_lstm, backend=b), True)
-      for b in ("fused", "native", "reference")),
+      for b in ("fused", "native", "triton", "reference")),
     Impl(RK_GRU, build_rnnkit_gru, True),
     Impl(NN_GRU, comp.build_torch_gru, False),
     Impl(RK_SEED000, build_seed000, True),

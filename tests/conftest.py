@@ -12,6 +12,12 @@ from torch import nn
 import rnnkit.fpmode as fpmode
 from rnnkit.backends import fused, native, reference
 
+# Without a GPU the triton backend's kernels run in Triton's CPU interpreter (tests/test_triton.py),
+# which must be switched on before anything imports Triton (torch._dynamo does): triton.language's
+# own functions are made interpreted or compiled when it is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # tests/harness.py is importable as `harness` from every test module.
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -451,7 +451,8 @@ def test_error_dtype_mismatch_and_non_floating_x() -> None:
 
 
 def test_error_unknown_backend() -> None:
-    _raises(r"backend must be one of \('auto', 'reference', 'native', 'fused', 'compiled', 'traced'\), got 'cudnn'",
+    _raises(r"backend must be one of \('auto', 'reference', 'native', 'fused', 'compiled', 'traced', 'triton'\), "
+            r"got 'cudnn'",
             CountingLSTM(I, H), torch.randn(N, T, I), backend="cudnn")
 
 

@@ -15,6 +15,8 @@ traced       a cell whose step is products of the input and a state plus element
              picks it for other float32 cells on 256 steps or more
 compiled     any cell on the CPU, traced once: Inductor-compiled elementwise maths, oneDNN GEMMs;
              "auto" picks it on 256 steps or more for cells the traced backend cannot read
+triton       the built-in LSTM on a GPU: the time loop in one Triton kernel launch each way
+             (not yet picked by "auto": it has not been measured against cuDNN on a GPU)
 ===========  ==========================================================================
 
 ``backend="auto"`` picks the fastest one that supports the cell and device; every backend
@@ -50,14 +52,14 @@ from torch import Tensor, nn
 
 from rnnkit import fpmode
 from rnnkit.allocator import allocator_tuned
-from rnnkit.backends import cext, compiled, fused, native, reference, traced
+from rnnkit.backends import cext, compiled, fused, native, reference, traced, triton_lstm
 from rnnkit.cells import GRUCell, LSTMCell, steps_split
 from rnnkit.errors import RnnkitWarning, ShapeError
 
 __all__ = ["unroll", "UnrollResult", "BACKENDS", "tree_map", "tree_flatten", "tree_unflatten"]
 
-Backend = Literal["auto", "reference", "native", "fused", "compiled", "traced"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "native", "fused", "compiled", "traced")
+Backend = Literal["auto", "reference", "native", "fused", "compiled", "traced", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "native", "fused", "compiled", "traced", "triton")
 
 
 class UnrollResult(NamedTuple):
@@ -146,8 +148,9 @@ def unroll(
         backend, picked = "reference", False
     elif picked:
         backend = _pick_backend(cell, x, T, N, return_states, ragged=lengths is not None)
-    elif backend in ("native", "fused", "compiled", "traced"):
-        module = {"native": native, "fused": fused, "compiled": compiled, "traced": traced}[backend]
+    elif backend != "reference":
+        module = {"native": native, "fused": fused, "compiled": compiled, "traced": traced,
+                  "triton": triton_lstm}[backend]
         reason = module.unsupported(cell, x)
         if reason:
             raise ShapeError(f"unroll: backend={backend!r} cannot run this cell: {reason}; use 'auto'")
@@ -171,7 +174,7 @@ def unroll(
         x_tm = x_tm.masked_fill(~masks, 0)
 
     runner = {"reference": reference.run, "native": native.run, "fused": fused.run, "compiled": compiled.run,
-              "traced": traced.run}[backend]
+              "traced": traced.run, "triton": triton_lstm.run}[backend]
     if picked and backend in ("compiled", "traced"):  # chosen for the caller: fall back without a warning
         runner = compiled.run_quietly if backend == "compiled" else traced.run_quietly
     leaves, unflatten = tree_flatten(state)
@@ -182,8 +185,9 @@ def unroll(
         state_leaves_t = tree_flatten(states)[0] if states is not None else []
         return (outputs, *final_leaves, *state_leaves_t)
 
-    if backend == "fused":
-        flat = run(x_tm, *leaves)  # its autograd Functions and the LSTM's no-graph call scope the denormal mode
+    if backend in ("fused", "triton"):
+        # the fused Functions and the LSTM's no-graph call scope the denormal mode; on a GPU there is none
+        flat = run(x_tm, *leaves)
     else:
         flat = fpmode.flushed_region(run, (x_tm, *leaves))
     outputs, final_state = flat[0], unflatten(list(flat[1 : 1 + len(leaves)]))
