@@ -2,11 +2,12 @@
 
     python benchmarks/triton_compile.py [--hidden 128 256 512] [--arch 90] [--blocks BB,BU,BK,WARPS ...]
 
-For each hidden size and tile configuration (default: what ``triton_lstm.blocks`` picks), prints the
-registers, spilled bytes (stack) and shared memory of the forward and the backward kernel as Triton
-and ptxas build them for that architecture, with every option on (masks, gradients of h and c). A
-kernel that spills is slower on the GPU, so tile choices can be narrowed here before any GPU time.
-Exits 1 if a default configuration spills or a kernel does not compile.
+For each dtype, hidden size and tile configuration (default: what ``triton_lstm.blocks`` picks),
+prints the registers, spilled bytes (stack) and shared memory of the forward and the backward kernel
+as Triton and ptxas build them for that architecture, with every option on (masks, gradients of h
+and c). A kernel that spills is slower on the GPU, and one that asks for more shared memory than a
+block may have fails at launch, so tile choices can be narrowed here before any GPU time. Exits 1 if
+a default configuration spills or does not fit, or a kernel does not compile.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from rnnkit.backends import _triton_kernels as kernels  # noqa: E402
 from rnnkit.backends import triton_lstm  # noqa: E402
 
+# Shared memory a block may have, bytes, by compute capability (CUDA's programming guide).
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 
 def signatures(ptr: str) -> dict[str, dict[str, str]]:
     """The kernels' argument types (pointers to ``ptr``, e.g. "fp32") as triton.compile takes them."""
@@ -70,23 +73,26 @@ def compile_one(name: str, H: int, config: tuple[int, int, int, int], arch: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Compile, print a line (JSON) per kernel; 1 if a default configuration spills."""
+    """Compile, print a line (JSON) per kernel; 1 if a default configuration spills or does not fit."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, nargs="+", default=[128, 256, 512])
     p.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100/H200)")
-    p.add_argument("--dtype", choices=("fp32", "fp64"), default="fp32")
+    p.add_argument("--dtype", nargs="+", choices=("fp32", "fp64"), default=["fp32", "fp64"])
     p.add_argument("--blocks", nargs="+", help="BB,BU,BK,WARPS configurations (default: triton_lstm.blocks)")
     args = p.parse_args(argv)
-    spilled = False
-    for H in args.hidden:
-        for name in ("forward", "backward"):
-            configs = ([triton_lstm._parse_blocks(b, b) for b in args.blocks] if args.blocks
-                       else [triton_lstm.blocks(128, H, backward=name == "backward")])
-            for config in configs:
-                row = compile_one(name, H, config, args.arch, args.dtype)
-                print(json.dumps(row), flush=True)
-                spilled |= not args.blocks and row["stack"] > 0
-    return 1 if spilled else 0
+    bad = False
+    limit = SHARED_LIMIT.get(args.arch)
+    for dtype in args.dtype:
+        for H in args.hidden:
+            for name in ("forward", "backward"):
+                configs = ([triton_lstm._parse_blocks(b, b) for b in args.blocks] if args.blocks else
+                           [triton_lstm.blocks(128, H, backward=name == "backward", itemsize=int(dtype[2:]) // 8)])
+                for config in configs:
+                    row = compile_one(name, H, config, args.arch, dtype)
+                    row["fits"] = limit is None or row["shared"] <= limit
+                    print(json.dumps(row), flush=True)
+                    bad |= not args.blocks and (row["stack"] > 0 or not row["fits"])
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -174,10 +174,13 @@ def test_cells_it_cannot_run_are_refused_with_the_reason():
             rnnkit.unroll(cell.to(DEVICE), x, backend="triton")
     with pytest.raises(ShapeError, match="float32 and float64"):
         rnnkit.unroll(LSTMCell(4, 8).to(DEVICE, torch.bfloat16), x.bfloat16(), backend="triton")
+    huge = torch.zeros(1, 1, 1, device=DEVICE).expand(2048, 1024, 1)  # no memory: one element, broadcast
+    assert "32-bit offsets" in triton_lstm.unsupported(LSTMCell(1, 256), huge)
+    assert triton_lstm.unsupported(LSTMCell(1, 255), huge) is None  # 2**31 - 2**23 elements of gates
 
 
 def test_on_the_cpu_without_the_interpreter_it_says_where_it_runs(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a GPU machine never sets it
     why = triton_lstm.unsupported(LSTMCell(4, 8), torch.randn(2, 3, 4))
     assert why is not None and "runs on a CUDA device" in why
 
@@ -195,16 +198,18 @@ def test_tf32_products_stay_close(monkeypatch):
 
 def test_the_kernels_compile_for_an_h100_without_spilling():
     """Triton and the ptxas it brings build the kernels for sm_90 on any machine: the interpreter above
-    cannot catch what only the compiler refuses (types of both sides of a branch, tile shapes)."""
+    cannot catch what only the compiler refuses (types of both sides of a branch, tile shapes), nor
+    tiles that spill registers or ask for more shared memory than a block may have."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_compile.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script), "--hidden", "20", "128"], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [(r["kernel"], r["H"]) for r in rows] == [("forward", 20), ("backward", 20), ("forward", 128),
-                                                     ("backward", 128)]
-    assert all(r["stack"] == 0 and 0 < r["registers"] <= 255 for r in rows), rows
+    assert [(r["dtype"], r["kernel"], r["H"]) for r in rows] == [
+        (d, k, H) for d in ("fp32", "fp64") for H in (20, 128) for k in ("forward", "backward")]
+    assert all(r["stack"] == 0 and 0 < r["registers"] <= 255 and 0 < r["shared"] <= 232448 and r["fits"]
+               for r in rows), rows
 
 
 def test_the_gpu_tile_sweep_runs_and_checks_each_configuration(capsys):

@@ -22,6 +22,7 @@ def forward(G, HS, CS, W, M, N, T, H: tl.constexpr, BB: tl.constexpr, BU: tl.con
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     live = rows < N
     ks = tl.arange(0, BK)
+    acc_t = G.dtype.element_ty
     for t in range(T):
         h_prev = HS + t * N * H
         c_prev = CS + t * N * H
@@ -41,10 +42,12 @@ def forward(G, HS, CS, W, M, N, T, H: tl.constexpr, BB: tl.constexpr, BU: tl.con
                              other=0.0)
                 wp = W + k[:, None] * (4 * H) + u[None, :]
                 wm = (k < H)[:, None] & (u < H)[None, :]
-                a_i = tl.dot(hk, tl.load(wp, mask=wm, other=0.0), a_i, input_precision=PREC)
-                a_f = tl.dot(hk, tl.load(wp + H, mask=wm, other=0.0), a_f, input_precision=PREC)
-                a_g = tl.dot(hk, tl.load(wp + 2 * H, mask=wm, other=0.0), a_g, input_precision=PREC)
-                a_o = tl.dot(hk, tl.load(wp + 3 * H, mask=wm, other=0.0), a_o, input_precision=PREC)
+                # out_dtype as the accumulator's: Triton 3.6 (the GPU machines' version) assumes float32
+                # and refuses a float64 accumulator, where 3.9 takes it from acc
+                a_i = tl.dot(hk, tl.load(wp, mask=wm, other=0.0), a_i, input_precision=PREC, out_dtype=acc_t)
+                a_f = tl.dot(hk, tl.load(wp + H, mask=wm, other=0.0), a_f, input_precision=PREC, out_dtype=acc_t)
+                a_g = tl.dot(hk, tl.load(wp + 2 * H, mask=wm, other=0.0), a_g, input_precision=PREC, out_dtype=acc_t)
+                a_o = tl.dot(hk, tl.load(wp + 3 * H, mask=wm, other=0.0), a_o, input_precision=PREC, out_dtype=acc_t)
             i = tl.sigmoid(a_i)
             f = tl.sigmoid(a_f)
             g = tanh(a_g)
@@ -76,7 +79,7 @@ def recurrent_dh(D, W, rows, live, u, H: tl.constexpr, BB: tl.constexpr, BU: tl.
         k = k0 + ks
         d = tl.load(D + rows[:, None] * (4 * H) + k[None, :], mask=live[:, None] & (k < 4 * H)[None, :], other=0.0)
         w = tl.load(W + k[:, None] * H + u[None, :], mask=(k < 4 * H)[:, None] & (u < H)[None, :], other=0.0)
-        acc = tl.dot(d, w, acc, input_precision=PREC)
+        acc = tl.dot(d, w, acc, input_precision=PREC, out_dtype=D.dtype.element_ty)  # see forward
     return acc
 
 

@@ -26,6 +26,7 @@ forward's, then the backward's if they differ) to try others.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Any
@@ -41,6 +42,9 @@ from rnnkit.fpmode import transforming
 __all__ = ["unsupported", "run", "available", "interpreting", "blocks"]
 
 _DTYPES = (torch.float32, torch.float64)
+# The kernels' offsets are 32-bit integers (N and T come in as int32): a buffer of 2**31 elements or
+# more would wrap them.
+_MAX_ELEMENTS = 1 << 31
 
 
 def available() -> bool:
@@ -70,6 +74,8 @@ def unsupported(cell: nn.Module, x: Tensor) -> str | None:
         return f"the triton backend runs the built-in LSTMCell only, not {type(cell).__name__}"
     if cell.peepholes or cell.cell_clip is not None or cell.proj_size:
         return "the triton LSTM has no peepholes, cell clipping or projection (proj_size)"
+    if x.dim() == 3 and x.shape[0] * x.shape[1] * 4 * cell.hidden_size >= _MAX_ELEMENTS:
+        return "its gates would pass 2**31 elements, beyond the kernels' 32-bit offsets (split the sequence)"
     return None
 
 
@@ -87,16 +93,18 @@ def run(
     return hs, LSTMState(hs[-1], cs[-1]), (LSTMState(hs, cs) if return_states else None)
 
 
-def blocks(N: int, H: int, backward: bool = False) -> tuple[int, int, int, int]:
+def blocks(N: int, H: int, backward: bool = False, itemsize: int = 4) -> tuple[int, int, int, int]:
     """Rows per program, units per tile, depth per product step and warps: (BB, BU, BK, warps)."""
     override = os.environ.get("RNNKIT_TRITON_BLOCKS")
     if override:
         return _parse_blocks(override.split("/")[-1 if backward else 0], override)
     span = max(16, _next_power_of_2(H))  # tl.dot needs 16 or more on every side
-    # Compiled for an H100 (sm_90) ahead of time on a CPU, 2026-12-03: these are the largest tiles
-    # whose kernels spill no registers at H 16 to 512 (the forward at 64 x 64 with 8 warps: 120-162
-    # registers; the backward there spilled, at 32 x 32 158). Not yet timed on a GPU.
-    width = 32 if backward else 64
+    # Compiled for an H100 (sm_90) ahead of time on a CPU, 2026-12-03 (benchmarks/triton_compile.py):
+    # the largest tiles whose kernels spill no registers at H 16 to 512 and fit the 227 KB of shared
+    # memory a block may have. float32's forward at 64 x 64 with 8 warps: 120-166 registers and 136 KB
+    # (the pipelined loads of four gates' weights); its backward spilled there, at 32 x 32 158
+    # registers. float64 at 64 x 64 needs 272 KB: 32 x 32 both ways. Not yet timed on a GPU.
+    width = 32 if backward or itemsize > 4 else 64
     return 16, min(span, width), min(span, width), 8
 
 
@@ -165,10 +173,11 @@ class _LSTMFunction(torch.autograd.Function):
         CS[0] = _state(c0, x, N, H)
         keep = any(ctx.needs_input_grad[:7])  # grad mode is off inside forward
         M = _mask_rows(masks, T, N, x)
-        BB, BU, BK, warps = blocks(N, H)
-        _kernels().forward[(_cdiv(N, BB),)](
-            G, HS, CS, w_hh.t().contiguous(), M, N, T, H=H, BB=BB, BU=BU, BK=BK, HAS_MASK=masks is not None,
-            KEEP=keep, PREC=_precision(x.dtype), num_warps=warps)
+        BB, BU, BK, warps = blocks(N, H, itemsize=x.element_size())
+        with _on(x.device):
+            _kernels().forward[(_cdiv(N, BB),)](
+                G, HS, CS, w_hh.t().contiguous(), M, N, T, H=H, BB=BB, BU=BU, BK=BK, HAS_MASK=masks is not None,
+                KEEP=keep, PREC=_precision(x.dtype), num_warps=warps)
         ctx.full = full
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(G, HS, CS, M, masks, *inputs)
@@ -179,26 +188,37 @@ class _LSTMFunction(torch.autograd.Function):
         G, HS, CS, M, masks, *inputs = ctx.saved_tensors
         if _graph_needed(gh, gc):
             return (*_differentiable_grads(_lstm_graph, (*inputs, masks, ctx.full), (gh, gc))[:7], None, None)
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs
-        T, N, H4 = G.shape
-        H = H4 // 4
-        DG = torch.empty_like(G)
-        DH = x.new_zeros(N, H) if masks is not None else x.new_empty(1)
-        DC = x.new_zeros(N, H)
-        DH0 = x.new_empty(N, H)
-        BB, BU, BK, warps = blocks(N, H, backward=True)
-        _kernels().backward[(_cdiv(N, BB),)](
-            G, DG, CS, _contiguous_or_dummy(gh, x), _contiguous_or_dummy(gc, x), w_hh.contiguous(), M, DH, DC, DH0,
-            N, T, H=H, BB=BB, BU=BU, BK=BK, HAS_GH=gh is not None, HAS_GC=gc is not None, HAS_MASK=masks is not None,
-            PREC=_precision(x.dtype), num_warps=warps)
-        need = ctx.needs_input_grad
-        rows = DG.reshape(T * N, H4)
-        dx = (rows @ w_ih).reshape(T, N, -1) if need[0] else None
-        dw_ih = rows.t() @ x.reshape(T * N, -1) if need[3] else None
-        dw_hh = rows.t() @ HS[:-1].reshape(T * N, H) if need[4] else None
-        db = rows.sum(0) if need[5] or need[6] else None
-        return (dx, DH0 if need[1] else None, DC if need[2] else None, dw_ih, dw_hh,
-                db if need[5] else None, db if need[6] and b_hh is not None else None, None, None)
+        x = inputs[0]
+        # autograd runs the backward under the forward's autocast state: the GEMMs stay in the forward's dtype
+        with torch.autocast(x.device.type, enabled=False), _on(x.device):
+            return _backward(ctx.needs_input_grad, gh, gc, G, HS, CS, M, masks, *inputs)
+
+
+def _backward(need, gh, gc, G, HS, CS, M, masks, x, h0, c0, w_ih, w_hh, b_ih, b_hh):  # noqa: ANN001, ANN202
+    """The gradients of _LSTMFunction's inputs: the recurrence in one kernel launch, then GEMMs over all steps."""
+    T, N, H4 = G.shape
+    H = H4 // 4
+    DG = torch.empty_like(G)
+    DH = x.new_zeros(N, H) if masks is not None else x.new_empty(1)
+    DC = x.new_zeros(N, H)
+    DH0 = x.new_empty(N, H)
+    BB, BU, BK, warps = blocks(N, H, backward=True, itemsize=x.element_size())
+    _kernels().backward[(_cdiv(N, BB),)](
+        G, DG, CS, _contiguous_or_dummy(gh, x), _contiguous_or_dummy(gc, x), w_hh.contiguous(), M, DH, DC, DH0,
+        N, T, H=H, BB=BB, BU=BU, BK=BK, HAS_GH=gh is not None, HAS_GC=gc is not None, HAS_MASK=masks is not None,
+        PREC=_precision(x.dtype), num_warps=warps)
+    rows = DG.reshape(T * N, H4)
+    dx = (rows @ w_ih).reshape(T, N, -1) if need[0] else None
+    dw_ih = rows.t() @ x.reshape(T * N, -1) if need[3] else None
+    dw_hh = rows.t() @ HS[:-1].reshape(T * N, H) if need[4] else None
+    db = rows.sum(0) if need[5] or need[6] else None
+    return (dx, DH0 if need[1] else None, DC if need[2] else None, dw_ih, dw_hh,
+            db if need[5] else None, db if need[6] and b_hh is not None else None, None, None)
+
+
+def _on(device: torch.device) -> Any:
+    """Launches on ``device``'s GPU (Triton launches on the current one), or nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _cdiv(a: int, b: int) -> int:
