@@ -98,6 +98,18 @@ def test_stacked_bidirectional_layers_with_lengths_match():
     _assert_close(_run(tri, x, None, lengths), _run(ref, x, None, lengths), F64)
 
 
+def test_packed_and_unbatched_inputs_match():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(8)
+    ref, tri = _pair(3, 16, F64)
+    x = torch.randn(4, 5, 3, device=DEVICE, dtype=F64)
+    packed = pack_padded_sequence(x, torch.tensor([5, 2, 4, 1]), batch_first=True, enforce_sorted=False)
+    (want, (h_want, c_want)), (got, (h_got, c_got)) = ref(packed), tri(packed)
+    _assert_close([got.data, h_got, c_got], [want.data, h_want, c_want], F64)
+    _assert_close([tri(x[0])[0]], [ref(x[0])[0]], F64)
+
+
 class _Unrolled(torch.nn.Module):
     """A cell run over time on the triton backend, every step's h and c out."""
 
