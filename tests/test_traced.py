@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import require_cpu_kernels
 from test_compiled import MinimalCell, Seed000Cell
 from torch import Tensor, nn
@@ -89,7 +90,27 @@ class LerpGRU(nn.Module):
         return torch.lerp(torch.tanh(n), h, torch.sigmoid(z))
 
 
-CELLS = [Seed000Cell, TwoProductLSTM, Exotic, Elman, LerpGRU]
+class SharedBias(nn.Module):
+    """Two input products sharing one bias parameter (its gradient is the sum of both), and a
+    recurrent product without one."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.wx = nn.Parameter(torch.randn(hidden_size, input_size) * 0.3)
+        self.wz = nn.Parameter(torch.randn(hidden_size, input_size) * 0.3)
+        self.ws = nn.Parameter(torch.randn(hidden_size, hidden_size) * 0.3)
+        self.b = nn.Parameter(torch.randn(hidden_size) * 0.5)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        z = torch.sigmoid(F.linear(x, self.wz, self.b))
+        return z * torch.tanh(F.linear(x, self.wx, self.b) + F.linear(h, self.ws)) + (1 - z) * h
+
+
+CELLS = [Seed000Cell, TwoProductLSTM, Exotic, Elman, LerpGRU, SharedBias]
 
 
 @pytest.fixture(autouse=True)
