@@ -4,6 +4,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.rnnkit-installed
+TRITON_STAMP := $(VENV)/.rnnkit-triton
 
 .PHONY: run test test-all lint bench setup clean FORCE
 
@@ -20,14 +21,19 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh $(REPAIR)
 	@PY=$(PY) bash scripts/setup_venv.sh $(VENV)
 	@touch $(STAMP)
 
+# Triton only for the tests (scripts/setup_triton.sh), after the venv itself; a failed install leaves
+# no stamp (the next run tries again) and the tests go on without it.
+$(TRITON_STAMP): $(STAMP) scripts/setup_triton.sh
+	@bash scripts/setup_triton.sh $(VENV) && touch $(TRITON_STAMP) || true
+
 run: $(STAMP)
 	$(VENV)/bin/rnnkit train $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(TRITON_STAMP)
 	$(VPY) -m ruff check src tests benchmarks examples
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(TRITON_STAMP)
 	$(VPY) -m pytest -q -m "" $(PYTEST_ARGS)
 
 bench: $(STAMP)

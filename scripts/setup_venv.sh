@@ -27,11 +27,5 @@ if ! "$vpy" -c "import torch" >/dev/null 2>&1; then
   "$vpy" -m pip install -q "torch==2.13.0"
 fi
 "$vpy" -m pip install -q -e ".[dev]"
-# Triton: torch's CUDA builds bring their own (left alone); elsewhere the tests run the triton backend's
-# kernels in Triton's CPU interpreter. Not needed to train: a failed install only skips those tests.
-if ! "$vpy" -c "import triton" >/dev/null 2>&1; then
-  "$vpy" -m pip install -q "triton==3.9.0" \
-    || echo "setup: triton==3.9.0 did not install; tests/test_triton.py will be skipped" >&2
-fi
 # rnnkit's C++ CPU kernels, built once per machine into a cache (the Python loops run without them)
 "$venv/bin/rnnkit" kernels || true
