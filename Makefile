@@ -14,6 +14,10 @@ ifneq ($(shell $(VPY) -c "import importlib.util as u; assert u.find_spec('rnnkit
                 >/dev/null 2>&1 && echo ok),ok)
 REPAIR := FORCE
 endif
+# Likewise a venv whose Triton went missing after its stamp was written (the tests would skip quietly).
+ifneq ($(shell $(VPY) -c "import importlib.util as u; assert u.find_spec('triton')" >/dev/null 2>&1 && echo ok),ok)
+TRITON_REPAIR := FORCE
+endif
 
 setup: $(STAMP)
 
@@ -23,7 +27,7 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh $(REPAIR)
 
 # Triton only for the tests (scripts/setup_triton.sh), after the venv itself; a failed install leaves
 # no stamp (the next run tries again) and the tests go on without it.
-$(TRITON_STAMP): $(STAMP) scripts/setup_triton.sh
+$(TRITON_STAMP): $(STAMP) scripts/setup_triton.sh $(TRITON_REPAIR)
 	@bash scripts/setup_triton.sh $(VENV) && touch $(TRITON_STAMP) || true
 
 run: $(STAMP)

@@ -77,21 +77,9 @@ def with_blocks(blocks: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Sweep; print JSON lines."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=["T28 I28 H128 B128", "T28 I28 H256 B128", "T28 I28 H512 B512",
-                                                   "T784 I1 H128 B128"])
-    p.add_argument("--blocks", nargs="+", default=DEFAULT_BLOCKS)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu: Triton's interpreter (TRITON_INTERPRET=1), only to test this script")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("needs a CUDA device")
-    device = torch.device(args.device)
-    tf32 = torch.backends.cudnn.allow_tf32
-    for text in args.shapes:
+def sweep(shapes: list[str], configs: list[str], rounds: int, device: torch.device, tf32: bool) -> None:
+    """Check, then time, every configuration at every shape; print a JSON line for each."""
+    for text in shapes:
         shape = comp.Shape.parse(text)
         torch.manual_seed(0)
         native = rnnkit.LSTM(shape.I, shape.H, batch_first=True, backend="native").to(device)
@@ -101,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False  # exact products for the comparisons
         want = step(native, x)()
         runs = {"cudnn": step(native, x)}
-        for blocks in args.blocks:
+        for blocks in configs:
             runs[blocks] = with_blocks(blocks, step(triton, x))
         errors: dict[str, str] = {}
         for name, fn in list(runs.items()):
@@ -120,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             fn()
             fn()
         times: dict[str, list[float]] = {k: [] for k in live}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for name, fn in live.items():
                 times[name].append(timed(fn, device))
         base = statistics.median(times["cudnn"])
@@ -132,6 +120,26 @@ def main(argv: list[str] | None = None) -> int:
                 ms = statistics.median(times[name])
                 row |= {"ms": round(ms, 4), "vs_cudnn": round(base / ms, 3)}
             print(json.dumps(row), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Sweep; print JSON lines."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["T28 I28 H128 B128", "T28 I28 H256 B128", "T28 I28 H512 B512",
+                                                   "T784 I1 H128 B128"])
+    p.add_argument("--blocks", nargs="+", default=DEFAULT_BLOCKS)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: Triton's interpreter (TRITON_INTERPRET=1), only to test this script")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    device = torch.device(args.device)
+    tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        sweep(args.shapes, args.blocks, args.rounds, device, tf32)
+    finally:  # the caller's setting back, whatever happened
+        torch.backends.cudnn.allow_tf32 = tf32
     return 0
 
 

@@ -110,6 +110,28 @@ class SharedBias(nn.Module):
         return z * torch.tanh(F.linear(x, self.wx, self.b) + F.linear(h, self.ws)) + (1 - z) * h
 
 
+class TiedWeight(nn.Module):
+    """One weight read by two products, the input's and the state's (input size = hidden size): its
+    gradient is the sum of both."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.w = nn.Parameter(torch.randn(hidden_size, hidden_size) * 0.3)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(x @ self.w + h @ self.w)
+
+
+def test_a_weight_read_by_two_products_sums_their_gradients() -> None:
+    torch.manual_seed(0)
+    cell = TiedWeight(6, 6).double()
+    _assert_match(cell, torch.randn(5, 4, 6, dtype=torch.float64), _random_state(cell, 5, torch.float64))
+
+
 CELLS = [Seed000Cell, TwoProductLSTM, Exotic, Elman, LerpGRU, SharedBias]
 
 

@@ -24,7 +24,7 @@ from rnnkit import ShapeError
 from rnnkit.backends import triton_lstm
 from rnnkit.cells import LSTMCell
 
-pytest.importorskip("triton", reason="Triton is not installed here (make setup installs it)")
+pytest.importorskip("triton", reason="Triton is not installed here (make test installs it)")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F32, F64 = torch.float32, torch.float64

@@ -658,7 +658,7 @@ def _val_grads(prog: _Program, vals: tuple[Tensor, ...], dwx: Tensor, dws: Tenso
         if p.bias is not None:
             row = dwx[I, lo:hi].view(vals[p.bias].shape)
             if uses[p.bias] == 1:
-                grads[p.bias] = row
+                grads[p.bias] = row.clone()  # a view would keep all of dwx alive as the bias's .grad
             else:
                 summed(p.bias).add_(row)
     for i, (out, k) in enumerate(prog.vectors):

@@ -102,8 +102,9 @@ def blocks(N: int, H: int, backward: bool = False, itemsize: int = 4) -> tuple[i
     # Compiled for an H100 (sm_90) ahead of time on a CPU, 2026-12-03 (benchmarks/triton_compile.py):
     # the largest tiles whose kernels spill no registers at H 16 to 512 and fit the 227 KB of shared
     # memory a block may have. float32's forward at 64 x 64 with 8 warps: 120-166 registers and 136 KB
-    # (the pipelined loads of four gates' weights); its backward spilled there, at 32 x 32 158
-    # registers. float64 at 64 x 64 needs 272 KB: 32 x 32 both ways. Not yet timed on a GPU.
+    # (the pipelined loads of four gates' weights); its backward spilled there, at 32 x 32 158-164
+    # registers (Triton 3.6, the GPU machines', uses up to 252 of 255, still without spills). float64
+    # at 64 x 64 needs 272 KB: 32 x 32 both ways. Not yet timed on a GPU.
     width = 32 if backward or itemsize > 4 else 64
     return 16, min(span, width), min(span, width), 8
 
