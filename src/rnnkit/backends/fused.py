@@ -177,10 +177,7 @@ def lstm_sequence(
     every_c, where no graph is built, c is the last step's alone (1, N, H)."""
     if masks is not None and full is None:  # full decides which steps read the masks at all
         raise ValueError("lstm_sequence: masks need full, the shortest sequence's length")
-    if cell.forget_bias or not cell.bias:  # the sum with forget_bias (or no bias at all)
-        b_ih, b_hh = cell.fused_bias(), None
-    else:
-        b_ih, b_hh = cell.bias_ih, cell.bias_hh
+    b_ih, b_hh = lstm_biases(cell)
     full = x.shape[0] if full is None else full
     inputs = (x, h0, c0, cell.weight_ih, cell.weight_hh, b_ih, b_hh)
     kernels = _kernels()
@@ -190,6 +187,14 @@ def lstm_sequence(
         with _flushed_unless_kernels(kernels, x.device):
             return tuple(_lstm_forward_kernels(kernels, inputs, masks, full, keep_gates=False, every_c=every_c)[1:3])
     return _LSTMFunction.apply(*inputs, masks, full)
+
+
+def lstm_biases(cell: LSTMCell) -> tuple[Tensor | None, Tensor | None]:
+    """(b_ih, b_hh) as the LSTM Functions take them: torch's two biases, or the sum with forget_bias
+    (or none at all) as b_ih and None."""
+    if cell.forget_bias or not cell.bias:
+        return cell.fused_bias(), None
+    return cell.bias_ih, cell.bias_hh
 
 
 def _differentiable_grads(graph: Any, inputs: tuple[Any, ...], grads_out: tuple[Tensor | None, ...]) -> tuple:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkit.backends.fused import _differentiable_grads, _graph_needed, _lstm_graph
+from rnnkit.backends.fused import _differentiable_grads, _graph_needed, _lstm_graph, lstm_biases
 from rnnkit.cells import LSTMCell, LSTMState, hooked
 from rnnkit.fpmode import transforming
 
@@ -84,10 +84,7 @@ def run(
 ) -> tuple[Tensor, Any, Any]:
     """Run the LSTM cell over time-major ``x`` (T, N, I); return (outputs, final state, states or None)."""
     full = x.shape[0] if lengths is None else int(lengths.min())
-    if cell.forget_bias or not cell.bias:
-        b_ih, b_hh = cell.fused_bias(), None
-    else:
-        b_ih, b_hh = cell.bias_ih, cell.bias_hh
+    b_ih, b_hh = lstm_biases(cell)
     with torch.autocast(x.device.type, enabled=False):  # the kernels' maths are the parameters' dtype
         hs, cs = _LSTMFunction.apply(x, state.h, state.c, cell.weight_ih, cell.weight_hh, b_ih, b_hh, masks, full)
     return hs, LSTMState(hs[-1], cs[-1]), (LSTMState(hs, cs) if return_states else None)
@@ -148,11 +145,6 @@ def _mask_rows(masks: Tensor | None, T: int, N: int, like: Tensor) -> Tensor:
     return masks.reshape(T, N).to(torch.int8).contiguous()
 
 
-def _state(s: Tensor | None, like: Tensor, N: int, H: int) -> Tensor:
-    """``s`` or zeros (N, H)."""
-    return like.new_zeros(N, H) if s is None else s
-
-
 class _LSTMFunction(torch.autograd.Function):
     """Every step's (h, c) of an LSTM; arguments as :class:`rnnkit.backends.fused._LSTMFunction` takes them.
 
@@ -166,12 +158,12 @@ class _LSTMFunction(torch.autograd.Function):
         inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
         T, N, _ = x.shape
         H = w_hh.shape[1]
-        bias = b_ih if b_hh is None else (b_ih + b_hh if b_ih is not None else b_hh)
+        bias = b_ih if b_hh is None else b_ih + b_hh  # b_hh comes only with b_ih (lstm_biases)
         G = F.linear(x, w_ih, bias).contiguous()  # every step's input projection, one GEMM
         HS = x.new_empty(T + 1, N, H)
         CS = x.new_empty(T + 1, N, H)
-        HS[0] = _state(h0, x, N, H)
-        CS[0] = _state(c0, x, N, H)
+        HS[0] = 0 if h0 is None else h0  # None: the zero state
+        CS[0] = 0 if c0 is None else c0
         keep = any(ctx.needs_input_grad[:7])  # grad mode is off inside forward
         M = _mask_rows(masks, T, N, x)
         BB, BU, BK, warps = blocks(N, H, itemsize=x.element_size())
